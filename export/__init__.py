@@ -1,0 +1,4 @@
+"""edgegen.export: the torch side (families, ONNX export, validation). Needs the `export` extra."""
+from .exporter import export_checkpoint
+
+__all__ = ["export_checkpoint"]

@@ -1,0 +1,166 @@
+"""``edgegen export``: checkpoint -> validated bundle, written atomically."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgegen.runtime import __version__
+from edgegen.runtime.bundle import MANIFEST, PRECISIONS, SCHEMA, Bundle, file_entry
+from edgegen.runtime.check import REFERENCE, check_bundle, failures, save_reference
+from edgegen.runtime.errors import BadInputError, ValidationFailedError
+from edgegen.runtime.tokenize import PromptTokenizer
+
+from .families import load_family
+from .onnx_export import OPSET, export_component
+from .progress import Steps
+
+DEFAULT_MAX_BATCH = 16
+
+
+def parse_precisions(text: str | list[str]) -> list[str]:
+    items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    bad = [p for p in items if p not in PRECISIONS]
+    if not items or bad:
+        raise BadInputError("--precision", f"unknown precision(s): {bad or text!r}",
+                            f"give a comma-separated list of {', '.join(PRECISIONS)}")
+    if "fp32" not in items:
+        items.insert(0, "fp32")  # the reference every other precision is measured against
+    return sorted(set(items), key=PRECISIONS.index)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, precisions="fp32",
+                      max_batch: int = DEFAULT_MAX_BATCH, overwrite: bool = False, progress: bool = True) -> Path:
+    """Export ``checkpoint`` to the bundle directory ``output``; returns its path.
+
+    Writes into a temporary directory beside ``output`` and renames it into place only when every
+    check passed: an interrupted or failed export leaves nothing at ``output``.
+    """
+    precisions = parse_precisions(precisions)
+    if precisions != ["fp32"]:
+        raise BadInputError("--precision", f"{','.join(precisions)} not available yet", "only fp32 is exported so far")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise BadInputError(f"output {out}", "already exists", "choose another path or pass --force to replace it")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "validate parity", "write bundle"], progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        with steps.step("load checkpoint"):
+            family = load_family(Path(checkpoint))
+            (tmp / "onnx").mkdir()
+            settings = family.tokenizer_settings()
+            (tmp / settings["file"]).write_text(family.tokenizer_json(), encoding="utf-8")
+            tokenize = PromptTokenizer.from_settings(tmp / settings["file"], settings)
+            components = family.components()
+        with steps.step("PyTorch reference"):
+            cases = [{"in": inputs, "out": _torch_outputs(components, inputs), "meta": meta}
+                     for inputs, meta in family.reference_cases(tokenize)]
+            save_reference(tmp / REFERENCE, cases)
+        with steps.step("trace to ONNX", total=len(components)) as bar:
+            sample = max((c["in"] for c in cases), key=lambda c: len(c["input_ids"]))
+            files = {}
+            for comp in components:
+                rel = f"onnx/{comp.name}.fp32.onnx"
+                export_component(comp, sample, tmp / rel)
+                files[comp.name] = {"fp32": rel}
+                bar.update(1)
+        manifest = _manifest(family, components, files, settings, max_batch, Path(checkpoint))
+        manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
+        with steps.step("validate parity"):
+            report = check_bundle(Bundle(tmp, manifest), "ort-cpu", precisions)
+            report["tokenizer"] = _tokenizer_agreement(family, tokenize)
+            report["ok"] = report["ok"] and report["tokenizer"]["ok"]
+            report["created"] = manifest["provenance"]["export_date"]
+        if not report["ok"]:
+            lines = failures(report) or [f"tokenizer: {report['tokenizer']}"]
+            raise ValidationFailedError(f"export {checkpoint}", "ONNX disagrees with PyTorch: " + "; ".join(lines),
+                                        "this is a bug in the export of this model; report it with the checkpoint's config")
+        with steps.step("write bundle"):
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _move_into_place(tmp, out)
+        return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def _torch_outputs(components, inputs: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    outs = {}
+    for comp in components:
+        result = comp.module(*(torch.from_numpy(inputs[t.name]) for t in comp.inputs))
+        result = result if isinstance(result, tuple) else (result,)
+        outs[comp.name] = {t.name: r.numpy() for t, r in zip(comp.outputs, result)}
+    return outs
+
+
+def _tokenizer_agreement(family, tokenize) -> dict:
+    """The runtime's tokenizer must produce the ids transformers produces for the same prompts."""
+    prompts = family.validation_prompts() + ["word " * 200]
+    ours = tokenize(prompts)
+    theirs = family.hf_tokenizer(prompts, padding="max_length", truncation=True,
+                                 max_length=tokenize.max_length, return_tensors="np")
+    same = bool(np.array_equal(ours.input_ids, theirs["input_ids"])
+                and np.array_equal(ours.attention_mask, theirs["attention_mask"]))
+    return {"ok": same, "prompts": len(prompts), "truncation_reported": bool(ours.truncated[-1])}
+
+
+def _manifest(family, components, files, settings, max_batch, checkpoint: Path) -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+    return {
+        "schema": SCHEMA,
+        "family": family.name,
+        "components": {c.name: {"inputs": [t.to_json() for t in c.inputs], "outputs": [t.to_json() for t in c.outputs],
+                                "files": files[c.name], "tolerance": {"fp32": c.tolerance}} for c in components},
+        "precisions": ["fp32"],
+        "tokenizer": settings,
+        "generation": family.generation(max_batch),
+        "model": family.describe(),
+        "engines": [],
+        "provenance": {
+            "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint_hash(checkpoint),
+            "edgegen": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "opset": OPSET,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "export_date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def checkpoint_hash(root: Path) -> str:
+    """sha256 over every file of the checkpoint (relative path + content), in a stable order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file_entry(root, path.relative_to(root).as_posix())["sha256"].encode())
+    return digest.hexdigest()
+
+
+def _listed(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():  # --force: swap, so a crash never leaves neither bundle
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,63 @@
+"""Model families: each knows how to load a checkpoint and describe its components for export."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from edgegen.runtime.bundle import TensorSpec
+from edgegen.runtime.errors import CheckpointError
+
+FAMILIES: dict[str, type["Family"]] = {}
+
+
+@dataclass
+class ComponentDef:
+    """A torch module to trace, with the names, dtypes and shapes of its inputs and outputs."""
+    name: str
+    module: nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    tolerance: dict[str, float] = field(default_factory=dict)  # fp32 max-abs per output vs PyTorch
+
+
+class Family:
+    """Base class; subclasses register themselves by ``name``."""
+
+    name = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            FAMILIES[cls.name] = cls
+
+    @classmethod
+    def matches(cls, checkpoint: Path) -> bool:
+        raise NotImplementedError
+
+    def components(self) -> list[ComponentDef]:
+        raise NotImplementedError
+
+    def validation_prompts(self) -> list[str]:
+        raise NotImplementedError
+
+    def reference_cases(self, tokenize) -> list[tuple[dict[str, np.ndarray], dict]]:
+        """(inputs, meta) per case: inputs for every component (several batch sizes and prompt lengths,
+        PyTorch-computed intermediates included) and the prompts and seeds they came from."""
+        raise NotImplementedError
+
+
+def load_family(checkpoint: Path) -> Family:
+    from . import gan  # noqa: F401  (registers)
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint}", "not a directory",
+                              "pass a gan checkpoint (text_encoder/ + generator/) or a diffusers pipeline directory")
+    for family in FAMILIES.values():
+        if family.matches(checkpoint):
+            return family(checkpoint)
+    raise CheckpointError(f"checkpoint {checkpoint}", "is of no known family",
+                          "a gan checkpoint has text_encoder/ and generator/config.json; "
+                          "a diffusion checkpoint has model_index.json")

@@ -1,0 +1,124 @@
+"""The gan family: a Hugging Face text encoder + edgegen's conditional generator."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from edgegen.runtime.bundle import TensorSpec
+from edgegen.runtime.errors import CheckpointError
+from edgegen.runtime.pipeline import noise_for_seeds
+
+from ..generator import ConditionalGenerator, GeneratorConfig
+from ..text_encoders import load_text_encoder, tokenizer_settings
+from . import ComponentDef, Family
+
+# Short and long prompts, several batch sizes: what every gan export is validated on.
+VALIDATION_PROMPTS = [
+    ["a red apple"],
+    ["a rocket on a blue background", "cat", "a very small yellow star on a dark green background, centered"],
+]
+VALIDATION_SEEDS = [[0], [1, 2, 3]]
+
+
+class FusedGan(nn.Module):
+    """Token ids + mask + noise -> uint8 HWC pixels (and the text states, so the runtime can cache them)."""
+
+    def __init__(self, text_encoder: nn.Module, generator: nn.Module):
+        super().__init__()
+        self.text_encoder, self.generator = text_encoder, generator
+
+    def forward(self, input_ids, attention_mask, noise):
+        states = self.text_encoder(input_ids, attention_mask)
+        image = self.generator(noise, states, attention_mask)
+        pixels = ((image + 1.0) * 127.5).clamp(0.0, 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return pixels, states
+
+
+def load_generator(path: Path) -> ConditionalGenerator:
+    path = Path(path)
+    weights = path / "model.safetensors"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"generator {path}", "no config.json", "a gan checkpoint's generator/ holds config.json + model.safetensors")
+    if not weights.is_file():
+        found = sorted(p.name for p in path.iterdir())
+        raise CheckpointError(f"generator {path}", f"no model.safetensors (found {found})",
+                              "edgegen loads safetensors only, never pickles: save with safetensors.torch.save_file")
+    try:
+        config = GeneratorConfig.load(path / "config.json")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"generator {path / 'config.json'}", f"invalid: {e}", "fix the generator config") from None
+    model = ConditionalGenerator(config)
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as e:
+        raise CheckpointError(f"generator {weights}", f"weights do not fit the config: {str(e).splitlines()[0]}",
+                              "the config.json and model.safetensors must come from the same model") from None
+    return model.eval()
+
+
+class GanFamily(Family):
+    name = "gan"
+
+    @classmethod
+    def matches(cls, checkpoint: Path) -> bool:
+        return (checkpoint / "generator" / "config.json").is_file() and (checkpoint / "text_encoder").is_dir()
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = Path(checkpoint)
+        self.text_encoder, self.hf_tokenizer = load_text_encoder(self.checkpoint / "text_encoder")
+        self.generator = load_generator(self.checkpoint / "generator")
+        self.config = self.generator.config
+        if self.text_encoder.hidden_size != self.config.text_dim:
+            raise CheckpointError(f"checkpoint {self.checkpoint}",
+                                  f"text encoder width {self.text_encoder.hidden_size} != generator text_dim {self.config.text_dim}",
+                                  "the generator was trained for another text encoder")
+        self.fused = FusedGan(self.text_encoder, self.generator).eval()
+
+    # --- what goes in the manifest ---
+    def tokenizer_json(self) -> str:
+        return self.hf_tokenizer.backend_tokenizer.to_str()
+
+    def tokenizer_settings(self) -> dict:
+        return tokenizer_settings(self.hf_tokenizer, self.config.max_length)
+
+    def generation(self, max_batch: int) -> dict:
+        return {"image_size": self.config.image_size, "noise_shape": [self.config.noise_dim],
+                "max_batch": max_batch, "noise": "per image: numpy default_rng(seed).standard_normal(noise_shape, float32)"}
+
+    def describe(self) -> dict:
+        return {"text_encoder": self.text_encoder.kind, "generator": self.config.__dict__}
+
+    def validation_prompts(self) -> list[str]:
+        return [p for group in VALIDATION_PROMPTS for p in group]
+
+    # --- what gets traced ---
+    def components(self) -> list[ComponentDef]:
+        c, L = self.config, self.config.max_length
+        ids = TensorSpec("input_ids", "int64", ("batch", L))
+        mask = TensorSpec("attention_mask", "int64", ("batch", L))
+        noise = TensorSpec("noise", "float32", ("batch", c.noise_dim))
+        states = TensorSpec("text_states", "float32", ("batch", L, c.text_dim))
+        image = TensorSpec("image", "float32", ("batch", 3, c.image_size, c.image_size))
+        pixels = TensorSpec("pixels", "uint8", ("batch", c.image_size, c.image_size, 3))
+        return [
+            ComponentDef("text_encoder", self.text_encoder, [ids, mask], [states], {"text_states": 1e-3}),
+            ComponentDef("generator", self.generator, [noise, states, mask], [image], {"image": 1e-3}),
+            ComponentDef("fused", self.fused, [ids, mask, noise], [pixels, states], {"pixels": 1.0, "text_states": 1e-3}),
+        ]
+
+    @torch.no_grad()
+    def reference_cases(self, tokenize):
+        cases = []
+        for prompts, seeds in zip(VALIDATION_PROMPTS, VALIDATION_SEEDS):
+            tokens = tokenize(prompts)
+            noise = noise_for_seeds(seeds, (self.config.noise_dim,),
+                                    np.empty((len(seeds), self.config.noise_dim), np.float32))
+            states = self.text_encoder(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
+            cases.append(({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
+                           "noise": noise, "text_states": states.numpy()},
+                          {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)}))
+        return cases

@@ -1,0 +1,122 @@
+"""edgegen's conditional generator: noise z + text states -> RGB image, one forward pass.
+
+Written to export cleanly: plain convolutions, nearest upsampling, matmul attention,
+no random numbers in the graph and no shapes that depend on data. The batch axis is
+the only dynamic one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# The value added to attention scores at padded tokens. Large enough to zero them after
+# softmax, small enough to stay finite in fp16 and not to swamp INT8 calibration ranges.
+MASK_VALUE = -1.0e4
+
+
+@dataclass
+class GeneratorConfig:
+    image_size: int = 64
+    noise_dim: int = 64
+    text_dim: int = 384
+    cond_dim: int = 256
+    channels: list = field(default_factory=lambda: [256, 128, 64, 32])  # 4x4 base, one entry per x2 upsample
+    attention_resolutions: list = field(default_factory=lambda: [8, 16])  # cross-attend to tokens here
+    attention_dim: int = 128
+    max_length: int = 32  # token positions the conditioning sees (tokenizer pads to this)
+
+    def __post_init__(self):
+        if self.image_size != 4 * 2 ** len(self.channels):
+            raise ValueError(f"image_size {self.image_size} needs {len(self.channels)} upsamplings from 4x4 "
+                             f"to equal 4*2**len(channels) = {4 * 2 ** len(self.channels)}")
+
+    @classmethod
+    def load(cls, path: Path) -> "GeneratorConfig":
+        data = json.loads(Path(path).read_text())
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"model_type": "edgegen-gan-generator", **asdict(self)}, indent=2))
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class CrossAttention(nn.Module):
+    """Image positions attend to text tokens; residual, single head, padded tokens masked."""
+
+    def __init__(self, channels: int, text_dim: int, dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
+        self.q = nn.Linear(channels, dim, bias=False)
+        self.k = nn.Linear(text_dim, dim, bias=False)
+        self.v = nn.Linear(text_dim, dim, bias=False)
+        self.out = nn.Linear(dim, channels)
+        self.scale = dim ** -0.5
+
+    def forward(self, x, states, mask):
+        b, c, h, w = x.shape
+        q = self.q(self.norm(x).flatten(2).transpose(1, 2))                       # (B, HW, d)
+        scores = torch.matmul(q, self.k(states).transpose(1, 2)) * self.scale    # (B, HW, L)
+        scores = scores + (1.0 - mask.to(scores.dtype)).unsqueeze(1) * MASK_VALUE
+        attended = torch.matmul(scores.softmax(-1), self.v(states))             # (B, HW, d)
+        return x + self.out(attended).transpose(1, 2).reshape(b, c, h, w)
+
+
+class UpBlock(nn.Module):
+    """x2 nearest upsample, two 3x3 convs with conditional batch norm (scale/shift from the pooled text)."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(cout, affine=False)
+        self.bn2 = nn.BatchNorm2d(cout, affine=False)
+        self.film = nn.Linear(cond_dim, 4 * cout)
+        self.skip = nn.Conv2d(cin, cout, 1)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x, cond):
+        s1, b1, s2, b2 = self.film(cond)[:, :, None, None].chunk(4, dim=1)
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        h = self.act(self.bn1(self.conv1(x)) * (1 + s1) + b1)
+        h = self.act(self.bn2(self.conv2(h)) * (1 + s2) + b2)
+        return h + self.skip(x)
+
+
+class ConditionalGenerator(nn.Module):
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = c = config
+        self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU())
+        self.cond = nn.Sequential(nn.Linear(c.noise_dim + c.cond_dim, c.cond_dim), nn.SiLU())
+        self.stem = nn.Linear(c.noise_dim + c.cond_dim, c.channels[0] * 16)
+        blocks, attns = [], []
+        cin, size = c.channels[0], 4
+        for cout in c.channels:
+            size *= 2
+            blocks.append(UpBlock(cin, cout, c.cond_dim))
+            attns.append(CrossAttention(cout, c.text_dim, c.attention_dim)
+                         if size in c.attention_resolutions else nn.Identity())
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+        self.to_rgb = nn.Sequential(nn.GroupNorm(1, cin), nn.LeakyReLU(0.2), nn.Conv2d(cin, 3, 3, padding=1))
+
+    def forward(self, noise, text_states, attention_mask):
+        """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int -> image (B, 3, H, W) in [-1, 1]."""
+        zc = torch.cat([noise, self.pool(masked_mean(text_states, attention_mask))], dim=1)
+        cond = self.cond(zc)
+        x = self.stem(zc).reshape(-1, self.config.channels[0], 4, 4)
+        for block, attn in zip(self.blocks, self.attns):
+            x = block(x, cond)
+            if not isinstance(attn, nn.Identity):
+                x = attn(x, text_states, attention_mask)
+        return torch.tanh(self.to_rgb(x))

@@ -1,0 +1,11 @@
+"""edgegen.runtime: the lean side (numpy, onnxruntime, tokenizers, pillow). No torch here, ever."""
+from .bundle import SCHEMA, Bundle
+from .errors import (BackendUnavailableError, BadBundleError, BadInputError, CheckpointError, EdgegenError,
+                     EngineMismatchError, ValidationFailedError)
+from .pipeline import Pipeline, TruncationWarning
+from . import gan as _gan  # registers the gan family's pipeline  # noqa: F401
+
+__version__ = "0.1.0"
+
+__all__ = ["Pipeline", "Bundle", "SCHEMA", "EdgegenError", "BadInputError", "BadBundleError", "EngineMismatchError",
+           "BackendUnavailableError", "ValidationFailedError", "CheckpointError", "TruncationWarning", "__version__"]

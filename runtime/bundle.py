@@ -1,0 +1,192 @@
+"""The bundle: a directory with manifest.json, verified before anything heavy runs.
+
+This module is the contract between export (which writes bundles) and the
+runtime (which reads them). Everything a reader needs to know about a bundle is
+in its manifest; nothing is inferred from file names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BadBundleError
+
+SCHEMA = "edgegen.bundle/1"
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, rel: str) -> dict:
+    path = root / rel
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def safe_path(root: Path, rel: Any) -> Path:
+    """Resolve ``rel`` inside ``root``; refuse anything that leaves it (``..``, absolute, symlinks)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BadBundleError(f"bundle {root}", f"file path is not a non-empty string: {rel!r}",
+                             "the manifest is damaged; re-export the bundle")
+    pure = Path(rel)
+    if pure.is_absolute() or ".." in pure.parts or rel.startswith(("/", "\\")) or ":" in pure.parts[0]:
+        raise BadBundleError(f"bundle {root}", f"file path leaves the bundle directory: {rel!r}",
+                             "paths in manifest.json must be relative and stay inside the bundle; re-export it")
+    real_root = root.resolve()
+    resolved = (root / pure).resolve()
+    if not resolved.is_relative_to(real_root):
+        raise BadBundleError(f"bundle {root}", f"file path leaves the bundle directory through a link: {rel!r}",
+                             "bundles must not contain symbolic links pointing outside; re-export it")
+    return resolved
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # ints and axis names (str) for dynamic axes
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    files: dict  # precision -> relative path of the ONNX file
+
+
+class Bundle:
+    """A verified bundle. ``Bundle.open`` checks schema, paths, sizes and hashes."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self.family: str = manifest["family"]
+        self.components = {
+            name: Component(
+                name,
+                tuple(TensorSpec.from_json(t) for t in c["inputs"]),
+                tuple(TensorSpec.from_json(t) for t in c["outputs"]),
+                dict(c["files"]),
+            )
+            for name, c in manifest["components"].items()
+        }
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.manifest["precisions"])
+
+    @property
+    def tokenizer_settings(self) -> dict:
+        return self.manifest["tokenizer"]
+
+    @property
+    def generation(self) -> dict:
+        return self.manifest["generation"]
+
+    def path(self, rel: str) -> Path:
+        return safe_path(self.root, rel)
+
+    def onnx_path(self, component: str, precision: str) -> Path:
+        comp = self.components.get(component)
+        if comp is None:
+            raise BadBundleError(f"bundle {self.root}", f"no component {component!r}",
+                                 f"it has {sorted(self.components)}")
+        if precision not in comp.files:
+            raise BadBundleError(f"bundle {self.root}", f"component {component!r} has no {precision} file",
+                                 f"precisions present: {sorted(comp.files)}; re-export with --precision {precision}")
+        return self.path(comp.files[precision])
+
+    def report(self) -> dict:
+        rel = "report.json"
+        if rel not in self.manifest["files"]:
+            return {}
+        return json.loads(self.path(rel).read_text())
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, verify_hashes: bool = True) -> "Bundle":
+        root = Path(root)
+        subject = f"bundle {root}"
+        manifest_path = root / MANIFEST
+        if not root.is_dir():
+            raise BadBundleError(subject, "not a directory", "pass the directory that `edgegen export -o` wrote")
+        if not manifest_path.is_file():
+            raise BadBundleError(subject, f"no {MANIFEST}", "this is not an edgegen bundle; export one with `edgegen export`")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadBundleError(subject, f"{MANIFEST} is not valid JSON: {e}", "re-export the bundle") from None
+        _check_structure(subject, manifest)
+        for rel, entry in manifest["files"].items():
+            path = safe_path(root, rel)
+            if not path.is_file():
+                raise BadBundleError(subject, f"file missing: {rel}", "the bundle is incomplete; copy it again or re-export it")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise BadBundleError(subject, f"file {rel} has {size} bytes, manifest says {entry['bytes']}",
+                                     "the file was truncated or replaced; copy the bundle again or re-export it")
+            if verify_hashes and sha256_file(path) != entry["sha256"]:
+                raise BadBundleError(subject, f"file {rel} does not match its sha256 in the manifest",
+                                     "the file is damaged or was modified; copy the bundle again or re-export it")
+        listed = set(manifest["files"])
+        for comp in manifest["components"].values():
+            for precision, rel in comp["files"].items():
+                if rel not in listed:
+                    raise BadBundleError(subject, f"component file {rel} is not listed with a hash",
+                                         "the manifest is damaged; re-export the bundle")
+        tok = manifest["tokenizer"].get("file", "tokenizer.json")
+        if tok not in listed:
+            raise BadBundleError(subject, f"tokenizer file {tok} is not listed with a hash", "re-export the bundle")
+        return cls(root, manifest)
+
+
+def _check_structure(subject: str, m: Any) -> None:
+    """Refuse manifests that are not what this runtime understands, with a readable reason."""
+    if not isinstance(m, dict):
+        raise BadBundleError(subject, "manifest.json is not a JSON object", "re-export the bundle")
+    schema = m.get("schema")
+    if schema != SCHEMA:
+        raise BadBundleError(subject, f"unknown bundle schema: {schema!r}",
+                             f"this edgegen reads {SCHEMA!r}; upgrade edgegen or re-export the bundle with this version")
+    expected = {"family": str, "components": dict, "files": dict, "precisions": list,
+                "tokenizer": dict, "generation": dict}
+    for key, kind in expected.items():
+        if not isinstance(m.get(key), kind):
+            raise BadBundleError(subject, f"manifest field {key!r} is missing or not a {kind.__name__}",
+                                 "the manifest is damaged; re-export the bundle")
+    for rel, entry in m["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            raise BadBundleError(subject, f"files[{rel!r}] needs sha256 (str) and bytes (int)", "re-export the bundle")
+    for p in m["precisions"]:
+        if p not in PRECISIONS:
+            raise BadBundleError(subject, f"unknown precision {p!r}", f"known: {', '.join(PRECISIONS)}")
+    for name, c in m["components"].items():
+        ok = (isinstance(c, dict) and isinstance(c.get("files"), dict)
+              and isinstance(c.get("inputs"), list) and isinstance(c.get("outputs"), list))
+        if ok:
+            try:
+                for t in c["inputs"] + c["outputs"]:
+                    TensorSpec.from_json(t)
+            except (KeyError, TypeError):
+                ok = False
+        if not ok:
+            raise BadBundleError(subject, f"component {name!r} is malformed (needs files, inputs, outputs)",
+                                 "re-export the bundle")

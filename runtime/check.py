@@ -1,0 +1,106 @@
+"""On-device validation: run a bundle's ONNX files on stored PyTorch reference inputs and compare.
+
+Export writes ``reference.npz`` (inputs of several batch sizes and prompt lengths, and what PyTorch
+computed from them). The same code checks parity at export time and, later, on any device and
+backend, without torch.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backends import make_session
+from .bundle import Bundle
+from .errors import BadBundleError
+
+REFERENCE = "reference.npz"
+PSNR_CAP_DB = 100.0  # identical images: reported as this instead of infinity (JSON has no inf)
+
+
+def load_reference(bundle: Bundle) -> list[dict]:
+    """[{"in": {name: array}, "out": {component: {output: array}}, "meta": {prompts, seeds}}, ...]."""
+    if REFERENCE not in bundle.manifest["files"]:
+        raise BadBundleError(f"bundle {bundle.root}", f"has no {REFERENCE}", "re-export it with this edgegen")
+    cases: dict[int, dict] = {}
+    with np.load(bundle.path(REFERENCE), allow_pickle=False) as data:
+        for key in data.files:
+            case, kind, *rest = key.split(".")
+            entry = cases.setdefault(int(case.removeprefix("case")), {"in": {}, "out": {}, "meta": {}})
+            if kind in ("in", "meta"):
+                entry[kind][rest[0]] = data[key]
+            else:
+                entry["out"].setdefault(rest[0], {})[rest[1]] = data[key]
+    return [cases[i] for i in sorted(cases)]
+
+
+def save_reference(path, cases: list[dict]) -> None:
+    arrays = {}
+    for i, case in enumerate(cases):
+        arrays.update({f"case{i}.in.{k}": v for k, v in case["in"].items()})
+        arrays.update({f"case{i}.meta.{k}": np.asarray(v) for k, v in case.get("meta", {}).items()})
+        for comp, outs in case["out"].items():
+            arrays.update({f"case{i}.out.{comp}.{k}": v for k, v in outs.items()})
+    np.savez_compressed(path, **arrays)
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
+
+
+def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str] | None = None) -> dict:
+    """Parity of every component against PyTorch's outputs, per precision; ``ok`` only if all pass."""
+    cases = load_reference(bundle)
+    report = {"backend": backend, "cases": [{k: list(v.shape) for k, v in c["in"].items()} for c in cases],
+              "precisions": {}}
+    for precision in precisions or bundle.precisions:
+        parity, pixels = {}, []
+        for name, comp in bundle.components.items():
+            session = make_session(bundle.onnx_path(name, precision), backend)
+            tolerance = bundle.manifest["components"][name]["tolerance"][precision]
+            errs = {o.name: [] for o in comp.outputs}
+            for case in cases:
+                got = session.run(None, {t.name: case["in"][t.name] for t in comp.inputs})
+                for spec, value in zip(comp.outputs, got):
+                    errs[spec.name].append(np.abs(value.astype(np.float64) - case["out"][name][spec.name]))
+                    if spec.dtype == "uint8":  # final pixels: also scored as an image
+                        pixels.append((value.ravel(), case["out"][name][spec.name].ravel()))
+            outputs = {}
+            for out, diffs in errs.items():
+                flat = np.concatenate([d.ravel() for d in diffs])
+                max_abs = float(flat.max()) if flat.size else 0.0
+                outputs[out] = {"max_abs": max_abs, "mean_abs": float(flat.mean()) if flat.size else 0.0,
+                                "tolerance": tolerance[out], "ok": bool(max_abs <= tolerance[out])}
+            first = outputs[comp.outputs[0].name]
+            parity[name] = {"max_abs": first["max_abs"], "tolerance": first["tolerance"],
+                            "ok": all(o["ok"] for o in outputs.values()), "outputs": outputs}
+        report["precisions"][precision] = {"parity": parity, "ok": all(p["ok"] for p in parity.values())}
+        if pixels:
+            got, want = (np.concatenate(x) for x in zip(*pixels))
+            report["precisions"][precision]["quality"] = {"psnr_db": psnr_db(got, want)}
+    report["ok"] = all(p["ok"] for p in report["precisions"].values())
+    return report
+
+
+def failures(report: dict) -> list[str]:
+    """One line per failing output: component, output, error and tolerance."""
+    lines = []
+    for precision, entry in report["precisions"].items():
+        for comp, p in entry["parity"].items():
+            for out, o in p["outputs"].items():
+                if not o["ok"]:
+                    lines.append(f"{precision} {comp}.{out}: max abs error {o['max_abs']:.3g} > tolerance {o['tolerance']:.3g}")
+    return lines
+
+
+def pipeline_parity(pipe) -> float:
+    """Largest pixel difference between the whole runtime path (tokenizer, noise, graphs) and PyTorch."""
+    worst = 0.0
+    for case in load_reference(pipe.bundle):
+        prompts = [str(p) for p in case["meta"]["prompts"]]
+        seeds = [int(s) for s in case["meta"]["seeds"]]
+        got = pipe(prompts, seed=seeds, output_type="np")
+        want = case["out"]["fused"]["pixels"]
+        worst = max(worst, float(np.abs(got.astype(np.int16) - want.astype(np.int16)).max()))
+    return worst

@@ -1,0 +1,223 @@
+"""The `edgegen` command. Runtime commands need only the lean runtime; `export` (and a doctor run
+without --bundle) load edgegen.export, which needs the `export` extra."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import BadInputError, EdgegenError
+
+DEBUG_ENV = "EDGEGEN_DEBUG"
+
+
+def _export_module(what: str):
+    try:
+        import edgegen.export as export
+    except ImportError as e:
+        raise BadInputError(what, f"needs the export extra ({e.name} is not installed)",
+                            "pip install 'edgegen[export]'") from None
+    return export
+
+
+def _emit(args, data: dict, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if getattr(args, "json", False) else text)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_export(args) -> int:
+    export = _export_module("edgegen export")
+    out = export.export_checkpoint(args.checkpoint, args.output, precisions=args.precision, max_batch=args.max_batch,
+                                   overwrite=args.force, progress=not args.quiet)
+    from .bundle import Bundle
+    report = Bundle.open(out).report()
+    _emit(args, {"bundle": str(out), "ok": report.get("ok"), "report": report}, f"wrote {out} (validated: ok)")
+    return 0
+
+
+def _bundle_path(args) -> Path:
+    if args.bundle:
+        return Path(args.bundle)
+    return Path(_export_module("the default model").default_bundle(progress=not getattr(args, "json", False)))
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import Pipeline, TruncationWarning
+    pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        images = pipe(args.prompt, seed=args.seed, num_images=args.n)
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise BadInputError("-o", f"unknown image extension {out.suffix!r}", "use .png, .jpg, .webp or .bmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    data = {"images": [str(p) for p in paths], "seeds": pipe.last_call.seeds, "backend": pipe.backend,
+            "precision": pipe.precision, "warnings": notes}
+    _emit(args, data, "\n".join(f"wrote {p} (seed {s}, {pipe.backend} {pipe.precision})"
+                                for p, s in zip(paths, pipe.last_call.seeds)))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .bundle import Bundle
+    bundle = Bundle.open(args.bundle)
+    m = bundle.manifest
+    report = bundle.report()
+    data = {"manifest": m, "report_ok": report.get("ok")}
+    lines = [f"bundle     {bundle.root}", f"schema     {m['schema']}", f"family     {m['family']}",
+             f"precisions {', '.join(m['precisions'])}",
+             f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}",
+             f"generation {json.dumps(m['generation'])}", "components:"]
+    for name, c in bundle.components.items():
+        io = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in c.inputs)
+        oo = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in c.outputs)
+        files = ", ".join(f"{p} {m['files'][f]['bytes'] / 1e6:.2f} MB" for p, f in c.files.items())
+        lines.append(f"  {name:13s} ({io}) -> ({oo})  [{files}]")
+    prov = m.get("provenance", {})
+    lines.append("provenance " + ", ".join(f"{k} {v}" for k, v in prov.items()))
+    lines.append(f"validated  {'ok' if report.get('ok') else 'NOT ok' if report else 'no report'}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .bundle import Bundle
+    from .check import check_bundle, failures
+    from .backends import resolve_backend
+    bundle = Bundle.open(_bundle_path(args))
+    backend, notes = resolve_backend(args.backend)
+    precisions = None if args.precision == "all" else [args.precision]
+    report = check_bundle(bundle, backend, precisions)
+    report["bundle"] = str(bundle.root)
+    lines = [f"validate {bundle.root} on {backend}"]
+    for precision, entry in report["precisions"].items():
+        for comp, p in entry["parity"].items():
+            lines.append(f"  {precision:5s} {comp:13s} max abs {p['max_abs']:.3g} (tolerance {p['tolerance']:.3g}) "
+                         f"{'ok' if p['ok'] else 'FAIL'}")
+        if "quality" in entry:
+            lines.append(f"  {precision:5s} pixels PSNR vs PyTorch fp32: {entry['quality']['psnr_db']:.1f} dB")
+    lines += [f"  {f}" for f in failures(report)]
+    lines.append("ok" if report["ok"] else "FAILED")
+    _emit(args, report, "\n".join(lines))
+    return 0 if report["ok"] else 1
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import run_doctor
+    bundle = args.bundle
+    tmp = None
+    if bundle is None:
+        try:
+            export = _export_module("doctor")
+        except BadInputError:
+            export = None
+        if export is not None:
+            import tempfile
+            tmp = tempfile.TemporaryDirectory(prefix="edgegen-doctor-")
+            from edgegen.export.testing import make_tiny_checkpoint
+            ckpt = make_tiny_checkpoint(Path(tmp.name) / "ckpt")
+            bundle = export.export_checkpoint(ckpt, Path(tmp.name) / "bundle", progress=False)
+    try:
+        report = run_doctor(bundle)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    lines = [f"{k:14s} {v}" for k, v in report["versions"].items()]
+    lines.append(f"{'providers':14s} {', '.join(report['providers_listed'])}")
+    for name, b in report["backends"].items():
+        status = "ok" if b["ok"] else "unavailable" if not b.get("loads") else "FAIL"
+        diff = "" if b["max_abs_pixel_diff"] is None else f", max pixel diff vs PyTorch {b['max_abs_pixel_diff']:g}"
+        lines.append(f"  {name:9s} {status}{diff}{'' if not b['error'] else '  (' + b['error'] + ')'}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    lines.append("ok" if report["ok"] else "NOT ok")
+    _emit(args, report, "\n".join(lines))
+    return 0 if report["ok"] else 1
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backends import BACKENDS
+    p = argparse.ArgumentParser(prog="edgegen", description="Export text-to-image models to validated ONNX/TensorRT "
+                                "bundles and run them with a lean runtime.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="checkpoint -> validated bundle", description="Trace a checkpoint (gan: "
+                       "text_encoder/ + generator/) to ONNX, check every graph against PyTorch, and write a bundle "
+                       "directory atomically (nothing is left at -o if any step fails).")
+    e.add_argument("checkpoint", help="checkpoint directory")
+    e.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    e.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (fp32 is always included)")
+    e.add_argument("--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="prompt -> image(s)", description="Generate images from a prompt with a bundle "
+                       "(the shipped default model when --bundle is not given).")
+    g.add_argument("prompt")
+    g.add_argument("--bundle", help="bundle directory (default: the shipped default model)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
+    g.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    g.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8")
+    g.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
+    g.add_argument("-o", "--output", required=True, help="image path; with -n K > 1, OUT_0.png ... OUT_{K-1}.png")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="show a bundle's manifest", description="Verify a bundle (schema, paths, "
+                       "hashes) and show its components, precisions, tokenizer and provenance.")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("validate", help="re-check a bundle against its PyTorch reference on this device",
+                       description="Run every component on the bundle's stored PyTorch reference inputs on this "
+                       "machine and backend, and compare (no torch needed). Exit 1 if a check fails.")
+    v.add_argument("bundle", nargs="?", help="bundle directory (default: the shipped default model)")
+    v.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
+    v.add_argument("--precision", default="all", help="all (default), fp32, fp16 or int8")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("doctor", help="what runs here, and does it match PyTorch",
+                       description="Report versions and which backends really load, then generate on every usable "
+                       "backend and compare pixels with PyTorch's (a tiny model exported on the spot, or --bundle).")
+    d.add_argument("--bundle", help="check with this bundle instead of a tiny export (no torch needed)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgegenError as e:
+        print(f"edgegen: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgegen: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line; the traceback is one variable away
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"edgegen: internal error | {type(e).__name__}: {e}. Note: rerun with {DEBUG_ENV}=1 for the "
+              "traceback and report it", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

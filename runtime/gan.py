@@ -1,0 +1,125 @@
+"""Runtime for the gan family: token ids + noise -> pixels in one forward pass."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from .backends import OrtGraph
+from .errors import BadInputError
+from .pipeline import CallInfo, Pipeline, noise_for_seeds, to_pixels
+from .tokenize import PromptTokenizer
+
+MODES = ("auto", "fused", "split")
+
+
+class GanPipeline(Pipeline):
+    """Serves a call with the fused graph (one session run); prompts whose text states are cached
+    skip the text encoder and run the generator alone.
+
+    ``mode``: ``auto`` (as above), ``fused`` (always the fused graph, no cache) or ``split``
+    (text encoder then generator, each its own run; for stage timing).
+    """
+
+    family = "gan"
+
+    def __init__(self, bundle, backend, precision, notes, cache_size: int = 128, mode: str = "auto"):
+        super().__init__(bundle, backend, precision, notes)
+        if mode not in MODES:
+            raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
+        settings = bundle.tokenizer_settings
+        self.tokenizer = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
+        self.mode = mode
+        self.noise_shape = tuple(bundle.generation["noise_shape"])
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, bool]] = OrderedDict()
+        self._graphs: dict[str, OrtGraph] = {}
+        self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
+
+    def graph(self, component: str) -> OrtGraph:
+        g = self._graphs.get(component)
+        if g is None:
+            path = self.bundle.onnx_path(component, self.precision)
+            g = self._graphs[component] = OrtGraph(path, self.backend, self.bundle.components[component])
+        return g
+
+    def _generate(self, prompts, seeds, noise=None):
+        batch = len(prompts)
+        info = CallInfo(seeds=seeds)
+        if noise is not None:
+            noise = self._check_noise(noise, batch)
+            info.seeds = []
+        use_cache = self.mode == "auto" and self.cache_size > 0 and all(p in self._cache for p in prompts)
+        if self.mode == "fused" or (self.mode == "auto" and not use_cache):
+            info.path = "fused"
+            g = self.graph("fused")
+            ins = g.inputs(batch)
+            tokens = self._tokenize(prompts, info, ins)
+            self._fill_noise(ins["noise"], seeds, noise)
+            outs = g.run(batch)
+            if self.mode == "auto":
+                self._remember(prompts, outs["text_states"], tokens)
+            return outs["pixels"].copy(), info
+        gen = self.graph("generator")
+        ins = gen.inputs(batch)
+        if use_cache:
+            info.path = "cached"
+            truncated = []
+            for i, p in enumerate(prompts):
+                self._cache.move_to_end(p)
+                ins["text_states"][i], ins["attention_mask"][i], cut = self._cache[p]
+                truncated.append(cut)
+            self._report_truncation(prompts, truncated, info)
+        else:
+            info.path = "split"
+            enc = self.graph("text_encoder")
+            enc_ins = enc.inputs(batch)
+            self._tokenize(prompts, info, enc_ins)
+            ins["text_states"][...] = enc.run(batch)["text_states"]
+            ins["attention_mask"][...] = enc_ins["attention_mask"]
+        self._fill_noise(ins["noise"], seeds, noise)
+        return to_pixels(gen.run(batch)["image"]), info
+
+    def _tokenize(self, prompts, info, ins):
+        tokens = self.tokenizer(prompts)
+        ins["input_ids"][...] = tokens.input_ids
+        ins["attention_mask"][...] = tokens.attention_mask
+        self._report_truncation(prompts, tokens.truncated, info)
+        return tokens
+
+    def _report_truncation(self, prompts, truncated, info):
+        info.truncated = list(truncated)
+        for p, cut in zip(prompts, truncated):
+            if cut:
+                info.warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens: {p[:60]!r}...")
+
+    def _fill_noise(self, buf, seeds, noise):
+        if noise is None:
+            noise_for_seeds(seeds, self.noise_shape, buf)
+        else:
+            buf[...] = noise
+
+    def _check_noise(self, noise, batch):
+        if not isinstance(noise, np.ndarray) or not np.issubdtype(noise.dtype, np.floating):
+            raise BadInputError("noise", f"expected a float numpy array, got {type(noise).__name__}"
+                                f"{'' if not isinstance(noise, np.ndarray) else ' of ' + str(noise.dtype)}",
+                                f"pass np.float32 of shape {(batch, *self.noise_shape)}")
+        if noise.shape != (batch, *self.noise_shape):
+            raise BadInputError("noise", f"shape {noise.shape} does not match the request",
+                                f"expected {(batch, *self.noise_shape)} (images, noise dims)")
+        if not np.all(np.isfinite(noise)):
+            raise BadInputError("noise", "contains NaN or Inf", "pass finite values")
+        return noise.astype(np.float32, copy=False)
+
+    def _remember(self, prompts, states, tokens):
+        for i, p in enumerate(prompts):
+            if p in self._cache:
+                self._cache.move_to_end(p)
+                continue
+            self._cache[p] = (states[i].copy(), tokens.attention_mask[i].copy(), tokens.truncated[i])
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()

@@ -1,0 +1,159 @@
+"""Pipeline: the runtime's public entry point. ``Pipeline.from_bundle`` picks the family's class."""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import resolve_backend
+from .bundle import PRECISIONS, Bundle
+from .errors import BadInputError
+
+SEED_LIMIT = 2**64
+
+
+class TruncationWarning(UserWarning):
+    """A prompt was longer than the bundle's token limit and lost its tail."""
+
+
+@dataclass
+class CallInfo:
+    """What the last call did: seeds used, which prompts were truncated, which path served it."""
+    seeds: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    path: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+class Pipeline:
+    """Base class. Subclasses implement ``_generate`` for one model family.
+
+    A pipeline owns reusable buffers, so calls are serialised by a lock: calling one
+    pipeline from many threads is safe and gives the same images as serial calls.
+    """
+
+    family = ""
+    _families: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.family:
+            Pipeline._families[cls.family] = cls
+
+    def __init__(self, bundle: Bundle, backend: str, precision: str, notes: list[str]):
+        self.bundle = bundle
+        self.backend = backend
+        self.precision = precision
+        self.notes = notes  # what `auto` skipped and why
+        self.last_call = CallInfo()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
+                    **options) -> "Pipeline":
+        bundle = Bundle.open(path)  # verified before any session exists
+        chosen, notes = resolve_backend(backend)
+        precision = choose_precision(bundle, precision)
+        family_cls = Pipeline._families.get(bundle.family)
+        if family_cls is None:
+            raise BadInputError(f"bundle {path}", f"family {bundle.family!r} has no runtime here",
+                                f"this edgegen runs {sorted(Pipeline._families)}")
+        return family_cls(bundle, chosen, precision, notes, **options)
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.bundle.generation["max_batch"])
+
+    def __call__(self, prompt, seed=None, num_images: int = 1, output_type: str = "pil", **kw):
+        prompts = normalize_prompts(prompt)
+        num_images = check_count(num_images)
+        total = len(prompts) * num_images
+        if total > self.max_batch:
+            raise BadInputError("num_images", f"{len(prompts)} prompt(s) x {num_images} image(s) = {total} "
+                                f"exceeds this bundle's maximum batch of {self.max_batch}",
+                                "split the request into smaller calls")
+        if output_type not in ("pil", "np"):
+            raise BadInputError("output_type", f"unknown value {output_type!r}", "use 'pil' or 'np'")
+        prompts = [p for p in prompts for _ in range(num_images)]
+        seeds = expand_seeds(seed, total)
+        with self._lock:
+            pixels, info = self._generate(prompts, seeds, **kw)
+            self.last_call = info
+        for message in info.warnings:
+            warnings.warn(message, TruncationWarning, stacklevel=2)
+        if output_type == "np":
+            return pixels
+        from PIL import Image
+        return [Image.fromarray(p) for p in pixels]
+
+    def _generate(self, prompts: list[str], seeds: list[int], **kw) -> tuple[np.ndarray, CallInfo]:
+        raise NotImplementedError
+
+
+def choose_precision(bundle: Bundle, requested: str) -> str:
+    if requested == "auto":
+        return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
+    if requested not in PRECISIONS:
+        raise BadInputError("precision", f"unknown precision {requested!r}", f"choose auto or one of {', '.join(PRECISIONS)}")
+    if requested not in bundle.precisions:
+        raise BadInputError("precision", f"bundle has no {requested} files",
+                            f"it has {', '.join(bundle.precisions)}; re-export with --precision {requested}")
+    return requested
+
+
+def normalize_prompts(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise BadInputError("prompt", f"expected a string or a non-empty list of strings, got {type(prompt).__name__}",
+                            "pass pipe('a cat') or pipe(['a cat', 'a dog'])")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise BadInputError("prompt", f"item {i} is a {type(p).__name__}, not a string", "every prompt must be a str")
+    return list(prompts)
+
+
+def check_count(num_images) -> int:
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise BadInputError("num_images", f"expected a positive integer, got {num_images!r}", "use 1 or more")
+    return int(num_images)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise BadInputError("seed", f"expected an integer, got {type(seed).__name__} {seed!r}",
+                            f"seeds are integers in [0, 2**64)")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise BadInputError("seed", f"out of range: {seed}", "seeds are integers in [0, 2**64)")
+    return int(seed)
+
+
+def expand_seeds(seed, total: int) -> list[int]:
+    """One seed per image. A single seed s gives s, s+1, ...; a list must have one per image."""
+    if seed is None:
+        seed = secrets.randbelow(SEED_LIMIT - total)
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        seeds = [check_seed(s) for s in seed]
+        if len(seeds) != total:
+            raise BadInputError("seed", f"{len(seeds)} seeds for {total} images",
+                                "give one seed per image (prompts x num_images), or a single seed")
+        return seeds
+    first = check_seed(seed)
+    if first + total > SEED_LIMIT:
+        raise BadInputError("seed", f"{first} + {total} images runs past 2**64", "use a smaller seed")
+    return [first + i for i in range(total)]
+
+
+def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], out: np.ndarray) -> np.ndarray:
+    """Standard normal noise, each image's slice drawn from its own seed alone (PCG64)."""
+    for i, s in enumerate(seeds):
+        out[i] = np.random.default_rng(s).standard_normal(shape, dtype=np.float32)
+    return out
+
+
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """NCHW float in [-1, 1] -> NHWC uint8; the same arithmetic as the fused graph's post-processing."""
+    return np.rint(np.clip((image + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TEXT_ENCODERS = ("bert", "clip", "t5", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from edgegen.export.testing import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {kind: make_tiny_checkpoint(root / kind, text_encoder=kind) for kind in TEXT_ENCODERS}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from edgegen.export import export_checkpoint
+    root = tmp_path_factory.mktemp("bundles")
+    return {kind: export_checkpoint(ckpt, root / kind, progress=False) for kind, ckpt in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def bert_bundle(tiny_bundles) -> Path:
+    return tiny_bundles["bert"]
+
+
+@pytest.fixture
+def bundle_copy(bert_bundle, tmp_path) -> Path:
+    """A private copy of the bert bundle, free to damage."""
+    import shutil
+    return Path(shutil.copytree(bert_bundle, tmp_path / "bundle"))
