@@ -47,13 +47,13 @@ def _bundle_path(args) -> Path:
 
 def cmd_generate(args) -> int:
     from .pipeline import Pipeline, TruncationWarning
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise BadInputError("-o", f"unknown image extension {out.suffix!r}", "use .png, .jpg, .webp or .bmp")
     pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
         images = pipe(args.prompt, seed=args.seed, num_images=args.n)
-    out = Path(args.output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-        raise BadInputError("-o", f"unknown image extension {out.suffix!r}", "use .png, .jpg, .webp or .bmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths):

@@ -1,0 +1,103 @@
+"""The runtime call: seeds, batches, explicit noise, buffers, truncation, bad input."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgegen.runtime import BackendUnavailableError, BadInputError, Pipeline, TruncationWarning
+
+
+@pytest.fixture(scope="module")
+def pipe(bert_bundle):
+    return Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
+
+
+def test_pil_and_np_outputs(pipe):
+    images = pipe("a red apple", seed=3, num_images=2)
+    assert len(images) == 2 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in images)
+    arr = pipe("a red apple", seed=3, num_images=2, output_type="np")
+    assert arr.shape == (2, 16, 16, 3) and arr.dtype == np.uint8
+    assert np.array_equal(np.asarray(images[1]), arr[1])
+    assert pipe.last_call.seeds == [3, 4]
+
+
+def test_seed_fixes_an_image_whatever_its_batch_position(pipe):
+    alone = pipe("cat", seed=11, output_type="np", ) [0]
+    pipe.clear_cache()
+    in_batch = pipe(["dog", "cat"], seed=[10, 11], output_type="np")[1]
+    assert np.abs(alone.astype(int) - in_batch.astype(int)).max() <= 1
+    other = pipe("cat", seed=12, output_type="np")[0]
+    assert np.abs(alone.astype(int) - other.astype(int)).max() > 1
+
+
+def test_explicit_noise_equals_seeded_noise(pipe):
+    noise = np.random.default_rng(5).standard_normal((1, *pipe.noise_shape), dtype=np.float32)
+    a = pipe("a red apple", noise=noise, output_type="np")
+    b = pipe("a red apple", seed=5, output_type="np")
+    assert np.array_equal(a, b)
+
+
+def test_buffers_are_reused(pipe):
+    pipe("cat", seed=1, num_images=2)
+    graph = pipe.graph("fused")
+    before = graph.outputs(2)["pixels"]
+    out = pipe("new prompt", seed=2, num_images=2, output_type="np")
+    assert graph.outputs(2)["pixels"] is before
+    assert not np.shares_memory(out, before), "returned images must not alias the reused buffer"
+
+
+def test_truncation_is_reported(pipe):
+    long = "a very small yellow star " * 10
+    with pytest.warns(TruncationWarning, match="truncated"):
+        pipe(long, seed=0)
+    assert pipe.last_call.truncated == [True]
+    with pytest.warns(TruncationWarning):  # also when served from the embedding cache
+        pipe(long, seed=0)
+    assert pipe.last_call.path == "cached"
+
+
+def test_lru_cache_is_bounded(bert_bundle):
+    pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", cache_size=2)
+    for p in ["a", "b", "c"]:
+        pipe(p, seed=0)
+    pipe("a", seed=0)
+    assert pipe.last_call.path == "fused"  # evicted
+    pipe("c", seed=0)
+    assert pipe.last_call.path == "cached"
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(prompt=3), "expected a string"),
+    (dict(prompt=[]), "non-empty list"),
+    (dict(prompt=["ok", None]), "item 1"),
+    (dict(prompt="x", num_images=0), "positive integer"),
+    (dict(prompt="x", num_images=17), "maximum batch of 16"),
+    (dict(prompt="x", seed=-1), "out of range"),
+    (dict(prompt="x", seed=2**64), "out of range"),
+    (dict(prompt="x", seed=1.5), "expected an integer"),
+    (dict(prompt=["a", "b"], seed=[1]), "1 seeds for 2 images"),
+    (dict(prompt="x", noise=np.zeros((2, 16), np.float32)), "shape"),
+    (dict(prompt="x", noise=np.zeros((1, 16), np.int64)), "float"),
+    (dict(prompt="x", output_type="tensor"), "output_type"),
+])
+def test_bad_input(pipe, kwargs, fragment):
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(BadInputError, match=fragment) as e:
+        pipe(prompt, **kwargs)
+    assert "Note:" in str(e.value)
+
+
+def test_unknown_backend_and_precision(bert_bundle):
+    with pytest.raises(BadInputError, match="unknown backend"):
+        Pipeline.from_bundle(bert_bundle, backend="metal")
+    with pytest.raises(BadInputError, match="no int8 files"):
+        Pipeline.from_bundle(bert_bundle, precision="int8")
+
+
+def test_named_backend_that_cannot_run_is_an_error(bert_bundle):
+    from edgegen.runtime.backends import backend_loads
+    if backend_loads("ort-cuda")[0]:
+        pytest.skip("CUDA really loads on this machine")
+    with pytest.raises(BackendUnavailableError, match="ort-cuda"):
+        Pipeline.from_bundle(bert_bundle, backend="ort-cuda")
+    auto = Pipeline.from_bundle(bert_bundle, backend="auto")
+    assert auto.backend == "ort-cpu" and any("ort-cuda skipped" in n for n in auto.notes)
