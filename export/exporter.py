@@ -62,6 +62,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             (tmp / "onnx").mkdir()
             settings = family.tokenizer_settings()
             (tmp / settings["file"]).write_text(family.tokenizer_json(), encoding="utf-8")
+            for rel, source in family.extra_files().items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, tmp / rel)
             tokenize = PromptTokenizer.from_settings(tmp / settings["file"], settings)
             components = family.components()
         with steps.step("PyTorch reference"):
@@ -133,6 +136,7 @@ def _manifest(family, components, files, settings, max_batch, checkpoint: Path) 
         "generation": family.generation(max_batch),
         "model": family.describe(),
         "engines": [],
+        **family.manifest_extras(),
         "provenance": {
             "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint_hash(checkpoint),
             "edgegen": __version__, "torch": torch.__version__, "onnx": onnx.__version__,

@@ -99,13 +99,24 @@ def cmd_validate(args) -> int:
     precisions = None if args.precision == "all" else [args.precision]
     report = check_bundle(bundle, backend, precisions)
     report["bundle"] = str(bundle.root)
+    from .quality import evaluate, has_judge
+    if has_judge(bundle):  # the default model: score prompt adherence with its judge, on this device
+        from .pipeline import Pipeline
+        for precision, entry in report["precisions"].items():
+            pipe = Pipeline.from_bundle(bundle.root, backend=backend, precision=precision)
+            entry.setdefault("quality", {}).update(evaluate(pipe))
     lines = [f"validate {bundle.root} on {backend}"]
     for precision, entry in report["precisions"].items():
         for comp, p in entry["parity"].items():
             lines.append(f"  {precision:5s} {comp:13s} max abs {p['max_abs']:.3g} (tolerance {p['tolerance']:.3g}) "
                          f"{'ok' if p['ok'] else 'FAIL'}")
-        if "quality" in entry:
-            lines.append(f"  {precision:5s} pixels PSNR vs PyTorch fp32: {entry['quality']['psnr_db']:.1f} dB")
+        q = entry.get("quality", {})
+        if "psnr_db" in q:
+            lines.append(f"  {precision:5s} pixels PSNR vs PyTorch fp32: {q['psnr_db']:.1f} dB")
+        if "adherence" in q:
+            a = q["adherence"]
+            lines.append(f"  {precision:5s} adherence seen {a['seen']:.3f}, held-out {a['heldout']:.3f}; diversity "
+                         f"{q['diversity']:.3f}; Frechet judge distance {q['frechet_judge_distance']:.2f}")
     lines += [f"  {f}" for f in failures(report)]
     lines.append("ok" if report["ok"] else "FAILED")
     _emit(args, report, "\n".join(lines))

@@ -21,6 +21,7 @@ class ComponentDef:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     tolerance: dict[str, float] = field(default_factory=dict)  # fp32 max-abs per output vs PyTorch
+    quantize: bool = True  # False: kept in fp32 in every precision (e.g. the judge, a measuring instrument)
 
 
 class Family:
@@ -39,6 +40,13 @@ class Family:
 
     def components(self) -> list[ComponentDef]:
         raise NotImplementedError
+
+    def extra_files(self) -> dict[str, Path]:
+        """Files copied into the bundle as they are: {path in bundle: source}."""
+        return {}
+
+    def manifest_extras(self) -> dict:
+        return {}
 
     def validation_prompts(self) -> list[str]:
         raise NotImplementedError

@@ -22,6 +22,8 @@ VALIDATION_PROMPTS = [
     ["a rocket on a blue background", "cat", "a very small yellow star on a dark green background, centered"],
 ]
 VALIDATION_SEEDS = [[0], [1, 2, 3]]
+# Shipped beside a judge: what the runtime needs to score images on the device (runtime/quality.py).
+QUALITY_FILES = {"labels": "labels.json", "eval_prompts": "eval_prompts.json", "real_features": "real_features.npz"}
 
 
 class FusedGan(nn.Module):
@@ -60,6 +62,15 @@ def load_generator(path: Path) -> ConditionalGenerator:
     return model.eval()
 
 
+def load_judge(path: Path):
+    from ..judge import Judge, JudgeConfig
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"judge {path}", "no model.safetensors", "the judge ships as config.json + model.safetensors")
+    judge = Judge(JudgeConfig.load(path / "config.json"))
+    judge.load_state_dict(load_file(path / "model.safetensors"))
+    return judge.eval()
+
+
 class GanFamily(Family):
     name = "gan"
 
@@ -77,6 +88,8 @@ class GanFamily(Family):
                                   f"text encoder width {self.text_encoder.hidden_size} != generator text_dim {self.config.text_dim}",
                                   "the generator was trained for another text encoder")
         self.fused = FusedGan(self.text_encoder, self.generator).eval()
+        self.judge = load_judge(self.checkpoint / "judge") if (self.checkpoint / "judge").is_dir() else None
+        self.quality_dir = self.checkpoint / "quality" if self.judge is not None else None
 
     # --- what goes in the manifest ---
     def tokenizer_json(self) -> str:
@@ -88,6 +101,16 @@ class GanFamily(Family):
     def generation(self, max_batch: int) -> dict:
         return {"image_size": self.config.image_size, "noise_shape": [self.config.noise_dim],
                 "max_batch": max_batch, "noise": "per image: numpy default_rng(seed).standard_normal(noise_shape, float32)"}
+
+    def extra_files(self) -> dict[str, Path]:
+        if self.quality_dir is None:
+            return {}
+        return {f"quality/{name}": self.quality_dir / name for name in QUALITY_FILES.values()}
+
+    def manifest_extras(self) -> dict:
+        if self.quality_dir is None:
+            return {}
+        return {"quality": {key: f"quality/{name}" for key, name in QUALITY_FILES.items()}}
 
     def describe(self) -> dict:
         return {"text_encoder": self.text_encoder.kind, "generator": self.config.__dict__}
@@ -104,11 +127,18 @@ class GanFamily(Family):
         states = TensorSpec("text_states", "float32", ("batch", L, c.text_dim))
         image = TensorSpec("image", "float32", ("batch", 3, c.image_size, c.image_size))
         pixels = TensorSpec("pixels", "uint8", ("batch", c.image_size, c.image_size, 3))
-        return [
+        comps = [
             ComponentDef("text_encoder", self.text_encoder, [ids, mask], [states], {"text_states": 1e-3}),
             ComponentDef("generator", self.generator, [noise, states, mask], [image], {"image": 1e-3}),
             ComponentDef("fused", self.fused, [ids, mask, noise], [pixels, states], {"pixels": 1.0, "text_states": 1e-3}),
         ]
+        if self.judge is not None:
+            outs = [TensorSpec("emoji_logits", "float32", ("batch", self.judge.config.num_emoji)),
+                    TensorSpec("background_logits", "float32", ("batch", self.judge.config.num_backgrounds)),
+                    TensorSpec("features", "float32", ("batch", self.judge.config.feature_dim))]
+            comps.append(ComponentDef("judge", self.judge, [image], outs,
+                                      {o.name: 1e-3 for o in outs}, quantize=False))
+        return comps
 
     @torch.no_grad()
     def reference_cases(self, tokenize):
@@ -118,7 +148,8 @@ class GanFamily(Family):
             noise = noise_for_seeds(seeds, (self.config.noise_dim,),
                                     np.empty((len(seeds), self.config.noise_dim), np.float32))
             states = self.text_encoder(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
+            image = self.generator(torch.from_numpy(noise), states, torch.from_numpy(tokens.attention_mask))
             cases.append(({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
-                           "noise": noise, "text_states": states.numpy()},
+                           "noise": noise, "text_states": states.numpy(), "image": image.numpy()},
                           {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)}))
         return cases
