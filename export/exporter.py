@@ -38,22 +38,27 @@ def parse_precisions(text: str | list[str]) -> list[str]:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, precisions="fp32",
-                      max_batch: int = DEFAULT_MAX_BATCH, overwrite: bool = False, progress: bool = True) -> Path:
+                      max_batch: int = DEFAULT_MAX_BATCH, overwrite: bool = False, progress: bool = True,
+                      allow_degraded: bool = False, gates: dict | None = None) -> Path:
     """Export ``checkpoint`` to the bundle directory ``output``; returns its path.
+
+    Every precision besides fp32 must pass its quality gate (``GATES``, or ``gates`` to override) against
+    PyTorch fp32, or the export fails; ``allow_degraded`` keeps such a bundle and marks it degraded.
 
     Writes into a temporary directory beside ``output`` and renames it into place only when every
     check passed: an interrupted or failed export leaves nothing at ``output``.
     """
     precisions = parse_precisions(precisions)
-    if precisions != ["fp32"]:
-        raise BadInputError("--precision", f"{','.join(precisions)} not available yet", "only fp32 is exported so far")
+    if "int8" in precisions:
+        raise BadInputError("--precision", "int8 is not available yet", "export fp32,fp16 for now")
     out = Path(output)
     if out.exists() and not overwrite:
         raise BadInputError(f"output {out}", "already exists", "choose another path or pass --force to replace it")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "validate parity", "write bundle"], progress)
+    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions", "validate parity",
+                   "write bundle"], progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)
     try:
@@ -79,17 +84,32 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                 export_component(comp, sample, tmp / rel)
                 files[comp.name] = {"fp32": rel}
                 bar.update(1)
+        with steps.step("convert precisions", total=len(components) * (len(precisions) - 1)) as bar:
+            for precision in precisions[1:]:
+                for comp in components:
+                    files[comp.name][precision] = _convert(tmp, files[comp.name]["fp32"], comp, precision)
+                    bar.update(1)
         manifest = _manifest(family, components, files, settings, max_batch, Path(checkpoint))
+        manifest["precisions"] = precisions
+        manifest["gates"] = {p: g for p, g in {**GATES, **(gates or {})}.items() if p in precisions}
         manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
         with steps.step("validate parity"):
             report = check_bundle(Bundle(tmp, manifest), "ort-cpu", precisions)
             report["tokenizer"] = _tokenizer_agreement(family, tokenize)
             report["ok"] = report["ok"] and report["tokenizer"]["ok"]
             report["created"] = manifest["provenance"]["export_date"]
-        if not report["ok"]:
+        parity_ok = report["tokenizer"]["ok"] and all(
+            p["ok"] for e in report["precisions"].values() for p in e["parity"].values())
+        if not parity_ok:
             lines = failures(report) or [f"tokenizer: {report['tokenizer']}"]
             raise ValidationFailedError(f"export {checkpoint}", "ONNX disagrees with PyTorch: " + "; ".join(lines),
                                         "this is a bug in the export of this model; report it with the checkpoint's config")
+        if not report["ok"]:
+            lines = failures(report)
+            if not allow_degraded:
+                raise ValidationFailedError(f"export {checkpoint}", "failed: " + "; ".join(lines),
+                                            "drop that precision, or pass --allow-degraded to keep a bundle marked degraded")
+            report["degraded"] = manifest["degraded"] = lines
         with steps.step("write bundle"):
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
             manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
@@ -99,6 +119,21 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Quality gates against PyTorch fp32, on the family's validation prompts and seeds (minimums).
+GATES = {"fp16": {"psnr_db": 35.0, "text_cosine": 0.999}}
+
+
+def _convert(tmp: Path, fp32_rel: str, comp, precision: str) -> str:
+    """Write ``comp`` in ``precision``; components that are not quantized share the fp32 file."""
+    if not comp.quantize:
+        return fp32_rel
+    import onnx
+    from .fp16 import convert_to_fp16
+    rel = f"onnx/{comp.name}.{precision}.onnx"
+    onnx.save(convert_to_fp16(onnx.load(str(tmp / fp32_rel))), str(tmp / rel))
+    return rel
 
 
 @torch.no_grad()
@@ -131,7 +166,6 @@ def _manifest(family, components, files, settings, max_batch, checkpoint: Path) 
         "family": family.name,
         "components": {c.name: {"inputs": [t.to_json() for t in c.inputs], "outputs": [t.to_json() for t in c.outputs],
                                 "files": files[c.name], "tolerance": {"fp32": c.tolerance}} for c in components},
-        "precisions": ["fp32"],
         "tokenizer": settings,
         "generation": family.generation(max_batch),
         "model": family.describe(),

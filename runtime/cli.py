@@ -32,10 +32,11 @@ def _emit(args, data: dict, text: str) -> None:
 def cmd_export(args) -> int:
     export = _export_module("edgegen export")
     out = export.export_checkpoint(args.checkpoint, args.output, precisions=args.precision, max_batch=args.max_batch,
-                                   overwrite=args.force, progress=not args.quiet)
+                                   overwrite=args.force, progress=not args.quiet, allow_degraded=args.allow_degraded)
     from .bundle import Bundle
     report = Bundle.open(out).report()
-    _emit(args, {"bundle": str(out), "ok": report.get("ok"), "report": report}, f"wrote {out} (validated: ok)")
+    status = "validated: ok" if report.get("ok") else "DEGRADED: " + "; ".join(report.get("degraded", []))
+    _emit(args, {"bundle": str(out), "ok": report.get("ok"), "report": report}, f"wrote {out} ({status})")
     return 0
 
 
@@ -73,7 +74,7 @@ def cmd_inspect(args) -> int:
     bundle = Bundle.open(args.bundle)
     m = bundle.manifest
     report = bundle.report()
-    data = {"manifest": m, "report_ok": report.get("ok")}
+    data = {"manifest": m, "report_ok": report.get("ok"), "degraded": m.get("degraded", [])}
     lines = [f"bundle     {bundle.root}", f"schema     {m['schema']}", f"family     {m['family']}",
              f"precisions {', '.join(m['precisions'])}",
              f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}",
@@ -86,6 +87,8 @@ def cmd_inspect(args) -> int:
     prov = m.get("provenance", {})
     lines.append("provenance " + ", ".join(f"{k} {v}" for k, v in prov.items()))
     lines.append(f"validated  {'ok' if report.get('ok') else 'NOT ok' if report else 'no report'}")
+    for line in m.get("degraded", []):
+        lines.append(f"DEGRADED   {line}")
     _emit(args, data, "\n".join(lines))
     return 0
 
@@ -108,8 +111,10 @@ def cmd_validate(args) -> int:
     lines = [f"validate {bundle.root} on {backend}"]
     for precision, entry in report["precisions"].items():
         for comp, p in entry["parity"].items():
-            lines.append(f"  {precision:5s} {comp:13s} max abs {p['max_abs']:.3g} (tolerance {p['tolerance']:.3g}) "
-                         f"{'ok' if p['ok'] else 'FAIL'}")
+            limit = "gated by quality" if p["tolerance"] is None else f"tolerance {p['tolerance']:.3g}"
+            lines.append(f"  {precision:5s} {comp:13s} max abs {p['max_abs']:.3g} ({limit}) {'ok' if p['ok'] else 'FAIL'}")
+        for metric, c in entry.get("gate", {}).get("checks", {}).items():
+            lines.append(f"  {precision:5s} gate {metric} {c['value']:.4g} >= {c['min']} {'ok' if c['ok'] else 'FAIL'}")
         q = entry.get("quality", {})
         if "psnr_db" in q:
             lines.append(f"  {precision:5s} pixels PSNR vs PyTorch fp32: {q['psnr_db']:.1f} dB")
@@ -171,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (fp32 is always included)")
     e.add_argument("--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
+    e.add_argument("--allow-degraded", action="store_true",
+                   help="keep a bundle whose fp16/int8 files fail their quality gate (marked degraded)")
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_export)
