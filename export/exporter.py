@@ -14,12 +14,15 @@ import numpy as np
 import torch
 
 from edgegen.runtime import __version__
-from edgegen.runtime.bundle import MANIFEST, PRECISIONS, SCHEMA, Bundle, file_entry
-from edgegen.runtime.check import REFERENCE, check_bundle, failures, save_reference
+from edgegen.runtime.bundle import FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, file_entry
+from edgegen.runtime.check import (REFERENCE, check_bundle, failures, gate_result, pooled_cosine, psnr_db,
+                                   save_reference)
 from edgegen.runtime.errors import BadInputError, ValidationFailedError
 from edgegen.runtime.tokenize import PromptTokenizer
 
+from . import int8
 from .families import load_family
+from .int8 import keep_back
 from .onnx_export import OPSET, export_component
 from .progress import Steps
 
@@ -49,8 +52,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     check passed: an interrupted or failed export leaves nothing at ``output``.
     """
     precisions = parse_precisions(precisions)
-    if "int8" in precisions:
-        raise BadInputError("--precision", "int8 is not available yet", "export fp32,fp16 for now")
     out = Path(output)
     if out.exists() and not overwrite:
         raise BadInputError(f"output {out}", "already exists", "choose another path or pass --force to replace it")
@@ -84,18 +85,36 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                 export_component(comp, sample, tmp / rel)
                 files[comp.name] = {"fp32": rel}
                 bar.update(1)
-        with steps.step("convert precisions", total=len(components) * (len(precisions) - 1)) as bar:
-            for precision in precisions[1:]:
-                for comp in components:
-                    files[comp.name][precision] = _convert(tmp, files[comp.name]["fp32"], comp, precision)
-                    bar.update(1)
+        forms = [f for p in precisions[1:] for f in FORMS[p]]
+        all_gates = {**GATES, **(gates or {})}
+        quantization = {}
+        with steps.step("convert precisions", total=len(forms)) as bar:
+            for form in forms:
+                if form == "fp16":
+                    for comp in components:
+                        files[comp.name][form] = _write_form(tmp, files[comp.name]["fp32"], comp, form, _fp16)
+                else:
+                    calibration = [c for c, _ in family.calibration_cases(tokenize)]
+                    kept, alone = keep_back(tmp / files["fused"]["fp32"], form, calibration,
+                                           lambda path: score_fused(path, cases),
+                                           lambda q: gate_result(all_gates[form], q)["ok"])
+                    quantize_with = lambda src, dst, form=form, kept=kept: int8.quantize(src, dst, form, calibration, kept)
+                    for comp in components:
+                        files[comp.name][form] = _write_form(tmp, files[comp.name]["fp32"], comp, form, quantize_with)
+                    quantization[form] = {
+                        "calibration_prompts": sum(len(c["input_ids"]) for c in calibration),
+                        "kept_fp32": {b: f"PSNR {alone[b]:.1f} dB when quantized alone: among the worst, "
+                                         f"kept until the gate passed" for b in sorted(kept)},
+                        "psnr_db_when_quantized_alone": alone}
+                bar.update(1)
         manifest = _manifest(family, components, files, settings, max_batch, Path(checkpoint))
         manifest["precisions"] = precisions
-        manifest["gates"] = {p: g for p, g in {**GATES, **(gates or {})}.items() if p in precisions}
+        manifest["gates"] = {f: g for f, g in all_gates.items() if f in ["fp32", *forms]}
         manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
         with steps.step("validate parity"):
             report = check_bundle(Bundle(tmp, manifest), "ort-cpu", precisions)
             report["tokenizer"] = _tokenizer_agreement(family, tokenize)
+            report["quantization"] = quantization
             report["ok"] = report["ok"] and report["tokenizer"]["ok"]
             report["created"] = manifest["provenance"]["export_date"]
         parity_ok = report["tokenizer"]["ok"] and all(
@@ -122,18 +141,37 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
 
 
 # Quality gates against PyTorch fp32, on the family's validation prompts and seeds (minimums).
-GATES = {"fp16": {"psnr_db": 35.0, "text_cosine": 0.999}}
+GATES = {"fp16": {"psnr_db": 35.0, "text_cosine": 0.999},
+         "int8": {"psnr_db": 25.0, "text_cosine": 0.98},
+         "int8-qdq": {"psnr_db": 25.0, "text_cosine": 0.98}}
 
 
-def _convert(tmp: Path, fp32_rel: str, comp, precision: str) -> str:
-    """Write ``comp`` in ``precision``; components that are not quantized share the fp32 file."""
-    if not comp.quantize:
-        return fp32_rel
+def _fp16(src: Path, dst: Path) -> None:
     import onnx
     from .fp16 import convert_to_fp16
-    rel = f"onnx/{comp.name}.{precision}.onnx"
-    onnx.save(convert_to_fp16(onnx.load(str(tmp / fp32_rel))), str(tmp / rel))
+    onnx.save(convert_to_fp16(onnx.load(str(src))), str(dst))
+
+
+def _write_form(tmp: Path, fp32_rel: str, comp, form: str, convert) -> str:
+    """Write ``comp`` in ``form``; components that are not quantized (the judge) share the fp32 file."""
+    if not comp.quantize:
+        return fp32_rel
+    rel = f"onnx/{comp.name}.{form}.onnx"
+    convert(tmp / fp32_rel, tmp / rel)
     return rel
+
+
+def score_fused(path: Path, cases: list[dict]) -> dict:
+    """Gate metrics of a candidate fused graph on the reference cases: pixel PSNR and pooled text cosine."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got, want, cosines = [], [], []
+    for case in cases:
+        pixels, states = session.run(["pixels", "text_states"], {k: case["in"][k] for k in ("input_ids", "attention_mask", "noise")})
+        got.append(pixels.ravel())
+        want.append(case["out"]["fused"]["pixels"].ravel())
+        cosines.append(pooled_cosine(states, case["out"]["fused"]["text_states"], case["in"]["attention_mask"]))
+    return {"psnr_db": psnr_db(np.concatenate(got), np.concatenate(want)), "text_cosine": float(np.min(np.concatenate(cosines)))}
 
 
 @torch.no_grad()

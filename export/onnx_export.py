@@ -33,6 +33,9 @@ def clean(path: Path) -> None:
     import onnxscript.optimizer
     model = onnx.load(str(path))
     model = onnxscript.optimizer.optimize(model)
+    # Intermediate shapes recorded while tracing can hold the trace's batch size; drop them so no
+    # later tool (quantizer, TensorRT parser) mistakes them for facts. Inputs/outputs keep their axes.
+    del model.graph.value_info[:]
     model.producer_name = "edgegen"
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

@@ -18,6 +18,14 @@ from .errors import BadBundleError
 SCHEMA = "edgegen.bundle/1"
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
+# The files a precision is stored as. int8 has two forms: "int8" for CPUs (dynamically quantized text
+# encoder, static QDQ generator) and "int8-qdq" (static QDQ throughout) for GPU providers and TensorRT.
+FORMS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "int8-qdq")}
+
+
+def form_for(precision: str, backend: str) -> str:
+    """Which file form of ``precision`` a backend runs."""
+    return "int8-qdq" if precision == "int8" and backend != "ort-cpu" else precision
 
 
 def sha256_file(path: Path) -> str:
@@ -94,6 +102,10 @@ class Bundle:
         return list(self.manifest["precisions"])
 
     @property
+    def forms(self) -> list[str]:
+        return [f for p in self.precisions for f in FORMS[p]]
+
+    @property
     def tokenizer_settings(self) -> dict:
         return self.manifest["tokenizer"]
 
@@ -104,15 +116,15 @@ class Bundle:
     def path(self, rel: str) -> Path:
         return safe_path(self.root, rel)
 
-    def onnx_path(self, component: str, precision: str) -> Path:
+    def onnx_path(self, component: str, form: str) -> Path:
         comp = self.components.get(component)
         if comp is None:
             raise BadBundleError(f"bundle {self.root}", f"no component {component!r}",
                                  f"it has {sorted(self.components)}")
-        if precision not in comp.files:
-            raise BadBundleError(f"bundle {self.root}", f"component {component!r} has no {precision} file",
-                                 f"precisions present: {sorted(comp.files)}; re-export with --precision {precision}")
-        return self.path(comp.files[precision])
+        if form not in comp.files:
+            raise BadBundleError(f"bundle {self.root}", f"component {component!r} has no {form} file",
+                                 f"forms present: {sorted(comp.files)}; re-export with --precision {form.split('-')[0]}")
+        return self.path(comp.files[form])
 
     def report(self) -> dict:
         rel = "report.json"

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .backends import make_session
-from .bundle import Bundle
+from .bundle import FORMS, Bundle
 from .errors import BadBundleError
 
 REFERENCE = "reference.npz"
@@ -50,11 +50,13 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str] | None = None) -> dict:
-    """Parity of every component against PyTorch's outputs, per precision; ``ok`` only if all pass."""
+    """Parity of every component against PyTorch's outputs and the quality gates, per precision form
+    (int8 is checked in both its forms); ``ok`` only if all pass."""
     cases = load_reference(bundle)
     report = {"backend": backend, "cases": [{k: list(v.shape) for k, v in c["in"].items()} for c in cases],
               "precisions": {}}
-    for precision in precisions or bundle.precisions:
+    forms = [f for p in precisions or bundle.precisions for f in FORMS[p]]
+    for precision in forms:
         parity, pixels, cosines = {}, [], []
         for name, comp in bundle.components.items():
             session = make_session(bundle.onnx_path(name, precision), backend)
@@ -68,7 +70,7 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
                     if spec.dtype == "uint8":  # final pixels: also scored as an image
                         pixels.append((value.ravel(), case["out"][name][spec.name].ravel()))
                     if name == "fused" and spec.name == "text_states":
-                        cosines.append(_pooled_cosine(value, case["out"][name][spec.name], case["in"]["attention_mask"]))
+                        cosines.append(pooled_cosine(value, case["out"][name][spec.name], case["in"]["attention_mask"]))
             outputs = {}
             for out, diffs in errs.items():
                 flat = np.concatenate([d.ravel() for d in diffs])
@@ -95,7 +97,7 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
     return report
 
 
-def _pooled_cosine(got, want, mask) -> np.ndarray:
+def pooled_cosine(got, want, mask) -> np.ndarray:
     """Per prompt: cosine between mask-averaged text states (what the generator's pooled conditioning sees)."""
     w = mask[..., None].astype(np.float64)
     a, b = ((x.astype(np.float64) * w).sum(1) / w.sum(1) for x in (got, want))

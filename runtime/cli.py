@@ -94,7 +94,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .bundle import Bundle
+    from .bundle import Bundle, form_for
     from .check import check_bundle, failures
     from .backends import resolve_backend
     bundle = Bundle.open(_bundle_path(args))
@@ -105,9 +105,10 @@ def cmd_validate(args) -> int:
     from .quality import evaluate, has_judge
     if has_judge(bundle):  # the default model: score prompt adherence with its judge, on this device
         from .pipeline import Pipeline
-        for precision, entry in report["precisions"].items():
-            pipe = Pipeline.from_bundle(bundle.root, backend=backend, precision=precision)
-            entry.setdefault("quality", {}).update(evaluate(pipe))
+        for form, entry in report["precisions"].items():
+            if form == form_for(form.split("-")[0], backend):  # score the form this backend runs
+                pipe = Pipeline.from_bundle(bundle.root, backend=backend, precision=form.split("-")[0])
+                entry.setdefault("quality", {}).update(evaluate(pipe))
     lines = [f"validate {bundle.root} on {backend}"]
     for precision, entry in report["precisions"].items():
         for comp, p in entry["parity"].items():

@@ -39,7 +39,7 @@ class GanPipeline(Pipeline):
     def graph(self, component: str) -> OrtGraph:
         g = self._graphs.get(component)
         if g is None:
-            path = self.bundle.onnx_path(component, self.precision)
+            path = self.bundle.onnx_path(component, self.form)
             g = self._graphs[component] = OrtGraph(path, self.backend, self.bundle.components[component])
         return g
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import resolve_backend
-from .bundle import PRECISIONS, Bundle
+from .bundle import PRECISIONS, Bundle, form_for
 from .errors import BadInputError
 
 SEED_LIMIT = 2**64
@@ -48,6 +48,7 @@ class Pipeline:
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
+        self.form = form_for(precision, backend)  # which file of that precision this backend runs
         self.notes = notes  # what `auto` skipped and why
         self.last_call = CallInfo()
         self._lock = threading.Lock()
@@ -57,7 +58,7 @@ class Pipeline:
                     **options) -> "Pipeline":
         bundle = Bundle.open(path)  # verified before any session exists
         chosen, notes = resolve_backend(backend)
-        precision = choose_precision(bundle, precision)
+        precision = choose_precision(bundle, precision, chosen)
         family_cls = Pipeline._families.get(bundle.family)
         if family_cls is None:
             raise BadInputError(f"bundle {path}", f"family {bundle.family!r} has no runtime here",
@@ -94,9 +95,20 @@ class Pipeline:
         raise NotImplementedError
 
 
-def choose_precision(bundle: Bundle, requested: str) -> str:
+# Fastest first, per kind of backend: CPUs lack fast fp16 kernels; GPUs run int8 QDQ and fp16 fastest.
+SPEED_ORDER = {"ort-cpu": ("int8", "fp32", "fp16")}
+GPU_SPEED_ORDER = ("int8", "fp16", "fp32")
+
+
+def choose_precision(bundle: Bundle, requested: str, backend: str = "ort-cpu") -> str:
+    """``auto``: the fastest precision on ``backend`` whose quality gate passed at export."""
     if requested == "auto":
-        return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
+        passed = bundle.report().get("precisions", {})
+        for precision in SPEED_ORDER.get(backend, GPU_SPEED_ORDER):
+            entry = passed.get(form_for(precision, backend))
+            if precision in bundle.precisions and (precision == "fp32" or (entry and entry.get("ok"))):
+                return precision
+        return bundle.precisions[0]
     if requested not in PRECISIONS:
         raise BadInputError("precision", f"unknown precision {requested!r}", f"choose auto or one of {', '.join(PRECISIONS)}")
     if requested not in bundle.precisions:

@@ -81,3 +81,68 @@ def test_inspect_says_degraded(tiny_checkpoints, tmp_path, capsys):
                             gates={"fp16": {"psnr_db": 99.0}}, allow_degraded=True, progress=False)
     assert main(["inspect", str(out)]) == 0
     assert "DEGRADED   fp16 quality gate psnr_db" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_checkpoints, tmp_path_factory):
+    return export_checkpoint(tiny_checkpoints["bert"], tmp_path_factory.mktemp("q") / "b", precisions="int8",
+                             progress=False)
+
+
+def test_int8_both_forms_written_and_gated(int8_bundle):
+    bundle = Bundle.open(int8_bundle)
+    assert bundle.precisions == ["fp32", "int8"]
+    report = bundle.report()
+    for form in ("int8", "int8-qdq"):
+        for comp in ("text_encoder", "generator", "fused"):
+            ops = {n.op_type for n in onnx.load(str(bundle.onnx_path(comp, form))).graph.node}
+            assert ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"} or comp in report["quantization"][form]
+        gate = report["precisions"][form]["gate"]
+        assert gate["ok"] and gate["checks"]["psnr_db"]["value"] >= gate["checks"]["psnr_db"]["min"]
+        q = report["quantization"][form]
+        assert q["calibration_prompts"] >= 32
+        assert set(q["kept_fp32"]) <= set(q["psnr_db_when_quantized_alone"])
+    # the CPU form quantizes the text encoder dynamically, the QDQ form statically
+    cpu = {n.op_type for n in onnx.load(str(bundle.onnx_path("text_encoder", "int8"))).graph.node}
+    qdq = {n.op_type for n in onnx.load(str(bundle.onnx_path("text_encoder", "int8-qdq"))).graph.node}
+    assert "DynamicQuantizeLinear" in cpu and "DynamicQuantizeLinear" not in qdq and "QuantizeLinear" in qdq
+
+
+def test_mask_path_is_never_quantized(int8_bundle):
+    """Only ops with constant weights are quantized: no Q/DQ feeds a Softmax or the mask's Add."""
+    model = onnx.load(str(int8_bundle / "onnx" / "fused.int8-qdq.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            src = producer.get(node.input[0])
+            assert src is None or src.op_type != "DequantizeLinear"
+
+
+def test_int8_sensitivity_keeps_back_the_worst_layers(tiny_checkpoints, tmp_path):
+    """A gate that full quantization misses: the export keeps layer groups in fp32, worst first, and passes."""
+    from edgegen.export.exporter import GATES
+    loose = export_checkpoint(tiny_checkpoints["bert"], tmp_path / "a", precisions="int8", progress=False)
+    q = Bundle.open(loose).report()["quantization"]["int8"]
+    alone = q["psnr_db_when_quantized_alone"]
+    worst = min(alone, key=alone.get)
+    strict = {"int8": {"psnr_db": 40.0, "text_cosine": 0.98}, "int8-qdq": GATES["int8-qdq"]}
+    out = export_checkpoint(tiny_checkpoints["bert"], tmp_path / "b", precisions="int8", gates=strict, progress=False)
+    report = Bundle.open(out).report()
+    kept = report["quantization"]["int8"]["kept_fp32"]
+    assert worst in kept and len(kept) > len(q["kept_fp32"])
+    assert report["precisions"]["int8"]["gate"]["checks"]["psnr_db"]["value"] >= 40.0
+
+
+def test_auto_precision_picks_int8_on_cpu(int8_bundle):
+    pipe = Pipeline.from_bundle(int8_bundle, backend="ort-cpu")
+    assert pipe.precision == "int8" and pipe.form == "int8"
+    images = pipe(["a red apple", "cat"], seed=[1, 2], output_type="np")
+    ref = Pipeline.from_bundle(int8_bundle, backend="ort-cpu", precision="fp32")(["a red apple", "cat"], seed=[1, 2],
+                                                                                 output_type="np")
+    assert np.abs(images.astype(int) - ref.astype(int)).mean() < 12
+
+
+def test_auto_precision_skips_a_degraded_int8(tiny_checkpoints, tmp_path):
+    out = export_checkpoint(tiny_checkpoints["bert"], tmp_path / "b", precisions="int8",
+                            gates={"int8": {"psnr_db": 101.0}}, allow_degraded=True, progress=False)
+    assert Pipeline.from_bundle(out, backend="ort-cpu").precision == "fp32"

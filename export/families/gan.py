@@ -22,6 +22,15 @@ VALIDATION_PROMPTS = [
     ["a rocket on a blue background", "cat", "a very small yellow star on a dark green background, centered"],
 ]
 VALIDATION_SEEDS = [[0], [1, 2, 3]]
+# INT8 calibration: prompts of the kind users type, each with its own seed (never the validation ones).
+CALIBRATION_PROMPTS = [
+    f"a {size}{color} {thing}{where}"
+    for size, color, thing, where in zip(
+        ["", "small ", "large ", "tiny ", "big ", ""] * 6,
+        ["red", "blue", "green", "yellow", "purple", "orange", "pink", "black"] * 4 + ["white", "gray", "brown", "cyan"],
+        ["apple", "rocket", "cat", "dog", "star", "moon", "house", "car", "tree", "flower", "heart", "face"] * 3,
+        ["", " on a white background", " on a dark background", ", centered", " on a blue background", ""] * 6)
+]
 # Shipped beside a judge: what the runtime needs to score images on the device (runtime/quality.py).
 QUALITY_FILES = {"labels": "labels.json", "eval_prompts": "eval_prompts.json", "real_features": "real_features.npz"}
 
@@ -140,10 +149,15 @@ class GanFamily(Family):
                                       {o.name: 1e-3 for o in outs}, quantize=False))
         return comps
 
+    def calibration_cases(self, tokenize):
+        groups = [CALIBRATION_PROMPTS[i:i + 8] for i in range(0, len(CALIBRATION_PROMPTS), 8)]
+        return self.reference_cases(tokenize, groups, [[10_000 + 8 * g + i for i in range(len(p))]
+                                                       for g, p in enumerate(groups)])
+
     @torch.no_grad()
-    def reference_cases(self, tokenize):
+    def reference_cases(self, tokenize, groups=VALIDATION_PROMPTS, seeds_per_group=VALIDATION_SEEDS):
         cases = []
-        for prompts, seeds in zip(VALIDATION_PROMPTS, VALIDATION_SEEDS):
+        for prompts, seeds in zip(groups, seeds_per_group):
             tokens = tokenize(prompts)
             noise = noise_for_seeds(seeds, (self.config.noise_dim,),
                                     np.empty((len(seeds), self.config.noise_dim), np.float32))
