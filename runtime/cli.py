@@ -129,6 +129,16 @@ def cmd_validate(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+    from .pipeline import Pipeline, check_count
+    batch, iterations = check_count(args.batch), check_count(args.iterations)
+    pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision)
+    result = run_bench(pipe, batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds)
+    _emit(args, result, format_table(result))
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from .doctor import run_doctor
     bundle = args.bundle
@@ -209,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--precision", default="all", help="all (default), fp32, fp16 or int8")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=cmd_validate)
+
+    b = sub.add_parser("bench", help="latency on this device", description="Time pipeline calls on this device: "
+                       "p50/p95/p99 end to end, per stage, time inside engine calls, the runtime's own overhead, "
+                       "repeated-prompt calls (cached text states), images/s and peak memory.")
+    b.add_argument("bundle", nargs="?", help="bundle directory (default: the shipped default model)")
+    b.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8")
+    b.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
+    b.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    b.add_argument("--iterations", type=int, default=100, help="timed calls (default 100)")
+    b.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
+    b.add_argument("--seconds", type=float, default=None, help="time budget instead of --iterations")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("doctor", help="what runs here, and does it match PyTorch",
                        description="Report versions and which backends really load, then generate on every usable "

@@ -1,6 +1,7 @@
 """Runtime for the gan family: token ids + noise -> pixels in one forward pass."""
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -45,7 +46,8 @@ class GanPipeline(Pipeline):
 
     def _generate(self, prompts, seeds, noise=None):
         batch = len(prompts)
-        info = CallInfo(seeds=seeds)
+        info = CallInfo(seeds=seeds, engine_stages=("fused", "text_encoder", "generator"))
+        t = time.perf_counter_ns()
         if noise is not None:
             noise = self._check_noise(noise, batch)
             info.seeds = []
@@ -55,11 +57,16 @@ class GanPipeline(Pipeline):
             g = self.graph("fused")
             ins = g.inputs(batch)
             tokens = self._tokenize(prompts, info, ins)
+            t = info.lap("tokenize", t)
             self._fill_noise(ins["noise"], seeds, noise)
+            t = info.lap("noise", t)
             outs = g.run(batch)
+            t = info.lap("fused", t)
             if self.mode == "auto":
                 self._remember(prompts, outs["text_states"], tokens)
-            return outs["pixels"].copy(), info
+            pixels = outs["pixels"].copy()
+            info.lap("output", t)
+            return pixels, info
         gen = self.graph("generator")
         ins = gen.inputs(batch)
         if use_cache:
@@ -70,15 +77,23 @@ class GanPipeline(Pipeline):
                 ins["text_states"][i], ins["attention_mask"][i], cut = self._cache[p]
                 truncated.append(cut)
             self._report_truncation(prompts, truncated, info)
+            t = info.lap("cache", t)
         else:
             info.path = "split"
             enc = self.graph("text_encoder")
             enc_ins = enc.inputs(batch)
             self._tokenize(prompts, info, enc_ins)
+            t = info.lap("tokenize", t)
             ins["text_states"][...] = enc.run(batch)["text_states"]
+            t = info.lap("text_encoder", t)
             ins["attention_mask"][...] = enc_ins["attention_mask"]
         self._fill_noise(ins["noise"], seeds, noise)
-        return to_pixels(gen.run(batch)["image"]), info
+        t = info.lap("noise", t)
+        image = gen.run(batch)["image"]
+        t = info.lap("generator", t)
+        pixels = to_pixels(image)
+        info.lap("output", t)
+        return pixels, info
 
     def _tokenize(self, prompts, info, ins):
         tokens = self.tokenizer(prompts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,11 +23,24 @@ class TruncationWarning(UserWarning):
 
 @dataclass
 class CallInfo:
-    """What the last call did: seeds used, which prompts were truncated, which path served it."""
+    """What the last call did: seeds used, which prompts were truncated, which path served it, and how
+    long each stage took (ns; a monotonic clock read twice per stage costs well under a microsecond)."""
     seeds: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
     path: str = ""
     warnings: list[str] = field(default_factory=list)
+    stages: dict[str, int] = field(default_factory=dict)
+    engine_stages: tuple[str, ...] = ()  # the stages that are engine (session) runs
+    total_ns: int = 0
+
+    def lap(self, stage: str, since: int) -> int:
+        now = time.perf_counter_ns()
+        self.stages[stage] = self.stages.get(stage, 0) + now - since
+        return now
+
+    @property
+    def engine_ns(self) -> int:
+        return sum(self.stages.get(s, 0) for s in self.engine_stages)
 
 
 class Pipeline:
@@ -82,7 +96,9 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         seeds = expand_seeds(seed, total)
         with self._lock:
+            start = time.perf_counter_ns()
             pixels, info = self._generate(prompts, seeds, **kw)
+            info.total_ns = time.perf_counter_ns() - start
             self.last_call = info
         for message in info.warnings:
             warnings.warn(message, TruncationWarning, stacklevel=2)
