@@ -23,6 +23,7 @@ from edgegen.runtime.tokenize import PromptTokenizer
 from . import int8
 from .families import load_family
 from .int8 import keep_back
+from .weights import share_weights
 from .onnx_export import OPSET, export_component
 from .progress import Steps
 
@@ -107,6 +108,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                                          f"kept until the gate passed" for b in sorted(kept)},
                         "psnr_db_when_quantized_alone": alone}
                 bar.update(1)
+        for precision in precisions:  # one weights file per precision, each distinct tensor stored once
+            rels = sorted({files[c.name][f] for c in components for f in FORMS[precision]})
+            share_weights(tmp, rels, f"onnx/weights.{precision}.bin")
         manifest = _manifest(family, components, files, settings, max_batch, Path(checkpoint))
         manifest["precisions"] = precisions
         manifest["gates"] = {f: g for f, g in all_gates.items() if f in ["fp32", *forms]}

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .weights import quantize_embeddings
+
 FORMS = ("int8", "int8-qdq")
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -66,7 +68,7 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
     nodes = [n for n in weight_nodes(model) if block_of(n) not in keep_blocks]
     if not nodes:
         shutil.copyfile(fp32_path, out_path)
-        return []
+        return []  # everything kept back: the fp32 graph as it is
     dynamic = [n for n in nodes if form == "int8" and is_text_node(n)]
     static = [n for n in nodes if n not in dynamic]
     names = {i.name for i in model.graph.input}
@@ -93,6 +95,7 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
             current = staged
         model = onnx.load(str(current))
     quiet.setLevel(level)
+    quantize_embeddings(model, qdq=form == "int8-qdq")
     model.producer_name = "edgegen"
     onnx.save(model, str(out_path))
     return static + dynamic

@@ -21,7 +21,7 @@ def test_manifest_contents(bert_bundle):
         assert sha256_file(bert_bundle / rel) == entry["sha256"]
         assert (bert_bundle / rel).stat().st_size == entry["bytes"]
     assert set(m["files"]) == {"tokenizer.json", "reference.npz", "report.json", "onnx/text_encoder.fp32.onnx",
-                               "onnx/generator.fp32.onnx", "onnx/fused.fp32.onnx"}
+                               "onnx/generator.fp32.onnx", "onnx/fused.fp32.onnx", "onnx/weights.fp32.bin"}
     fused = m["components"]["fused"]
     assert [t["name"] for t in fused["inputs"]] == ["input_ids", "attention_mask", "noise"]
     assert fused["outputs"][0] == {"name": "pixels", "dtype": "uint8", "shape": ["batch", 16, 16, 3]}
@@ -40,6 +40,21 @@ def test_graphs_are_cleaned(bert_bundle):
     assert "Identity" not in ops and "Constant" not in ops, ops
     used = {i for n in model.graph.node for i in n.input}
     assert all(init.name in used for init in model.graph.initializer)
+
+
+def test_weights_are_stored_once(bert_bundle):
+    """The fused graph's weights are the split graphs' weights: one shared file holds each tensor once."""
+    import onnx
+    refs = {}
+    for comp in ("text_encoder", "generator", "fused"):
+        model = onnx.load(str(bert_bundle / "onnx" / f"{comp}.fp32.onnx"), load_external_data=False)
+        refs[comp] = {tuple(e.value for e in t.external_data) for t in model.graph.initializer
+                      if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert refs["text_encoder"] and refs["generator"]
+    shared = (refs["text_encoder"] | refs["generator"]) & refs["fused"]
+    assert len(shared) >= 0.8 * len(refs["text_encoder"] | refs["generator"])
+    referenced = sum(int(r[2]) for r in set().union(*refs.values()))
+    assert (bert_bundle / "onnx" / "weights.fp32.bin").stat().st_size < referenced + 64 * len(set().union(*refs.values()))
 
 
 def test_failed_export_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
