@@ -16,6 +16,7 @@ from typing import Any
 from .errors import BadBundleError
 
 SCHEMA = "edgegen.bundle/1"
+_DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 # The files a precision is stored as. int8 has two forms: "int8" for CPUs (dynamically quantized text
@@ -130,7 +131,11 @@ class Bundle:
         rel = "report.json"
         if rel not in self.manifest["files"]:
             return {}
-        return json.loads(self.path(rel).read_text())
+        try:
+            report = json.loads(self.path(rel).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadBundleError(f"bundle {self.root}", f"report.json is not valid JSON: {e}", "re-export the bundle") from None
+        return report if isinstance(report, dict) else {}
 
     @classmethod
     def open(cls, root: str | os.PathLike, verify_hashes: bool = True) -> "Bundle":
@@ -163,10 +168,35 @@ class Bundle:
                 if rel not in listed:
                     raise BadBundleError(subject, f"component file {rel} is not listed with a hash",
                                          "the manifest is damaged; re-export the bundle")
+        for rel in {r for c in manifest["components"].values() for r in c["files"].values()}:
+            _check_external_data(root, rel, listed)
         tok = manifest["tokenizer"].get("file", "tokenizer.json")
         if tok not in listed:
             raise BadBundleError(subject, f"tokenizer file {tok} is not listed with a hash", "re-export the bundle")
         return cls(root, manifest)
+
+
+def _check_external_data(root: Path, rel: str, listed: set[str]) -> None:
+    """An ONNX file's external weights must be files of this bundle, listed (and so hashed) in the manifest."""
+    from .onnx_scan import external_data_locations
+    try:
+        locations = external_data_locations(safe_path(root, rel).read_bytes())
+    except ValueError as e:
+        raise BadBundleError(f"bundle {root}", f"{rel} is not a readable ONNX model ({e})", "re-export the bundle") from None
+    for location in locations:
+        inner = (Path(rel).parent / location).as_posix()
+        safe_path(root, inner)  # refuses ../, absolute paths and links out of the bundle
+        if os.path.normpath(inner) not in listed:
+            raise BadBundleError(f"bundle {root}", f"{rel} loads weights from {location!r}, which the manifest does not list",
+                                 "every file a model reads must be listed with its hash; re-export the bundle")
+
+
+def _require(subject: str, where: str, d: dict, fields: dict) -> None:
+    for key, kind in fields.items():
+        value = d.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BadBundleError(subject, f"manifest {where}.{key} is missing or not a {kind.__name__}: {value!r}",
+                                 "the manifest is damaged; re-export the bundle")
 
 
 def _check_structure(subject: str, m: Any) -> None:
@@ -187,16 +217,27 @@ def _check_structure(subject: str, m: Any) -> None:
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("bytes"), int)):
             raise BadBundleError(subject, f"files[{rel!r}] needs sha256 (str) and bytes (int)", "re-export the bundle")
+    if not m["precisions"]:
+        raise BadBundleError(subject, "lists no precisions", "re-export the bundle")
     for p in m["precisions"]:
         if p not in PRECISIONS:
             raise BadBundleError(subject, f"unknown precision {p!r}", f"known: {', '.join(PRECISIONS)}")
+    _require(subject, "tokenizer", m["tokenizer"], {"file": str, "max_length": int, "pad_id": int, "pad_token": str})
+    _require(subject, "generation", m["generation"], {"max_batch": int})
+    if m["tokenizer"]["max_length"] < 1 or m["generation"]["max_batch"] < 1:
+        raise BadBundleError(subject, "tokenizer.max_length and generation.max_batch must be positive", "re-export the bundle")
     for name, c in m["components"].items():
         ok = (isinstance(c, dict) and isinstance(c.get("files"), dict)
               and isinstance(c.get("inputs"), list) and isinstance(c.get("outputs"), list))
         if ok:
             try:
                 for t in c["inputs"] + c["outputs"]:
-                    TensorSpec.from_json(t)
+                    spec = TensorSpec.from_json(t)
+                    ok = ok and isinstance(spec.name, str) and spec.dtype in _DTYPES and all(
+                        (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d)
+                        for d in spec.shape)
+                ok = ok and all(isinstance(f, str) and isinstance(r, str) for f, r in c["files"].items())
+                ok = ok and isinstance(c.get("tolerance", {}), dict)
             except (KeyError, TypeError):
                 ok = False
         if not ok:

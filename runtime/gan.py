@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backends import OrtGraph
-from .errors import BadInputError
+from .errors import BadBundleError, BadInputError
 from .pipeline import CallInfo, Pipeline, noise_for_seeds, to_pixels
 from .tokenize import PromptTokenizer
 
@@ -31,7 +31,11 @@ class GanPipeline(Pipeline):
         settings = bundle.tokenizer_settings
         self.tokenizer = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
         self.mode = mode
-        self.noise_shape = tuple(bundle.generation["noise_shape"])
+        shape = bundle.generation.get("noise_shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise BadBundleError(f"bundle {bundle.root}", f"generation.noise_shape is not a list of sizes: {shape!r}",
+                                 "re-export the bundle")
+        self.noise_shape = tuple(shape)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, bool]] = OrderedDict()
         self._graphs: dict[str, OrtGraph] = {}

@@ -141,6 +141,11 @@ def normalize_prompts(prompt) -> list[str]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise BadInputError("prompt", f"item {i} is a {type(p).__name__}, not a string", "every prompt must be a str")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadInputError("prompt", f"item {i} is not valid Unicode text ({e.reason} at position {e.start})",
+                                "decode input bytes with errors='replace' before passing them") from None
     return list(prompts)
 
 

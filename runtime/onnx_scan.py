@@ -1,0 +1,87 @@
+"""Read the external-data file names an ONNX file refers to, without the onnx package (lean runtime).
+
+A minimal protobuf walk: ModelProto.graph(7) -> GraphProto.initializer(5) and sparse_initializer(15)
+-> TensorProto.external_data(13) -> {key(1), value(2)}; subgraphs in node attributes (NodeProto.attribute(5)
+-> AttributeProto.g(6) / graphs(11)) are walked too.
+"""
+from __future__ import annotations
+
+
+def _fields(buf: bytes, start: int = 0, end: int | None = None):
+    """Yield (field number, wire type, value) of one message; value is bytes for length-delimited fields."""
+    pos, end = start, len(buf) if end is None else end
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = memoryview(buf)[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = None, pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated protobuf message")
+        yield field, wire, value
+
+
+def _varint(buf, pos):
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        result |= (b & 0x7F) << shift
+        pos += 1
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _tensor_locations(tensor) -> set[str]:
+    found = set()
+    for field, wire, value in _fields(tensor):
+        if field == 13 and wire == 2:
+            entry = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(value) if w == 2}
+            if entry.get(1) == "location":
+                found.add(entry.get(2, ""))
+    return found
+
+
+def _graph_locations(graph, depth=0) -> set[str]:
+    if depth > 16:
+        raise ValueError("subgraphs nested too deeply")
+    found = set()
+    for field, wire, value in _fields(graph):
+        if wire != 2:
+            continue
+        if field == 5:  # initializer
+            found |= _tensor_locations(value)
+        elif field == 15:  # sparse_initializer: values(1), indices(2) are TensorProtos
+            for f, w, v in _fields(value):
+                if w == 2 and f in (1, 2):
+                    found |= _tensor_locations(v)
+        elif field == 1:  # node -> attribute(5) -> g(6) / graphs(11) / t(5) / tensors(10)
+            for f, w, attr in _fields(value):
+                if f == 5 and w == 2:
+                    for af, aw, av in _fields(attr):
+                        if aw == 2 and af in (6, 11):
+                            found |= _graph_locations(av, depth + 1)
+                        elif aw == 2 and af in (5, 10):
+                            found |= _tensor_locations(av)
+    return found
+
+
+def external_data_locations(data: bytes) -> set[str]:
+    """Every external-data ``location`` in a serialized ModelProto. Raises ValueError if it is not one."""
+    found = set()
+    for field, wire, value in _fields(data):
+        if field == 7 and wire == 2:
+            found |= _graph_locations(value)
+    return found
