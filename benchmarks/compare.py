@@ -1,0 +1,199 @@
+"""Side by side, in one process, interleaved: PyTorch eager fp32 against edgegen's runtime on every
+backend and precision a bundle has, for one prompt -> uint8 pixels call.
+
+    python -m benchmarks.compare [--checkpoint DIR --bundle DIR] [--rounds 5] [--iterations 20] [--batch 1]
+                                 [--compile] [--out benchmarks/results] [--quick]
+
+Without --checkpoint/--bundle it measures the shipped default model (emoji64). Candidates run in turn
+(A B C A B C ...) so drifting machine load hits all of them alike. Runtime calls are new-prompt calls
+(text cache emptied outside the timed call), like PyTorch's; a cached-prompt row is added for the
+fastest precision. Writes results.json (raw samples, summaries, roofline), results.md and two PNG charts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .roofline import bound_ms, count, cpu_peak
+
+
+def torch_candidate(checkpoint: Path, compile_: bool):
+    import torch
+    from edgegen.export.families import load_family
+    family = load_family(checkpoint)
+    module = family.fused
+    if compile_:
+        module = torch.compile(module)
+    tok = family.hf_tokenizer
+    length, noise_dim = family.config.max_length, family.config.noise_dim
+
+    @torch.no_grad()
+    def call(prompts, seeds):
+        t = tok(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        noise = torch.from_numpy(np.stack([np.random.default_rng(s).standard_normal(noise_dim, dtype=np.float32)
+                                           for s in seeds]))
+        return module(t["input_ids"], t["attention_mask"], noise)[0].numpy()
+    return call
+
+
+def runtime_candidate(pipe, cached: bool):
+    def call(prompts, seeds):
+        if not cached:
+            pipe.clear_cache()
+        start = time.perf_counter()
+        out = pipe(prompts, seed=seeds, output_type="np")
+        return out, time.perf_counter() - start
+    return call
+
+
+def measure(candidates: dict, batch: int, rounds: int, iterations: int, warmup: int) -> dict:
+    prompts = ["a rocket on a blue background"] * batch
+    seeds = list(range(batch))
+    samples = {name: [] for name in candidates}
+    stages = {name: [] for name in candidates}
+    for name, (call, _) in candidates.items():
+        for _ in range(warmup):
+            call(prompts, seeds)
+    for _ in range(rounds):
+        for name, (call, pipe) in candidates.items():
+            for _ in range(iterations):
+                start = time.perf_counter()
+                result = call(prompts, seeds)
+                elapsed = time.perf_counter() - start
+                if isinstance(result, tuple):  # runtime: time its own call, not the cache clearing
+                    elapsed = result[1]
+                samples[name].append(elapsed * 1e3)
+                if pipe is not None:
+                    stages[name].append({k: v / 1e6 for k, v in pipe.last_call.stages.items()})
+    return samples, stages
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to compile)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--quick", action="store_true", help="2 rounds x 3 iterations (for CI)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.iterations, args.warmup = 2, 3, 1
+    if (args.checkpoint is None) != (args.bundle is None):
+        ap.error("give both --checkpoint and --bundle, or neither (default model)")
+    if args.checkpoint is None:
+        from edgegen.export.default import default_bundle, default_checkpoint
+        args.checkpoint, args.bundle = default_checkpoint(), default_bundle()
+
+    from edgegen.runtime import Bundle, Pipeline
+    from edgegen.runtime.backends import ORT_PROVIDERS, backend_loads
+    from edgegen.runtime.bundle import form_for
+    bundle = Bundle.open(args.bundle)
+    candidates = {"pytorch eager fp32": (torch_candidate(args.checkpoint, False), None)}
+    if args.compile:
+        candidates["pytorch compile fp32"] = (torch_candidate(args.checkpoint, True), None)
+    pipes = {}
+    for backend in ORT_PROVIDERS:
+        if not backend_loads(backend)[0]:
+            continue
+        for precision in bundle.precisions:
+            pipe = Pipeline.from_bundle(args.bundle, backend=backend, precision=precision)
+            pipes[(backend, precision)] = pipe
+            candidates[f"edgegen {backend} {precision}"] = (runtime_candidate(pipe, cached=False), pipe)
+    fastest = Pipeline.from_bundle(args.bundle, backend="auto", precision="auto")
+    candidates[f"edgegen {fastest.backend} {fastest.precision} (cached prompt)"] = (runtime_candidate(fastest, True), fastest)
+
+    samples, stages = measure(candidates, args.batch, args.rounds, args.iterations, args.warmup)
+    peak = cpu_peak()
+    base = float(np.median(samples["pytorch eager fp32"]))
+    rows = {}
+    for name, s in samples.items():
+        med = float(np.median(s))
+        row = {"p50_ms": med, "p95_ms": float(np.percentile(s, 95)), "speedup_vs_pytorch": base / med}
+        if stages[name]:
+            row["stages_p50_ms"] = {k: float(np.median([st.get(k, 0.0) for st in stages[name]]))
+                                    for k in dict.fromkeys(k for st in stages[name] for k in st)}
+        rows[name] = row
+    roofline = {}
+    for (backend, precision), pipe in pipes.items():
+        if backend != "ort-cpu":
+            continue
+        c = count(bundle.onnx_path("fused", form_for(precision, backend)), batch=args.batch)
+        engine = rows[f"edgegen {backend} {precision}"]["stages_p50_ms"].get("fused", float("nan"))
+        roofline[precision] = {**c, "bound_ms": bound_ms(c, peak), "engine_ms": engine,
+                               "fraction_of_limit": bound_ms(c, peak) / engine}
+    import onnxruntime
+    import torch
+    result = {"bundle": str(args.bundle), "batch": args.batch, "rounds": args.rounds, "iterations": args.iterations,
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpu_peak": peak["derivation"]},
+              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m benchmarks.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "results": rows, "roofline": roofline, "samples_ms": samples}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    (args.out / "results.md").write_text(markdown(result))
+    charts(result, args.out)
+    print(markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Batch {r['batch']}, {r['rounds']} rounds x {r['iterations']} interleaved calls, {r['date']}; "
+             f"torch {r['versions']['torch']}, onnxruntime {r['versions']['onnxruntime']}; {r['machine']['platform']}.",
+             "", "| candidate | p50 ms | p95 ms | vs PyTorch eager |", "|---|---:|---:|---:|"]
+    for name, row in r["results"].items():
+        lines.append(f"| {name} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | {row['speedup_vs_pytorch']:.2f}x |")
+    if r["roofline"]:
+        lines += ["", f"Roofline (ort-cpu fused graph; peak: {r['machine']['cpu_peak']}):", "",
+                  "| precision | GFLOP | MB moved | bound ms | engine ms | fraction of limit |", "|---|---:|---:|---:|---:|---:|"]
+        for p, x in r["roofline"].items():
+            lines.append(f"| {p} | {x['flops'] / 1e9:.3f} | {x['bytes'] / 1e6:.1f} | {x['bound_ms']:.2f} | "
+                         f"{x['engine_ms']:.2f} | {x['fraction_of_limit']:.2f} |")
+    lines += ["", f"Command: `{r['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def charts(r: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(r["results"])
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    ax.barh(names, [r["results"][n]["p50_ms"] for n in names], color="#4477aa")
+    ax.invert_yaxis()
+    ax.set_xlabel("p50 latency per call, ms (lower is better)")
+    ax.set_title(f"prompt -> pixels, batch {r['batch']}")
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+    staged = [n for n in names if "stages_p50_ms" in r["results"][n]]
+    if staged:
+        keys = list(dict.fromkeys(k for n in staged for k in r["results"][n]["stages_p50_ms"]))
+        fig, ax = plt.subplots(figsize=(8, 0.5 * len(staged) + 1.5))
+        left = np.zeros(len(staged))
+        for k in keys:
+            vals = np.array([r["results"][n]["stages_p50_ms"].get(k, 0.0) for n in staged])
+            ax.barh(staged, vals, left=left, label=k)
+            left += vals
+        ax.invert_yaxis()
+        ax.set_xlabel("ms (p50 per stage)")
+        ax.legend(fontsize=8)
+        ax.set_title("edgegen stage breakdown")
+        fig.tight_layout()
+        fig.savefig(out / "stages.png", dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Roofline-style bounds: FLOPs and bytes per ONNX graph, against this machine's peak.
+
+FLOPs count the multiply-adds of Conv, ConvTranspose, MatMul and Gemm (2 per MAC) at batch 1; other ops
+are memory-bound and counted only as bytes. Bytes = weights read once (lookup tables at the rows read)
++ every node's output written once and read once (an upper bound; fusion lowers it). Peak FLOP/s is derived from the CPU (cores x
+clock x FMA lanes), peak bytes/s is measured (numpy copy); both are stated with the derivation.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+DTYPE_BYTES = {1: 4, 10: 2, 11: 8, 7: 8, 6: 4, 3: 1, 2: 1, 9: 1, 16: 2}
+
+
+def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_value = batch
+    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
+def count(path: Path, batch: int = 1) -> dict:
+    """{"flops", "bytes", "weight_bytes"} of one forward pass at ``batch``."""
+    model = _fix_batch(onnx.load(str(path), load_external_data=False), batch)
+    g = model.graph
+    shapes = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.dim_value else 1 for d in t.shape.dim]
+        shapes[v.name] = (dims, DTYPE_BYTES.get(t.elem_type, 4))
+    weights = {i.name: (list(i.dims), DTYPE_BYTES.get(i.data_type, 4)) for i in g.initializer}
+    shapes.update(weights)
+    flops = 0
+    act_bytes = 0
+    for n in g.node:
+        out = shapes.get(n.output[0]) if n.output else None
+        if out:
+            act_bytes += 2 * int(np.prod(out[0])) * out[1]
+        if n.op_type in ("Conv", "ConvInteger", "QLinearConv") and out:
+            w = shapes.get(n.input[3 if n.op_type == "QLinearConv" else 1])
+            if w:
+                flops += 2 * int(np.prod(out[0])) * int(np.prod(w[0][1:]))
+        elif n.op_type in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul", "DynamicQuantizeMatMul",
+                           "MatMulIntegerToFloat") and out:
+            a = shapes.get(n.input[0])
+            k = a[0][-1] if a else 0
+            if n.op_type == "Gemm" and any(at.name == "transA" and at.i for at in n.attribute) and a:
+                k = a[0][-2]
+            flops += 2 * int(np.prod(out[0])) * int(k)
+    # a lookup table (Gather's data input) is read only at the gathered rows, counted as its output
+    gathered = {n.input[0] for n in g.node if n.op_type == "Gather"} - {i for n in g.node if n.op_type != "Gather"
+                                                                          for i in n.input}
+    weight_bytes = sum(int(np.prod(d)) * b for name, (d, b) in weights.items() if name not in gathered)
+    return {"flops": int(flops), "bytes": int(weight_bytes + act_bytes), "weight_bytes": int(weight_bytes)}
+
+
+def cpu_peak() -> dict:
+    """Peak fp32 FLOP/s from the CPU's flags and clock; memory bandwidth measured with a numpy copy."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mhz = max([float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)] or [2000.0])
+    cores = os.cpu_count() or 1
+    lanes = 16 if "avx512f" in info else 8 if "avx2" in info else 4  # fp32 lanes per vector
+    fma = 2 if "fma" in info else 1
+    units = 2  # two FMA pipes per core on current x86 cores
+    peak_flops = cores * mhz * 1e6 * lanes * fma * units
+    a = np.ones(32 * 2**20 // 8)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    start, n = time.perf_counter(), 8
+    for _ in range(n):
+        np.copyto(b, a)
+    bandwidth = 2 * a.nbytes * n / (time.perf_counter() - start)
+    return {"flops_per_s": peak_flops, "bytes_per_s": bandwidth,
+            "derivation": f"{cores} cores x {mhz:.0f} MHz x {lanes} fp32 lanes x {fma * units} "
+                          f"(FMA x {units} pipes) = {peak_flops / 1e9:.1f} GFLOP/s; memory {bandwidth / 1e9:.1f} GB/s "
+                          f"measured by a 32 MiB numpy copy (read + write)"}
+
+
+def bound_ms(counts: dict, peak: dict) -> float:
+    return 1e3 * max(counts["flops"] / peak["flops_per_s"], counts["bytes"] / peak["bytes_per_s"])

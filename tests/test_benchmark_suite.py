@@ -1,0 +1,46 @@
+"""The side-by-side suite in quick mode: it runs, interleaves, and writes JSON, Markdown and charts."""
+import json
+
+from benchmarks import compare
+from benchmarks.roofline import bound_ms, count, cpu_peak
+
+
+def test_compare_quick(tiny_checkpoints, tiny_bundles, tmp_path):
+    result = compare.main(["--checkpoint", str(tiny_checkpoints["bert"]), "--bundle", str(tiny_bundles["bert"]),
+                           "--quick", "--out", str(tmp_path)])
+    rows = result["results"]
+    assert "pytorch eager fp32" in rows and "edgegen ort-cpu fp32" in rows
+    assert rows["pytorch eager fp32"]["speedup_vs_pytorch"] == 1.0
+    for name, row in rows.items():
+        assert len(result["samples_ms"][name]) == 2 * 3 and row["p50_ms"] > 0
+    assert "fused" in rows["edgegen ort-cpu fp32"]["stages_p50_ms"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"].keys() == rows.keys()
+    assert "| pytorch eager fp32 |" in (tmp_path / "results.md").read_text()
+    for png in ("latency.png", "stages.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roofline_counts_conv_and_matmul_flops(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.zeros((8, 4, 3, 3), np.float32), "w")
+    m = numpy_helper.from_array(np.zeros((8, 5), np.float32), "m")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Reshape", ["c", "shape"], ["r"]),
+         helper.make_node("MatMul", ["r", "m"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 36, 5])],
+        [w, m, numpy_helper.from_array(np.array([-1, 36, 8], np.int64), "shape")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    c = count(path, batch=2)
+    conv = 2 * (2 * 8 * 6 * 6) * (4 * 3 * 3)
+    matmul = 2 * (2 * 36 * 5) * 8
+    assert c["flops"] == conv + matmul
+    assert c["weight_bytes"] == (8 * 4 * 9 + 8 * 5) * 4 + 3 * 8
+    peak = cpu_peak()
+    assert peak["flops_per_s"] > 0 and peak["bytes_per_s"] > 0 and "GFLOP/s" in peak["derivation"]
+    assert bound_ms(c, peak) > 0
