@@ -83,7 +83,9 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
                             per_channel=True, activation_type=QuantType.QUInt8 if form == "int8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, nodes_to_quantize=static,
                             calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"ActivationSymmetric": form == "int8-qdq"})
+                            # TensorRT wants symmetric int8 activations and fp32 biases in QDQ graphs
+                            extra_options={"ActivationSymmetric": form == "int8-qdq",
+                                           "QuantizeBias": form != "int8-qdq"})
             staged_model = onnx.load(str(staged))
             del staged_model.graph.value_info[:]  # stale shapes here trip the dynamic pass's shape inference
             onnx.save(staged_model, str(staged))

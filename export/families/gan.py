@@ -45,7 +45,8 @@ class FusedGan(nn.Module):
     def forward(self, input_ids, attention_mask, noise):
         states = self.text_encoder(input_ids, attention_mask)
         image = self.generator(noise, states, attention_mask)
-        pixels = ((image + 1.0) * 127.5).clamp(0.0, 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        # Cast last: TensorRT takes uint8 only as a network input/output, never as an intermediate tensor.
+        pixels = ((image + 1.0) * 127.5).clamp(0.0, 255.0).round().permute(0, 2, 3, 1).to(torch.uint8)
         return pixels, states
 
 
