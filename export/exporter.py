@@ -43,7 +43,8 @@ def parse_precisions(text: str | list[str]) -> list[str]:
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, precisions="fp32",
                       max_batch: int = DEFAULT_MAX_BATCH, overwrite: bool = False, progress: bool = True,
-                      allow_degraded: bool = False, gates: dict | None = None) -> Path:
+                      allow_degraded: bool = False, gates: dict | None = None, engines: str | None = None,
+                      compute_capability: str | None = None, workspace_mb: int = 2048) -> Path:
     """Export ``checkpoint`` to the bundle directory ``output``; returns its path.
 
     Every precision besides fp32 must pass its quality gate (``GATES``, or ``gates`` to override) against
@@ -59,8 +60,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     if not isinstance(max_batch, int) or max_batch < 1:
         raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if engines not in (None, "trt", "trt-rtx"):
+        raise BadInputError("--engines", f"unknown engine flavour {engines!r}", "use trt (TensorRT) or trt-rtx (TensorRT for RTX)")
+    if engines:
+        from edgegen.runtime.engines import import_flavour
+        import_flavour(engines)  # fail now, not after the long steps
     steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions", "validate parity",
-                   "write bundle"], progress)
+                   *(["build engines"] if engines else []), "write bundle"], progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)
     try:
@@ -133,6 +139,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                 raise ValidationFailedError(f"export {checkpoint}", "failed: " + "; ".join(lines),
                                             "drop that precision, or pass --allow-degraded to keep a bundle marked degraded")
             report["degraded"] = manifest["degraded"] = lines
+        if engines:
+            with steps.step("build engines"):
+                from .engines import build_engines
+                manifest["engines"], build = build_engines(tmp, manifest, engines, compute_capability, workspace_mb, progress)
+                report["engine_builds"] = [build]
         with steps.step("write bundle"):
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
             manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}

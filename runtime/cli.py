@@ -32,7 +32,9 @@ def _emit(args, data: dict, text: str) -> None:
 def cmd_export(args) -> int:
     export = _export_module("edgegen export")
     out = export.export_checkpoint(args.checkpoint, args.output, precisions=args.precision, max_batch=args.max_batch,
-                                   overwrite=args.force, progress=not args.quiet, allow_degraded=args.allow_degraded)
+                                   overwrite=args.force, progress=not args.quiet, allow_degraded=args.allow_degraded,
+                                   engines=args.engines, compute_capability=args.compute_capability,
+                                   workspace_mb=args.workspace_mb)
     from .bundle import Bundle
     report = Bundle.open(out).report()
     status = "validated: ok" if report.get("ok") else "DEGRADED: " + "; ".join(report.get("degraded", []))
@@ -186,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="bundle directory to create")
     e.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (fp32 is always included)")
     e.add_argument("--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)")
+    e.add_argument("--engines", choices=["trt", "trt-rtx"], help="also build TensorRT engines from the fp16/int8 "
+                   "files (trt: on the target GPU, e.g. the Jetson; trt-rtx: TensorRT for RTX, may build ahead of time)")
+    e.add_argument("--compute-capability", help="GPU architecture to build engines for, e.g. 8.9 (default: the GPU "
+                   "present; trt-rtx can target one that is absent)")
+    e.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("--allow-degraded", action="store_true",
                    help="keep a bundle whose fp16/int8 files fail their quality gate (marked degraded)")
