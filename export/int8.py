@@ -61,8 +61,9 @@ class _Reader:
 
 
 def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[str, np.ndarray]],
-             keep_blocks: set[str] = frozenset()) -> list[str]:
-    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups left in fp32. Returns the quantized nodes."""
+             keep_blocks: set[str] = frozenset(), ranges: Path | None = None) -> list[str]:
+    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups left in fp32. Returns the quantized nodes.
+    ``ranges``: a calibration cache file of this graph; written by the first call, reused by the next."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     model = onnx.load(str(fp32_path))
     nodes = [n for n in weight_nodes(model) if block_of(n) not in keep_blocks]
@@ -82,7 +83,7 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
             quantize_static(str(current), str(staged), _Reader(feeds), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8 if form == "int8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, nodes_to_quantize=static,
-                            calibrate_method=CalibrationMethod.MinMax,
+                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges,
                             # TensorRT wants symmetric int8 activations and fp32 biases in QDQ graphs
                             extra_options={"ActivationSymmetric": form == "int8-qdq",
                                            "QuantizeBias": form != "int8-qdq"})
@@ -114,16 +115,18 @@ def keep_back(fp32_path: Path, form: str, calibration, score, passes) -> tuple[s
     PSNR against PyTorch fp32 when it alone is quantized (lower = worse). Returns (groups kept, {group: dB}).
     """
     with tempfile.TemporaryDirectory() as tmp:
-        trial = Path(tmp) / "trial.onnx"
+        trial, ranges = Path(tmp) / "trial.onnx", Path(tmp) / "ranges.json"
         names = blocks(fp32_path)
+        quantize(fp32_path, trial, form, calibration, ranges=ranges)  # calibrates every range once
+        full = score(trial)
         alone = {}
         for block in names:
-            quantize(fp32_path, trial, form, calibration, keep_blocks=set(names) - {block})
+            quantize(fp32_path, trial, form, calibration, keep_blocks=set(names) - {block}, ranges=ranges)
             alone[block] = round(score(trial)["psnr_db"], 2)
         kept: set[str] = set()
         for block in sorted(names, key=alone.get):
-            quantize(fp32_path, trial, form, calibration, keep_blocks=kept)
-            if passes(score(trial)):
+            if passes(full if not kept else score(trial)):
                 break
             kept.add(block)
+            quantize(fp32_path, trial, form, calibration, keep_blocks=kept, ranges=ranges)
     return kept, alone
