@@ -10,7 +10,7 @@ from edgegen.runtime.bundle import Bundle
 from edgegen.runtime.errors import BadBundleError, CheckpointError
 
 MODEL_DIR = Path(__file__).parent / "emoji64"
-DEFAULT_PRECISIONS = "fp32"
+DEFAULT_PRECISIONS = "fp32,fp16,int8"
 
 
 def cache_dir() -> Path:

@@ -13,9 +13,7 @@ import numpy as np
 
 from .backends import make_session
 
-EVAL_SEED = 1000          # eval prompt i is generated with seed EVAL_SEED + i
-DIVERSITY_PROMPTS = 32    # the first N eval prompts ...
-DIVERSITY_SEEDS = 4       # ... each with this many seeds
+EVAL_SEEDS = (0, 1, 2, 3)  # every eval prompt is generated with each of these seeds (as training/evaluate.py)
 
 
 def has_judge(bundle) -> bool:
@@ -37,36 +35,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def evaluate(pipe, limit: int | None = None) -> dict:
-    """Generate the eval prompts with ``pipe`` and score them with the bundle's judge (fp32, same backend)."""
+    """Generate every eval prompt with each of EVAL_SEEDS through ``pipe`` and score with the bundle's judge
+    (fp32, same backend): the definitions of training/evaluate.py, so the figures compare."""
     bundle = pipe.bundle
     q = bundle.manifest["quality"]
     prompts = json.loads(bundle.path(q["eval_prompts"]).read_text())[:limit]
     judge = make_session(bundle.onnx_path("judge", "fp32"), pipe.backend)
     outputs = [o.name for o in bundle.components["judge"].outputs]
-
-    def score(pixels):
-        got = dict(zip(outputs, judge.run(None, {"image": _judge_inputs(pixels)})))
-        return got["emoji_logits"].argmax(1), got["background_logits"].argmax(1), got["features"]
-
+    per_call = max(1, pipe.max_batch // len(EVAL_SEEDS))
     correct = {"seen": [], "heldout": []}
-    features = []
-    step = pipe.max_batch
-    for start in range(0, len(prompts), step):
-        chunk = prompts[start:start + step]
-        pixels = pipe([p["prompt"] for p in chunk], seed=[EVAL_SEED + start + i for i in range(len(chunk))],
+    features, spreads = [], []
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        pixels = pipe([p["prompt"] for p in chunk for _ in EVAL_SEEDS], seed=list(EVAL_SEEDS) * len(chunk),
                       output_type="np")
-        emoji, background, feats = score(pixels)
-        features.append(feats.astype(np.float64))
-        for p, e, b in zip(chunk, emoji, background):
-            correct[p["split"]].append(bool(e == p["emoji"] and b == p["background"]))
+        got = dict(zip(outputs, judge.run(None, {"image": _judge_inputs(pixels)})))
+        emoji, background = got["emoji_logits"].argmax(1), got["background_logits"].argmax(1)
+        features.append(got["features"].astype(np.float64))
+        for i, p in enumerate(chunk):
+            rows = slice(i * len(EVAL_SEEDS), (i + 1) * len(EVAL_SEEDS))
+            correct[p["split"]] += list((emoji[rows] == p["emoji"]) & (background[rows] == p["background"]))
+            imgs = pixels[rows].astype(np.float32) / 255.0
+            spreads += [np.abs(imgs[a] - imgs[b]).mean() for a in range(len(imgs)) for b in range(a + 1, len(imgs))]
     feats = np.concatenate(features)
     with np.load(bundle.path(q["real_features"]), allow_pickle=False) as real:
         fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), real["mu"], real["sigma"])
-    spreads = []
-    for p in prompts[:DIVERSITY_PROMPTS]:
-        imgs = pipe(p["prompt"], seed=[EVAL_SEED + k for k in range(DIVERSITY_SEEDS)], output_type="np")
-        imgs = imgs.astype(np.float32) / 255.0
-        spreads += [np.abs(imgs[i] - imgs[j]).mean() for i in range(len(imgs)) for j in range(i + 1, len(imgs))]
     return {"adherence": {k: (float(np.mean(v)) if v else None) for k, v in correct.items()},
-            "prompts": {k: len(v) for k, v in correct.items()}, "diversity": float(np.mean(spreads)),
-            "frechet_judge_distance": fd, "eval_seed": EVAL_SEED}
+            "prompts": {k: len(v) // len(EVAL_SEEDS) for k, v in correct.items()}, "seeds": list(EVAL_SEEDS),
+            "diversity": float(np.mean(spreads)), "frechet_judge_distance": fd}

@@ -1,0 +1,69 @@
+"""The shipped default model (emoji64): exported once into the cache, used by generate/bench/validate
+without --bundle, and scored on the device by its own judge."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edgegen.export.default import MODEL_DIR
+
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "generator" / "model.safetensors").is_file(),
+                                reason="the trained emoji64 weights are not in this checkout")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edgegen-cache")
+    old = os.environ.get("EDGEGEN_CACHE")
+    os.environ["EDGEGEN_CACHE"] = str(root)
+    yield root
+    if old is None:
+        del os.environ["EDGEGEN_CACHE"]
+    else:
+        os.environ["EDGEGEN_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def default(cache):
+    from edgegen.export import default_bundle
+    return default_bundle(progress=False)
+
+
+def test_generate_without_bundle_exports_once_then_reuses(default, cache, tmp_path, capsys):
+    from PIL import Image
+
+    from edgegen.runtime.cli import main
+    manifest = Path(default) / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    assert main(["generate", "a rocket on a blue background", "-o", str(tmp_path / "rocket.png"), "--seed", "3"]) == 0
+    assert Image.open(tmp_path / "rocket.png").size == (64, 64)
+    assert manifest.stat().st_mtime_ns == before  # reused, not exported again
+    assert [p.name for p in cache.iterdir() if p.name.startswith("emoji64-0")] == [Path(default).name]
+
+
+def test_default_bundle_has_judge_and_all_precisions(default):
+    from edgegen.runtime import Bundle
+    bundle = Bundle.open(default)
+    assert bundle.precisions == ["fp32", "fp16", "int8"] and "judge" in bundle.components
+    assert bundle.report()["ok"] is True
+
+
+def test_validate_reports_adherence_matching_training(default, capsys):
+    from edgegen.runtime.cli import main
+    assert main(["validate", "--precision", "fp32", "--json"]) in (0, 1)
+    report = json.loads(capsys.readouterr().out)
+    quality = report["precisions"]["fp32"]["quality"]
+    trained = json.loads((MODEL_DIR / "metrics.json").read_text())
+    for split in ("seen", "heldout"):
+        assert 0.0 <= quality["adherence"][split] <= 1.0
+        # the runtime reproduces what training measured with PyTorch (same prompts, seeds and judge)
+        assert abs(quality["adherence"][split] - trained[f"adherence_{split}"]) <= 0.03
+    assert quality["diversity"] > 0 and quality["frechet_judge_distance"] > 0
+
+
+def test_bench_without_bundle(default, capsys):
+    from edgegen.runtime.cli import main
+    assert main(["bench", "--iterations", "5", "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bundle"] == str(default) and result["family"] == "gan"
