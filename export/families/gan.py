@@ -73,12 +73,10 @@ def load_generator(path: Path) -> ConditionalGenerator:
 
 
 def load_judge(path: Path):
-    from ..judge import Judge, JudgeConfig
+    from .. import judge
     if not (path / "model.safetensors").is_file():
         raise CheckpointError(f"judge {path}", "no model.safetensors", "the judge ships as config.json + model.safetensors")
-    judge = Judge(JudgeConfig.load(path / "config.json"))
-    judge.load_state_dict(load_file(path / "model.safetensors"))
-    return judge.eval()
+    return judge.load_judge(path)
 
 
 class GanFamily(Family):
@@ -143,8 +141,8 @@ class GanFamily(Family):
             ComponentDef("fused", self.fused, [ids, mask, noise], [pixels, states], {"pixels": 1.0, "text_states": 1e-3}),
         ]
         if self.judge is not None:
-            outs = [TensorSpec("emoji_logits", "float32", ("batch", self.judge.config.num_emoji)),
-                    TensorSpec("background_logits", "float32", ("batch", self.judge.config.num_backgrounds)),
+            outs = [TensorSpec("emoji_logits", "float32", ("batch", self.judge.config.n_emoji)),
+                    TensorSpec("background_logits", "float32", ("batch", self.judge.config.n_backgrounds)),
                     TensorSpec("features", "float32", ("batch", self.judge.config.feature_dim))]
             comps.append(ComponentDef("judge", self.judge, [image], outs,
                                       {o.name: 1e-3 for o in outs}, quantize=False))
