@@ -49,9 +49,13 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
 
 
-def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str] | None = None) -> dict:
+def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str] | None = None,
+                 adherence: bool = True) -> dict:
     """Parity of every component against PyTorch's outputs and the quality gates, per precision form
-    (int8 is checked in both its forms); ``ok`` only if all pass."""
+    (int8 is checked in both its forms); ``ok`` only if all pass. A bundle with a judge (the default
+    model) is also scored for prompt adherence (``adherence=False`` skips that, it takes a while)."""
+    from .quality import evaluate, has_judge
+    scored = adherence and has_judge(bundle)
     cases = load_reference(bundle)
     report = {"backend": backend, "cases": [{k: list(v.shape) for k, v in c["in"].items()} for c in cases],
               "precisions": {}}
@@ -89,6 +93,13 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
             quality["psnr_db"] = psnr_db(got, want)
         if cosines:
             quality["text_cosine"] = float(np.min(np.concatenate(cosines)))
+        if scored:
+            from .pipeline import Pipeline
+            pipe = Pipeline.for_family(bundle)(bundle, backend, precision.split("-")[0], [], form=precision)
+            quality.update(evaluate(pipe))
+            base = report["precisions"].get("fp32", {}).get("quality", {}).get("adherence")
+            if base and precision != "fp32":
+                quality["adherence_vs_fp32"] = min(quality["adherence"][k] - base[k] for k in base)
         gate = bundle.manifest.get("gates", {}).get(precision)
         if gate:
             entry["gate"] = gate_result(gate, quality)

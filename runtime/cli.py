@@ -96,21 +96,14 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .bundle import Bundle, form_for
+    from .bundle import Bundle
     from .check import check_bundle, failures
     from .backends import resolve_backend
     bundle = Bundle.open(_bundle_path(args))
     backend, notes = resolve_backend(args.backend)
     precisions = None if args.precision == "all" else [args.precision]
-    report = check_bundle(bundle, backend, precisions)
+    report = check_bundle(bundle, backend, precisions)  # adherence too, for a bundle with a judge
     report["bundle"] = str(bundle.root)
-    from .quality import evaluate, has_judge
-    if has_judge(bundle):  # the default model: score prompt adherence with its judge, on this device
-        from .pipeline import Pipeline
-        for form, entry in report["precisions"].items():
-            if form == form_for(form.split("-")[0], backend):  # score the form this backend runs
-                pipe = Pipeline.from_bundle(bundle.root, backend=backend, precision=form.split("-")[0])
-                entry.setdefault("quality", {}).update(evaluate(pipe))
     lines = [f"validate {bundle.root} on {backend}"]
     for precision, entry in report["precisions"].items():
         for comp, p in entry["parity"].items():

@@ -24,8 +24,9 @@ class GanPipeline(Pipeline):
 
     family = "gan"
 
-    def __init__(self, bundle, backend, precision, notes, cache_size: int = 128, mode: str = "auto"):
-        super().__init__(bundle, backend, precision, notes)
+    def __init__(self, bundle, backend, precision, notes, cache_size: int = 128, mode: str = "auto",
+                 form: str | None = None):
+        super().__init__(bundle, backend, precision, notes, form)
         if mode not in MODES:
             raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
         settings = bundle.tokenizer_settings

@@ -58,11 +58,12 @@ class Pipeline:
         if cls.family:
             Pipeline._families[cls.family] = cls
 
-    def __init__(self, bundle: Bundle, backend: str, precision: str, notes: list[str]):
+    def __init__(self, bundle: Bundle, backend: str, precision: str, notes: list[str], form: str | None = None):
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
-        self.form = form_for(precision, backend)  # which file of that precision this backend runs
+        # which file of that precision runs: the backend's form, unless validation asks for the other one
+        self.form = form or form_for(precision, backend)
         self.notes = notes  # what `auto` skipped and why
         self.last_call = CallInfo()
         self._lock = threading.Lock()
@@ -73,11 +74,15 @@ class Pipeline:
         bundle = Bundle.open(path)  # verified before any session exists
         chosen, notes = resolve_backend(backend)
         precision = choose_precision(bundle, precision, chosen)
+        return Pipeline.for_family(bundle)(bundle, chosen, precision, notes, **options)
+
+    @staticmethod
+    def for_family(bundle: Bundle) -> type:
         family_cls = Pipeline._families.get(bundle.family)
         if family_cls is None:
-            raise BadInputError(f"bundle {path}", f"family {bundle.family!r} has no runtime here",
+            raise BadInputError(f"bundle {bundle.root}", f"family {bundle.family!r} has no runtime here",
                                 f"this edgegen runs {sorted(Pipeline._families)}")
-        return family_cls(bundle, chosen, precision, notes, **options)
+        return family_cls
 
     @property
     def max_batch(self) -> int:

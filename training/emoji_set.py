@@ -54,7 +54,7 @@ CODEPOINTS = [int(h, 16) for h in """
 SYNONYMS = {
     "cat": ["kitty", "kitten"], "dog": ["doggy", "hound"], "dog face": ["puppy face", "pup"],
     "cow": ["cattle", "bovine"], "tiger": ["big cat", "striped cat"], "sheep": ["lamb", "ewe"],
-    "ram": ["male sheep"], "rooster": ["cockerel", "cock"], "chicken": ["hen", "poultry"],
+    "ram": ["male sheep"], "rooster": ["cockerel", "male chicken"], "chicken": ["hen", "poultry"],
     "honeybee": ["bee", "bumblebee"], "lady beetle": ["ladybug", "ladybird"], "snail": ["slug", "escargot"],
     "tropical fish": ["fish", "reef fish"], "bird": ["songbird", "sparrow"], "penguin": ["antarctic bird"],
     "dolphin": ["porpoise"], "frog face": ["frog", "toad"], "hamster face": ["hamster", "gerbil"],

