@@ -101,6 +101,12 @@ def make_session(path: Path, backend: str) -> ort.InferenceSession:
     return session
 
 
+def open_graph(bundle, component: str, form: str, backend: str) -> "OrtGraph":
+    """The runnable graph of ``component`` in ``form`` on ``backend``: what every pipeline runs through.
+    Each graph offers ``inputs(batch)`` / ``outputs(batch)`` (reusable arrays) and ``run(batch)``."""
+    return OrtGraph(bundle.onnx_path(component, form), backend, bundle.components[component])
+
+
 class OrtGraph:
     """One ONNX Runtime session with host buffers allocated once per batch size and bound by IO binding.
 

@@ -6,7 +6,6 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .backends import OrtGraph
 from .errors import BadBundleError, BadInputError
 from .pipeline import CallInfo, Pipeline, noise_for_seeds, to_pixels
 from .tokenize import PromptTokenizer
@@ -39,15 +38,7 @@ class GanPipeline(Pipeline):
         self.noise_shape = tuple(shape)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, bool]] = OrderedDict()
-        self._graphs: dict[str, OrtGraph] = {}
         self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
-
-    def graph(self, component: str) -> OrtGraph:
-        g = self._graphs.get(component)
-        if g is None:
-            path = self.bundle.onnx_path(component, self.form)
-            g = self._graphs[component] = OrtGraph(path, self.backend, self.bundle.components[component])
-        return g
 
     def _generate(self, prompts, seeds, noise=None):
         batch = len(prompts)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import resolve_backend
+from .backends import open_graph, resolve_backend
 from .bundle import PRECISIONS, Bundle, form_for
 from .errors import BadInputError
 
@@ -67,6 +67,14 @@ class Pipeline:
         self.notes = notes  # what `auto` skipped and why
         self.last_call = CallInfo()
         self._lock = threading.Lock()
+        self._graphs: dict = {}
+
+    def graph(self, component: str):
+        """The component's runnable graph on this pipeline's backend and form, opened once."""
+        g = self._graphs.get(component)
+        if g is None:
+            g = self._graphs[component] = open_graph(self.bundle, component, self.form, self.backend)
+        return g
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
