@@ -126,7 +126,8 @@ class Caption:
     emoji: int
     background: int
     size: int | None  # None: the caption does not say
-    split: str        # "train" (training templates and names) or "heldout"
+    split: str        # "train" (training templates and names), "seen" (eval, same) or "heldout"
+    novelty: str = ""  # for "heldout": "template" (a held-out template) or "synonym" (a held-out name)
 
 
 def training_captions(per_pair: int = 6, seed: int = 0) -> list[Caption]:
@@ -144,12 +145,12 @@ def training_captions(per_pair: int = 6, seed: int = 0) -> list[Caption]:
     return out
 
 
-def _sample_caption(rng, names, templates, e, b, color, split) -> Caption:
+def _sample_caption(rng, names, templates, e, b, color, split, novelty="") -> Caption:
     template = templates[rng.integers(len(templates))]
     name = names[rng.integers(len(names))]
     size = int(rng.integers(len(SIZES))) if template_has_size(template) else None
     word = SIZE_WORDS[SIZE_NAMES[size]][rng.integers(2)] if size is not None else ""
-    return Caption(caption(template, name, color, word), e, b, size, split)
+    return Caption(caption(template, name, color, word), e, b, size, split, novelty)
 
 
 def eval_captions(n_seen: int = 160, n_heldout: int = 160, seed: int = 1234) -> list[Caption]:
@@ -165,8 +166,8 @@ def eval_captions(n_seen: int = 160, n_heldout: int = 160, seed: int = 1234) -> 
         b = int(rng.integers(len(BACKGROUNDS)))
         if i % 2 == 0:
             e = EMOJI[rng.integers(len(EMOJI))]
-            out.append(_sample_caption(rng, e.train_names, HELDOUT_TEMPLATES, e.id, b, BG_NAMES[b], "heldout"))
+            out.append(_sample_caption(rng, e.train_names, HELDOUT_TEMPLATES, e.id, b, BG_NAMES[b], "heldout", "template"))
         else:
             e = with_heldout_names[rng.integers(len(with_heldout_names))]
-            out.append(_sample_caption(rng, e.heldout_names, TRAIN_TEMPLATES, e.id, b, BG_NAMES[b], "heldout"))
+            out.append(_sample_caption(rng, e.heldout_names, TRAIN_TEMPLATES, e.id, b, BG_NAMES[b], "heldout", "synonym"))
     return out

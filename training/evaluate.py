@@ -68,6 +68,7 @@ def evaluate(generator, judge, states, mask, captions, real_mu, real_sigma, seed
     want_e = np.repeat([c.emoji for c in captions], s)
     want_b = np.repeat([c.background for c in captions], s)
     split = np.repeat([c.split for c in captions], s)
+    novelty = np.repeat([c.novelty for c in captions], s)
     ok_e, ok_b = pred_e == want_e, pred_b == want_b
     result = {"seeds": list(seeds), "n_prompts": len(captions)}
     for name in ("seen", "heldout"):
@@ -76,6 +77,10 @@ def evaluate(generator, judge, states, mask, captions, real_mu, real_sigma, seed
             result[f"adherence_{name}"] = float((ok_e & ok_b)[m].mean())
             result[f"emoji_acc_{name}"] = float(ok_e[m].mean())
             result[f"background_acc_{name}"] = float(ok_b[m].mean())
+    for name in ("template", "synonym"):  # the two halves of "heldout"
+        m = novelty == name
+        if m.any():
+            result[f"adherence_heldout_{name}s"] = float((ok_e & ok_b)[m].mean())
     a = images.astype(np.float32) / 255.0
     pairs = [np.abs(a[:, i] - a[:, j]).mean() for i in range(s) for j in range(i + 1, s)]
     result["diversity"] = float(np.mean(pairs)) if pairs else 0.0

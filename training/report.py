@@ -21,12 +21,13 @@ def labels() -> dict:
 
 def eval_prompts(captions: list[Caption]) -> list[dict]:
     return [{"prompt": c.text, "emoji": c.emoji, "background": c.background,
-             "size": None if c.size is None else SIZE_NAMES[c.size], "split": c.split} for c in captions]
+             "size": None if c.size is None else SIZE_NAMES[c.size], "split": c.split, "novelty": c.novelty}
+            for c in captions]
 
 
 def read_eval_prompts(path: Path) -> list[Caption]:
     return [Caption(d["prompt"], d["emoji"], d["background"],
-                    None if d["size"] is None else SIZE_NAMES.index(d["size"]), d["split"])
+                    None if d["size"] is None else SIZE_NAMES.index(d["size"]), d["split"], d.get("novelty", ""))
             for d in json.loads(Path(path).read_text())]
 
 
