@@ -8,11 +8,13 @@ import onnxruntime as ort
 
 from .backends import ORT_PROVIDERS, backend_loads
 from .check import pipeline_parity
+from .jetson import describe, detect_jetson, jetson_notes, tensorrt_status
 
 PIXEL_TOLERANCE = 1  # uint8 levels, fp32
 
 
-def run_doctor(bundle=None) -> dict:
+def run_doctor(bundle=None, root="/") -> dict:
+    """``root``: where to look for a Jetson's release files (tests point it at a fake board)."""
     from . import __version__
     import tokenizers
     versions = {"edgegen": __version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -27,6 +29,10 @@ def run_doctor(bundle=None) -> dict:
     if bundle is None:
         notes.append("no bundle and no export extra: backends were only probed, not compared with PyTorch "
                      "(pass --bundle or install edgegen[export])")
+    jetson = detect_jetson(root)
+    if jetson is not None:
+        versions["jetson"] = describe(jetson)
+        notes += jetson_notes(jetson, ort.__version__, ort.get_available_providers(), *tensorrt_status())
     backends = {}
     for name in ORT_PROVIDERS:
         loads, why = backend_loads(name)
@@ -44,4 +50,5 @@ def run_doctor(bundle=None) -> dict:
         backends[name] = entry
     usable = [b for b in backends.values() if b["loads"]]
     return {"ok": bool(usable) and all(b["ok"] for b in usable), "versions": versions,
-            "providers_listed": ort.get_available_providers(), "backends": backends, "notes": notes}
+            "providers_listed": ort.get_available_providers(), "backends": backends, "notes": notes,
+            "jetson": jetson}
