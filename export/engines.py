@@ -11,24 +11,11 @@ import time
 from pathlib import Path
 
 from edgegen.runtime.bundle import sha256_file
-from edgegen.runtime.engines import engine_dir, import_flavour
+from edgegen.runtime.engines import collecting_logger, engine_dir, import_flavour
 from edgegen.runtime.errors import BadInputError, ValidationFailedError
 
 ENGINE_FORMS = ("fp16", "int8-qdq", "fp32")  # what engines are built from, when the bundle has it
 DEFAULT_WORKSPACE_MB = 2048
-
-
-def _Collect(trt):
-    """A TensorRT logger that keeps messages (shown only when a build fails) instead of printing them:
-    TensorRT for RTX logs CUDA errors while it builds ahead of time on a machine without a GPU."""
-    class Collect(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages = []
-
-        def log(self, severity, msg):
-            self.messages.append(str(msg))
-    return Collect()
 
 
 def _capability_enum(trt, cc: str):
@@ -75,7 +62,7 @@ def build_engines(root: Path, manifest: dict, flavour: str, compute_capability: 
     cache_path = cache_dir() / "timing" / f"{Path(out_dir).name}.cache"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     max_batch = int(manifest["generation"]["max_batch"])
-    logger = _Collect(trt)
+    logger = collecting_logger(trt)  # TensorRT for RTX logs CUDA errors while building without a GPU
     entries = []
     jobs = [(name, form) for name, comp in manifest["components"].items() if name != "judge"
             for form in ENGINE_FORMS if form in comp["files"]]
@@ -111,8 +98,8 @@ def build_engines(root: Path, manifest: dict, flavour: str, compute_capability: 
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise ValidationFailedError(f"engine {name}.{form}", "TensorRT failed to build it: "
-                                        + " | ".join(logger.messages[-3:]), "rerun with a larger --workspace-mb, or report it")
+            raise ValidationFailedError(f"engine {name}.{form}", "TensorRT failed to build it: " + logger.errors(),
+                                        "rerun with a larger --workspace-mb, or report it")
         rel = f"{out_dir}/{name}.{form}.engine"
         (root / rel).write_bytes(bytes(serialized))
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))

@@ -1,13 +1,20 @@
-"""Execution backends: how a component's ONNX file becomes something that runs.
+"""Execution backends: how a component of a bundle becomes something that runs.
 
 Each backend named here either runs as asked or raises BackendUnavailableError;
 ONNX Runtime silently falls back to CPU when a GPU provider cannot load, so we
 read back the providers a session really got instead of trusting the request.
+
+``open_graph`` picks the implementation per backend: ``OrtGraph`` (ort-cpu: host
+buffers), ``ort_gpu.OrtDeviceGraph`` (ort-cuda / ort-trt: device buffers, pinned
+host arrays, CUDA graphs for the fused graph) and ``trt_graph.TrtGraph`` (trt /
+trt-rtx: the bundle's prebuilt engines). The GPU modules, and tensorrt / CUDA,
+are imported only when such a backend is used.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Component
-from .errors import BackendUnavailableError, BadInputError
+from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
 
 # Backend name -> the ONNX Runtime provider that must be active for it to count.
 ORT_PROVIDERS = {
@@ -23,9 +30,12 @@ ORT_PROVIDERS = {
     "ort-cuda": "CUDAExecutionProvider",
     "ort-trt": "TensorrtExecutionProvider",
 }
-BACKENDS = ("auto", *ORT_PROVIDERS)
-# What `auto` tries, fastest first.
-AUTO_ORDER = ("ort-trt", "ort-cuda", "ort-cpu")
+TRT_BACKENDS = ("trt", "trt-rtx")  # native TensorRT runtimes: need the bundle's engines for this GPU
+BACKENDS = ("auto", *ORT_PROVIDERS, *TRT_BACKENDS)
+# What `auto` tries, fastest first: prebuilt engines, then ONNX Runtime's TensorRT EP, CUDA, CPU.
+AUTO_ORDER = ("trt", "trt-rtx", "ort-trt", "ort-cuda", "ort-cpu")
+GPU_BACKENDS = ("ort-cuda", "ort-trt", *TRT_BACKENDS)
+CUDA_GRAPHS_ENV = "EDGEGEN_CUDA_GRAPHS"  # "0" turns CUDA graph capture off (benchmarks compare both)
 
 # A one-node model, Identity(float[1]) at opset 17, serialized by hand: the lean runtime has no onnx package.
 _PROBE_ONNX = b'\x08\x08\x12\x07edgegen:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11'
@@ -48,7 +58,16 @@ def _provider_chain(backend: str) -> list:
 
 @lru_cache(maxsize=None)
 def backend_loads(backend: str) -> tuple[bool, str]:
-    """(True, "") if ``backend`` really loads here, else (False, why). Probes with a one-node model."""
+    """(True, "") if ``backend`` really loads here, else (False, why). ONNX Runtime backends are probed
+    with a one-node model; TensorRT ones need their Python module and a GPU (whether a bundle has engines
+    for this GPU is checked per bundle, by ``check_engines``)."""
+    if backend in TRT_BACKENDS:
+        from .engines import machine
+        try:
+            machine(backend)
+        except BackendUnavailableError as e:
+            return False, e.problem
+        return True, ""
     provider = ORT_PROVIDERS[backend]
     if provider not in ort.get_available_providers():
         return False, f"onnxruntime {ort.__version__} ({ort.get_device()} build) has no {provider}"
@@ -67,22 +86,65 @@ def backend_loads(backend: str) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_backend(requested: str) -> tuple[str, list[str]]:
-    """Return (backend, notes). A named backend that cannot run is an error; `auto` says what it skipped."""
+def require_backend(name: str) -> None:
+    """BackendUnavailableError unless ``name`` loads here."""
+    ok, why = backend_loads(name)
+    if not ok:
+        raise BackendUnavailableError(f"backend {name}", f"cannot run here: {why}",
+                                      "run `edgegen doctor` to see which backends load, or use --backend auto")
+
+
+def candidates(requested: str, bundle=None) -> list[str]:
+    """The backends to try for ``requested``: itself, or for `auto` every backend fastest first (the
+    TensorRT ones only with a bundle, whose engines decide whether they can run)."""
     check_backend_name(requested)
     if requested != "auto":
-        ok, why = backend_loads(requested)
-        if not ok:
-            raise BackendUnavailableError(f"backend {requested}", f"cannot run here: {why}",
-                                          "run `edgegen doctor` to see which backends load, or use --backend auto")
-        return requested, []
+        return [requested]
+    return [b for b in AUTO_ORDER if bundle is not None or b not in TRT_BACKENDS]
+
+
+def engine_forms(bundle, backend: str) -> set[str] | None:
+    """For a TensorRT backend, the forms whose engines this machine can use for every component the
+    pipelines run (version, GPU and source checks; raises EngineMismatchError / BackendUnavailableError
+    when there are none). None for ONNX Runtime backends (every form runs)."""
+    if backend not in TRT_BACKENDS:
+        return None
+    from .engines import engine_forms as forms_of, engines_here, machine
+    trt, version, cc = machine(backend)
+    entries = engines_here(bundle, backend, version, cc)
+    return forms_of(entries, [c for c in bundle.components if c != "judge"])
+
+
+def resolve_backend(requested: str, bundle=None) -> tuple[str, list[str]]:
+    """Return (backend, notes). A named backend that cannot run is an error; `auto` says what it skipped.
+    With a bundle, a TensorRT backend counts only if the bundle has engines for this machine."""
     notes = []
-    for name in AUTO_ORDER:
-        ok, why = backend_loads(name)
-        if ok:
+    names = candidates(requested, bundle)
+    for name in names:
+        try:
+            require_backend(name)
+            if bundle is not None:
+                engine_forms(bundle, name)
             return name, notes
-        notes.append(f"{name} skipped: {why}")
+        except (BackendUnavailableError, EngineMismatchError) as e:
+            if requested != "auto":
+                raise
+            notes.append(skip_note(name, e))
     raise BackendUnavailableError("backend auto", "no backend loads on this machine", "; ".join(notes))
+
+
+def skip_note(name: str, error: Exception) -> str:
+    """What `auto` says about a backend it passed over."""
+    problem = getattr(error, "problem", str(error))
+    if problem.startswith("cannot run here: "):
+        problem = problem[len("cannot run here: "):]
+    subject = getattr(error, "subject", "")
+    where = f" ({subject})" if subject and not subject.startswith("backend") else ""
+    return f"{name} skipped: {problem}{where}"
+
+
+def cuda_graphs_enabled() -> bool:
+    return os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def session_options() -> ort.SessionOptions:
@@ -92,19 +154,43 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
-def make_session(path: Path, backend: str) -> ort.InferenceSession:
+def make_session(path: Path, backend: str, options: ort.SessionOptions | None = None,
+                 provider_options: dict | None = None) -> ort.InferenceSession:
     """A session on exactly ``backend``; an error (not a silent CPU fallback) if its provider did not load."""
-    session = ort.InferenceSession(str(path), session_options(), providers=_provider_chain(backend))
+    if backend not in ORT_PROVIDERS:
+        raise BadInputError("backend", f"{backend} runs prebuilt TensorRT engines, not ONNX files",
+                            "run ONNX checks (validate, the judge) with an ONNX Runtime backend: "
+                            + ", ".join(ORT_PROVIDERS))
+    providers = _provider_chain(backend)
+    if provider_options is not None:
+        providers[0] = (providers[0], provider_options)
+    if backend == "ort-trt":  # what TensorRT cannot take runs on CUDA, not on the CPU
+        providers.insert(1, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), options or session_options(), providers=providers)
     if ORT_PROVIDERS[backend] not in session.get_providers():
         raise BackendUnavailableError(f"backend {backend}", f"{Path(path).name} did not get {ORT_PROVIDERS[backend]}",
                                       "run `edgegen doctor` to see which backends load")
     return session
 
 
-def open_graph(bundle, component: str, form: str, backend: str) -> "OrtGraph":
+def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool | None = None):
     """The runnable graph of ``component`` in ``form`` on ``backend``: what every pipeline runs through.
-    Each graph offers ``inputs(batch)`` / ``outputs(batch)`` (reusable arrays) and ``run(batch)``."""
-    return OrtGraph(bundle.onnx_path(component, form), backend, bundle.components[component])
+    Each graph offers ``inputs(batch)`` / ``outputs(batch)`` (reusable arrays) and ``run(batch)``; GPU
+    graphs keep their tensors on the device and their host arrays in pinned memory. Every graph also
+    offers ``take(batch, input, source_graph, output)`` and ``run(batch, fetch=False)``, so one stage's
+    output feeds the next without a host round trip (a plain copy on ort-cpu).
+
+    ``cuda_graphs`` (default: on unless EDGEGEN_CUDA_GRAPHS=0): trt / trt-rtx capture every component
+    per batch size; ort-cuda / ort-trt capture the static-shape fused graph."""
+    spec = bundle.components[component]
+    graphs = cuda_graphs_enabled() if cuda_graphs is None else bool(cuda_graphs)
+    if backend in TRT_BACKENDS:
+        from .trt_graph import TrtGraph
+        return TrtGraph(bundle, component, form, backend, spec, cuda_graphs=graphs)
+    if backend in ("ort-cuda", "ort-trt"):
+        from .ort_gpu import OrtDeviceGraph
+        return OrtDeviceGraph(bundle, component, form, backend, spec, cuda_graph=graphs and component == "fused")
+    return OrtGraph(bundle.onnx_path(component, form), backend, spec)
 
 
 class OrtGraph:
@@ -139,10 +225,17 @@ class OrtGraph:
     def outputs(self, batch: int) -> dict[str, np.ndarray]:
         return self._buffers(batch)[1]
 
-    def run(self, batch: int) -> dict[str, np.ndarray]:
+    def run(self, batch: int, fetch: bool = True) -> dict[str, np.ndarray]:
         _, outs, binding = self._buffers(batch)
         self.session.run_with_iobinding(binding)
         return outs
+
+    def take(self, batch: int, name: str, source, source_output: str) -> None:
+        """Feed input ``name`` from ``source``'s output (on the host here: a copy into the bound array)."""
+        self.inputs(batch)[name][...] = source.outputs(batch)[source_output]
+
+    cuda_graphs = False
+    graphs_captured: list = []
 
 
 def _alloc(spec, batch: int) -> np.ndarray:

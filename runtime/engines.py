@@ -1,30 +1,63 @@
 """TensorRT engines in a bundle: which flavour and version built them, for which GPU, and whether this
-machine can use them. Checked before any engine is deserialized. tensorrt / tensorrt_rtx are imported
-lazily and only here."""
+machine can use them. Every check here runs before an engine is deserialized, in this order: the
+flavour's module imports, a GPU is present, the engines' TensorRT version and compute capability match
+this machine, the engine was built from the ONNX file the bundle ships now, the engine file's size and
+sha256 match the manifest, and (TensorRT for RTX) the runtime's own validity check passes.
+
+tensorrt / tensorrt_rtx are imported lazily and only here.
+"""
 from __future__ import annotations
 
+import collections
+import hashlib
 import importlib
+import os
+from pathlib import Path
 
-from .errors import BackendUnavailableError, EngineMismatchError
+from .errors import BackendUnavailableError, BadBundleError, EngineMismatchError
 
 FLAVOURS = {"trt": ("tensorrt",), "trt-rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
+FLAVOUR_NAMES = {"trt": "TensorRT", "trt-rtx": "TensorRT for RTX"}
 
 
 def import_flavour(flavour: str):
     """The TensorRT Python module of ``flavour``, or BackendUnavailableError saying how to install it."""
+    errors = []
     for name in FLAVOURS[flavour]:
         try:
             return importlib.import_module(name)
-        except ImportError:
+        except ImportError as e:
+            errors.append(str(e))
             continue
+        except Exception as e:  # a binding whose native libraries fail to load raises other errors too
+            errors.append(f"{name}: {type(e).__name__}: {e}")
     hint = ("pip install 'edgegen[tensorrt-rtx]'" if flavour == "trt-rtx" else
             "install TensorRT 10 (on Jetson it comes with JetPack: python3-libnvinfer)")
-    raise BackendUnavailableError(f"backend {flavour}", f"its Python module ({' or '.join(FLAVOURS[flavour])}) is not installed",
-                                  hint)
+    loaded = [e for e in errors if "No module named" not in e]
+    raise BackendUnavailableError(f"backend {flavour}",
+                                  f"its Python module ({' or '.join(FLAVOURS[flavour])}) "
+                                  + (f"fails to load: {loaded[0]}" if loaded else "is not installed"), hint)
 
 
 def engine_dir(flavour: str, version: str, compute_capability: str) -> str:
     return f"engines/{flavour}-{version}-sm{compute_capability.replace('.', '')}"
+
+
+def user_cache_dir() -> Path:
+    """Where the runtime may write (ORT TensorRT EP engines, TensorRT-RTX kernel caches): ``$EDGEGEN_CACHE``
+    or ~/.cache/edgegen, the same place the export side caches the default bundle."""
+    return Path(os.environ.get("EDGEGEN_CACHE") or Path.home() / ".cache" / "edgegen")
+
+
+def bundle_key(bundle) -> str:
+    """A short id of a bundle's exact content: the sha256 of its manifest (which holds every file's hash)."""
+    return hashlib.sha256((Path(bundle.root) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
+def rebuild_hint(bundle, flavour: str) -> str:
+    checkpoint = bundle.manifest.get("provenance", {}).get("checkpoint") or "CHECKPOINT"
+    return (f"edgegen export {checkpoint} -o {bundle.root} --precision {','.join(bundle.precisions)} "
+            f"--engines {flavour} --force (on the target machine)")
 
 
 def select_engines(manifest: dict, flavour: str, version: str, compute_capability: str | None, rebuild_hint: str) -> list[dict]:
@@ -57,3 +90,139 @@ def check_sources(manifest: dict, entries: list[dict]) -> None:
         if onnx_entry is None or onnx_entry["sha256"] != e["onnx_sha256"]:
             raise EngineMismatchError(f"engine {e['file']}", f"was built from another version of {e['onnx']}",
                                       "rebuild the engines (edgegen export ... --engines) after changing the ONNX files")
+
+
+def machine(flavour: str) -> tuple[object, str, str]:
+    """(module, TensorRT version, GPU compute capability) of this machine for ``flavour``; raises
+    BackendUnavailableError if the module does not import or there is no usable GPU."""
+    from . import cudart
+    trt = import_flavour(flavour)
+    cc = cudart.runtime().compute_capability(0)
+    return trt, trt.__version__, cc
+
+
+def engines_here(bundle, flavour: str, version: str, compute_capability: str | None) -> list[dict]:
+    """The bundle's engines this machine can use (version, GPU and source checks; nothing is read)."""
+    entries = select_engines(bundle.manifest, flavour, version, compute_capability, rebuild_hint(bundle, flavour))
+    check_sources(bundle.manifest, entries)
+    return entries
+
+
+def engine_forms(entries: list[dict], components) -> set[str]:
+    """The forms (fp16, int8-qdq, ...) that have an engine for every one of ``components``."""
+    have = {(e["component"], e["form"]) for e in entries}
+    forms = {e["form"] for e in entries}
+    return {f for f in forms if all((c, f) in have for c in components)}
+
+
+def find_engine(bundle, flavour: str, component: str, form: str, version: str, compute_capability: str | None) -> dict:
+    entries = engines_here(bundle, flavour, version, compute_capability)
+    for e in entries:
+        if e["component"] == component and e["form"] == form:
+            return e
+    built = sorted({f"{e['component']}.{e['form']}" for e in entries})
+    raise BackendUnavailableError(f"bundle engines ({flavour})",
+                                  f"no {component}.{form} engine for {flavour} {version}"
+                                  + (f" on compute capability {compute_capability}" if compute_capability else "")
+                                  + f" (built: {', '.join(built)})",
+                                  f"choose a precision that has engines, or rebuild: {rebuild_hint(bundle, flavour)}")
+
+
+def read_engine(bundle, entry: dict) -> bytes:
+    """The engine file's bytes, checked again against the manifest's size and sha256 (a bundle may have been
+    opened without hashing, and deserializing is the one step that trusts the bytes)."""
+    rel = entry["file"]
+    listed = bundle.manifest["files"].get(rel)
+    subject = f"engine {rel}"
+    if listed is None:
+        raise BadBundleError(subject, "is not listed with a hash in the manifest", "re-export the bundle with --engines")
+    path = bundle.path(rel)
+    if not path.is_file():
+        raise BadBundleError(subject, "file missing", f"rebuild: {rebuild_hint(bundle, entry['flavour'])}")
+    blob = path.read_bytes()
+    if len(blob) != listed["bytes"]:
+        raise BadBundleError(subject, f"has {len(blob)} bytes, manifest says {listed['bytes']} (truncated?)",
+                             "copy the bundle again or rebuild the engines")
+    if hashlib.sha256(blob).hexdigest() != listed["sha256"]:
+        raise BadBundleError(subject, "does not match its sha256 in the manifest",
+                             "the file is damaged or was modified; copy the bundle again or rebuild the engines")
+    return blob
+
+
+class _Messages:
+    """Keeps TensorRT's recent log lines (shown when something fails) instead of printing them."""
+
+    def __init__(self):
+        self.lines = collections.deque(maxlen=64)
+
+    def errors(self, count: int = 3) -> str:
+        bad = [m for sev, m in self.lines if sev <= 1] or [m for _, m in self.lines]
+        return " | ".join(line.splitlines()[0][:300] for line in bad[-count:]) or "no message"
+
+
+def collecting_logger(trt):
+    """A TensorRT logger that keeps messages instead of printing them (TensorRT for RTX logs CUDA errors
+    while it builds ahead of time on a machine without a GPU)."""
+    class Collect(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.kept = _Messages()
+            self.messages = []  # the builder's view (export/engines.py)
+
+        def log(self, severity, msg):
+            self.kept.lines.append((int(severity), str(msg)))
+            self.messages.append(str(msg))
+            del self.messages[:-200]
+
+        def errors(self, count: int = 3) -> str:
+            return self.kept.errors(count)
+    return Collect()
+
+
+def check_validity(trt, runtime, blob: bytes, subject: str, hint: str, logger) -> None:
+    """TensorRT for RTX can say, without deserializing, whether an engine suits this machine. Full
+    TensorRT 10.3 (JetPack 6) has no such call: there the deserialization itself is the check."""
+    if not hasattr(runtime, "get_engine_validity"):
+        return
+    validity, diagnostics = runtime.get_engine_validity(blob)
+    if int(validity) != int(trt.EngineValidity.INVALID):
+        return
+    flags = {name for name, bit in trt.EngineInvalidityDiagnostics.__members__.items() if int(diagnostics) & int(bit)}
+    if "MALFORMED_ENGINE" in flags:
+        raise BadBundleError(subject, "is not a valid TensorRT-RTX engine (its header is malformed)",
+                             f"the file is damaged or was not written by this TensorRT-RTX; rebuild: {hint}")
+    if "VERSION_MISMATCH" in flags:
+        raise EngineMismatchError(subject, f"was built by another TensorRT-RTX version than this one ({trt.__version__})",
+                                  f"rebuild: {hint}; or use --backend ort-cuda")
+    if "UNSUPPORTED_CC" in flags:
+        raise EngineMismatchError(subject, "was not built for this GPU's compute capability",
+                                  f"rebuild: {hint}; or use --backend ort-cuda")
+    if flags & {"OLD_CUDA_DRIVER", "OLD_CUDA_RUNTIME"}:
+        raise BackendUnavailableError(subject, f"needs a newer CUDA driver/runtime ({', '.join(sorted(flags))})",
+                                      "update the NVIDIA driver, or use --backend ort-cuda")
+    if "INSUFFICIENT_GPU_MEMORY" in flags:
+        raise BackendUnavailableError(subject, "does not fit in this GPU's free memory",
+                                      "close other GPU programs, or use a smaller precision / --backend ort-cuda")
+    raise BackendUnavailableError(subject, f"TensorRT-RTX cannot run it here: {logger.errors()}",
+                                  "run `edgegen doctor` to check the GPU and driver")
+
+
+def load_engine(bundle, flavour: str, component: str, form: str, trt=None, version: str | None = None,
+                compute_capability: str | None = None):
+    """Check, then deserialize, the engine of ``component`` in ``form``. Returns (engine, runtime, logger,
+    entry). ``trt``/``version``/``compute_capability`` default to this machine's (tests pass them to run
+    the checks on a machine without a GPU)."""
+    if trt is None:
+        trt, version, compute_capability = machine(flavour)
+    version = version or trt.__version__
+    entry = find_engine(bundle, flavour, component, form, version, compute_capability)
+    blob = read_engine(bundle, entry)
+    subject, hint = f"engine {entry['file']}", rebuild_hint(bundle, flavour)
+    logger = collecting_logger(trt)
+    runtime = trt.Runtime(logger)
+    check_validity(trt, runtime, blob, subject, hint, logger)
+    engine = runtime.deserialize_cuda_engine(blob)
+    if engine is None:
+        raise BadBundleError(subject, f"{FLAVOUR_NAMES[flavour]} {trt.__version__} could not deserialize it: "
+                             f"{logger.errors()}", f"the file is damaged or does not suit this machine; rebuild: {hint}")
+    return engine, runtime, logger, entry

@@ -80,7 +80,8 @@ class GanPipeline(Pipeline):
             enc_ins = enc.inputs(batch)
             self._tokenize(prompts, info, enc_ins)
             t = info.lap("tokenize", t)
-            ins["text_states"][...] = enc.run(batch)["text_states"]
+            enc.run(batch, fetch=False)  # on a GPU backend the text states stay on the device
+            gen.take(batch, "text_states", enc, "text_states")
             t = info.lap("text_encoder", t)
             ins["attention_mask"][...] = enc_ins["attention_mask"]
         self._fill_noise(ins["noise"], seeds, noise)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import open_graph, resolve_backend
+from .backends import candidates, engine_forms, open_graph, require_backend, skip_note
 from .bundle import PRECISIONS, Bundle, form_for
-from .errors import BadInputError
+from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
 
 SEED_LIMIT = 2**64
 
@@ -80,9 +80,19 @@ class Pipeline:
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
                     **options) -> "Pipeline":
         bundle = Bundle.open(path)  # verified before any session exists
-        chosen, notes = resolve_backend(backend)
-        precision = choose_precision(bundle, precision, chosen)
-        return Pipeline.for_family(bundle)(bundle, chosen, precision, notes, **options)
+        family = Pipeline.for_family(bundle)
+        notes: list[str] = []  # what `auto` skipped and why
+        for name in candidates(backend, bundle):
+            try:
+                require_backend(name)
+                forms = engine_forms(bundle, name)  # TensorRT: the engines this machine can use
+                chosen = choose_precision(bundle, precision, name, forms)
+                return family(bundle, name, chosen, notes, **options)  # opens its graphs: really loads
+            except (BackendUnavailableError, EngineMismatchError) as e:
+                if backend != "auto":
+                    raise  # asked for by name: an error, never a silent fallback
+                notes.append(skip_note(name, e))
+        raise BackendUnavailableError("backend auto", "no backend loads on this machine", "; ".join(notes))
 
     @staticmethod
     def for_family(bundle: Bundle) -> type:
@@ -129,20 +139,35 @@ SPEED_ORDER = {"ort-cpu": ("int8", "fp32", "fp16")}
 GPU_SPEED_ORDER = ("int8", "fp16", "fp32")
 
 
-def choose_precision(bundle: Bundle, requested: str, backend: str = "ort-cpu") -> str:
-    """``auto``: the fastest precision on ``backend`` whose quality gate passed at export."""
+def choose_precision(bundle: Bundle, requested: str, backend: str = "ort-cpu", forms: set[str] | None = None) -> str:
+    """``auto``: the fastest precision on ``backend`` whose quality gate passed at export. ``forms``: for
+    TensorRT backends, the forms that have engines for this machine (a precision without one cannot run)."""
     if requested == "auto":
         passed = bundle.report().get("precisions", {})
         for precision in SPEED_ORDER.get(backend, GPU_SPEED_ORDER):
-            entry = passed.get(form_for(precision, backend))
+            form = form_for(precision, backend)
+            entry = passed.get(form)
+            if forms is not None and form not in forms:
+                continue
             if precision in bundle.precisions and (precision == "fp32" or (entry and entry.get("ok"))):
                 return precision
-        return bundle.precisions[0]
+        if forms is None:
+            return bundle.precisions[0]
+        usable = [p for p in PRECISIONS if p in bundle.precisions and form_for(p, backend) in forms]
+        if usable:
+            return usable[0]
+        raise BackendUnavailableError(f"bundle engines ({backend})", "no engine set covers every component",
+                                      f"rebuild them with edgegen export ... --engines {backend}")
     if requested not in PRECISIONS:
         raise BadInputError("precision", f"unknown precision {requested!r}", f"choose auto or one of {', '.join(PRECISIONS)}")
     if requested not in bundle.precisions:
         raise BadInputError("precision", f"bundle has no {requested} files",
                             f"it has {', '.join(bundle.precisions)}; re-export with --precision {requested}")
+    if forms is not None and form_for(requested, backend) not in forms:
+        have = sorted(p for p in PRECISIONS if form_for(p, backend) in forms)
+        raise BackendUnavailableError(f"bundle engines ({backend})", f"no {requested} engines for this machine",
+                                      f"engines exist for {', '.join(have) or 'no precision'}: pass --precision "
+                                      f"{have[0] if have else 'auto'}, or rebuild with --engines {backend}")
     return requested
 
 

@@ -1,0 +1,174 @@
+"""A host emulation of the CUDA runtime and of a TensorRT engine, so the GPU graphs' bookkeeping (buffers,
+addresses, copies, take/fetch, CUDA-graph capture and replay, no allocation per call) runs in CI.
+
+HostCuda has cudart.Cuda's methods: "device" memory is host memory, copies are memmove, work on the stream
+runs at once, except while capturing: then it is recorded, and launching the graph replays the record. So a
+graph that captured the wrong buffers, or a copy left out of the per-call path, gives wrong pixels here.
+
+FakeEngine runs a component's ONNX file with ONNX Runtime on the CPU, reading its inputs from and writing
+its outputs to the addresses bound with set_tensor_address, as a TensorRT engine would.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+
+from edgegen.runtime import cudart
+
+
+class HostCuda:
+    def __init__(self, compute_capability: str = "8.9"):
+        self.calls = collections.Counter()
+        self.blocks: dict[int, ctypes.Array] = {}
+        self.capturing = False
+        self.record: list | None = None
+        self.graphs: dict[int, list] = {}
+        self.cc = compute_capability
+        self.path = "host emulation"
+
+    # memory
+    def malloc(self, nbytes: int) -> int:
+        self.calls["malloc"] += 1
+        buf = ctypes.create_string_buffer(nbytes)
+        ptr = ctypes.addressof(buf)
+        self.blocks[ptr] = buf
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        self.blocks.pop(ptr, None)
+
+    def pinned(self, shape, dtype) -> np.ndarray:
+        self.calls["pinned"] += 1
+        return np.zeros(shape, dtype)
+
+    def device(self, nbytes: int):
+        return cudart.DeviceBuffer(self, nbytes)
+
+    # stream
+    def stream(self) -> int:
+        return 7
+
+    def enqueue(self, op) -> None:
+        if self.capturing:
+            self.record.append(op)
+        else:
+            op()
+
+    def copy(self, dst, src, nbytes, kind, stream) -> None:
+        assert stream == 7
+        self.calls[f"copy{kind}"] += 1
+        self.enqueue(lambda: ctypes.memmove(dst, src, nbytes))
+
+    def sync(self, stream) -> None:
+        assert not self.capturing, "synchronising a capturing stream is an error on a GPU"
+        self.calls["sync"] += 1
+
+    # graphs
+    def begin_capture(self, stream) -> None:
+        self.capturing, self.record = True, []
+
+    def end_capture(self, stream) -> int:
+        self.capturing = False
+        exe = len(self.graphs) + 100
+        self.graphs[exe] = self.record
+        return exe
+
+    def launch(self, exe, stream) -> None:
+        self.calls["launch"] += 1
+        for op in self.graphs[exe]:
+            op()
+
+    def destroy_graph(self, exe) -> None:
+        self.graphs.pop(exe, None)
+
+    def compute_capability(self, device: int = 0) -> str:
+        return self.cc
+
+
+FAKE_TRT = SimpleNamespace(
+    __version__="10.3.0.26",
+    nptype=lambda dtype: dtype,
+    TensorIOMode=SimpleNamespace(INPUT="input", OUTPUT="output"),
+    ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="user-managed"),
+)
+
+
+class FakeEngine:
+    """The TensorRT 10.3 engine API subset TrtGraph uses, executing with ONNX Runtime on the host."""
+
+    def __init__(self, onnx_path, spec, cuda: HostCuda, max_batch: int):
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.spec, self.cuda, self.max_batch = spec, cuda, max_batch
+        self.io = [*spec.inputs, *spec.outputs]
+        self.device_memory_size_v2 = 4096
+        self.executions = 0  # the engine's work done (plain runs and graph replays)
+        self.enqueues = 0  # execute_async_v3 calls (plain runs and captures)
+        self.contexts = 0
+
+    @property
+    def num_io_tensors(self):
+        return len(self.io)
+
+    def get_tensor_name(self, k):
+        return self.io[k].name
+
+    def get_tensor_mode(self, name):
+        return "input" if any(t.name == name for t in self.spec.inputs) else "output"
+
+    def get_tensor_dtype(self, name):
+        return np.dtype(next(t.dtype for t in self.io if t.name == name).replace("bool", "bool_"))
+
+    def create_execution_context(self, strategy):
+        assert strategy == "user-managed"
+        self.contexts += 1
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine):
+        self.engine, self.shapes, self.addresses, self.memory = engine, {}, {}, None
+
+    def set_device_memory(self, ptr, size):
+        assert size >= self.engine.device_memory_size_v2
+        self.memory = ptr
+
+    def set_input_shape(self, name, shape):
+        if not 1 <= shape[0] <= self.engine.max_batch:
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        if name in self.shapes:
+            return self.shapes[name]
+        batch = next(iter(self.shapes.values()))[0]
+        t = next(t for t in self.engine.io if t.name == name)
+        return tuple(batch if isinstance(d, str) else d for d in t.shape)
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def _view(self, t):
+        shape = self.get_tensor_shape(t.name)
+        dtype = np.dtype(np.bool_ if t.dtype == "bool" else t.dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        raw = (ctypes.c_ubyte * nbytes).from_address(self.addresses[t.name])
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        assert self.memory is not None and stream == 7
+        self.engine.enqueues += 1
+
+        def op():
+            self.engine.executions += 1
+            feeds = {t.name: self._view(t).copy() for t in self.engine.spec.inputs}
+            outs = self.engine.session.run([t.name for t in self.engine.spec.outputs], feeds)
+            for t, value in zip(self.engine.spec.outputs, outs):
+                self._view(t)[...] = value
+        self.engine.cuda.enqueue(op)
+        return True

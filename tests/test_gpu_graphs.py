@@ -1,0 +1,214 @@
+"""The GPU graphs' bookkeeping, run in CI without a GPU: TrtGraph (trt / trt-rtx) and OrtDeviceGraph
+(ort-cuda / ort-trt) over a host emulation of CUDA (tests/gpu_emulation.py). They must give the ort-cpu
+pipeline's pixels exactly (the emulated engine is the same ONNX on the same CPU provider), replay a captured
+CUDA graph with each call's new inputs, keep the text states on the "device" between stages, and allocate
+nothing per call after the first at a batch size. What this cannot show -- that real CUDA, TensorRT and the
+ONNX Runtime GPU providers accept these calls -- is what the `gpu` tests (test_gpu_backends.py) are for."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgegen.runtime import BackendUnavailableError, Bundle, Pipeline, cudart
+from edgegen.runtime import backends, ort_gpu
+from edgegen.runtime import pipeline as pipeline_module
+from edgegen.runtime.gan import GanPipeline
+from edgegen.runtime.trt_graph import TrtGraph
+
+from gpu_emulation import FAKE_TRT, FakeEngine, HostCuda
+
+LOGGER = SimpleNamespace(errors=lambda count=3: "fake engine")
+PROMPTS = ["a red apple", "a cat on a blue background", "the moon", "a rocket"]
+
+
+@pytest.fixture
+def host_cuda():
+    cuda = HostCuda()
+    previous = cudart.set_runtime(cuda)
+    yield cuda
+    cudart.set_runtime(previous)
+
+
+@pytest.fixture(scope="module")
+def bundle(bert_bundle):
+    return Bundle.open(bert_bundle)
+
+
+@pytest.fixture(scope="module")
+def reference(bundle):
+    pipes = {mode: GanPipeline(bundle, "ort-cpu", "fp32", [], mode=mode) for mode in ("fused", "split")}
+    for pipe in pipes.values():
+        pipe("open every graph now", seed=0)  # before any test swaps open_graph for an emulation
+    return pipes
+
+
+def emulated_trt(monkeypatch, bundle, cuda, graphs=True):
+    """Pipelines built after this run every component as an emulated TensorRT engine."""
+    engines = {}
+
+    def factory(b, component, form, backend, cuda_graphs=None):
+        spec = b.components[component]
+        engine = engines[component] = FakeEngine(b.onnx_path(component, form), spec, cuda, b.generation["max_batch"])
+        entry = {"file": f"engines/fake/{component}.{form}.engine", "profile": {"max_batch": b.generation["max_batch"]}}
+        return TrtGraph(b, component, form, backend, spec, cuda_graphs=graphs,
+                        loaded=(engine, None, LOGGER, entry), trt=FAKE_TRT)
+    monkeypatch.setattr(pipeline_module, "open_graph", factory)
+    return engines
+
+
+def calls(pipe, ref, batch, seed, tolerance=0):
+    """Same prompts and seeds through both pipelines; pixels equal (within ``tolerance`` levels)."""
+    got = pipe(PROMPTS[:batch], seed=list(range(seed, seed + batch)), output_type="np")
+    want = ref(PROMPTS[:batch], seed=list(range(seed, seed + batch)), output_type="np")
+    assert got.shape == (batch, 16, 16, 3)
+    diff = np.abs(got.astype(int) - want).max()
+    assert diff <= tolerance, f"batch {batch} seed {seed}: max diff {diff}"
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_trt_graph_gives_cpu_pixels_and_replays_its_cuda_graph(monkeypatch, host_cuda, bundle, reference, mode):
+    engines = emulated_trt(monkeypatch, bundle, host_cuda)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode=mode)
+    ref = reference[mode]
+    for batch in (1, 3):
+        for seed in (0, 10, 20):  # new noise every call: a replay that read stale buffers would repeat images
+            calls(pipe, ref, batch, seed)
+    names = ["fused"] if mode == "fused" else ["text_encoder", "generator"]
+    for name in names:
+        graph = pipe.graph(name)
+        assert graph.graphs_captured == [1, 3]
+        # per batch: one plain run, one capture; the other calls are replays of the graph
+        assert engines[name].enqueues == 4 and engines[name].executions == 6
+    assert host_cuda.calls["launch"] == 4 * len(names)
+
+
+def test_split_path_keeps_text_states_on_the_device(monkeypatch, host_cuda, bundle, reference):
+    emulated_trt(monkeypatch, bundle, host_cuda)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode="split")
+    calls(pipe, reference["split"], 2, 5)
+    before = host_cuda.calls.copy()
+    calls(pipe, reference["split"], 2, 6)
+    delta = {k: host_cuda.calls[k] - before[k] for k in host_cuda.calls}
+    # up: input_ids + attention_mask (encoder), noise + attention_mask (generator); text_states device to device
+    assert delta.get("copy1") == 4
+    assert delta.get("copy3") == 1
+    assert delta.get("copy2") == 1  # down: the generator's image only (the encoder's output is not fetched)
+
+
+def test_no_allocation_per_call_after_the_first_at_a_batch_size(monkeypatch, host_cuda, bundle, reference):
+    emulated_trt(monkeypatch, bundle, host_cuda)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
+    calls(pipe, reference["fused"], 2, 0)
+    allocated = (host_cuda.calls["malloc"], host_cuda.calls["pinned"])
+    for seed in range(1, 6):
+        calls(pipe, reference["fused"], 2, seed)
+    assert (host_cuda.calls["malloc"], host_cuda.calls["pinned"]) == allocated
+    calls(pipe, reference["fused"], 4, 0)  # a new batch size allocates its own set, once
+    assert host_cuda.calls["pinned"] == allocated[1] + 5  # fused: 3 inputs + 2 outputs
+
+
+def test_cuda_graphs_can_be_turned_off(monkeypatch, host_cuda, bundle, reference):
+    engines = emulated_trt(monkeypatch, bundle, host_cuda, graphs=False)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
+    for seed in range(3):
+        calls(pipe, reference["fused"], 1, seed)
+    assert pipe.graph("fused").graphs_captured == [] and host_cuda.calls["launch"] == 0
+    assert engines["fused"].enqueues == 3
+
+
+def test_batch_outside_the_engine_profile_is_refused(monkeypatch, host_cuda, bundle):
+    emulated_trt(monkeypatch, bundle, host_cuda)
+    graph = GanPipeline(bundle, "trt", "fp32", [], mode="fused").graph("fused")
+    from edgegen.runtime import BadInputError
+    with pytest.raises(BadInputError, match="outside the engine's profile 1..16"):
+        graph.inputs(17)
+
+
+# ---------------------------------------------------------------- ONNX Runtime on the (emulated) device
+
+@pytest.fixture
+def emulated_ort(monkeypatch, host_cuda, tmp_path):
+    """OrtDeviceGraph with OrtValues on the CPU and CPU sessions; records the provider options asked for."""
+    monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ort_gpu, "ORT_DEVICE", "cpu")
+    real = backends.make_session
+    asked = []
+
+    def make_session(path, backend, options=None, provider_options=None):
+        asked.append((path.name, backend, provider_options))
+        return real(path, "ort-cpu", options)
+    monkeypatch.setattr(backends, "make_session", make_session)
+
+    def factory(b, component, form, backend, cuda_graphs=None):
+        return ort_gpu.OrtDeviceGraph(b, component, form, backend, b.components[component],
+                                      cuda_graph=component == "fused")
+    monkeypatch.setattr(pipeline_module, "open_graph", factory)
+    return asked
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt"])
+def test_ort_device_graph_gives_cpu_pixels(emulated_ort, host_cuda, bundle, reference, backend):
+    for mode in ("fused", "split"):
+        pipe = GanPipeline(bundle, backend, "fp32", [], mode=mode)
+        ref = reference[mode]
+        for batch in (1, 3):
+            for seed in (0, 7):
+                # a fixed-batch session optimises its graph differently: a rounding flip, never more
+                calls(pipe, ref, batch, seed, tolerance=1)
+    # the fused graph: one fixed-batch session per batch size (the CUDA-graph path); the others: one session
+    sessions = [name for name, _, _ in emulated_ort]
+    assert sessions.count("fused.fp32.onnx") == 2
+    assert sessions.count("text_encoder.fp32.onnx") == 1 and sessions.count("generator.fp32.onnx") == 1
+
+
+def test_ort_cuda_asks_for_cuda_graphs_on_the_fused_graph_only(emulated_ort, host_cuda, bundle):
+    GanPipeline(bundle, "ort-cuda", "fp32", [], mode="auto")
+    GanPipeline(bundle, "ort-cuda", "fp32", [], mode="split")
+    options = {name: opts for name, _, opts in emulated_ort}
+    assert options["fused.fp32.onnx"]["enable_cuda_graph"] == "1"
+    assert options["generator.fp32.onnx"]["enable_cuda_graph"] == "0"
+
+
+def test_ort_trt_caches_live_in_the_user_cache_keyed_by_bundle_version_and_gpu(emulated_ort, host_cuda, bundle, tmp_path):
+    GanPipeline(bundle, "ort-trt", "fp32", [], mode="split")
+    pipe = GanPipeline(bundle, "ort-trt", "fp32", [], mode="fused")
+    pipe(["a", "b"], seed=[1, 2])
+    options = {(name, opts.get("trt_engine_cache_path")): opts for name, _, opts in emulated_ort}
+    from edgegen.runtime.engines import bundle_key
+    root = tmp_path / "cache" / "ort-trt" / bundle_key(bundle)
+    [version_dir] = list(root.iterdir())
+    assert version_dir.name.startswith("ort-trt-") and version_dir.name.endswith("-sm89")
+    fused_b2 = options[("fused.fp32.onnx", str(version_dir / "fused.fp32" / "b2"))]
+    assert fused_b2["trt_cuda_graph_enable"] == "True" and fused_b2["trt_timing_cache_path"] == str(version_dir / "timing")
+    generator = options[("generator.fp32.onnx", str(version_dir / "generator.fp32" / "dynamic"))]
+    assert generator["trt_profile_min_shapes"] == "noise:1x16,text_states:1x16x32,attention_mask:1x16"
+    assert generator["trt_profile_max_shapes"] == "noise:16x16,text_states:16x16x32,attention_mask:16x16"
+    assert generator["trt_fp16_enable"] == "False"  # fp32 file: no reduced precision
+    assert not any(p.is_relative_to(bundle.root) for p in (tmp_path / "cache").rglob("*"))
+
+
+# ---------------------------------------------------------------- backend selection without a GPU
+
+def test_open_graph_picks_the_implementation_per_backend(bundle):
+    assert isinstance(backends.open_graph(bundle, "fused", "fp32", "ort-cpu"), backends.OrtGraph)
+    if cudart.gpu_status()["available"]:
+        pytest.skip("a GPU is present: the no-GPU errors below do not apply")
+    for backend in ("ort-cuda", "trt-rtx"):
+        with pytest.raises(BackendUnavailableError, match="no usable NVIDIA GPU|libcudart|not installed"):
+            backends.open_graph(bundle, "fused", "fp32", backend)
+
+
+def test_gpu_backends_named_without_a_gpu_are_errors(bert_bundle):
+    if cudart.gpu_status()["available"]:
+        pytest.skip("a GPU is present")
+    for backend in ("ort-cuda", "ort-trt", "trt", "trt-rtx"):
+        with pytest.raises(BackendUnavailableError, match=f"backend {backend} \\| cannot run here"):
+            Pipeline.from_bundle(bert_bundle, backend=backend)
+
+
+def test_auto_without_a_gpu_says_what_it_skipped(bert_bundle):
+    if cudart.gpu_status()["available"]:
+        pytest.skip("a GPU is present")
+    pipe = Pipeline.from_bundle(bert_bundle)
+    assert pipe.backend == "ort-cpu"
+    assert [n.split(" skipped")[0] for n in pipe.notes] == ["trt", "trt-rtx", "ort-trt", "ort-cuda"]
