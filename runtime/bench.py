@@ -53,6 +53,7 @@ def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, sec
         "bundle": str(pipe.bundle.root), "family": pipe.bundle.family, "backend": pipe.backend,
         "precision": pipe.precision, "form": pipe.form, "batch": batch, "iterations": len(calls), "warmup": warmup,
         "path": calls[0].path,
+        "cuda_graphs": any(getattr(g, "cuda_graphs", False) for g in pipe._graphs.values()),
         "end_to_end_ms": summarize(e2e),
         "stages_ms": stages,
         "engine_ms": summarize(engine),
@@ -73,7 +74,8 @@ def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, sec
 
 def format_table(r: dict) -> str:
     e = r["end_to_end_ms"]
-    lines = [f"edgegen bench  {r['bundle']}  ({r['family']}, {r['backend']}, {r['precision']}, batch {r['batch']}, "
+    graphs = ", CUDA graphs" if r.get("cuda_graphs") else ""
+    lines = [f"edgegen bench  {r['bundle']}  ({r['family']}, {r['backend']}{graphs}, {r['precision']}, batch {r['batch']}, "
              f"{r['iterations']} iterations after {r['warmup']} warm-up)",
              f"  end to end      p50 {e['p50']:8.3f} ms   p95 {e['p95']:8.3f}   p99 {e['p99']:8.3f}   mean {e['mean']:8.3f}"]
     for name, s in r["stages_ms"].items():

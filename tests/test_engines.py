@@ -299,3 +299,18 @@ def test_auto_precision_on_trt_rtx_picks_a_precision_that_has_engines(engine_bun
     assert forms == {"fp16", "int8-qdq"}
     assert choose_precision(bundle, "auto", "trt-rtx", forms) in ("int8", "fp16")
     assert choose_precision(bundle, "auto", "trt-rtx", {"fp16"}) == "fp16"
+
+
+@pytest.mark.tensorrt
+@needs_trt_rtx
+def test_doctor_does_not_fail_a_tensorrt_backend_for_a_bundle_without_fp32_engines(engine_bundle, pretend_gpu, monkeypatch):
+    from edgegen.runtime import doctor
+    pretend_gpu(cc="8.9")
+    monkeypatch.setattr(doctor, "backend_loads", lambda b: (True, "") if b == "trt-rtx" else (b == "ort-cpu", "no"))
+    report = doctor.run_doctor(engine_bundle)
+    entry = report["backends"]["trt-rtx"]
+    assert entry["ok"] and entry["loads"] and not entry["checked"]
+    assert "engines are fp16, int8-qdq; parity is checked at fp32" in entry["error"]
+    pretend_gpu(cc="8.6")
+    entry = doctor.run_doctor(engine_bundle)["backends"]["trt-rtx"]
+    assert entry["ok"] and "not compared" in entry["error"] and "this GPU is 8.6" in entry["error"]

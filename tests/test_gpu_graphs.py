@@ -212,3 +212,22 @@ def test_auto_without_a_gpu_says_what_it_skipped(bert_bundle):
     pipe = Pipeline.from_bundle(bert_bundle)
     assert pipe.backend == "ort-cpu"
     assert [n.split(" skipped")[0] for n in pipe.notes] == ["trt", "trt-rtx", "ort-trt", "ort-cuda"]
+
+
+def test_doctor_tells_listed_providers_from_loaded_ones(bert_bundle):
+    import onnxruntime as ort
+    from edgegen.runtime.doctor import run_doctor
+    report = run_doctor(bert_bundle)
+    assert report["providers_listed"] == ort.get_available_providers()
+    assert report["providers_loaded"]["CPUExecutionProvider"] is True
+    for backend, provider in backends.ORT_PROVIDERS.items():
+        entry = report["backends"][backend]
+        assert report["providers_loaded"][provider] == entry["loads"]
+        if provider in report["providers_listed"] and not entry["loads"]:
+            assert "listed but did not load" in entry["error"]
+    assert set(report["backends"]) == {"ort-cpu", "ort-cuda", "ort-trt", "trt", "trt-rtx"}
+    assert set(report["tensorrt"]) == {"trt", "trt-rtx"}
+    assert report["gpu"]["available"] == (report["gpu"]["error"] is None)
+    if not report["gpu"]["available"]:
+        for backend in ("ort-cuda", "ort-trt", "trt", "trt-rtx"):
+            assert report["backends"][backend]["loads"] is False and report["backends"][backend]["error"]
