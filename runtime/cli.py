@@ -128,6 +128,9 @@ def cmd_bench(args) -> int:
     from .bench import format_table, run_bench
     from .pipeline import Pipeline, check_count
     batch, iterations = check_count(args.batch), check_count(args.iterations)
+    if args.no_cuda_graphs:
+        from .backends import CUDA_GRAPHS_ENV
+        os.environ[CUDA_GRAPHS_ENV] = "0"
     pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision)
     result = run_bench(pipe, batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds)
     _emit(args, result, format_table(result))
@@ -137,7 +140,7 @@ def cmd_bench(args) -> int:
 def cmd_doctor(args) -> int:
     from .doctor import run_doctor
     bundle = args.bundle
-    tmp = None
+    tmp = build_error = None
     if bundle is None:
         try:
             export = _export_module("doctor")
@@ -147,15 +150,35 @@ def cmd_doctor(args) -> int:
             import tempfile
             tmp = tempfile.TemporaryDirectory(prefix="edgegen-doctor-")
             from edgegen.export.testing import make_tiny_checkpoint
+            from .backends import TRT_BACKENDS, backend_loads
             ckpt = make_tiny_checkpoint(Path(tmp.name) / "ckpt")
-            bundle = export.export_checkpoint(ckpt, Path(tmp.name) / "bundle", progress=False)
+            # engines too, for a TensorRT flavour that loads here, so its parity is checked as well
+            flavour = next((f for f in TRT_BACKENDS if backend_loads(f)[0]), None)
+            try:
+                bundle = export.export_checkpoint(ckpt, Path(tmp.name) / "bundle", progress=False, engines=flavour)
+            except EdgegenError as e:
+                if flavour is None:
+                    raise
+                build_error = f"engines for {flavour} could not be built: {e}"
+                bundle = export.export_checkpoint(ckpt, Path(tmp.name) / "bundle", progress=False)
     try:
         report = run_doctor(bundle)
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if build_error:
+        report["notes"].append(build_error)
     lines = [f"{k:14s} {v}" for k, v in report["versions"].items()]
-    lines.append(f"{'providers':14s} {', '.join(report['providers_listed'])}")
+    lines.append(f"{'providers':14s} listed: {', '.join(report['providers_listed'])}; a session really gets: "
+                 + (", ".join(p for p, ok in report["providers_loaded"].items() if ok) or "none"))
+    gpu = report["gpu"]
+    lines.append(f"{'gpu':14s} " + ("; ".join(f"{d['name'] or 'GPU'} {d['index']}, compute capability "
+                                               f"{d['compute_capability']}" for d in gpu.get("devices", []))
+                                    + f" (driver supports CUDA {gpu.get('driver_supports_cuda')}, "
+                                      f"libcudart {gpu.get('cuda_runtime')})" if gpu["available"] else
+                                    f"none ({gpu['error']})"))
+    for flavour, t in report["tensorrt"].items():
+        lines.append(f"{flavour:14s} " + (f"{t['module']} {t['version']}" if t["module"] else f"no ({t['error']})"))
     for name, b in report["backends"].items():
         status = "ok" if b["ok"] else "unavailable" if not b.get("loads") else "FAIL"
         diff = "" if b["max_abs_pixel_diff"] is None else f", max pixel diff vs PyTorch {b['max_abs_pixel_diff']:g}"
@@ -230,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=100, help="timed calls (default 100)")
     b.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     b.add_argument("--seconds", type=float, default=None, help="time budget instead of --iterations")
+    b.add_argument("--no-cuda-graphs", action="store_true", help="GPU backends: run without CUDA graph capture "
+                   "(to compare; same as EDGEGEN_CUDA_GRAPHS=0)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
