@@ -109,7 +109,10 @@ class TrtGraph:
         if ctx is None:
             raise BackendUnavailableError(f"engine {self.entry['file']}", "no execution context: "
                                           + self.logger.errors(), "free GPU memory, or use --backend ort-cuda")
-        ctx.set_device_memory(self._scratch.ptr, self._scratch.nbytes)
+        try:
+            ctx.set_device_memory(self._scratch.ptr, self._scratch.nbytes)  # TensorRT >= 10.1 (setDeviceMemoryV2)
+        except TypeError:
+            ctx.device_memory = self._scratch.ptr  # the 10.0 form
         return ctx
 
     def _buffers(self, batch: int) -> _BatchSet:
