@@ -43,7 +43,7 @@ def evaluate(pipe, limit: int | None = None) -> dict:
     judge = make_session(bundle.onnx_path("judge", "fp32"), pipe.backend)
     outputs = [o.name for o in bundle.components["judge"].outputs]
     per_call = max(1, pipe.max_batch // len(EVAL_SEEDS))
-    correct = {"seen": [], "heldout": []}
+    correct = {"seen": [], "heldout": [], "heldout_templates": [], "heldout_synonyms": []}
     features, spreads = [], []
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start:start + per_call]
@@ -54,12 +54,15 @@ def evaluate(pipe, limit: int | None = None) -> dict:
         features.append(got["features"].astype(np.float64))
         for i, p in enumerate(chunk):
             rows = slice(i * len(EVAL_SEEDS), (i + 1) * len(EVAL_SEEDS))
-            correct[p["split"]] += list((emoji[rows] == p["emoji"]) & (background[rows] == p["background"]))
+            right = list((emoji[rows] == p["emoji"]) & (background[rows] == p["background"]))
+            correct[p["split"]] += right
+            if p.get("novelty"):  # the held-out half of the prompts, by what is new in them
+                correct[f"heldout_{p['novelty']}s"] += right
             imgs = pixels[rows].astype(np.float32) / 255.0
             spreads += [np.abs(imgs[a] - imgs[b]).mean() for a in range(len(imgs)) for b in range(a + 1, len(imgs))]
     feats = np.concatenate(features)
     with np.load(bundle.path(q["real_features"]), allow_pickle=False) as real:
         fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), real["mu"], real["sigma"])
-    return {"adherence": {k: (float(np.mean(v)) if v else None) for k, v in correct.items()},
-            "prompts": {k: len(v) // len(EVAL_SEEDS) for k, v in correct.items()}, "seeds": list(EVAL_SEEDS),
+    return {"adherence": {k: float(np.mean(v)) for k, v in correct.items() if v},
+            "prompts": {k: len(v) // len(EVAL_SEEDS) for k, v in correct.items() if v}, "seeds": list(EVAL_SEEDS),
             "diversity": float(np.mean(spreads)), "frechet_judge_distance": fd}
