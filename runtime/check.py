@@ -99,7 +99,7 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
             quality.update(evaluate(pipe))
             base = report["precisions"].get("fp32", {}).get("quality", {}).get("adherence")
             if base and precision != "fp32":
-                quality["adherence_vs_fp32"] = min(quality["adherence"][k] - base[k] for k in base)
+                quality["adherence_vs_fp32"] = min(quality["adherence"][k] - base[k] for k in ("seen", "heldout"))
         gate = bundle.manifest.get("gates", {}).get(precision)
         if gate:
             entry["gate"] = gate_result(gate, quality)
