@@ -224,12 +224,14 @@ def pretend_gpu(monkeypatch):
     """This machine as trt-rtx would see it with a GPU of compute capability ``cc``; the GPU itself is
     still missing, so anything past the checks fails the way it would without one."""
     from edgegen.runtime import backends, engines
-    real = backends.backend_loads
+    real, real_machine = backends.backend_loads, engines.machine
 
     def set_machine(cc="8.9", version=None):
         monkeypatch.setattr(backends, "backend_loads", lambda b: (True, "") if b == "trt-rtx" else real(b))
-        monkeypatch.setattr(engines, "machine", lambda flavour: (trt, version or trt.__version__, cc))
-    return set_machine
+        monkeypatch.setattr(engines, "machine", lambda flavour: (trt, version or trt.__version__, cc)
+                            if flavour == "trt-rtx" else real_machine(flavour))
+    yield set_machine
+    real.cache_clear()  # nothing probed while pretending may outlive the test
 
 
 @pytest.mark.tensorrt
