@@ -9,8 +9,8 @@ persisted runtime kernel cache).
 
 Per batch size: one execution context (all contexts share one scratch allocation, safe because every call
 is serialised on one stream), pinned host arrays and device buffers, allocated on the first call at that
-size. The first call runs the engine plainly; it is then captured once into a CUDA graph, and later calls
-are: copy inputs up, launch the graph, copy outputs down, synchronise -- a handful of ctypes calls.
+size. The first call runs the engine plainly; it is then captured into CUDA graphs, and a later call is
+one graph launch (input copies, engine, output copies) and one synchronisation: two ctypes calls.
 """
 from __future__ import annotations
 
@@ -29,12 +29,13 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "i
 
 
 class _BatchSet:
-    __slots__ = ("context", "host_in", "host_out", "dev", "h2d", "d2h", "graph", "runs", "fed", "capture_error")
+    __slots__ = ("context", "host_in", "host_out", "dev", "h2d", "d2h", "graph", "graph_io", "runs", "fed",
+                 "capture_error")
 
     def __init__(self):
         self.host_in, self.host_out, self.dev = {}, {}, {}
         self.h2d, self.d2h = [], []
-        self.graph, self.runs, self.fed, self.capture_error, self.context = 0, 0, set(), None, None
+        self.graph, self.graph_io, self.runs, self.fed, self.capture_error, self.context = 0, 0, 0, set(), None, None
 
 
 class TrtGraph:
@@ -178,6 +179,10 @@ class TrtGraph:
         s = self._sets.get(batch) or self._buffers(batch)
         cuda, stream = self.cuda, self.stream
         fed = s.fed
+        if s.graph_io and fetch and not fed:  # the common call: one launch, one synchronisation
+            cuda.launch(s.graph_io, stream)
+            cuda.sync(stream)
+            return s.host_out
         for name, dst, src, nbytes in s.h2d:
             if name not in fed:
                 cuda.copy(dst, src, nbytes, cudart.HOST_TO_DEVICE, stream)
@@ -198,31 +203,47 @@ class TrtGraph:
 
     # ------------------------------------------------------------------ CUDA graphs
     def _after_first_run(self, s: _BatchSet, batch: int) -> None:
+        """Capture two graphs once the engine has run at this batch size: the engine alone (used when an
+        input was fed on the device or outputs stay there) and copies + engine + copies, so a plain call is
+        one graph launch and one synchronisation."""
         self.cuda.sync(self.stream)
         self._save_runtime_cache()
         if not self.cuda_graphs:
             return
-        ctx = s.context
-        capturable = getattr(ctx, "is_stream_capturable", None)
+        capturable = getattr(s.context, "is_stream_capturable", None)
         if capturable is not None and not capturable(self.stream):
             s.capture_error = "the execution context says the stream is not capturable"
         else:
             try:
-                self.cuda.begin_capture(self.stream)
-                try:
-                    ok = ctx.execute_async_v3(self.stream)
-                finally:
-                    graph = self.cuda.end_capture(self.stream)
-                if ok:
-                    s.graph = graph
-                else:
-                    self.cuda.destroy_graph(graph)
-                    s.capture_error = "enqueue failed while capturing: " + self.logger.errors()
+                s.graph = self._capture(s, with_copies=False)
+                s.graph_io = self._capture(s, with_copies=True)
             except BackendUnavailableError as e:
                 s.capture_error = str(e)
+                if s.graph:  # the engine alone was captured; only the copies run as separate calls
+                    self.notes.append(f"{self.entry['file']} batch {batch}: copies not captured ({e})")
+                    s.capture_error = None
         if s.capture_error:
             self.notes.append(f"{self.entry['file']} batch {batch}: no CUDA graph ({s.capture_error}); "
                               "running the engine without one")
+
+    def _capture(self, s: _BatchSet, with_copies: bool) -> int:
+        cuda, stream = self.cuda, self.stream
+        cuda.begin_capture(stream)
+        try:
+            if with_copies:
+                for _, dst, src, nbytes in s.h2d:
+                    cuda.copy(dst, src, nbytes, cudart.HOST_TO_DEVICE, stream)  # pinned host memory: capturable
+            ok = s.context.execute_async_v3(stream)
+            if with_copies:
+                for dst, src, nbytes in s.d2h:
+                    cuda.copy(dst, src, nbytes, cudart.DEVICE_TO_HOST, stream)
+        finally:
+            graph = cuda.end_capture(stream)
+        if not ok:
+            cuda.destroy_graph(graph)
+            raise BackendUnavailableError(f"engine {self.entry['file']}", "enqueue failed while capturing: "
+                                          + self.logger.errors(), "it runs without a CUDA graph")
+        return graph
 
     def _save_runtime_cache(self) -> None:
         if self._cache is None or self._cache_path is None:
@@ -242,9 +263,9 @@ class TrtGraph:
 
     def close(self) -> None:
         for s in self._sets.values():
-            if s.graph:
-                self.cuda.destroy_graph(s.graph)
-                s.graph = 0
+            for exe in (s.graph, s.graph_io):
+                self.cuda.destroy_graph(exe)
+            s.graph = s.graph_io = 0
             s.context = None
             for buf in s.dev.values():
                 buf.free()

@@ -77,8 +77,8 @@ def test_trt_graph_gives_cpu_pixels_and_replays_its_cuda_graph(monkeypatch, host
     for name in names:
         graph = pipe.graph(name)
         assert graph.graphs_captured == [1, 3]
-        # per batch: one plain run, one capture; the other calls are replays of the graph
-        assert engines[name].enqueues == 4 and engines[name].executions == 6
+        # per batch: one plain run, two captures (engine alone; copies + engine + copies); then replays
+        assert engines[name].enqueues == 6 and engines[name].executions == 6
     assert host_cuda.calls["launch"] == 4 * len(names)
 
 
@@ -93,6 +93,15 @@ def test_split_path_keeps_text_states_on_the_device(monkeypatch, host_cuda, bund
     assert delta.get("copy1") == 4
     assert delta.get("copy3") == 1
     assert delta.get("copy2") == 1  # down: the generator's image only (the encoder's output is not fetched)
+
+
+def test_a_fused_call_after_capture_is_one_launch_and_one_sync(monkeypatch, host_cuda, bundle, reference):
+    emulated_trt(monkeypatch, bundle, host_cuda)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
+    calls(pipe, reference["fused"], 2, 0)
+    before = host_cuda.calls.copy()
+    calls(pipe, reference["fused"], 2, 1)
+    assert {k: v - before[k] for k, v in host_cuda.calls.items() if v != before[k]} == {"launch": 1, "sync": 1}
 
 
 def test_no_allocation_per_call_after_the_first_at_a_batch_size(monkeypatch, host_cuda, bundle, reference):
