@@ -222,3 +222,16 @@ def test_emulated_aarch64_matches_x86(tmp_path):
     assert result["emulated"]["machine"] == "aarch64"
     for precision in ("fp32", "int8"):
         assert result["bundles"][0]["precisions"][precision]["max_abs_pixel_diff"] <= 1
+
+
+def test_missing_onnxruntime_says_what_to_install():
+    """On a Jetson pip installs no onnxruntime; importing the runtime before JetPack's build is in says so."""
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'onnxruntime': raise ImportError('blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import edgegen.runtime\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "onnxruntime is not installed" in done.stderr and "docs/jetson.md" in done.stderr
