@@ -51,6 +51,7 @@ PROMPTS = ["a rocket on a blue background", "a smiling cat face", "a red apple o
 SEEDS = [3, 7, 11, 19, 23]
 PRECISIONS = ("fp32", "int8")
 PIXEL_TOLERANCE = 1
+COMMAND_TIMEOUT_S = 1800  # per guide command; emulation is slow
 FORBIDDEN = ("torch", "transformers", "diffusers", "onnx", "onnxscript", "onnxruntime-gpu")
 
 
@@ -307,9 +308,13 @@ def guide_commands(root: Path, bundle: str) -> list[dict]:
     done = []
     for cmd in commands:
         start = time.perf_counter()
-        out = chroot(root, *cmd, capture_output=True, text=True, check_rc=False)
-        done.append({"command": " ".join(cmd), "rc": out.returncode, "seconds": round(time.perf_counter() - start, 1),
-                     "output_tail": (out.stdout if out.returncode == 0 else out.stdout + out.stderr)[-700:]})
+        try:
+            out = chroot(root, *cmd, capture_output=True, text=True, check_rc=False, timeout=COMMAND_TIMEOUT_S)
+            rc, tail = out.returncode, (out.stdout if out.returncode == 0 else out.stdout + out.stderr)[-700:]
+        except subprocess.TimeoutExpired:
+            rc, tail = None, f"timed out after {COMMAND_TIMEOUT_S} s"
+        done.append({"command": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - start, 1),
+                     "output_tail": tail})
     return done
 
 
@@ -344,6 +349,7 @@ def main(argv=None) -> int:
     p.add_argument("--offline", action="store_true", help="no network: reuse the root's installed dependencies, "
                    "replace edgegen only, skip the pip resolution checks (what the slow test runs)")
     a = p.parse_args(argv)
+    from edgegen.runtime.errors import EdgegenError  # the host side has edgegen (the root gets it later)
     start = time.perf_counter()
     result = {"host": {"machine": platform.machine(), "python": platform.python_version()}, "bundles": []}
     try:
@@ -379,7 +385,7 @@ def main(argv=None) -> int:
                 result["emulated"] = {"machine": uname, "python": pyver, "debian": SUITE}
                 for i, bundle in enumerate(bundles):
                     result["bundles"].append(check_bundle(a.root, Path(bundle), i))
-    except (CheckFailed, subprocess.CalledProcessError) as e:
+    except (CheckFailed, subprocess.CalledProcessError, EdgegenError) as e:
         result["ok"], result["error"] = False, str(e)
     else:
         result["ok"] = all(b["ok"] for b in result["bundles"])
