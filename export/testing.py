@@ -82,3 +82,96 @@ def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, i
     config.save(root / "generator" / "config.json")
     save_file(generator.state_dict(), str(root / "generator" / "model.safetensors"))
     return root
+
+
+# ---------------------------------------------------------------- diffusion (diffusers format)
+
+DIFFUSERS_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                        "lcm": "LCMScheduler", "ddim": "DDIMScheduler"}
+# SD-Turbo's published scheduler config (stabilityai/sd-turbo, scheduler/scheduler_config.json).
+SD_TURBO_SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                      "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                      "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                      "timestep_spacing": "trailing", "trained_betas": None, "use_karras_sigmas": False}
+
+
+def _save_diffusion_pipeline(root: Path, text_encoder, tokenizer, unet, vae, scheduler: str) -> Path:
+    import diffusers
+    sched = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(SD_TURBO_SCHEDULER)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=sched, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(root, safe_serialization=True)
+    return root
+
+
+def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 32, scheduler: str = "euler",
+                                   time_cond_proj_dim: int | None = None) -> Path:
+    """Write a tiny random-weight diffusers pipeline directory (CLIP text encoder, UNet2DConditionModel,
+    AutoencoderKL with a 2x latent scale, SD-Turbo's scheduler config); returns its path. Seconds, offline.
+
+    ``time_cond_proj_dim`` gives the UNet an LCM-style guidance-embedding input."""
+    import diffusers
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    root = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer, vocab_size = _tokenizer("clip")
+    tokenizer.model_max_length = 16
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=0, hidden_act="gelu")).eval()
+    latent = image_size // 2
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+        time_cond_proj_dim=time_cond_proj_dim).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=image_size, scaling_factor=0.18215).eval()
+    with torch.no_grad():  # magnitudes of a trained model, so every part of the arithmetic shows in the pixels:
+        unet.conv_out.weight.mul_(3.0)  # noise predictions of unit variance (random init gives ~0.33)
+        vae.quant_conv.weight[:4].mul_(25.0)  # image latents of unit variance once scaled by 0.18215
+        vae.quant_conv.bias[:4].mul_(25.0)
+        vae.quant_conv.weight[4:].mul_(0.1)  # a narrow latent distribution (log-variance about -6)
+        vae.quant_conv.bias[4:].fill_(-6.0)
+        vae.decoder.conv_out.weight.mul_(2.0)  # images over the pixel range, neither grey nor saturated
+        vae.decoder.conv_out.bias.uniform_(-0.3, 0.3)
+    return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler)
+
+
+# SD-Turbo's published architecture (stabilityai/sd-turbo: the SD 2.1 base UNet, the SD VAE and the
+# OpenCLIP ViT-H text tower without its last layer), written out so no download is ever needed.
+SD_TURBO_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                             num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+                             projection_dim=512, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+SD_TURBO_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                     cross_attention_dim=1024, use_linear_projection=True, norm_num_groups=32, norm_eps=1e-5,
+                     flip_sin_to_cos=True, freq_shift=0, act_fn="silu", upcast_attention=False)
+SD_TURBO_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", sample_size=768,
+                    scaling_factor=0.18215)
+
+
+def make_sd_turbo_checkpoint(directory, seed: int = 0) -> Path:
+    """Write a diffusers pipeline directory with SD-Turbo's full-size architecture and random weights
+    (about 5 GB): latency does not depend on the weights' values. The tokenizer is edgegen's small
+    word-level stand-in padded to CLIP's 77 tokens (its ids fit the 49408-entry embedding)."""
+    import diffusers
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    root = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer, _ = _tokenizer("clip")
+    tokenizer.model_max_length = 77
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD_TURBO_TEXT_ENCODER)).eval()
+    unet = diffusers.UNet2DConditionModel(**SD_TURBO_UNET).eval()
+    vae = diffusers.AutoencoderKL(**SD_TURBO_VAE).eval()
+    return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, "euler")

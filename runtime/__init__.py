@@ -9,6 +9,7 @@ from .errors import (BackendUnavailableError, BadBundleError, BadInputError, Che
                      EngineMismatchError, ValidationFailedError)
 from .pipeline import Pipeline, TruncationWarning
 from . import gan as _gan  # registers the gan family's pipeline  # noqa: F401
+from . import diffusion as _diffusion  # registers the diffusion family's pipeline  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,7 @@ import numpy as np
 from torch import nn
 
 from edgegen.runtime.bundle import TensorSpec
-from edgegen.runtime.errors import CheckpointError
+from edgegen.runtime.errors import BadInputError, CheckpointError
 
 FAMILIES: dict[str, type["Family"]] = {}
 
@@ -28,6 +28,7 @@ class Family:
     """Base class; subclasses register themselves by ``name``."""
 
     name = ""
+    options: tuple[str, ...] = ()  # keyword options the family's constructor takes (e.g. image_size)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -48,6 +49,9 @@ class Family:
     def manifest_extras(self) -> dict:
         return {}
 
+    def check_precisions(self, precisions: list[str]) -> None:
+        """Refuse (BadInputError) precisions this family cannot export."""
+
     def validation_prompts(self) -> list[str]:
         raise NotImplementedError
 
@@ -57,15 +61,21 @@ class Family:
         raise NotImplementedError
 
 
-def load_family(checkpoint: Path) -> Family:
-    from . import gan  # noqa: F401  (registers)
+def load_family(checkpoint: Path, **options) -> Family:
+    """The family that matches ``checkpoint``, loaded; ``options`` (None values ignored) go to its constructor."""
+    from . import diffusion, gan  # noqa: F401  (registers)
     checkpoint = Path(checkpoint)
+    options = {k: v for k, v in options.items() if v is not None}
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint}", "not a directory",
                               "pass a gan checkpoint (text_encoder/ + generator/) or a diffusers pipeline directory")
     for family in FAMILIES.values():
         if family.matches(checkpoint):
-            return family(checkpoint)
+            unknown = sorted(set(options) - set(family.options))
+            if unknown:
+                raise BadInputError(f"checkpoint {checkpoint}", f"the {family.name} family takes no option {', '.join(unknown)}",
+                                    f"its options: {', '.join(family.options) or 'none'}")
+            return family(checkpoint, **options)
     raise CheckpointError(f"checkpoint {checkpoint}", "is of no known family",
                           "a gan checkpoint has text_encoder/ and generator/config.json; "
                           "a diffusion checkpoint has model_index.json")

@@ -1,0 +1,284 @@
+"""The diffusion family: a diffusers Stable-Diffusion-style pipeline directory (CLIP text encoder,
+UNet2DConditionModel, AutoencoderKL), aimed at one- and few-step models (SD-Turbo, LCM).
+
+Components: ``text_encoder``, ``unet`` (one denoising evaluation), ``vae_decoder``, ``vae_encoder``
+(image-to-image), and fused graphs from token ids + initial noise to uint8 pixels with the scheduler
+unrolled inside: ``fused`` (1 step), ``fused_k2``, ``fused_k4`` (timesteps baked in). The scheduler
+arithmetic traced into them is the runtime's own (``edgegen.runtime.schedulers``).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgegen.runtime.bundle import TensorSpec
+from edgegen.runtime.diffusion import NoiseStreams, fused_name
+from edgegen.runtime.errors import BadInputError, CheckpointError
+from edgegen.runtime.schedulers import DIFFUSERS_NAMES, guidance_embedding, make_scheduler
+
+from ..text_encoders import tokenizer_settings
+from . import ComponentDef, Family
+from .gan import VALIDATION_PROMPTS, VALIDATION_SEEDS
+
+FUSED_STEPS = (1, 2, 4)
+LCM_DEFAULT_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default, for UNets with time_cond_proj_dim
+
+
+class TextEncoder(nn.Module):
+    """Token ids -> last hidden states, as Stable Diffusion pipelines condition on them (no attention mask)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+class Denoiser(nn.Module):
+    """One UNet evaluation: (scaled) latents, timestep, text states [, guidance embedding] -> model output."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, text_states, timestep_cond=None):
+        return self.unet(sample, timestep, encoder_hidden_states=text_states, timestep_cond=timestep_cond,
+                         return_dict=False)[0]
+
+
+class Decoder(nn.Module):
+    """Latents as the UNet sees them -> image in [-1, 1] (the VAE scaling factor applied inside)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.scale = vae, float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        return self.vae.decode(latents / self.scale, return_dict=False)[0]
+
+
+class Encoder(nn.Module):
+    """Image in [-1, 1] + unit noise -> scaled latents, a sample of the VAE's latent distribution
+    (mean + std * noise, as diffusers' image-to-image pipeline draws it)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.scale = vae, float(vae.config.scaling_factor)
+
+    def forward(self, image, encoder_noise):
+        dist = self.vae.encode(image).latent_dist
+        return (dist.mean + dist.std * encoder_noise) * self.scale
+
+
+def to_pixels(image):
+    """[-1, 1] NCHW -> uint8 NHWC, diffusers' post-processing; the cast is the last op (TensorRT wants uint8 only at the edge)."""
+    return ((image / 2 + 0.5).clamp(0.0, 1.0) * 255.0).round().permute(0, 2, 3, 1).to(torch.uint8)
+
+
+class Fused(nn.Module):
+    """Token ids + unit noise (+ per-step noise for stochastic schedulers) -> uint8 pixels and text states,
+    with ``plan``'s steps unrolled (timesteps and scheduler constants baked in)."""
+
+    def __init__(self, text_encoder, denoiser, decoder, plan, time_cond: bool):
+        super().__init__()
+        self.text_encoder, self.denoiser, self.decoder, self.plan = text_encoder, denoiser, decoder, plan
+        self.time_cond = time_cond
+        self.noisy = [i for i in range(len(plan)) if plan.needs_noise(i)]
+
+    def forward(self, input_ids, noise, *extra):
+        extra = list(extra)
+        timestep_cond = extra.pop() if self.time_cond else None
+        states = self.text_encoder(input_ids)
+        x = noise * self.plan.init_sigma
+        for i, t in enumerate(self.plan.timesteps):
+            # a (1,) timestep: the UNet broadcasts it over the batch, so the batch axis stays dynamic
+            out = self.denoiser(self.plan.scale_input(i, x), torch.tensor([float(t)]), states, timestep_cond)
+            x = self.plan.step(i, x, out, extra[self.noisy.index(i)] if i in self.noisy else None)
+        return to_pixels(self.decoder(x)), states
+
+
+def _check_weights(path: Path, what: str) -> None:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CheckpointError(f"diffusion checkpoint {path.parent}", f"no {path.name}/config.json",
+                              f"a diffusers pipeline directory holds {what} in {path.name}/")
+    if not list(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir())
+        raise CheckpointError(f"{what} {path}", f"no .safetensors weights (found {found})",
+                              "edgegen loads safetensors only, never pickles: save the pipeline with "
+                              "save_pretrained(dir, safe_serialization=True)")
+
+
+class DiffusionFamily(Family):
+    name = "diffusion"
+    options = ("image_size", "fused_steps", "num_steps", "guidance_scale")
+
+    @classmethod
+    def matches(cls, checkpoint: Path) -> bool:
+        return (checkpoint / "model_index.json").is_file()
+
+    def __init__(self, checkpoint: Path, image_size: int | None = None, fused_steps=FUSED_STEPS,
+                 num_steps: int = 1, guidance_scale: float | None = None):
+        try:
+            import diffusers
+        except ImportError:
+            raise BadInputError(f"diffusion checkpoint {checkpoint}", "exporting it needs diffusers, which is not installed",
+                                "pip install 'edgegen[export]'") from None
+        import transformers
+        self.checkpoint = root = Path(checkpoint)
+        try:
+            index = json.loads((root / "model_index.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"diffusion checkpoint {root}", f"model_index.json unreadable: {e}", "re-save the pipeline") from None
+        for part, what in (("text_encoder", "the CLIP text encoder"), ("unet", "the UNet"), ("vae", "the VAE")):
+            _check_weights(root / part, what)
+        if not (root / "tokenizer").is_dir() or not (root / "scheduler" / "scheduler_config.json").is_file():
+            raise CheckpointError(f"diffusion checkpoint {root}", "no tokenizer/ or scheduler/scheduler_config.json",
+                                  "export a full diffusers pipeline directory (save_pretrained)")
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            te = transformers.CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True,
+                                                            use_safetensors=True, attn_implementation="eager").eval()
+            self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+            self.unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True,
+                                                                        use_safetensors=True).eval()
+            self.vae = diffusers.AutoencoderKL.from_pretrained(root / "vae", local_files_only=True,
+                                                               use_safetensors=True).eval()
+        if not getattr(self.hf_tokenizer, "is_fast", True) or not hasattr(self.hf_tokenizer, "backend_tokenizer"):
+            raise CheckpointError(f"tokenizer {root / 'tokenizer'}", "has no fast tokenizer",
+                                  "the runtime tokenizes with the `tokenizers` library; save a fast tokenizer")
+        self.scheduler_config = {k: v for k, v in json.loads((root / "scheduler" / "scheduler_config.json").read_text()).items()
+                                 if not k.startswith("_")}
+        source = json.loads((root / "scheduler" / "scheduler_config.json").read_text()).get("_class_name", "")
+        self.scheduler_source = source or index.get("scheduler", [None, ""])[1]
+        self.scheduler_name = DIFFUSERS_NAMES.get(self.scheduler_source, "euler")
+        self.scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
+        uc = self.unet.config
+        self.time_cond_dim = uc.time_cond_proj_dim
+        if te.config.hidden_size != uc.cross_attention_dim:
+            raise CheckpointError(f"diffusion checkpoint {root}", f"text encoder width {te.config.hidden_size} != "
+                                  f"UNet cross_attention_dim {uc.cross_attention_dim}", "the parts come from different models")
+        self.max_length = int(min(self.hf_tokenizer.model_max_length, te.config.max_position_embeddings))
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = image_size or int(uc.sample_size) * self.vae_factor
+        if not isinstance(size, int) or size < 8 * self.vae_factor or size % (8 * self.vae_factor):
+            raise BadInputError("--image-size", f"{size} does not suit this model",
+                                f"use a multiple of {8 * self.vae_factor} (the UNet downsamples the latents 8x)")
+        self.image_size = size
+        self.latent_shape = (int(uc.in_channels), size // self.vae_factor, size // self.vae_factor)
+        bad = [k for k in fused_steps if not isinstance(k, int) or not 1 <= k <= 4]
+        if bad or not fused_steps:
+            raise BadInputError("fused_steps", f"{list(fused_steps)} is not a non-empty list of step counts 1..4",
+                                "fused graphs unroll at most 4 steps; more run in the per-step loop")
+        self.fused_steps = sorted(set(fused_steps))
+        self.num_steps = int(num_steps)
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None
+                                    else LCM_DEFAULT_GUIDANCE if self.time_cond_dim else 0.0)
+        self.text_encoder = TextEncoder(te).eval()
+        self.denoiser = Denoiser(self.unet).eval()
+        self.decoder = Decoder(self.vae).eval()
+        self.encoder = Encoder(self.vae).eval()
+
+    # --- precisions and gates ---
+    precisions = ("fp32", "fp16")
+
+    def check_precisions(self, precisions: list[str]) -> None:
+        if "int8" in precisions:
+            raise BadInputError("--precision int8", "int8 is not supported for the diffusion family",
+                                "export fp32 and fp16 (e.g. --precision fp32,fp16)")
+
+    # --- what goes in the manifest ---
+    def tokenizer_json(self) -> str:
+        return self.hf_tokenizer.backend_tokenizer.to_str()
+
+    def tokenizer_settings(self) -> dict:
+        return tokenizer_settings(self.hf_tokenizer, self.max_length)
+
+    def generation(self, max_batch: int) -> dict:
+        return {"image_size": self.image_size, "latent_shape": list(self.latent_shape), "max_batch": max_batch,
+                "num_steps": self.num_steps, "guidance_scale": self.guidance_scale,
+                "scheduler": {"name": self.scheduler_name, "source": self.scheduler_source, "config": self.scheduler_config},
+                "fused": {str(k): fused_name(k) for k in self.fused_steps},
+                "time_cond_dim": self.time_cond_dim,
+                "noise": "per image: numpy default_rng(seed).standard_normal(float32) draws, in order: the initial "
+                         "noise (latent_shape), the VAE encoder's sample noise (image-to-image), then one per "
+                         "step that adds noise"}
+
+    def describe(self) -> dict:
+        import diffusers
+        te = self.text_encoder.model.config
+        return {"text_encoder": {"kind": "clip", "hidden_size": te.hidden_size, "layers": te.num_hidden_layers},
+                "unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
+                "vae": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
+                "diffusers": diffusers.__version__}
+
+    def validation_prompts(self) -> list[str]:
+        return [p for group in VALIDATION_PROMPTS for p in group]
+
+    # --- what gets traced ---
+    def _plan(self, steps: int):
+        return self.scheduler.plan(steps)
+
+    def components(self) -> list[ComponentDef]:
+        L, D = self.max_length, self.text_encoder.model.config.hidden_size
+        c, h, w = self.latent_shape
+        S = self.image_size
+        ids = TensorSpec("input_ids", "int64", ("batch", L))
+        states = TensorSpec("text_states", "float32", ("batch", L, D))
+        latent = lambda name: TensorSpec(name, "float32", ("batch", c, h, w))  # noqa: E731
+        image = TensorSpec("image", "float32", ("batch", 3, S, S))
+        pixels = TensorSpec("pixels", "uint8", ("batch", S, S, 3))
+        cond = [TensorSpec("timestep_cond", "float32", ("batch", self.time_cond_dim))] if self.time_cond_dim else []
+        comps = [
+            ComponentDef("text_encoder", self.text_encoder, [ids], [states], {"text_states": 1e-3}),
+            ComponentDef("unet", self.denoiser, [latent("sample"), TensorSpec("timestep", "float32", ("batch",)), states, *cond],
+                         [latent("model_output")], {"model_output": 1e-3}),
+            ComponentDef("vae_decoder", self.decoder, [latent("latents")], [image], {"image": 1e-3}),
+            ComponentDef("vae_encoder", self.encoder, [image, latent("encoder_noise")], [latent("latents")], {"latents": 1e-3}),
+        ]
+        for k in self.fused_steps:
+            plan = self._plan(k)
+            noisy = [latent(f"noise_{i + 1}") for i in range(len(plan)) if plan.needs_noise(i)]
+            comps.append(ComponentDef(fused_name(k), Fused(self.text_encoder, self.denoiser, self.decoder, plan,
+                                                             bool(self.time_cond_dim)).eval(),
+                                      [ids, latent("noise"), *noisy, *cond], [pixels, states],
+                                      {"pixels": 2.0, "text_states": 1e-3}))
+        return comps
+
+    @torch.no_grad()
+    def reference_cases(self, tokenize, groups=VALIDATION_PROMPTS, seeds_per_group=VALIDATION_SEEDS):
+        """Per case: every component's inputs, chained through PyTorch the way a call would run them."""
+        cases = []
+        plan = self._plan(self.num_steps)
+        for prompts, seeds in zip(groups, seeds_per_group):
+            tokens = tokenize(prompts)
+            streams = NoiseStreams(seeds)
+            noise = streams.draw(self.latent_shape)
+            step_noise = {f"noise_{i}": streams.draw(self.latent_shape) for i in range(1, max(self.fused_steps))}
+            encoder_noise = streams.draw(self.latent_shape)
+            ids = torch.from_numpy(tokens.input_ids)
+            states = self.text_encoder(ids)
+            x = torch.from_numpy(noise) * plan.init_sigma
+            sample = plan.scale_input(0, x)
+            timestep = np.full(len(prompts), plan.timesteps[0], np.float32)
+            cond = {}
+            if self.time_cond_dim:
+                cond["timestep_cond"] = guidance_embedding(np.full(len(prompts), self.guidance_scale - 1, np.float32),
+                                                           self.time_cond_dim)
+            out = self.denoiser(sample, torch.from_numpy(timestep), states,
+                                torch.from_numpy(cond["timestep_cond"]) if cond else None)
+            latents = plan.step(0, x, out, torch.from_numpy(step_noise["noise_1"]) if plan.needs_noise(0) else None)
+            image = self.decoder(latents)
+            cases.append(({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask, "noise": noise,
+                           **step_noise, **cond, "text_states": states.numpy(), "sample": sample.numpy(),
+                           "timestep": timestep, "latents": latents.numpy(), "image": image.numpy(),
+                           "encoder_noise": encoder_noise},
+                          {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)}))
+        return cases
