@@ -24,7 +24,7 @@ from . import int8
 from .families import load_family
 from .int8 import keep_back
 from .weights import share_weights
-from .onnx_export import OPSET, export_component
+from .onnx_export import EXTERNAL_SUFFIX, OPSET, export_component
 from .progress import Steps
 
 DEFAULT_MAX_BATCH = 16
@@ -44,8 +44,12 @@ def parse_precisions(text: str | list[str]) -> list[str]:
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, precisions="fp32",
                       max_batch: int = DEFAULT_MAX_BATCH, overwrite: bool = False, progress: bool = True,
                       allow_degraded: bool = False, gates: dict | None = None, engines: str | None = None,
-                      compute_capability: str | None = None, workspace_mb: int = 2048) -> Path:
+                      compute_capability: str | None = None, workspace_mb: int = 2048,
+                      family_options: dict | None = None) -> Path:
     """Export ``checkpoint`` to the bundle directory ``output``; returns its path.
+
+    ``family_options`` go to the checkpoint's family (diffusion: ``image_size``, ``fused_steps``,
+    ``num_steps``, ``guidance_scale``).
 
     Every precision besides fp32 must pass its quality gate (``GATES``, or ``gates`` to override) against
     PyTorch fp32, or the export fails; ``allow_degraded`` keeps such a bundle and marks it degraded.
@@ -71,7 +75,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     tmp.chmod(0o755)
     try:
         with steps.step("load checkpoint"):
-            family = load_family(Path(checkpoint))
+            family = load_family(Path(checkpoint), **(family_options or {}))
+            family.check_precisions(precisions)
             (tmp / "onnx").mkdir()
             settings = family.tokenizer_settings()
             (tmp / settings["file"]).write_text(family.tokenizer_json(), encoding="utf-8")
@@ -117,6 +122,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         for precision in precisions:  # one weights file per precision, each distinct tensor stored once
             rels = sorted({files[c.name][f] for c in components for f in FORMS[precision]})
             share_weights(tmp, rels, f"onnx/weights.{precision}.bin")
+        for stale in (tmp / "onnx").glob(f"*{EXTERNAL_SUFFIX}"):  # a >2 GB graph's own weights, now in the shared file
+            stale.unlink()
         manifest = _manifest(family, components, files, settings, max_batch, Path(checkpoint))
         manifest["precisions"] = precisions
         manifest["gates"] = {f: dict(g) for f, g in all_gates.items() if f in ["fp32", *forms]}

@@ -1,6 +1,7 @@
 """torch module -> cleaned ONNX file."""
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from .families import ComponentDef
 
 OPSET = 18
+PROTOBUF_LIMIT = 2**31 - 1  # a graph with more weights than this keeps them in a file beside it
+EXTERNAL_SUFFIX = ".onnx.data"
 
 
 def export_component(comp: ComponentDef, sample: dict[str, np.ndarray], path: Path) -> None:
@@ -20,22 +23,33 @@ def export_component(comp: ComponentDef, sample: dict[str, np.ndarray], path: Pa
                     for t in comp.inputs + comp.outputs}
     # The TorchScript exporter: fast (a second for these models, against tens for the dynamo
     # exporter) and it gives the same parity here; it warns that it is deprecated.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(comp.module.eval(), args, str(path), input_names=[t.name for t in comp.inputs],
-                          output_names=[t.name for t in comp.outputs], dynamic_axes=dynamic_axes,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    clean(path)
+    # A graph over 2 GB (a full-size UNet) is written as one file per weight: trace into a scratch
+    # directory, so only the cleaned graph (and its one weights file) lands beside the others.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as scratch:
+        raw = Path(scratch) / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(comp.module.eval(), args, str(raw), input_names=[t.name for t in comp.inputs],
+                              output_names=[t.name for t in comp.outputs], dynamic_axes=dynamic_axes,
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        clean(raw, path)
 
 
-def clean(path: Path) -> None:
-    """Fold constants and drop dead nodes and unused initializers, then check the graph."""
+def clean(path: Path, out: Path | None = None) -> None:
+    """Fold constants and drop dead nodes and unused initializers, then check the graph; written to
+    ``out`` (default: in place), with its weights in ``<out>.data`` when they pass protobuf's 2 GB."""
     import onnxscript.optimizer
+    out = path if out is None else out
     model = onnx.load(str(path))
     model = onnxscript.optimizer.optimize(model)
     # Intermediate shapes recorded while tracing can hold the trace's batch size; drop them so no
     # later tool (quantizer, TensorRT parser) mistakes them for facts. Inputs/outputs keep their axes.
     del model.graph.value_info[:]
     model.producer_name = "edgegen"
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    if sum(len(t.raw_data) for t in model.graph.initializer) < PROTOBUF_LIMIT - (64 << 20):
+        onnx.checker.check_model(model)
+        onnx.save(model, str(out))
+        return
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=out.name.removesuffix(".onnx") + EXTERNAL_SUFFIX, size_threshold=1024)
+    onnx.checker.check_model(str(out))

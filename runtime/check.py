@@ -60,6 +60,8 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
     report = {"backend": backend, "cases": [{k: list(v.shape) for k, v in c["in"].items()} for c in cases],
               "precisions": {}}
     forms = [f for p in precisions or bundle.precisions for f in FORMS[p]]
+    # the text states scored for the gate: the fused graph's, or the text encoder's where no 1-step fused graph exists
+    text_source = "fused" if "fused" in bundle.components else "text_encoder"
     for precision in forms:
         parity, pixels, cosines = {}, [], []
         for name, comp in bundle.components.items():
@@ -73,7 +75,7 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
                     errs[spec.name].append(np.abs(value.astype(np.float64) - case["out"][name][spec.name]))
                     if spec.dtype == "uint8":  # final pixels: also scored as an image
                         pixels.append((value.ravel(), case["out"][name][spec.name].ravel()))
-                    if name == "fused" and spec.name == "text_states":
+                    if name == text_source and spec.name == "text_states":
                         cosines.append(pooled_cosine(value, case["out"][name][spec.name], case["in"]["attention_mask"]))
             outputs = {}
             for out, diffs in errs.items():
