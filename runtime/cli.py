@@ -34,7 +34,7 @@ def cmd_export(args) -> int:
     out = export.export_checkpoint(args.checkpoint, args.output, precisions=args.precision, max_batch=args.max_batch,
                                    overwrite=args.force, progress=not args.quiet, allow_degraded=args.allow_degraded,
                                    engines=args.engines, compute_capability=args.compute_capability,
-                                   workspace_mb=args.workspace_mb)
+                                   workspace_mb=args.workspace_mb, family_options={"image_size": args.image_size})
     from .bundle import Bundle
     report = Bundle.open(out).report()
     status = "validated: ok" if report.get("ok") else "DEGRADED: " + "; ".join(report.get("degraded", []))
@@ -54,9 +54,10 @@ def cmd_generate(args) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise BadInputError("-o", f"unknown image extension {out.suffix!r}", "use .png, .jpg, .webp or .bmp")
     pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision)
+    options = _diffusion_options(args, pipe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
-        images = pipe(args.prompt, seed=args.seed, num_images=args.n)
+        images = pipe(args.prompt, seed=args.seed, num_images=args.n, **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths):
@@ -69,6 +70,22 @@ def cmd_generate(args) -> int:
     _emit(args, data, "\n".join(f"wrote {p} (seed {s}, {pipe.backend} {pipe.precision})"
                                 for p, s in zip(paths, pipe.last_call.seeds)))
     return 0
+
+
+def _diffusion_options(args, pipe) -> dict:
+    """generate's diffusion-only options, given only when set; refused for other families."""
+    given = {k: v for k, v in (("num_steps", args.steps), ("guidance_scale", args.guidance_scale),
+                               ("scheduler", args.scheduler), ("strength", args.strength)) if v is not None}
+    if args.image is not None:
+        from PIL import Image, UnidentifiedImageError
+        try:
+            given["image"] = Image.open(args.image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise BadInputError("--image", f"cannot read {args.image}: {e}", "pass a PNG or JPEG file") from None
+    if given and pipe.bundle.family != "diffusion":
+        flags = ", ".join("--" + k.replace("num_", "").replace("_", "-") for k in given)
+        raise BadInputError(flags, f"only for diffusion bundles; this one is {pipe.bundle.family}", "drop these options")
+    return given
 
 
 def cmd_inspect(args) -> int:
@@ -131,7 +148,8 @@ def cmd_bench(args) -> int:
     if args.no_cuda_graphs:
         from .backends import CUDA_GRAPHS_ENV
         os.environ[CUDA_GRAPHS_ENV] = "0"
-    pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision)
+    pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision,
+                                **({"mode": args.mode} if args.mode else {}))
     result = run_bench(pipe, batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds)
     _emit(args, result, format_table(result))
     return 0
@@ -198,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = sub.add_parser("export", help="checkpoint -> validated bundle", description="Trace a checkpoint (gan: "
-                       "text_encoder/ + generator/) to ONNX, check every graph against PyTorch, and write a bundle "
+                       "text_encoder/ + generator/; diffusion: a diffusers pipeline directory) to ONNX, check every graph against PyTorch, and write a bundle "
                        "directory atomically (nothing is left at -o if any step fails).")
     e.add_argument("checkpoint", help="checkpoint directory")
     e.add_argument("-o", "--output", required=True, help="bundle directory to create")
@@ -209,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compute-capability", help="GPU architecture to build engines for, e.g. 8.9 (default: the GPU "
                    "present; trt-rtx can target one that is absent)")
     e.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)")
+    e.add_argument("--image-size", type=int, default=None, help="diffusion: image size the graphs are built for "
+                   "(default: the UNet's sample size x the VAE factor, e.g. 512 for SD-Turbo)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("--allow-degraded", action="store_true",
                    help="keep a bundle whose fp16/int8 files fail their quality gate (marked degraded)")
@@ -225,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8")
     g.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
     g.add_argument("-o", "--output", required=True, help="image path; with -n K > 1, OUT_0.png ... OUT_{K-1}.png")
+    g.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps (default: the bundle's)")
+    g.add_argument("--guidance-scale", type=float, default=None, help="diffusion: classifier-free guidance (0: none)")
+    g.add_argument("--scheduler", default=None, help="diffusion: euler, euler_a, lcm or ddim (default: the bundle's)")
+    g.add_argument("--image", default=None, help="diffusion: input image for image-to-image")
+    g.add_argument("--strength", type=float, default=None, help="diffusion image-to-image: how much to change (0..1, default 0.5)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 
@@ -253,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=100, help="timed calls (default 100)")
     b.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     b.add_argument("--seconds", type=float, default=None, help="time budget instead of --iterations")
+    b.add_argument("--mode", default=None, help="pipeline path: auto (default), fused, or stage by stage "
+                   "(gan: split; diffusion: loop, which times the text encoder, each UNet step and the VAE)")
     b.add_argument("--no-cuda-graphs", action="store_true", help="GPU backends: run without CUDA graph capture "
                    "(to compare; same as EDGEGEN_CUDA_GRAPHS=0)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
