@@ -33,3 +33,34 @@ def bundle_copy(bert_bundle, tmp_path) -> Path:
     """A private copy of the bert bundle, free to damage."""
     import shutil
     return Path(shutil.copytree(bert_bundle, tmp_path / "bundle"))
+
+
+# ---------------------------------------------------------------- diffusion family (tests/test_diffusion*.py)
+
+@pytest.fixture(scope="session")
+def diffusion_checkpoint(tmp_path_factory) -> Path:
+    from edgegen.export.testing import make_tiny_diffusion_checkpoint
+    return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("diffusion") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def diffusion_bundle(diffusion_checkpoint, tmp_path_factory) -> Path:
+    """fp32, fused graphs for 1, 2 and 4 Euler steps."""
+    from edgegen.export import export_checkpoint
+    return export_checkpoint(diffusion_checkpoint, tmp_path_factory.mktemp("diffusion_bundle") / "b", progress=False)
+
+
+@pytest.fixture(scope="session")
+def lcm_checkpoint(tmp_path_factory) -> Path:
+    """An LCM-distilled-style UNet (guidance embedding input) with the LCM scheduler."""
+    from edgegen.export.testing import make_tiny_diffusion_checkpoint
+    return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("lcm") / "ckpt", scheduler="lcm", time_cond_proj_dim=8)
+
+
+@pytest.fixture(scope="session")
+def lcm_bundle(lcm_checkpoint, tmp_path_factory) -> Path:
+    """fp32 and fp16, one fused graph (2 LCM steps)."""
+    from edgegen.export import export_checkpoint
+    return export_checkpoint(lcm_checkpoint, tmp_path_factory.mktemp("lcm_bundle") / "b", progress=False,
+                             precisions="fp32,fp16",
+                             family_options={"fused_steps": [2], "num_steps": 2})
