@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from .backends import make_session
+from .backends import ORT_PROVIDERS, backend_loads, make_session
 
 EVAL_SEEDS = (0, 1, 2, 3)  # every eval prompt is generated with each of these seeds (as training/evaluate.py)
 
@@ -34,13 +34,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(cross))
 
 
+def judge_backend(backend: str) -> str:
+    """The judge is an fp32 ONNX file (no engine): native TensorRT pipelines score with ONNX Runtime."""
+    if backend in ORT_PROVIDERS:
+        return backend
+    return "ort-cuda" if backend_loads("ort-cuda")[0] else "ort-cpu"
+
+
 def evaluate(pipe, limit: int | None = None) -> dict:
     """Generate every eval prompt with each of EVAL_SEEDS through ``pipe`` and score with the bundle's judge
     (fp32, same backend): the definitions of training/evaluate.py, so the figures compare."""
     bundle = pipe.bundle
     q = bundle.manifest["quality"]
     prompts = json.loads(bundle.path(q["eval_prompts"]).read_text())[:limit]
-    judge = make_session(bundle.onnx_path("judge", "fp32"), pipe.backend)
+    judge = make_session(bundle.onnx_path("judge", "fp32"), judge_backend(pipe.backend))
     outputs = [o.name for o in bundle.components["judge"].outputs]
     per_call = max(1, pipe.max_batch // len(EVAL_SEEDS))
     correct = {"seen": [], "heldout": [], "heldout_templates": [], "heldout_synonyms": []}
