@@ -89,7 +89,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             cases = [{"in": inputs, "out": _torch_outputs(components, inputs), "meta": meta}
                      for inputs, meta in family.reference_cases(tokenize)]
             save_reference(tmp / REFERENCE, cases)
-        with steps.step("trace to ONNX", total=len(components)) as bar:
+        with steps.step("trace to ONNX", total=len(components)) as bar, family.tracing():
             sample = max((c["in"] for c in cases), key=lambda c: len(c["input_ids"]))
             files = {}
             for comp in components:

@@ -1,6 +1,7 @@
 """Model families: each knows how to load a checkpoint and describe its components for export."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,11 @@ class Family:
 
     def check_precisions(self, precisions: list[str]) -> None:
         """Refuse (BadInputError) precisions this family cannot export."""
+
+    def tracing(self):
+        """Context in which components are traced: a family may swap in equivalent, faster layers here;
+        the PyTorch reference (computed before) stays the original model's."""
+        return contextlib.nullcontext()
 
     def validation_prompts(self) -> list[str]:
         raise NotImplementedError
