@@ -28,8 +28,16 @@ class GeneratorConfig:
     attention_resolutions: list = field(default_factory=lambda: [8, 16])  # cross-attend to tokens here
     attention_dim: int = 128
     max_length: int = 32  # token positions the conditioning sees (tokenizer pads to this)
+    # Concept memories: for each size n, the pooled text selects (softmax over a linear map of the
+    # L2-normalised pooled text, as sentence embeddings are compared) from n learned vectors: a lookup
+    # that generalises to paraphrases as far as the text encoder's sentence space does.
+    concepts: list = field(default_factory=list)
+    concept_dim: int = 64
+    pooled_cond: bool = True  # also condition on an MLP of the pooled text
 
     def __post_init__(self):
+        if isinstance(self.concepts, int):
+            self.concepts = [self.concepts] if self.concepts else []
         if self.image_size != 4 * 2 ** len(self.channels):
             raise ValueError(f"image_size {self.image_size} needs {len(self.channels)} upsamplings from 4x4 "
                              f"to equal 4*2**len(channels) = {4 * 2 ** len(self.channels)}")
@@ -47,6 +55,21 @@ class GeneratorConfig:
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(states.dtype).unsqueeze(-1)
     return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class ConceptMemory(nn.Module):
+    """softmax(keys . normalise(pooled text)) @ values: a soft lookup of a learned concept vector."""
+
+    def __init__(self, text_dim: int, concepts: int, dim: int):
+        super().__init__()
+        self.keys = nn.Linear(text_dim, concepts, bias=False)
+        self.values = nn.Parameter(torch.randn(concepts, dim) * 0.5)
+
+    def logits(self, pooled):
+        return self.keys(pooled * torch.rsqrt((pooled * pooled).sum(-1, keepdim=True) + 1e-6))
+
+    def forward(self, pooled):
+        return torch.matmul(self.logits(pooled).softmax(-1), self.values)
 
 
 class CrossAttention(nn.Module):
@@ -95,9 +118,11 @@ class ConditionalGenerator(nn.Module):
     def __init__(self, config: GeneratorConfig):
         super().__init__()
         self.config = c = config
-        self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU())
-        self.cond = nn.Sequential(nn.Linear(c.noise_dim + c.cond_dim, c.cond_dim), nn.SiLU())
-        self.stem = nn.Linear(c.noise_dim + c.cond_dim, c.channels[0] * 16)
+        self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU()) if c.pooled_cond else None
+        self.memories = nn.ModuleList(ConceptMemory(c.text_dim, n, c.concept_dim) for n in c.concepts)
+        width = c.noise_dim + (c.cond_dim if c.pooled_cond else 0) + c.concept_dim * len(c.concepts)
+        self.cond = nn.Sequential(nn.Linear(width, c.cond_dim), nn.SiLU())
+        self.stem = nn.Linear(width, c.channels[0] * 16)
         blocks, attns = [], []
         cin, size = c.channels[0], 4
         for cout in c.channels:
@@ -112,7 +137,9 @@ class ConditionalGenerator(nn.Module):
 
     def forward(self, noise, text_states, attention_mask):
         """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int -> image (B, 3, H, W) in [-1, 1]."""
-        zc = torch.cat([noise, self.pool(masked_mean(text_states, attention_mask))], dim=1)
+        pooled = masked_mean(text_states, attention_mask)
+        parts = [noise] + ([self.pool(pooled)] if self.pool is not None else []) + [m(pooled) for m in self.memories]
+        zc = torch.cat(parts, dim=1)
         cond = self.cond(zc)
         x = self.stem(zc).reshape(-1, self.config.channels[0], 4, 4)
         for block, attn in zip(self.blocks, self.attns):

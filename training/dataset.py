@@ -39,6 +39,12 @@ TRAIN_TEMPLATES = [
     "{size} {name} emoji, {color} background",
     "an emoji of {a_name} on {color}",
     "{name} on {color}",
+    "{a_size_name} over a {color} background",
+    "an image of {a_name}, {color} background",
+    "{size} {name} sticker on {color}",
+    "{a_name} drawn on {a_color} background",
+    "emoji: {name}; background: {color}",
+    "{a_color} square with {a_size_name} on it",
 ]
 HELDOUT_TEMPLATES = [
     "a picture of {a_size_name} against a {color} backdrop",

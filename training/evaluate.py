@@ -81,6 +81,8 @@ def evaluate(generator, judge, states, mask, captions, real_mu, real_sigma, seed
         m = novelty == name
         if m.any():
             result[f"adherence_heldout_{name}s"] = float((ok_e & ok_b)[m].mean())
+            result[f"emoji_acc_heldout_{name}s"] = float(ok_e[m].mean())
+            result[f"background_acc_heldout_{name}s"] = float(ok_b[m].mean())
     a = images.astype(np.float32) / 255.0
     pairs = [np.abs(a[:, i] - a[:, j]).mean() for i in range(s) for j in range(i + 1, s)]
     result["diversity"] = float(np.mean(pairs)) if pairs else 0.0

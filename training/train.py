@@ -89,6 +89,11 @@ def main(argv=None):
                    help="std of Gaussian noise added to the text states in training (smooths text -> image)")
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of a training-only linear read-out of emoji and background from the pooled text")
+    p.add_argument("--concepts", action="store_true",
+                   help="concept memories for emoji, background and size (see GeneratorConfig), their lookups "
+                        "supervised by the caption's labels")
+    p.add_argument("--concept-weight", type=float, default=0.5, help="weight of the lookups' cross-entropy")
+    p.add_argument("--no-pooled", action="store_true", help="no MLP of the pooled text (concepts and attention only)")
     p.add_argument("--eval-every", type=int, default=800, help="steps between quick adherence checks")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -111,7 +116,8 @@ def main(argv=None):
     real = np.load(a.out / "real_features.npz")
 
     cfg = GeneratorConfig(channels=a.channels, attention_resolutions=a.attention, cond_dim=a.cond_dim,
-                          attention_dim=a.attention_dim)
+                          attention_dim=a.attention_dim, pooled_cond=not a.no_pooled,
+                          concepts=[len(EMOJI), len(BACKGROUNDS), len(SIZE_NAMES) + 1] if a.concepts else [])
     captions = training_captions(a.captions_per_pair, seed=a.seed)
     evals = eval_captions()
     states, mask = cached_states([c.text for c in captions], cfg.max_length, a.cache, log)
@@ -148,8 +154,12 @@ def main(argv=None):
         le, lb, _ = judge(x)
         ce = F.cross_entropy(le, torch.from_numpy(lab_e[idx])) + F.cross_entropy(lb, torch.from_numpy(lab_b[idx]))
         loss = l1 + l1_low + a.judge_weight * ce
+        if a.concepts:  # each memory looks up its label: emoji, background, size (0 = not said)
+            pooled = masked_mean(text, m)
+            for memory, labels in zip(gen.memories, (lab_e, lab_b, lab_s + 1)):
+                loss = loss + a.concept_weight * F.cross_entropy(memory.logits(pooled), torch.from_numpy(labels[idx]))
         if a.aux_weight:
-            read = aux(gen.pool(masked_mean(text, m)))
+            read = aux(gen.pool(masked_mean(text, m)))  # needs the pooled MLP
             loss = loss + a.aux_weight * (F.cross_entropy(read[:, :len(EMOJI)], torch.from_numpy(lab_e[idx]))
                                           + F.cross_entropy(read[:, len(EMOJI):], torch.from_numpy(lab_b[idx])))
         opt.zero_grad(set_to_none=True)
@@ -170,8 +180,19 @@ def main(argv=None):
             r = evaluate(ema, judge, ev_states, ev_mask, evals, real["mu"], real["sigma"], seeds=[0, 1])
             log(f"check @ step {step + 1}: adherence seen {r.get('adherence_seen', 0):.3f} heldout "
                 f"{r.get('adherence_heldout', 0):.3f} (templates {r.get('adherence_heldout_templates', 0):.3f} "
-                f"synonyms {r.get('adherence_heldout_synonyms', 0):.3f}) diversity {r['diversity']:.4f} "
+                f"synonyms {r.get('adherence_heldout_synonyms', 0):.3f}; emoji/background right: seen "
+                f"{r['emoji_acc_seen']:.2f}/{r['background_acc_seen']:.2f} templates "
+                f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} synonyms "
+                f"{r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) diversity {r['diversity']:.4f} "
                 f"FD {r['frechet_judge_distance']:.2f}")
+            if a.concepts:  # how well the emoji lookup alone reads the eval prompts (the text side's share)
+                with torch.no_grad():
+                    read = ema.memories[0].logits(masked_mean(torch.from_numpy(ev_states).float(),
+                                                              torch.from_numpy(ev_mask))).argmax(1).numpy()
+                right = read == np.array([c.emoji for c in evals])
+                kinds = np.array([c.novelty or c.split for c in evals])
+                log("  emoji lookup accuracy: " + ", ".join(f"{k} {right[kinds == k].mean():.3f}"
+                                                            for k in ("seen", "template", "synonym")))
     train_minutes = (time.time() - t0) / 60
     step = a.steps
     log(f"generator: {step} steps ({step * a.batch} images) in {train_minutes:.1f} min")
