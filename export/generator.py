@@ -33,6 +33,9 @@ class GeneratorConfig:
     # that generalises to paraphrases as far as the text encoder's sentence space does.
     concepts: list = field(default_factory=list)
     concept_dim: int = 64
+    # Logits are multiplied by this before the softmax at inference: the renderer learned from exact
+    # concepts (teacher forcing), so a near-one-hot lookup serves it best; finite, so the lookup stays smooth.
+    concept_sharpness: float = 8.0
     pooled_cond: bool = True  # also condition on an MLP of the pooled text
 
     def __post_init__(self):
@@ -60,16 +63,19 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class ConceptMemory(nn.Module):
     """softmax(keys . normalise(pooled text)) @ values: a soft lookup of a learned concept vector."""
 
-    def __init__(self, text_dim: int, concepts: int, dim: int):
+    def __init__(self, text_dim: int, concepts: int, dim: int, sharpness: float = 1.0):
         super().__init__()
+        self.sharpness = sharpness
         self.keys = nn.Linear(text_dim, concepts, bias=False)
         self.values = nn.Parameter(torch.randn(concepts, dim) * 0.5)
 
     def logits(self, pooled):
         return self.keys(pooled * torch.rsqrt((pooled * pooled).sum(-1, keepdim=True) + 1e-6))
 
-    def forward(self, pooled):
-        return torch.matmul(self.logits(pooled).softmax(-1), self.values)
+    def forward(self, pooled, label=None):
+        if label is not None:  # training: the renderer learns from the labelled concept (teacher forcing)
+            return self.values[label]
+        return torch.matmul((self.logits(pooled) * self.sharpness).softmax(-1), self.values)
 
 
 class CrossAttention(nn.Module):
@@ -119,7 +125,8 @@ class ConditionalGenerator(nn.Module):
         super().__init__()
         self.config = c = config
         self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU()) if c.pooled_cond else None
-        self.memories = nn.ModuleList(ConceptMemory(c.text_dim, n, c.concept_dim) for n in c.concepts)
+        self.memories = nn.ModuleList(ConceptMemory(c.text_dim, n, c.concept_dim, c.concept_sharpness)
+                                      for n in c.concepts)
         width = c.noise_dim + (c.cond_dim if c.pooled_cond else 0) + c.concept_dim * len(c.concepts)
         self.cond = nn.Sequential(nn.Linear(width, c.cond_dim), nn.SiLU())
         self.stem = nn.Linear(width, c.channels[0] * 16)
@@ -135,10 +142,13 @@ class ConditionalGenerator(nn.Module):
         self.attns = nn.ModuleList(attns)
         self.to_rgb = nn.Sequential(nn.GroupNorm(1, cin), nn.LeakyReLU(0.2), nn.Conv2d(cin, 3, 3, padding=1))
 
-    def forward(self, noise, text_states, attention_mask):
-        """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int -> image (B, 3, H, W) in [-1, 1]."""
+    def forward(self, noise, text_states, attention_mask, concept_labels=None):
+        """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int -> image (B, 3, H, W) in [-1, 1].
+        ``concept_labels`` (training only): one label tensor per memory, looked up instead of the text."""
         pooled = masked_mean(text_states, attention_mask)
-        parts = [noise] + ([self.pool(pooled)] if self.pool is not None else []) + [m(pooled) for m in self.memories]
+        labels = concept_labels or [None] * len(self.memories)
+        parts = ([noise] + ([self.pool(pooled)] if self.pool is not None else [])
+                 + [m(pooled, y) for m, y in zip(self.memories, labels)])
         zc = torch.cat(parts, dim=1)
         cond = self.cond(zc)
         x = self.stem(zc).reshape(-1, self.config.channels[0], 4, 4)

@@ -81,19 +81,15 @@ def main(argv=None):
     p.add_argument("--judge-weight", type=float, default=0.05)
     p.add_argument("--judge-steps", type=int, nargs=2, default=[1000, 300], help="one-cycle and polish steps")
     p.add_argument("--channels", type=int, nargs="+", default=[128, 64, 32, 16])
-    p.add_argument("--attention", type=int, nargs="*", default=[8, 16], help="resolutions with cross-attention ([] = pooled only)")
+    p.add_argument("--attention", type=int, nargs="*", default=[],
+                   help="resolutions with cross-attention to the token states (e.g. 8 16; default none)")
     p.add_argument("--cond-dim", type=int, default=192)
     p.add_argument("--attention-dim", type=int, default=64)
     p.add_argument("--captions-per-pair", type=int, default=6)
-    p.add_argument("--text-noise", type=float, default=0.0,
-                   help="std of Gaussian noise added to the text states in training (smooths text -> image)")
-    p.add_argument("--aux-weight", type=float, default=0.0,
-                   help="weight of a training-only linear read-out of emoji and background from the pooled text")
-    p.add_argument("--concepts", action="store_true",
-                   help="concept memories for emoji, background and size (see GeneratorConfig), their lookups "
-                        "supervised by the caption's labels")
+    p.add_argument("--no-concepts", action="store_true",
+                   help="no concept memories (emoji, background, size); condition on --pooled / --attention only")
     p.add_argument("--concept-weight", type=float, default=0.5, help="weight of the lookups' cross-entropy")
-    p.add_argument("--no-pooled", action="store_true", help="no MLP of the pooled text (concepts and attention only)")
+    p.add_argument("--pooled", action="store_true", help="also condition on an MLP of the pooled text states")
     p.add_argument("--eval-every", type=int, default=800, help="steps between quick adherence checks")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -116,8 +112,8 @@ def main(argv=None):
     real = np.load(a.out / "real_features.npz")
 
     cfg = GeneratorConfig(channels=a.channels, attention_resolutions=a.attention, cond_dim=a.cond_dim,
-                          attention_dim=a.attention_dim, pooled_cond=not a.no_pooled,
-                          concepts=[len(EMOJI), len(BACKGROUNDS), len(SIZE_NAMES) + 1] if a.concepts else [])
+                          attention_dim=a.attention_dim, pooled_cond=a.pooled,
+                          concepts=[] if a.no_concepts else [len(EMOJI), len(BACKGROUNDS), len(SIZE_NAMES) + 1])
     captions = training_captions(a.captions_per_pair, seed=a.seed)
     evals = eval_captions()
     states, mask = cached_states([c.text for c in captions], cfg.max_length, a.cache, log)
@@ -128,10 +124,9 @@ def main(argv=None):
 
     gen = ConditionalGenerator(cfg)
     ema = copy.deepcopy(gen).eval()
-    aux = torch.nn.Linear(cfg.cond_dim, len(EMOJI) + len(BACKGROUNDS))  # training only, never exported
     log(f"generator: {sum(q.numel() for q in gen.parameters()) / 1e6:.2f} M params, config {cfg}; "
         f"{len(captions)} training captions")
-    opt = torch.optim.AdamW([*gen.parameters(), *aux.parameters()], lr=a.lr, betas=(0.5, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(0.5, 0.99), weight_decay=0.0)
     t0 = time.time()
     hist = []
     for step in tqdm(range(a.steps), desc="generator", unit="step", mininterval=10):
@@ -144,24 +139,19 @@ def main(argv=None):
         jit, size = variation_from_noise(z, lab_s[idx])
         target = targets(lab_e[idx], lab_b[idx], size, jit)
         gen.train()
-        text = torch.from_numpy(states[idx]).float()
-        if a.text_noise:
-            text = text + a.text_noise * torch.randn_like(text)
-        m = torch.from_numpy(mask[idx])
-        x = gen(z, text, m)
+        text, m = torch.from_numpy(states[idx]).float(), torch.from_numpy(mask[idx])
+        # Each memory's label (emoji, background, size; size 0 = not said): the renderer learns from the
+        # labelled concepts (teacher forcing) while the lookups learn to read them from the text.
+        labels = [torch.from_numpy(y[idx]) for y in (lab_e, lab_b, lab_s + 1)][:len(cfg.concepts)]
+        x = gen(z, text, m, concept_labels=labels)
         l1 = (x - target).abs().mean()
         l1_low = (F.avg_pool2d(x, 4) - F.avg_pool2d(target, 4)).abs().mean()  # coarse layout and colour
         le, lb, _ = judge(x)
         ce = F.cross_entropy(le, torch.from_numpy(lab_e[idx])) + F.cross_entropy(lb, torch.from_numpy(lab_b[idx]))
         loss = l1 + l1_low + a.judge_weight * ce
-        if a.concepts:  # each memory looks up its label: emoji, background, size (0 = not said)
-            pooled = masked_mean(text, m)
-            for memory, labels in zip(gen.memories, (lab_e, lab_b, lab_s + 1)):
-                loss = loss + a.concept_weight * F.cross_entropy(memory.logits(pooled), torch.from_numpy(labels[idx]))
-        if a.aux_weight:
-            read = aux(gen.pool(masked_mean(text, m)))  # needs the pooled MLP
-            loss = loss + a.aux_weight * (F.cross_entropy(read[:, :len(EMOJI)], torch.from_numpy(lab_e[idx]))
-                                          + F.cross_entropy(read[:, len(EMOJI):], torch.from_numpy(lab_b[idx])))
+        pooled = masked_mean(text, m)
+        for memory, y in zip(gen.memories, labels):
+            loss = loss + a.concept_weight * F.cross_entropy(memory.logits(pooled), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -185,7 +175,7 @@ def main(argv=None):
                 f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} synonyms "
                 f"{r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) diversity {r['diversity']:.4f} "
                 f"FD {r['frechet_judge_distance']:.2f}")
-            if a.concepts:  # how well the emoji lookup alone reads the eval prompts (the text side's share)
+            if cfg.concepts:  # how well the emoji lookup alone reads the eval prompts (the text side's share)
                 with torch.no_grad():
                     read = ema.memories[0].logits(masked_mean(torch.from_numpy(ev_states).float(),
                                                               torch.from_numpy(ev_mask))).argmax(1).numpy()
