@@ -94,7 +94,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             files = {}
             for comp in components:
                 rel = f"onnx/{comp.name}.fp32.onnx"
-                export_component(comp, sample, tmp / rel)
+                if comp.assemble is not None:
+                    comp.assemble({name: tmp / f["fp32"] for name, f in files.items()}, tmp / rel)
+                else:
+                    export_component(comp, sample, tmp / rel)
                 files[comp.name] = {"fp32": rel}
                 bar.update(1)
         forms = [f for p in precisions[1:] for f in FORMS[p]]

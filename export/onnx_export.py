@@ -46,6 +46,11 @@ def clean(path: Path, out: Path | None = None) -> None:
     # later tool (quantizer, TensorRT parser) mistakes them for facts. Inputs/outputs keep their axes.
     del model.graph.value_info[:]
     model.producer_name = "edgegen"
+    save(model, out)
+
+
+def save(model: onnx.ModelProto, out: Path) -> None:
+    """Check and write ``model``; weights past protobuf's 2 GB go to ``<out>.data`` beside it."""
     if sum(len(t.raw_data) for t in model.graph.initializer) < PROTOBUF_LIMIT - (64 << 20):
         onnx.checker.check_model(model)
         onnx.save(model, str(out))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from torch import nn
@@ -23,6 +24,9 @@ class ComponentDef:
     outputs: list[TensorSpec]
     tolerance: dict[str, float] = field(default_factory=dict)  # fp32 max-abs per output vs PyTorch
     quantize: bool = True  # False: kept in fp32 in every precision (e.g. the judge, a measuring instrument)
+    # Built from the already exported components' files instead of traced from ``module`` (which still gives
+    # the PyTorch reference): assemble({component: fp32 path}, output path).
+    assemble: Callable[[dict[str, Path], Path], None] | None = None
 
 
 class Family:

@@ -152,6 +152,73 @@ class Fused(nn.Module):
         return to_pixels(self.decoder(x)), states
 
 
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+_ONNX_TYPES = {"float32": 1, "uint8": 2, "int64": 7}
+
+
+def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, TensorSpec], time_cond: bool) -> None:
+    """The unrolled graph of ``plan`` from the exported text encoder, UNet and VAE decoder: each step is a
+    copy of the UNet's nodes (one set of weights), with the scheduler arithmetic traced as small glue graphs
+    from the runtime's own plan code. The result is checked against the torch ``Fused`` module at export."""
+    import tempfile
+
+    from onnx import helper
+
+    from ..compose import Composer, load
+    from ..onnx_export import export_component, save
+    latent, k = specs["latent"], len(plan)
+    noisy = [i for i in range(k) if plan.needs_noise(i)]
+    rng = np.random.default_rng(0)
+    sample = {name: rng.standard_normal((2, *latent.shape[1:]), dtype=np.float32) for name in ("noise", "x", "out")}
+    sample["image"] = rng.uniform(-1, 1, (2, *specs["image"].shape[1:])).astype(np.float32)
+    spec = lambda name, like: TensorSpec(name, like.dtype, like.shape)  # noqa: E731
+
+    def glue(scratch, name, fn, inputs, outputs):
+        path = Path(scratch) / f"{name}.onnx"
+        export_component(ComponentDef(name, _Fn(fn).eval(), inputs, outputs), sample, path)
+        return load(path)
+
+    c = Composer()
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".glue-") as scratch, torch.no_grad():
+        c.add(load(parts["text_encoder"]), "te/", {"input_ids": "input_ids", "text_states": "text_states"})
+        unet, decoder = load(parts["unet"]), load(parts["vae_decoder"])
+        start = glue(scratch, "start", lambda n: (n * plan.init_sigma, plan.scale_input(0, n * plan.init_sigma)),
+                     [spec("noise", latent)], [spec("x", latent), spec("sample", latent)])
+        c.add(start, "start/", {"noise": "noise", "x": "x_0", "sample": "sample_0"})
+        batch = c.node("Slice", [c.node("Shape", ["noise"], "fused/shape"), c.constant("fused/zero", np.array([0])),
+                                 c.constant("fused/one", np.array([1]))], "fused/batch")
+        for i, t in enumerate(plan.timesteps):
+            timestep = c.node("Expand", [c.constant(f"fused/t{i}", np.array([t], np.float32)), batch], f"timestep_{i}")
+            c.add(unet, f"unet{i}/", {"sample": f"sample_{i}", "timestep": timestep, "text_states": "text_states",
+                                      "timestep_cond": "timestep_cond", "model_output": f"out_{i}"}, weights="unet/")
+            last = i == k - 1
+            ins = [spec("x", latent), spec("out", latent)] + ([spec("noise", latent)] if i in noisy else [])
+            outs = [spec("x_next", latent)] + ([] if last else [spec("sample_next", latent)])
+
+            def fn(x, o, n=None, i=i, last=last):
+                nxt = plan.step(i, x, o, n)
+                return nxt if last else (nxt, plan.scale_input(i + 1, nxt))
+            wires = {"x": f"x_{i}", "out": f"out_{i}", "noise": f"noise_{i + 1}", "x_next": f"x_{i + 1}",
+                     "sample_next": f"sample_{i + 1}"}
+            c.add(glue(scratch, f"step{i}", fn, ins, outs), f"step{i}/", wires)
+        c.add(decoder, "dec/", {"latents": f"x_{k}", "image": "image"})
+        c.add(glue(scratch, "pixels", to_pixels, [specs["image"]], [specs["pixels"]]), "px/",
+              {"image": "image", "pixels": "pixels"})
+    info = lambda t: helper.make_tensor_value_info(t.name, _ONNX_TYPES[t.dtype], list(t.shape))  # noqa: E731
+    inputs = [specs["ids"], TensorSpec("noise", "float32", latent.shape),
+              *[TensorSpec(f"noise_{i + 1}", "float32", latent.shape) for i in noisy],
+              *([specs["cond"]] if time_cond else [])]
+    save(c.model([info(t) for t in inputs], [info(specs["pixels"]), info(specs["states"])]), out)
+
+
 def _check_weights(path: Path, what: str) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise CheckpointError(f"diffusion checkpoint {path.parent}", f"no {path.name}/config.json",
@@ -299,10 +366,14 @@ class DiffusionFamily(Family):
         for k in self.fused_steps:
             plan = self._plan(k)
             noisy = [latent(f"noise_{i + 1}") for i in range(len(plan)) if plan.needs_noise(i)]
+            specs = {"ids": ids, "latent": latent("latent"), "image": image, "pixels": pixels, "states": states,
+                     "cond": cond[0] if cond else None}
+            build = lambda parts, out, plan=plan, specs=specs: assemble_fused(  # noqa: E731
+                parts, out, plan, specs, bool(self.time_cond_dim))
             comps.append(ComponentDef(fused_name(k), Fused(self.text_encoder, self.denoiser, self.decoder, plan,
                                                              bool(self.time_cond_dim)).eval(),
                                       [ids, latent("noise"), *noisy, *cond], [pixels, states],
-                                      {"pixels": 2.0, "text_states": 1e-3}))
+                                      {"pixels": 2.0, "text_states": 1e-3}, assemble=build))
         return comps
 
     @torch.no_grad()
