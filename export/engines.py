@@ -85,7 +85,7 @@ def build_engines(root: Path, manifest: dict, flavour: str, compute_capability: 
                                         "report it with the bundle's manifest")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-        if compute_capability or flavour == "trt-rtx":
+        if flavour == "trt-rtx":  # ahead-of-time target; full TensorRT (Jetson) builds for the GPU present
             config.num_compute_capabilities = 1
             config.set_compute_capability(_capability_enum(trt, cc), 0)
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
