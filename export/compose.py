@@ -73,4 +73,6 @@ class Composer:
 
 
 def load(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path))  # with its external weights, if any
+    """A graph to inline. Weights it keeps in an external file stay there (the tensors keep pointing at it,
+    relative to the same directory): a full-size UNet is not held in memory, nor written twice."""
+    return onnx.load(str(path), load_external_data=False)
