@@ -66,11 +66,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     out.parent.mkdir(parents=True, exist_ok=True)
     if engines not in (None, "trt", "trt-rtx"):
         raise BadInputError("--engines", f"unknown engine flavour {engines!r}", "use trt (TensorRT) or trt-rtx (TensorRT for RTX)")
-    if engines:
+    if engines:  # fail now, not after the long steps
+        from edgegen.runtime.engine_build import check_options, target_capability
         from edgegen.runtime.engines import import_flavour
-        import_flavour(engines)  # fail now, not after the long steps
+        check_options(engines, compute_capability, workspace_mb)
+        import_flavour(engines)
+        target_capability(engines, compute_capability)
     steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions", "validate parity",
-                   *(["build engines"] if engines else []), "write bundle"], progress)
+                   "write bundle", *(["build engines"] if engines else [])], progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)
     try:
@@ -152,16 +155,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                 raise ValidationFailedError(f"export {checkpoint}", "failed: " + "; ".join(lines),
                                             "drop that precision, or pass --allow-degraded to keep a bundle marked degraded")
             report["degraded"] = manifest["degraded"] = lines
-        if engines:
-            with steps.step("build engines"):
-                from .engines import build_engines
-                manifest["engines"], build = build_engines(tmp, manifest, engines, compute_capability, workspace_mb, progress)
-                report["engine_builds"] = [build]
         with steps.step("write bundle"):
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
             manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            _move_into_place(tmp, out)
+        if engines:  # what `edgegen engines` does to a finished bundle, here before it is moved into place
+            with steps.step("build engines"):
+                from edgegen.runtime.engine_build import add_engines
+                add_engines(tmp, engines, compute_capability, workspace_mb, progress)
+        _move_into_place(tmp, out)
         return out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -88,6 +88,22 @@ def _diffusion_options(args, pipe) -> dict:
     return given
 
 
+def cmd_engines(args) -> int:
+    from .engine_build import add_engines
+    result = add_engines(args.bundle, args.flavour, compute_capability=args.compute_capability,
+                         workspace_mb=args.workspace_mb, progress=not (args.quiet or args.json))
+    build = result["build"]
+    forms = sorted({e["form"] for e in result["engines"]})
+    cache = (f"timing cache from the {build['timing_cache_source']} ({build['timing_cache_bytes_before']} bytes)"
+             if build["timing_cache_source"] else "new timing cache")
+    text = (f"wrote {len(result['engines'])} engines ({', '.join(forms)}) to {Path(args.bundle) / result['dir']} "
+            f"in {build['seconds']:.1f}s; {cache}"
+            + (f"; replaced {result['replaced']} older ones" if result["replaced"] else "")
+            + "; manifest updated")
+    _emit(args, {"ok": True, **result}, text)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .bundle import Bundle
     bundle = Bundle.open(args.bundle)
@@ -223,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (fp32 is always included)")
     e.add_argument("--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)")
     e.add_argument("--engines", choices=["trt", "trt-rtx"], help="also build TensorRT engines from the fp16/int8 "
-                   "files (trt: on the target GPU, e.g. the Jetson; trt-rtx: TensorRT for RTX, may build ahead of time)")
+                   "files, as `edgegen engines` does (trt: on the target GPU; trt-rtx: TensorRT for RTX, may build "
+                   "ahead of time). On a device without torch, export here and run `edgegen engines` there")
     e.add_argument("--compute-capability", help="GPU architecture to build engines for, e.g. 8.9 (default: the GPU "
                    "present; trt-rtx can target one that is absent)")
     e.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)")
@@ -252,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None, help="diffusion image-to-image: how much to change (0..1, default 0.5)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
+
+    n = sub.add_parser("engines", help="build TensorRT engines for a bundle, on the target machine",
+                       description="Build strongly typed TensorRT engines from a bundle's fp16 / int8 ONNX files (fp32 "
+                       "if it has nothing else) and record them in its manifest, with the lean runtime alone (no "
+                       "torch). Run it on the machine that will run them: engines belong to one TensorRT version and "
+                       "one GPU. The bundle is updated atomically: a failed or interrupted build leaves it as it was; "
+                       "engines of the same flavour, version and GPU are replaced.")
+    n.add_argument("bundle", help="bundle directory (written by edgegen export)")
+    n.add_argument("--flavour", required=True, choices=["trt", "trt-rtx"],
+                   help="trt: TensorRT (e.g. JetPack's, on a Jetson); trt-rtx: TensorRT for RTX")
+    n.add_argument("--compute-capability", help="GPU architecture to build for, e.g. 8.9 (default: the GPU present; "
+                   "only trt-rtx can target one that is absent)")
+    n.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)")
+    n.add_argument("--quiet", action="store_true", help="no progress output")
+    n.add_argument("--json", action="store_true", help="print the result as JSON")
+    n.set_defaults(func=cmd_engines)
 
     i = sub.add_parser("inspect", help="show a bundle's manifest", description="Verify a bundle (schema, paths, "
                        "hashes) and show its components, precisions, tokenizer and provenance.")

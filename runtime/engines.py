@@ -12,6 +12,7 @@ import collections
 import hashlib
 import importlib
 import os
+import shlex
 from pathlib import Path
 
 from .errors import BackendUnavailableError, BadBundleError, EngineMismatchError
@@ -55,9 +56,8 @@ def bundle_key(bundle) -> str:
 
 
 def rebuild_hint(bundle, flavour: str) -> str:
-    checkpoint = bundle.manifest.get("provenance", {}).get("checkpoint") or "CHECKPOINT"
-    return (f"edgegen export {checkpoint} -o {bundle.root} --precision {','.join(bundle.precisions)} "
-            f"--engines {flavour} --force (on the target machine)")
+    """The command that (re)builds ``flavour`` engines for ``bundle``: the lean runtime's, no torch needed."""
+    return f"edgegen engines {shlex.quote(str(bundle.root))} --flavour {flavour} (on the target machine)"
 
 
 def select_engines(manifest: dict, flavour: str, version: str, compute_capability: str | None, rebuild_hint: str) -> list[dict]:
@@ -83,13 +83,13 @@ def select_engines(manifest: dict, flavour: str, version: str, compute_capabilit
     return entries
 
 
-def check_sources(manifest: dict, entries: list[dict]) -> None:
+def check_sources(manifest: dict, entries: list[dict], rebuild_hint: str = "edgegen engines BUNDLE --flavour FLAVOUR") -> None:
     """Each engine must come from the ONNX file the bundle ships now (same sha256)."""
     for e in entries:
         onnx_entry = manifest["files"].get(e["onnx"])
         if onnx_entry is None or onnx_entry["sha256"] != e["onnx_sha256"]:
             raise EngineMismatchError(f"engine {e['file']}", f"was built from another version of {e['onnx']}",
-                                      "rebuild the engines (edgegen export ... --engines) after changing the ONNX files")
+                                      f"rebuild the engines after changing the ONNX files: {rebuild_hint}")
 
 
 def machine(flavour: str) -> tuple[object, str, str]:
@@ -103,8 +103,9 @@ def machine(flavour: str) -> tuple[object, str, str]:
 
 def engines_here(bundle, flavour: str, version: str, compute_capability: str | None) -> list[dict]:
     """The bundle's engines this machine can use (version, GPU and source checks; nothing is read)."""
-    entries = select_engines(bundle.manifest, flavour, version, compute_capability, rebuild_hint(bundle, flavour))
-    check_sources(bundle.manifest, entries)
+    hint = rebuild_hint(bundle, flavour)
+    entries = select_engines(bundle.manifest, flavour, version, compute_capability, hint)
+    check_sources(bundle.manifest, entries, hint)
     return entries
 
 
@@ -135,7 +136,8 @@ def read_engine(bundle, entry: dict) -> bytes:
     listed = bundle.manifest["files"].get(rel)
     subject = f"engine {rel}"
     if listed is None:
-        raise BadBundleError(subject, "is not listed with a hash in the manifest", "re-export the bundle with --engines")
+        raise BadBundleError(subject, "is not listed with a hash in the manifest",
+                             f"rebuild the engines: {rebuild_hint(bundle, entry['flavour'])}")
     path = bundle.path(rel)
     if not path.is_file():
         raise BadBundleError(subject, "file missing", f"rebuild: {rebuild_hint(bundle, entry['flavour'])}")
@@ -167,7 +169,7 @@ def collecting_logger(trt):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.kept = _Messages()
-            self.messages = []  # the builder's view (export/engines.py)
+            self.messages = []  # the last 200 lines, any severity
 
         def log(self, severity, msg):
             self.kept.lines.append((int(severity), str(msg)))

@@ -157,7 +157,7 @@ def choose_precision(bundle: Bundle, requested: str, backend: str = "ort-cpu", f
         if usable:
             return usable[0]
         raise BackendUnavailableError(f"bundle engines ({backend})", "no engine set covers every component",
-                                      f"rebuild them with edgegen export ... --engines {backend}")
+                                      f"rebuild them: edgegen engines {bundle.root} --flavour {backend}")
     if requested not in PRECISIONS:
         raise BadInputError("precision", f"unknown precision {requested!r}", f"choose auto or one of {', '.join(PRECISIONS)}")
     if requested not in bundle.precisions:
@@ -167,7 +167,7 @@ def choose_precision(bundle: Bundle, requested: str, backend: str = "ort-cpu", f
         have = sorted(p for p in PRECISIONS if form_for(p, backend) in forms)
         raise BackendUnavailableError(f"bundle engines ({backend})", f"no {requested} engines for this machine",
                                       f"engines exist for {', '.join(have) or 'no precision'}: pass --precision "
-                                      f"{have[0] if have else 'auto'}, or rebuild with --engines {backend}")
+                                      f"{have[0] if have else 'auto'}, or rebuild: edgegen engines {bundle.root} --flavour {backend}")
     return requested
 
 

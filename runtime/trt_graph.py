@@ -75,7 +75,7 @@ class TrtGraph:
             got = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             if got != np.dtype(NP_DTYPES[t.dtype]):
                 raise BadBundleError(subject, f"{name} is {got}, the manifest says {t.dtype}",
-                                     "engines must be built strongly typed from the bundle's ONNX (edgegen export --engines)")
+                                     "engines must be built strongly typed from the bundle's ONNX (edgegen engines BUNDLE --flavour ...)")
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             if is_input != (t in self.spec.inputs):
                 raise BadBundleError(subject, f"{name} is an {'input' if is_input else 'output'} of the engine",

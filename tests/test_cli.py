@@ -115,5 +115,5 @@ def test_errors_are_one_line_without_traceback(argv, code, fragment, bert_bundle
 
 def test_help_explains_every_command():
     result = subprocess.run([sys.executable, "-m", "edgegen.runtime.cli", "--help"], capture_output=True, text=True)
-    for command in ("export", "generate", "inspect", "validate", "doctor"):
+    for command in ("export", "engines", "generate", "inspect", "validate", "doctor"):
         assert command in result.stdout

@@ -1,5 +1,6 @@
-"""TensorRT engines: built with TensorRT for RTX on this CPU-only machine (ahead of time for a named GPU),
-recorded in the manifest, and refused on a machine they were not built for."""
+"""TensorRT engines: built with TensorRT for RTX on this CPU-only machine (ahead of time for a named GPU) by
+`edgegen export --engines`, recorded in the manifest, and refused on a machine they were not built for.
+`edgegen engines` on an existing bundle (the same builder) is tested in test_engine_build.py."""
 import copy
 import json
 
@@ -28,6 +29,12 @@ def engine_bundle(tiny_checkpoints, tmp_path_factory, monkeypatch_module):
                              engines="trt-rtx", compute_capability="8.9", progress=False)
 
 
+def _build_record(root) -> dict:
+    """engines/<dir>/build.json of the bundle's (only) engine directory: how the engines were built."""
+    [path] = (root / "engines").glob("*/build.json")
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     mp = pytest.MonkeyPatch()
@@ -48,8 +55,9 @@ def test_engines_written_and_recorded(engine_bundle):
         assert e["onnx_sha256"] == bundle.manifest["files"][e["onnx"]]["sha256"] and e["strongly_typed"]
         assert e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16}
         assert (engine_bundle / e["file"]).stat().st_size > 10_000
-    build = bundle.report()["engine_builds"][0]
+    build = _build_record(engine_bundle)
     assert build["timing_cache"] in bundle.manifest["files"] and build["timing_cache_bytes_after"] > 0
+    assert f"{build['dir']}/build.json" in bundle.manifest["files"]
 
 
 @pytest.mark.tensorrt
@@ -58,7 +66,8 @@ def test_rebuild_reuses_the_timing_cache(engine_bundle, tiny_checkpoints, tmp_pa
     from edgegen.export import export_checkpoint
     again = export_checkpoint(tiny_checkpoints["bert"], tmp_path / "b", precisions="fp16", engines="trt-rtx",
                               compute_capability="8.9", progress=False)
-    build = Bundle.open(again).report()["engine_builds"][0]
+    Bundle.open(again)
+    build = _build_record(again)
     assert build["timing_cache_bytes_before"] > 0  # the cache of the first build was loaded
 
 
@@ -80,7 +89,7 @@ MANIFEST = {"files": {"onnx/fused.fp16.onnx": {"sha256": "abc", "bytes": 1}},
             "engines": [{"flavour": "trt-rtx", "version": "1.7.1.116", "compute_capability": "8.9", "component": "fused",
                          "form": "fp16", "file": "engines/x/fused.fp16.engine", "onnx": "onnx/fused.fp16.onnx",
                          "onnx_sha256": "abc"}]}
-HINT = "edgegen export CKPT -o B --engines trt-rtx --force"
+HINT = "edgegen engines B --flavour trt-rtx"
 
 
 def test_engine_for_this_machine_is_selected():
@@ -118,10 +127,10 @@ def test_engine_from_another_onnx_refused():
 @needs_trt_rtx
 def test_rebuild_loads_exactly_the_first_builds_timing_cache(engine_bundle, tiny_checkpoints, tmp_path):
     from edgegen.export import export_checkpoint
-    first = Bundle.open(engine_bundle).report()["engine_builds"][0]
+    first = _build_record(engine_bundle)
     again = export_checkpoint(tiny_checkpoints["bert"], tmp_path / "b", precisions="fp16", engines="trt-rtx",
                               compute_capability="8.9", progress=False)
-    build = Bundle.open(again).report()["engine_builds"][0]
+    build = _build_record(again)
     assert build["timing_cache_bytes_before"] >= first["timing_cache_bytes_after"] > 0
     assert build["timing_cache_bytes_after"] >= build["timing_cache_bytes_before"]
 
@@ -156,7 +165,7 @@ def test_garbage_engine_with_matching_hash_is_refused_before_deserializing(engin
     root = _damaged(engine_bundle, tmp_path, lambda b: b"\x00not an engine\x00" * (len(b) // 15))
     with pytest.raises(BadBundleError, match=r"fused\.fp16\.engine \| is not a valid TensorRT-RTX engine") as e:
         _load(root)
-    assert "--engines trt-rtx" in str(e.value)
+    assert f"edgegen engines {root} --flavour trt-rtx" in str(e.value)
 
 
 @pytest.mark.tensorrt
@@ -202,7 +211,7 @@ def test_mismatches_are_refused_before_the_engine_is_read(engine_bundle, monkeyp
     bundle = Bundle.open(engine_bundle)
     with pytest.raises(EngineMismatchError, match="built for compute capability 8.9, this GPU is 8.6") as e:
         _load(bundle, cc="8.6")
-    assert f"edgegen export bert -o {engine_bundle} --precision fp32,fp16,int8 --engines trt-rtx --force" in str(e.value)
+    assert f"edgegen engines {engine_bundle} --flavour trt-rtx" in str(e.value)
     with pytest.raises(EngineMismatchError, match=rf"built with trt-rtx {trt.__version__}, this machine has 9\.9\.9"):
         _load(bundle, version="9.9.9")
 
@@ -277,7 +286,7 @@ def test_named_trt_rtx_with_engines_for_another_gpu_is_an_error(engine_bundle, p
     pretend_gpu(cc="8.6")
     with pytest.raises(EngineMismatchError, match="built for compute capability 8.9, this GPU is 8.6") as e:
         Pipeline.from_bundle(engine_bundle, backend="trt-rtx")
-    assert "--engines trt-rtx --force" in str(e.value) and "or use --backend ort-cuda" in str(e.value)
+    assert f"edgegen engines {engine_bundle} --flavour trt-rtx" in str(e.value) and "or use --backend ort-cuda" in str(e.value)
 
 
 @pytest.mark.tensorrt

@@ -1,0 +1,282 @@
+"""`edgegen engines BUNDLE --flavour ...`: engines built for an existing bundle with the lean runtime alone,
+written into it atomically. Built with TensorRT for RTX on this CPU-only machine (ahead of time, for compute
+capability 8.9); the switch-over and failure cases use a stand-in builder so they run in milliseconds."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgegen.runtime import BackendUnavailableError, BadInputError, Bundle, ValidationFailedError
+from edgegen.runtime import engine_build
+from edgegen.runtime.cli import main
+from edgegen.runtime.engine_build import STAGING_PREFIX, add_engines
+from edgegen.runtime.engines import import_flavour
+
+
+def _trt_rtx():
+    try:
+        return import_flavour("trt-rtx")
+    except BackendUnavailableError:
+        return None
+
+
+trt = _trt_rtx()
+needs_trt_rtx = pytest.mark.skipif(trt is None, reason="TensorRT for RTX is not installed (pip install 'edgegen[tensorrt-rtx]')")
+COMPONENTS = ("text_encoder", "generator", "fused")
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """A private user cache (where the machine's timing cache lives) for every test."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGEGEN_CACHE", str(cache))
+    return cache
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones too) by relative path -> sha256 of its bytes."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def engines_cli(capsys, *argv):
+    code = main(["engines", *[str(a) for a in argv]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fake_builder(monkeypatch, fail_at=None, error=None):
+    """Replace the TensorRT build of one engine by a stand-in (bytes naming the engine; the timing cache
+    grows by one byte per build); with ``fail_at``, the build of that engine (1-based) raises ``error``."""
+    built = []
+
+    def build_one(trt, logger, onnx_path, what, *args):
+        cache = args[-1]
+        if fail_at is not None and len(built) + 1 == fail_at:
+            raise error
+        built.append(what)
+        return f"engine {what}".encode() * 100, cache + b"t"
+    monkeypatch.setattr(engine_build, "_build_one", build_one)
+    return built
+
+
+# ---------------------------------------------------------------- real builds (TensorRT for RTX, no GPU)
+
+@pytest.mark.tensorrt
+@needs_trt_rtx
+def test_engines_command_writes_engines_into_the_bundle(capsys, bundle_copy):
+    before = json.loads((bundle_copy / "manifest.json").read_text())
+    code, out, err = engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    rel_dir = f"engines/trt-rtx-{trt.__version__}-sm89"
+    assert result["ok"] and result["dir"] == rel_dir and result["replaced"] == 0
+    bundle = Bundle.open(bundle_copy)  # every file, engines included, matches its hash
+    manifest = bundle.manifest
+    engines = manifest["engines"]
+    assert {(e["component"], e["form"]) for e in engines} == {(c, "fp32") for c in COMPONENTS}  # fp32-only bundle
+    for e in engines:
+        assert e["flavour"] == "trt-rtx" and e["version"] == trt.__version__ and e["compute_capability"] == "8.9"
+        assert e["file"] == f"{rel_dir}/{e['component']}.fp32.engine" and e["file"] in manifest["files"]
+        assert e["onnx"] == f"onnx/{e['component']}.fp32.onnx"
+        assert e["onnx_sha256"] == manifest["files"][e["onnx"]]["sha256"] == before["files"][e["onnx"]]["sha256"]
+        assert e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16} and e["strongly_typed"]
+        assert (bundle_copy / e["file"]).stat().st_size > 10_000
+    new_files = set(manifest["files"]) - set(before["files"])
+    assert new_files == {f"{rel_dir}/{c}.fp32.engine" for c in COMPONENTS} | {f"{rel_dir}/timing.cache", f"{rel_dir}/build.json"}
+    # nothing else in the manifest changed, and nothing was left behind
+    assert {k: v for k, v in manifest.items() if k not in ("engines", "files")} == \
+           {k: v for k, v in before.items() if k not in ("engines", "files")}
+    assert all(manifest["files"][rel] == entry for rel, entry in before["files"].items())
+    assert not list(bundle_copy.glob(".*"))
+    build = json.loads((bundle_copy / rel_dir / "build.json").read_text())
+    assert build == result["build"] and build["timing_cache_source"] is None and build["timing_cache_bytes_after"] > 0
+    # a real TensorRT-RTX engine: it passes every check up to the missing GPU
+    from edgegen.runtime import cudart
+    from edgegen.runtime.engines import load_engine
+    if not cudart.gpu_status()["available"]:
+        with pytest.raises(BackendUnavailableError, match="TensorRT-RTX cannot run it here"):
+            load_engine(bundle, "trt-rtx", "fused", "fp32", trt=trt, version=trt.__version__, compute_capability="8.9")
+
+
+@pytest.mark.tensorrt
+@needs_trt_rtx
+def test_a_second_run_reuses_the_timing_cache_and_replaces_the_engines(capsys, bundle_copy, user_cache):
+    assert engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--quiet")[0] == 0
+    rel_dir = f"engines/trt-rtx-{trt.__version__}-sm89"
+    first = json.loads((bundle_copy / rel_dir / "build.json").read_text())
+    code, out, err = engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9")
+    assert code == 0 and "replaced 3 older ones" in out and "timing cache from the user cache" in out
+    assert "engine 3/3" in err  # progress on stderr
+    second = json.loads((bundle_copy / rel_dir / "build.json").read_text())
+    assert second["timing_cache_source"] == "user cache"
+    assert second["timing_cache_bytes_before"] == first["timing_cache_bytes_after"] > 0
+    manifest = Bundle.open(bundle_copy).manifest
+    assert len(manifest["engines"]) == 3  # replaced, not added
+    # a machine without the user cache starts from the bundle's own copy for this flavour, version and GPU
+    shutil.rmtree(user_cache)
+    result = add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
+    assert result["build"]["timing_cache_source"] == "bundle" and result["build"]["timing_cache_bytes_before"] > 0
+    # engines for another GPU sit beside these ones
+    add_engines(bundle_copy, "trt-rtx", "8.6", progress=False)
+    manifest = Bundle.open(bundle_copy).manifest
+    assert sorted(e["compute_capability"] for e in manifest["engines"]) == ["8.6"] * 3 + ["8.9"] * 3
+
+
+BLOCKER = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "diffusers", "onnx", "onnxscript"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+from edgegen.runtime.cli import main
+code = main(sys.argv[1:])
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "diffusers", "onnx")
+                or m.startswith("edgegen.export"))
+print("LEAKED", leaked, file=sys.stderr)
+sys.exit(code if not leaked else 99)
+"""
+
+
+@pytest.mark.tensorrt
+@needs_trt_rtx
+def test_engines_command_runs_without_torch(bundle_copy, tmp_path):
+    result = subprocess.run([sys.executable, "-c", BLOCKER, "engines", str(bundle_copy), "--flavour", "trt-rtx",
+                             "--compute-capability", "8.9", "--json"], capture_output=True, text=True,
+                            env={**os.environ, "EDGEGEN_CACHE": str(tmp_path / "c")})
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stderr
+    assert len(json.loads(result.stdout)["engines"]) == 3
+    assert len(Bundle.open(bundle_copy).manifest["engines"]) == 3
+
+
+# ---------------------------------------------------------------- failures leave the bundle as it was
+
+@needs_trt_rtx
+@pytest.mark.parametrize("error", [ValidationFailedError("engine generator.fp32", "TensorRT failed to build it"),
+                                   KeyboardInterrupt()])
+def test_a_failed_or_interrupted_build_leaves_the_bundle_byte_identical(bundle_copy, monkeypatch, error):
+    fake_builder(monkeypatch)
+    add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)  # engines there already: the replace path
+    before = snapshot(bundle_copy)
+    built = fake_builder(monkeypatch, fail_at=2, error=error)
+    with pytest.raises(type(error)):
+        add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
+    assert built == ["text_encoder.fp32"]  # it failed mid-way, after writing one engine
+    assert snapshot(bundle_copy) == before
+    Bundle.open(bundle_copy)
+
+
+@needs_trt_rtx
+def test_a_failed_first_build_leaves_the_bundle_byte_identical(capsys, bundle_copy, monkeypatch):
+    before = snapshot(bundle_copy)
+    fake_builder(monkeypatch, fail_at=3, error=ValidationFailedError("engine fused.fp32", "TensorRT failed to build it"))
+    code, out, err = engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--quiet")
+    assert code == 1 and err.startswith("edgegen: engine fused.fp32 | TensorRT failed") and len(err.splitlines()) == 1
+    assert snapshot(bundle_copy) == before
+
+
+class Crash(BaseException):
+    """The process dying at this point (nothing after it runs but the cleanup a kill would skip)."""
+
+
+@needs_trt_rtx
+@pytest.mark.parametrize("crash_at", range(4))
+def test_the_bundle_verifies_whatever_step_of_the_switch_is_cut_short(bundle_copy, monkeypatch, crash_at):
+    """The switch is: manifest without the old engines, old directory aside, new directory in, new manifest.
+    Cut before step ``crash_at``, the bundle still verifies and holds the old engines or none of this set;
+    the next run completes it."""
+    fake_builder(monkeypatch)
+    add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
+    old = Bundle.open(bundle_copy).manifest["engines"]
+    real_switch, real_write, real_rename = engine_build._switch, engine_build._write, Path.rename
+    steps = []
+
+    def counted(fn):
+        def step(*args):
+            if len(steps) == crash_at:
+                raise Crash
+            steps.append(fn.__name__)
+            return fn(*args)
+        return step
+
+    def switch(*args):
+        monkeypatch.setattr(engine_build, "_write", counted(real_write))
+        monkeypatch.setattr(Path, "rename", counted(real_rename))
+        try:
+            return real_switch(*args)
+        finally:
+            monkeypatch.setattr(engine_build, "_write", real_write)
+            monkeypatch.setattr(Path, "rename", real_rename)
+    monkeypatch.setattr(engine_build, "_switch", switch)
+    with pytest.raises(Crash):
+        add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
+    assert steps == ["_write", "rename", "rename", "_write"][:crash_at]
+    engines = Bundle.open(bundle_copy).manifest["engines"]
+    assert engines == (old if crash_at == 0 else [])
+    monkeypatch.setattr(engine_build, "_switch", real_switch)
+    add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
+    assert len(Bundle.open(bundle_copy).manifest["engines"]) == 3
+
+
+@needs_trt_rtx
+def test_an_interrupt_during_the_switch_waits_until_it_is_done(bundle_copy, monkeypatch):
+    fake_builder(monkeypatch)
+    real_switch, handler = engine_build._switch, signal.getsignal(signal.SIGINT)
+
+    def switch(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between two renames
+        return real_switch(*args)
+    monkeypatch.setattr(engine_build, "_switch", switch)
+    with pytest.raises(KeyboardInterrupt):
+        add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
+    assert len(Bundle.open(bundle_copy).manifest["engines"]) == 3  # switched over completely, then stopped
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+
+
+def test_bad_options_are_refused_before_anything_is_built(capsys, bundle_copy, monkeypatch):
+    before = snapshot(bundle_copy)
+    monkeypatch.setattr(engine_build, "_build_one", lambda *a: pytest.fail("built despite a bad option"))
+    cases = [(["--flavour", "trt-rtx", "--compute-capability", "89"], 2, "--compute-capability | expected MAJOR.MINOR"),
+             (["--flavour", "trt-rtx", "--compute-capability", "8.9", "--workspace-mb", "0"], 2, "--workspace-mb"),
+             (["--flavour", "trt", "--compute-capability", "8.7"], 1, r"\(tensorrt\) is not installed")]
+    if trt is not None:
+        cases.append((["--flavour", "trt-rtx", "--compute-capability", "1.0"], 2, "1.0 is not a target of this TensorRT"))
+    for argv, code, fragment in cases:
+        got, out, err = engines_cli(capsys, bundle_copy, *argv)
+        assert got == code and len(err.splitlines()) == 1 and err.startswith("edgegen: ") and re.search(fragment, err), err
+    assert snapshot(bundle_copy) == before
+
+
+@needs_trt_rtx
+def test_trt_rtx_without_a_gpu_needs_a_compute_capability(bundle_copy):
+    if engine_build.local_compute_capability() is not None:
+        pytest.skip("a GPU is present: the build targets it")
+    with pytest.raises(BadInputError, match="no CUDA GPU here to build for.*--compute-capability"):
+        add_engines(bundle_copy, "trt-rtx", progress=False)
+
+
+def test_a_damaged_bundle_is_refused_before_building(bundle_copy, monkeypatch):
+    from edgegen.runtime import BadBundleError
+    monkeypatch.setattr(engine_build, "_build_one", lambda *a: pytest.fail("built from a damaged bundle"))
+    path = bundle_copy / "onnx" / "generator.fp32.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadBundleError, match="does not match its sha256"):
+        add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
+    assert not list(bundle_copy.glob(STAGING_PREFIX + "*"))
+
+
+def test_rebuild_commands_point_at_edgegen_engines(bert_bundle):
+    from edgegen.runtime.engines import rebuild_hint
+    hint = rebuild_hint(Bundle.open(bert_bundle, verify_hashes=False), "trt")
+    assert hint.startswith(f"edgegen engines {bert_bundle} --flavour trt") and "export" not in hint
