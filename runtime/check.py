@@ -1,8 +1,9 @@
-"""On-device validation: run a bundle's ONNX files on stored PyTorch reference inputs and compare.
+"""On-device validation: run a bundle's graphs on stored PyTorch reference inputs and compare.
 
 Export writes ``reference.npz`` (inputs of several batch sizes and prompt lengths, and what PyTorch
 computed from them). The same code checks parity at export time and, later, on any device and
-backend, without torch.
+backend, without torch: ONNX Runtime backends run the ONNX files, trt / trt-rtx run the bundle's
+engines for this machine (the precisions that have engines).
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import math
 
 import numpy as np
 
-from .backends import make_session
-from .bundle import FORMS, Bundle
-from .errors import BadBundleError
+from .backends import TRT_BACKENDS, engine_forms, make_session, open_graph
+from .bundle import FORMS, PRECISIONS, Bundle, form_for
+from .errors import BackendUnavailableError, BadBundleError
 
 REFERENCE = "reference.npz"
 PSNR_CAP_DB = 100.0  # identical images: reported as this instead of infinity (JSON has no inf)
@@ -59,18 +60,18 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
     cases = load_reference(bundle)
     report = {"backend": backend, "cases": [{k: list(v.shape) for k, v in c["in"].items()} for c in cases],
               "precisions": {}}
-    forms = [f for p in precisions or bundle.precisions for f in FORMS[p]]
+    forms = forms_to_check(bundle, backend, precisions)
     # the text states scored for the gate: the fused graph's, or the text encoder's where no 1-step fused graph exists
     text_source = "fused" if "fused" in bundle.components else "text_encoder"
     for precision in forms:
         parity, pixels, cosines = {}, [], []
         for name, comp in bundle.components.items():
-            session = make_session(bundle.onnx_path(name, precision), backend)
+            run = component_runner(bundle, name, precision, backend)
             # fp32 is held to PyTorch within the family's tolerances; fp16/int8 are judged by the quality gate.
             tolerance = bundle.manifest["components"][name]["tolerance"].get(precision, {})
             errs = {o.name: [] for o in comp.outputs}
             for case in cases:
-                got = session.run(None, {t.name: case["in"][t.name] for t in comp.inputs})
+                got = run({t.name: case["in"][t.name] for t in comp.inputs})
                 for spec, value in zip(comp.outputs, got):
                     errs[spec.name].append(np.abs(value.astype(np.float64) - case["out"][name][spec.name]))
                     if spec.dtype == "uint8":  # final pixels: also scored as an image
@@ -108,6 +109,48 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
             entry["ok"] = entry["ok"] and entry["gate"]["ok"]
     report["ok"] = all(p["ok"] for p in report["precisions"].values())
     return report
+
+
+def forms_to_check(bundle: Bundle, backend: str, precisions: list[str] | None) -> list[str]:
+    """The file forms to validate: on ONNX Runtime every form of each precision (int8 in both its forms); on
+    trt / trt-rtx the form each precision runs as, for the precisions that have engines for this machine
+    (all of them when ``precisions`` is None; a precision asked for by name must have its engines)."""
+    wanted = precisions or bundle.precisions
+    if backend not in TRT_BACKENDS:
+        return [f for p in wanted for f in FORMS[p]]
+    from .engines import rebuild_hint
+    have = engine_forms(bundle, backend)  # version, GPU and source checks; raises when none fit this machine
+    missing = [p for p in wanted if form_for(p, backend) not in have]
+    if (precisions and missing) or len(missing) == len(wanted):
+        built = [p for p in PRECISIONS if form_for(p, backend) in have]
+        raise BackendUnavailableError(f"bundle engines ({backend})", f"no {', '.join(missing)} engines for this machine",
+                                      f"engines exist for {', '.join(built) or 'no precision'}: validate "
+                                      f"{'with --precision ' + built[0] if built else 'another precision'}, build them "
+                                      f"({rebuild_hint(bundle, backend)}), or check the ONNX files with --backend ort-cuda")
+    return [form_for(p, backend) for p in wanted if p not in missing]
+
+
+def component_runner(bundle: Bundle, name: str, form: str, backend: str):
+    """A function {input: array} -> [outputs in the manifest's order] for component ``name`` in ``form``:
+    an ONNX Runtime session, or on trt / trt-rtx the component's engine through ``open_graph``, as the
+    pipelines run it (the judge has no engine: it runs on ONNX Runtime, as the pipelines score with it)."""
+    if backend in TRT_BACKENDS and name == "judge":
+        from .quality import judge_backend
+        backend = judge_backend(backend)
+    if backend not in TRT_BACKENDS:
+        session = make_session(bundle.onnx_path(name, form), backend)
+        return lambda feeds: session.run(None, feeds)
+    graph = open_graph(bundle, name, form, backend)
+    outputs = [t.name for t in bundle.components[name].outputs]
+
+    def run(feeds: dict) -> list:
+        batch = len(next(iter(feeds.values())))
+        inputs = graph.inputs(batch)
+        for key, value in feeds.items():
+            inputs[key][...] = value
+        got = graph.run(batch)
+        return [got[out].copy() for out in outputs]
+    return run
 
 
 def pooled_cosine(got, want, mask) -> np.ndarray:

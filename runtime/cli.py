@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="re-check a bundle against its PyTorch reference on this device",
                        description="Run every component on the bundle's stored PyTorch reference inputs on this "
-                       "machine and backend, and compare (no torch needed). Exit 1 if a check fails.")
+                       "machine and backend, and compare (no torch needed). On trt / trt-rtx the components run "
+                       "through the bundle's engines for this machine (the precisions that have engines; build them "
+                       "with `edgegen engines`). Exit 1 if a check fails.")
     v.add_argument("bundle", nargs="?", help="bundle directory (default: the shipped default model)")
     v.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
     v.add_argument("--precision", default="all", help="all (default), fp32, fp16 or int8")

@@ -4,6 +4,7 @@ pipeline's pixels exactly (the emulated engine is the same ONNX on the same CPU 
 CUDA graph with each call's new inputs, keep the text states on the "device" between stages, and allocate
 nothing per call after the first at a batch size. What this cannot show -- that real CUDA, TensorRT and the
 ONNX Runtime GPU providers accept these calls -- is what the `gpu` tests (test_gpu_backends.py) are for."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,17 +43,21 @@ def reference(bundle):
     return pipes
 
 
-def emulated_trt(monkeypatch, bundle, cuda, graphs=True):
-    """Pipelines built after this run every component as an emulated TensorRT engine."""
-    engines = {}
-
+def trt_factory(cuda, engines: dict, graphs=True):
+    """An ``open_graph`` that opens every component as an emulated TensorRT engine (kept in ``engines``)."""
     def factory(b, component, form, backend, cuda_graphs=None):
         spec = b.components[component]
         engine = engines[component] = FakeEngine(b.onnx_path(component, form), spec, cuda, b.generation["max_batch"])
         entry = {"file": f"engines/fake/{component}.{form}.engine", "profile": {"max_batch": b.generation["max_batch"]}}
         return TrtGraph(b, component, form, backend, spec, cuda_graphs=graphs,
                         loaded=(engine, None, LOGGER, entry), trt=FAKE_TRT)
-    monkeypatch.setattr(pipeline_module, "open_graph", factory)
+    return factory
+
+
+def emulated_trt(monkeypatch, bundle, cuda, graphs=True):
+    """Pipelines built after this run every component as an emulated TensorRT engine."""
+    engines = {}
+    monkeypatch.setattr(pipeline_module, "open_graph", trt_factory(cuda, engines, graphs))
     return engines
 
 
@@ -240,3 +245,71 @@ def test_doctor_tells_listed_providers_from_loaded_ones(bert_bundle):
     if not report["gpu"]["available"]:
         for backend in ("ort-cuda", "ort-trt", "trt", "trt-rtx"):
             assert report["backends"][backend]["loads"] is False and report["backends"][backend]["error"]
+
+
+# ---------------------------------------------------------------- validate on trt / trt-rtx: the engines, not ONNX sessions
+
+@pytest.fixture
+def validate_on_emulated_trt(monkeypatch, host_cuda):
+    """`validate --backend trt` over emulated engines: trt loads, the bundle has fp32 engines for this machine,
+    and an ONNX Runtime session asked for on a TensorRT backend fails the test."""
+    from edgegen.runtime import check
+    engines = {}
+    monkeypatch.setattr(check, "open_graph", trt_factory(host_cuda, engines))
+    monkeypatch.setattr(check, "engine_forms", lambda b, backend: {"fp32"})
+    monkeypatch.setattr(backends, "backend_loads", lambda b: (True, "") if b == "trt" else (b == "ort-cpu", "no GPU"))
+    real = check.make_session
+
+    def make_session(path, backend, *args, **kwargs):
+        assert backend in backends.ORT_PROVIDERS, f"an ONNX Runtime session on {backend}"
+        return real(path, backend, *args, **kwargs)
+    monkeypatch.setattr(check, "make_session", make_session)
+    return engines
+
+
+def test_validate_on_trt_runs_every_component_through_its_engine(capsys, validate_on_emulated_trt, bundle):
+    from edgegen.runtime.check import check_bundle
+    from edgegen.runtime.cli import main
+    code = main(["validate", str(bundle.root), "--backend", "trt", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"] and report["backend"] == "trt" and list(report["precisions"]) == ["fp32"]
+    engines = validate_on_emulated_trt
+    assert set(engines) == {"text_encoder", "generator", "fused"}
+    assert all(e.executions == len(report["cases"]) for e in engines.values())  # every reference case, once
+    # the emulated engine is the same ONNX on the same CPU: the figures of an ort-cpu validation
+    want = check_bundle(bundle, "ort-cpu")["precisions"]["fp32"]
+    got = report["precisions"]["fp32"]
+    for name, parity in want["parity"].items():
+        assert got["parity"][name]["ok"] and got["parity"][name]["max_abs"] == pytest.approx(parity["max_abs"], abs=1e-6)
+    assert got["quality"]["psnr_db"] == pytest.approx(want["quality"]["psnr_db"], abs=0.01)
+
+
+def test_validate_on_trt_refuses_a_precision_without_engines(validate_on_emulated_trt, monkeypatch, bundle):
+    from edgegen.runtime import check
+    monkeypatch.setattr(check, "engine_forms", lambda b, backend: {"fp16"})
+    for precisions in (["fp32"], None):
+        with pytest.raises(BackendUnavailableError, match=rf"no fp32 engines for this machine. Note: engines exist for "
+                           rf"fp16: validate with --precision fp16, build them \(edgegen engines {bundle.root} --flavour trt"):
+            check.check_bundle(bundle, "trt", precisions)
+    assert validate_on_emulated_trt == {}  # refused before any engine was opened
+
+
+def test_validate_checks_the_forms_each_backend_runs(monkeypatch):
+    from edgegen.runtime import check
+    fake = SimpleNamespace(precisions=["fp32", "fp16", "int8"], root="B")
+    monkeypatch.setattr(check, "engine_forms", lambda b, backend: {"fp16", "int8-qdq"})
+    assert check.forms_to_check(fake, "ort-cpu", None) == ["fp32", "fp16", "int8", "int8-qdq"]
+    assert check.forms_to_check(fake, "trt-rtx", None) == ["fp16", "int8-qdq"]  # what has engines
+    assert check.forms_to_check(fake, "trt", ["int8"]) == ["int8-qdq"]
+    with pytest.raises(BackendUnavailableError, match="no fp32 engines"):
+        check.forms_to_check(fake, "trt", ["fp32", "fp16"])
+
+
+def test_validate_on_a_tensorrt_backend_without_a_gpu_is_a_one_line_error(capsys, bert_bundle):
+    if cudart.gpu_status()["available"]:
+        pytest.skip("a GPU is present")
+    from edgegen.runtime.cli import main
+    for backend in ("trt", "trt-rtx"):
+        code = main(["validate", str(bert_bundle), "--backend", backend])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith(f"edgegen: backend {backend} | cannot run here") and len(err.splitlines()) == 1
