@@ -50,11 +50,16 @@ def clean(path: Path, out: Path | None = None) -> None:
 
 
 def save(model: onnx.ModelProto, out: Path) -> None:
-    """Check and write ``model``; weights past protobuf's 2 GB go to ``<out>.data`` beside it."""
-    if sum(len(t.raw_data) for t in model.graph.initializer) < PROTOBUF_LIMIT - (64 << 20):
+    """Check and write ``model``; weights past protobuf's 2 GB go to ``<out>.data`` beside it. A model that
+    already points at external weights (files beside ``out``) is checked once written, where they resolve."""
+    inline = sum(len(t.raw_data) for t in model.graph.initializer) < PROTOBUF_LIMIT - (64 << 20)
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer) and inline:
         onnx.checker.check_model(model)
         onnx.save(model, str(out))
         return
-    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=out.name.removesuffix(".onnx") + EXTERNAL_SUFFIX, size_threshold=1024)
+    if inline:
+        onnx.save(model, str(out))
+    else:
+        onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=out.name.removesuffix(".onnx") + EXTERNAL_SUFFIX, size_threshold=1024)
     onnx.checker.check_model(str(out))
