@@ -79,6 +79,14 @@ not name one; the generator was trained to map them so (see `training/README.md`
 move the emoji by a few pixels and, for size-less captions, change its size.
 
 ## Generator
+The text reaches the image through three *concept memories* (emoji, background, size): each takes the
+L2-normalised mean of MiniLM's token states (the sentence embedding MiniLM was trained to produce),
+scores it against its learned keys and returns a sharpened softmax mix of learned concept vectors. A
+convolutional renderer (FiLM-modulated up-sampling blocks) draws the image from those vectors and the
+noise. In training the renderer saw the caption's labelled concepts and the keys learned to read them
+from the text, so a paraphrase works as far as MiniLM's sentence space puts it near a trained phrasing.
+Why this design and what the alternatives measured: `training/README.md`.
+
 `{json.dumps({k: v for k, v in cfg.__dict__.items()})}`
 
 ## Evaluation
@@ -93,6 +101,7 @@ Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN tra
 | judge accuracy on held-out real renders, background | {m['judge_accuracy_real_heldout']['background']:.4f} |
 | adherence, seen phrasing (judge: emoji and background right) | {m['adherence_seen']:.3f} |
 | adherence, held-out phrasing | {m['adherence_heldout']:.3f} |
+| adherence, held-out templates / held-out synonyms | {m['adherence_heldout_templates']:.3f} / {m['adherence_heldout_synonyms']:.3f} |
 | emoji / background accuracy, seen | {m['emoji_acc_seen']:.3f} / {m['background_acc_seen']:.3f} |
 | emoji / background accuracy, held-out | {m['emoji_acc_heldout']:.3f} / {m['background_acc_heldout']:.3f} |
 | diversity (mean pairwise L1 between seeds, 0..1) | {m['diversity']:.4f} |

@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest when the 2 cores are shared")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--judge-weight", type=float, default=0.05)
+    p.add_argument("--judge-weight", type=float, default=0.1, help="weight of the frozen judge's cross-entropy")
     p.add_argument("--judge-steps", type=int, nargs=2, default=[1000, 300], help="one-cycle and polish steps")
     p.add_argument("--channels", type=int, nargs="+", default=[128, 64, 32, 16])
     p.add_argument("--attention", type=int, nargs="*", default=[],
