@@ -15,7 +15,7 @@ import torch
 
 from edgegen.runtime import __version__
 from edgegen.runtime.bundle import FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, file_entry
-from edgegen.runtime.check import (REFERENCE, check_bundle, failures, gate_result, pooled_cosine, psnr_db,
+from edgegen.runtime.check import (REFERENCE, check_bundle, failures, pooled_cosine, psnr_db,
                                    save_reference)
 from edgegen.runtime.errors import BadInputError, ValidationFailedError
 from edgegen.runtime.tokenize import PromptTokenizer
@@ -114,16 +114,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                 else:
                     calibration = [c for c, _ in family.calibration_cases(tokenize)]
                     kept, alone = keep_back(tmp / files["fused"]["fp32"], form, calibration,
-                                           lambda path: score_fused(path, cases),
-                                           lambda q: gate_result(all_gates[form], q)["ok"])
+                                           lambda path: score_fused(path, cases), all_gates[form])
                     quantize_with = lambda src, dst, form=form, kept=kept: int8.quantize(src, dst, form, calibration, kept)
                     for comp in components:
                         files[comp.name][form] = _write_form(tmp, files[comp.name]["fp32"], comp, form, quantize_with)
                     quantization[form] = {
                         "calibration_prompts": sum(len(c["input_ids"]) for c in calibration),
-                        "kept_fp32": {b: f"PSNR {alone[b]:.1f} dB when quantized alone: among the worst, "
-                                         f"kept until the gate passed" for b in sorted(kept)},
-                        "psnr_db_when_quantized_alone": alone}
+                        "kept_back": {b: "activations kept in float, weights int8: when it alone was quantized "
+                                         + ", ".join(f"{m} {v:g}" for m, v in alone[b].items())
+                                         + "; kept back, worst first, until the gate passed" for b in sorted(kept)},
+                        "when_quantized_alone": alone}
                 bar.update(1)
         for precision in precisions:  # one weights file per precision, each distinct tensor stored once
             rels = sorted({files[c.name][f] for c in components for f in FORMS[precision]})

@@ -101,7 +101,8 @@ def test_int8_both_forms_written_and_gated(int8_bundle):
         assert gate["ok"] and gate["checks"]["psnr_db"]["value"] >= gate["checks"]["psnr_db"]["min"]
         q = report["quantization"][form]
         assert q["calibration_prompts"] >= 32
-        assert set(q["kept_fp32"]) <= set(q["psnr_db_when_quantized_alone"])
+        assert set(q["kept_back"]) <= set(q["when_quantized_alone"])
+        assert all(set(m) == {"psnr_db", "text_cosine"} for m in q["when_quantized_alone"].values())
     # the CPU form quantizes the text encoder dynamically, the QDQ form statically
     cpu = {n.op_type for n in onnx.load(str(bundle.onnx_path("text_encoder", "int8"))).graph.node}
     qdq = {n.op_type for n in onnx.load(str(bundle.onnx_path("text_encoder", "int8-qdq"))).graph.node}
@@ -119,18 +120,55 @@ def test_mask_path_is_never_quantized(int8_bundle):
 
 
 def test_int8_sensitivity_keeps_back_the_worst_layers(tiny_checkpoints, tmp_path):
-    """A gate that full quantization misses: the export keeps layer groups in fp32, worst first, and passes."""
+    """A gate that full quantization misses: the export keeps layer groups back (float activations, int8
+    weights), worst first for the failing metric, and passes."""
     from edgegen.export.exporter import GATES
     loose = export_checkpoint(tiny_checkpoints["bert"], tmp_path / "a", precisions="int8", progress=False)
     q = Bundle.open(loose).report()["quantization"]["int8"]
-    alone = q["psnr_db_when_quantized_alone"]
+    alone = {b: m["psnr_db"] for b, m in q["when_quantized_alone"].items()}
     worst = min(alone, key=alone.get)
     strict = {"int8": {"psnr_db": 40.0, "text_cosine": 0.98}, "int8-qdq": GATES["int8-qdq"]}
     out = export_checkpoint(tiny_checkpoints["bert"], tmp_path / "b", precisions="int8", gates=strict, progress=False)
-    report = Bundle.open(out).report()
-    kept = report["quantization"]["int8"]["kept_fp32"]
-    assert worst in kept and len(kept) > len(q["kept_fp32"])
+    bundle = Bundle.open(out)
+    report = bundle.report()
+    kept = report["quantization"]["int8"]["kept_back"]
+    assert worst in kept and len(kept) > len(q["kept_back"])
     assert report["precisions"]["int8"]["gate"]["checks"]["psnr_db"]["value"] >= 40.0
+    # kept-back groups still store int8 weights, dequantized in the graph
+    model = onnx.load(str(bundle.onnx_path("fused", "int8")), load_external_data=False)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith(".dequant")]
+    assert dq and all(inits[n.input[0]] == onnx.TensorProto.INT8 for n in dq)
+
+
+def test_weights_only_is_close_and_small():
+    """weights_only: int8 per output channel behind a DequantizeLinear, for MatMul, Gemm (transB) and Conv."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from edgegen.export.int8 import weights_only
+    rng = np.random.default_rng(0)
+    w_mm, w_gemm, w_conv = (rng.standard_normal(s).astype(np.float32) for s in ((8, 6), (5, 6), (4, 3, 3, 3)))
+    w_mm[:, 2] *= 50  # one loud output channel must not cost the others their precision
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_mm"], ["a"], name="mm"),
+         helper.make_node("Gemm", ["a", "w_gemm"], ["b"], name="gemm", transB=1),
+         helper.make_node("Conv", ["img", "w_conv"], ["c"], name="conv", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+              helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b", "c")],
+        [numpy_helper.from_array(w, n) for w, n in ((w_mm, "w_mm"), (w_gemm, "w_gemm"), (w_conv, "w_conv"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "img": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    weights_only(model, ["mm", "gemm", "conv"])
+    assert {i.name: i.data_type for i in model.graph.initializer if i.name.endswith(".int8")} == {
+        f"w_{k}.int8": TensorProto.INT8 for k in ("mm", "gemm", "conv")}
+    assert not {"w_mm", "w_gemm", "w_conv"} & {i.name for i in model.graph.initializer}
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 0.02 * np.abs(w).max()
+    quiet = np.abs(got[0][:, [0, 1, 3, 4, 5]] - want[0][:, [0, 1, 3, 4, 5]]).max()
+    assert quiet <= 0.02 * np.abs(want[0][:, [0, 1, 3, 4, 5]]).max()
 
 
 def test_auto_precision_picks_int8_on_cpu(int8_bundle):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Seen phrasings, a held-out template and held-out synonyms ("kitten", "spaceship" never trained).
+# Seen phrasings, held-out templates and held-out synonyms ("kitten", "cheeseburger", "spacecraft" never trained).
 PROMPTS = [
     ("a rocket on a blue background", "seen"),
     ("a large robot face on a yellow background", "seen"),
