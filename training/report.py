@@ -110,7 +110,17 @@ Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN tra
 
 ## Training
 - Judge: {m['judge_training_minutes']} min. Generator: {m['generator_steps']} steps of batch {m['batch']}
-  in {m['generator_training_minutes']} min; total {m['total_minutes']} min on {m['machine']}.
+  in {m['generator_training_minutes']} min; this run took {m['total_minutes']} min on {m['machine']}
+  (the judge's time counts only when the same run trained it; text states are cached between runs).
 - Command: `{m['command']}`
 - Recipe and measurements: `training/README.md`.
+
+## Limitations
+- It knows 320 emoji, 10 colours and 2 sizes; other words reach it only as far as MiniLM's sentence
+  space puts them near a trained phrasing (held-out synonyms: {m['adherence_heldout_synonyms']:.2f} adherence).
+- The images are soft silhouettes in the emoji's colours, with vertical streaks, not crisp glyphs: the
+  judge recognises them, a person often needs the prompt to. The CPU training budget buys layout,
+  colour and coarse shape; the renderer draws the same blur when given the right concepts directly, so
+  the limit is the renderer's training, not the text side.
+- Seeds move the emoji by up to 3 px and pick its size when the prompt does not; nothing else varies.
 """
