@@ -15,7 +15,6 @@ quantized, so calibration never sees the mask's large negative values. Weights a
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
