@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from edgegen.runtime import cudart
 
@@ -172,3 +173,17 @@ class FakeContext:
                 self._view(t)[...] = value
         self.engine.cuda.enqueue(op)
         return True
+
+
+# The real TensorRT for RTX module where it is installed (its builder runs without a GPU), for the engine tests.
+def _trt_rtx():
+    from edgegen.runtime.engines import import_flavour
+    from edgegen.runtime.errors import BackendUnavailableError
+    try:
+        return import_flavour("trt-rtx")
+    except BackendUnavailableError:
+        return None
+
+
+trt = _trt_rtx()
+needs_trt_rtx = pytest.mark.skipif(trt is None, reason="TensorRT for RTX is not installed (pip install 'edgegen[tensorrt-rtx]')")

@@ -17,18 +17,8 @@ from edgegen.runtime import BackendUnavailableError, BadInputError, Bundle, Vali
 from edgegen.runtime import engine_build
 from edgegen.runtime.cli import main
 from edgegen.runtime.engine_build import STAGING_PREFIX, add_engines
-from edgegen.runtime.engines import import_flavour
+from gpu_emulation import needs_trt_rtx, trt
 
-
-def _trt_rtx():
-    try:
-        return import_flavour("trt-rtx")
-    except BackendUnavailableError:
-        return None
-
-
-trt = _trt_rtx()
-needs_trt_rtx = pytest.mark.skipif(trt is None, reason="TensorRT for RTX is not installed (pip install 'edgegen[tensorrt-rtx]')")
 COMPONENTS = ("text_encoder", "generator", "fused")
 
 

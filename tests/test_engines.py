@@ -7,18 +7,9 @@ import json
 import pytest
 
 from edgegen.runtime import BackendUnavailableError, BadBundleError, Bundle, EngineMismatchError
-from edgegen.runtime.engines import check_sources, import_flavour, select_engines
+from edgegen.runtime.engines import check_sources, select_engines
+from gpu_emulation import needs_trt_rtx, trt
 
-
-def _trt_rtx():
-    try:
-        return import_flavour("trt-rtx")
-    except BackendUnavailableError:
-        return None
-
-
-trt = _trt_rtx()
-needs_trt_rtx = pytest.mark.skipif(trt is None, reason="TensorRT for RTX is not installed (pip install 'edgegen[tensorrt-rtx]')")
 
 
 @pytest.fixture(scope="module")
