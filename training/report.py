@@ -120,7 +120,8 @@ Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN tra
   space puts them near a trained phrasing (held-out synonyms: {m['adherence_heldout_synonyms']:.2f} adherence).
 - **The adherence figures above flatter the model.** They come from the judge whose cross-entropy trained
   the generator, and the generator learned features that judge likes (the vertical streaks): 300 steps of
-  fine-tuning without the judge term removed the streaks and dropped that judge's seen adherence to ~0.41.
+  fine-tuning without the judge term (a one-off experiment) removed the streaks and dropped that judge's
+  seen adherence to ~0.41.
   A second judge of the same recipe that training never saw (seed 1, 98.6 % on real renders) scores far
   lower: `python -m training.crosscheck`, figures in `training/README.md`.
 - The images are soft silhouettes in the emoji's colours, with vertical streaks, not crisp glyphs: a
