@@ -188,18 +188,11 @@ def ab(path: Path, baseline: Path, feeds: dict, rounds: int) -> dict:
 
 
 def set_threads(n: int) -> None:
-    """Both libraries on ``n`` threads: torch's intra-op pool, and every runtime session (a benchmark-only
-    wrapper around the runtime's session options)."""
+    """Both libraries on ``n`` threads: torch's intra-op pool, and every runtime session (EDGEGEN_THREADS)."""
     import torch
-    import edgegen.runtime.backends as backends
+    from edgegen.runtime.backends import THREADS_ENV
     torch.set_num_threads(n)
-    base = backends.session_options
-
-    def options():
-        opts = base()
-        opts.intra_op_num_threads = n
-        return opts
-    backends.session_options = options
+    os.environ[THREADS_ENV] = str(n)
 
 
 def machine() -> dict:

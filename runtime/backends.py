@@ -36,6 +36,7 @@ BACKENDS = ("auto", *ORT_PROVIDERS, *TRT_BACKENDS)
 AUTO_ORDER = ("trt", "trt-rtx", "ort-trt", "ort-cuda", "ort-cpu")
 GPU_BACKENDS = ("ort-cuda", "ort-trt", *TRT_BACKENDS)
 CUDA_GRAPHS_ENV = "EDGEGEN_CUDA_GRAPHS"  # "0" turns CUDA graph capture off (benchmarks compare both)
+THREADS_ENV = "EDGEGEN_THREADS"  # ONNX Runtime intra-op threads per session (unset: ONNX Runtime's choice, all cores)
 
 # A one-node model, Identity(float[1]) at opset 17, serialized by hand: the lean runtime has no onnx package.
 _PROBE_ONNX = b'\x08\x08\x12\x07edgegen:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11'
@@ -151,6 +152,11 @@ def session_options() -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: a provider fallback is detected by us, not by log lines
+    threads = os.environ.get(THREADS_ENV, "").strip()
+    if threads:  # an app sharing the CPU with other work caps edgegen's threads
+        if not threads.isdigit() or int(threads) < 1:
+            raise BadInputError(THREADS_ENV, f"expected a positive integer, got {threads!r}", f"unset it or set e.g. {THREADS_ENV}=1")
+        opts.intra_op_num_threads = int(threads)
     return opts
 
 

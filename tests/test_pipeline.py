@@ -101,3 +101,14 @@ def test_named_backend_that_cannot_run_is_an_error(bert_bundle):
         Pipeline.from_bundle(bert_bundle, backend="ort-cuda")
     auto = Pipeline.from_bundle(bert_bundle, backend="auto")
     assert auto.backend == "ort-cpu" and any("ort-cuda skipped" in n for n in auto.notes)
+
+
+def test_edgegen_threads_caps_onnx_runtime_threads(monkeypatch, bert_bundle):
+    from edgegen.runtime.backends import session_options
+    monkeypatch.setenv("EDGEGEN_THREADS", "1")
+    assert session_options().intra_op_num_threads == 1
+    pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", precision="fp32")
+    assert pipe("a red apple", seed=1, output_type="np").shape[0] == 1
+    monkeypatch.setenv("EDGEGEN_THREADS", "two")
+    with pytest.raises(BadInputError, match="EDGEGEN_THREADS .*positive integer"):
+        session_options()
