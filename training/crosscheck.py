@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from edgegen.export.generator import ConditionalGenerator, GeneratorConfig
+from edgegen.export.families.gan import load_generator
 from edgegen.export.judge import load_judge
 
 from .dataset import eval_captions
@@ -35,11 +34,9 @@ def main(argv=None):
     torch.set_num_threads(1)
     if not (a.judge_dir / "judge" / "model.safetensors").is_file():
         train_judge(a.judge_dir, 1000, 300, seed=1, log=print)
-    cfg = GeneratorConfig.load(a.model / "generator" / "config.json")
-    gen = ConditionalGenerator(cfg)
-    gen.load_state_dict(load_file(a.model / "generator" / "model.safetensors"))
+    gen = load_generator(a.model / "generator")
     evals = eval_captions()
-    states, mask = cached_states([c.text for c in evals], cfg.max_length, CACHE, print)
+    states, mask = cached_states([c.text for c in evals], gen.config.max_length, CACHE, print)
     for name, root in (("shipped judge (trained against)", a.model), ("second judge (seed 1, never trained against)", a.judge_dir)):
         real = np.load(root / "real_features.npz")
         r = evaluate(gen, load_judge(root / "judge").eval(), states, mask, evals, real["mu"], real["sigma"])
