@@ -37,11 +37,28 @@ class GeneratorConfig:
     # concepts (teacher forcing), so a near-one-hot lookup serves it best; finite, so the lookup stays smooth.
     concept_sharpness: float = 8.0
     pooled_cond: bool = True  # also condition on an MLP of the pooled text
+    # "conv": upsampling conv decoder. "glyph": the three concept memories (subject, background, size)
+    # drive a drawing layer directly: a learned RGBA glyph per subject, placed at a learned box size and
+    # shifted by the noise, over a learned flat colour (see GlyphRenderer).
+    renderer: str = "conv"
+    glyph_side: int = 32           # glyph resolution (px) stored per subject
+    glyph_boxes: list = field(default_factory=lambda: [32, 58])  # drawn box side (px): small, large
+    jitter: int = 3                # max shift (px); shift = clip(round(jitter_scale * noise[0:2]))
+    jitter_scale: float = 1.5
 
     def __post_init__(self):
         if isinstance(self.concepts, int):
             self.concepts = [self.concepts] if self.concepts else []
-        if self.image_size != 4 * 2 ** len(self.channels):
+        if self.renderer not in ("conv", "glyph"):
+            raise ValueError(f"renderer must be 'conv' or 'glyph', not {self.renderer!r}")
+        if self.renderer == "glyph":
+            if len(self.concepts) != 3 or self.concepts[2] != 3:
+                raise ValueError("the glyph renderer needs concepts [subjects, backgrounds, 3 sizes (not said, small, large)]")
+            if max(self.glyph_boxes) + 2 * self.jitter > self.image_size or len(self.glyph_boxes) != 2:
+                raise ValueError(f"glyph_boxes {self.glyph_boxes} (two sides) plus jitter {self.jitter} must fit in {self.image_size} px")
+            if self.noise_dim < 3:
+                raise ValueError("the glyph renderer reads noise[0:3] (shift x, shift y, size when not said)")
+        elif self.image_size != 4 * 2 ** len(self.channels):
             raise ValueError(f"image_size {self.image_size} needs {len(self.channels)} upsamplings from 4x4 "
                              f"to equal 4*2**len(channels) = {4 * 2 ** len(self.channels)}")
 
@@ -76,6 +93,47 @@ class ConceptMemory(nn.Module):
         if label is not None:  # training: the renderer learns from the labelled concept (teacher forcing)
             return self.values[label]
         return torch.matmul((self.logits(pooled) * self.sharpness).softmax(-1), self.values)
+
+
+class GlyphRenderer(nn.Module):
+    """Draws from three concept memories: the subject's learned RGBA glyph (premultiplied colour + alpha,
+    ``side`` px), resampled into a box of one of two sides and shifted by the noise, over the background
+    memory's flat colour. The size memory's value is (a, b): P(large) = a + b * [noise[2] > 0], so
+    "small" / "large" learn a fixed answer (b = 0) and "not said" lets the noise pick (a = 0, b = 1),
+    as the training targets do. Placement is two bilinear resampling matrices per image (MatMuls, no data-dependent
+    shapes): exact for the box that matches ``side``, smooth upsampling for the other."""
+
+    def __init__(self, c: GeneratorConfig):
+        super().__init__()
+        self.c = c
+        self.register_buffer("pixel", torch.arange(c.image_size, dtype=torch.float32).view(1, -1, 1), persistent=False)
+        self.register_buffer("texel", torch.arange(c.glyph_side, dtype=torch.float32).view(1, 1, -1), persistent=False)
+
+    @staticmethod
+    def value_dims(c: GeneratorConfig) -> list[int]:
+        """What each memory stores: RGBA glyph, RGB colour, (P(large), share decided by the noise)."""
+        return [4 * c.glyph_side ** 2, 3, 2]
+
+    def placement(self, shift, box: int):
+        """(B,) integer shifts -> (B, image_size, side) bilinear weights from glyph texels to canvas pixels."""
+        origin = (self.c.image_size - box) // 2 + shift.view(-1, 1, 1)
+        u = (self.pixel - origin + 0.5) * (self.c.glyph_side / box) - 0.5  # texel coordinate of each pixel centre
+        return torch.relu(1.0 - (u - self.texel).abs())
+
+    def forward(self, noise, subject, background, size):
+        """noise (B, Z); the three memories' read values (B, dim) -> image (B, 3, H, W) in [-1, 1]."""
+        s = self.c.glyph_side
+        glyph = subject.view(-1, 4, s, s)
+        colour = background[:, :, None, None]
+        fixed, by_noise = size.unbind(1)  # P(large) said by the text, and the share the noise's sign decides
+        large = torch.clamp(fixed + by_noise * (torch.sign(noise[:, 2]) + 1.0) * 0.5, 0.0, 1.0).view(-1, 1, 1, 1)
+        shift = torch.clamp(torch.round(noise[:, :2] * self.c.jitter_scale), -self.c.jitter, self.c.jitter)
+        drawn = 0.0
+        for box, weight in zip(self.c.glyph_boxes, (1.0 - large, large)):
+            ax, ay = self.placement(shift[:, 0], box), self.placement(shift[:, 1], box)
+            drawn = drawn + weight * torch.matmul(torch.matmul(ay.unsqueeze(1), glyph), ax.transpose(1, 2).unsqueeze(1))
+        rgb = drawn[:, :3] + colour * (1.0 - drawn[:, 3:])
+        return torch.clamp(rgb * 2.0 - 1.0, -1.0, 1.0)
 
 
 class CrossAttention(nn.Module):
@@ -124,6 +182,13 @@ class ConditionalGenerator(nn.Module):
     def __init__(self, config: GeneratorConfig):
         super().__init__()
         self.config = c = config
+        if c.renderer == "glyph":
+            self.glyphs = GlyphRenderer(c)
+            self.memories = nn.ModuleList(ConceptMemory(c.text_dim, n, d, c.concept_sharpness)
+                                          for n, d in zip(c.concepts, GlyphRenderer.value_dims(c)))
+            for m in self.memories:
+                nn.init.zeros_(m.values)  # transparent glyphs on black; training fills them in
+            return
         self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU()) if c.pooled_cond else None
         self.memories = nn.ModuleList(ConceptMemory(c.text_dim, n, c.concept_dim, c.concept_sharpness)
                                       for n in c.concepts)
@@ -147,6 +212,8 @@ class ConditionalGenerator(nn.Module):
         ``concept_labels`` (training only): one label tensor per memory, looked up instead of the text."""
         pooled = masked_mean(text_states, attention_mask)
         labels = concept_labels or [None] * len(self.memories)
+        if self.config.renderer == "glyph":
+            return self.glyphs(noise, *(m(pooled, y) for m, y in zip(self.memories, labels)))
         parts = ([noise] + ([self.pool(pooled)] if self.pool is not None else [])
                  + [m(pooled, y) for m, y in zip(self.memories, labels)])
         zc = torch.cat(parts, dim=1)

@@ -59,8 +59,10 @@ def _text_model(kind: str, vocab_size: int, width: int):
     return tf.GPT2Model(cfg)
 
 
-def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, image_size: int = 16) -> Path:
-    """Write a gan checkpoint (text_encoder/ + generator/) with random weights; returns its path."""
+def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, image_size: int = 16,
+                         renderer: str = "conv") -> Path:
+    """Write a gan checkpoint (text_encoder/ + generator/) with random weights; returns its path.
+    ``renderer="glyph"``: the concept-memory glyph renderer (5 subjects, 3 colours, 3 sizes) instead of convs."""
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}")
     import transformers
@@ -75,9 +77,18 @@ def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, i
     ups = {16: [32, 16], 32: [32, 16, 16], 64: [32, 32, 16, 16]}[image_size]
     config = GeneratorConfig(image_size=image_size, noise_dim=16, text_dim=width, cond_dim=32, channels=ups,
                              attention_resolutions=[8], attention_dim=16, max_length=16)
+    if renderer == "glyph":
+        config = GeneratorConfig(image_size=image_size, noise_dim=16, text_dim=width, channels=[], max_length=16,
+                                 concepts=[5, 3, 3], renderer="glyph", glyph_side=image_size // 2,
+                                 glyph_boxes=[image_size // 2, image_size - 4], jitter=1)
     generator = ConditionalGenerator(config).eval()
     with torch.no_grad():  # spread the random outputs over the whole pixel range, so parity checks bite
-        generator.to_rgb[-1].weight.mul_(8.0)
+        if renderer == "glyph":
+            for memory in generator.memories:
+                memory.values.uniform_(0.0, 1.0)
+            generator.memories[0].values.view(5, 4, -1)[:, 3].uniform_(0.3, 1.0)  # alpha: mostly opaque glyphs
+        else:
+            generator.to_rgb[-1].weight.mul_(8.0)
     (root / "generator").mkdir(parents=True, exist_ok=True)
     config.save(root / "generator" / "config.json")
     save_file(generator.state_dict(), str(root / "generator" / "model.safetensors"))

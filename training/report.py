@@ -74,18 +74,22 @@ the other {heldout_syn} synonyms of {sum(bool(e.heldout_names) for e in EMOJI)} 
 Templates without a size leave it to the noise.
 
 ## What the noise does
-The first two noise coordinates set the position jitter and the third the size when the caption does
-not name one; the generator was trained to map them so (see `training/README.md`). Seeds therefore
-move the emoji by a few pixels and, for size-less captions, change its size.
+The first two noise coordinates set the position jitter (round(1.5 z), clipped to ±3 px) and the sign
+of the third the size when the caption does not name one, exactly as the training targets were drawn.
+Seeds therefore move the emoji by a few pixels and, for size-less captions, change its size.
 
 ## Generator
 The text reaches the image through three *concept memories* (emoji, background, size): each takes the
 L2-normalised mean of MiniLM's token states (the sentence embedding MiniLM was trained to produce),
-scores it against its learned keys and returns a sharpened softmax mix of learned concept vectors. A
-convolutional renderer (FiLM-modulated up-sampling blocks) draws the image from those vectors and the
-noise. In training the renderer saw the caption's labelled concepts and the keys learned to read them
-from the text, so a paraphrase works as far as MiniLM's sentence space puts it near a trained phrasing.
-Why this design and what the alternatives measured: `training/README.md`.
+scores it against its learned keys and returns a sharpened softmax mix of its learned values. The
+values are what gets drawn: for the emoji a {cfg.glyph_side}x{cfg.glyph_side} RGBA glyph (premultiplied colour and
+alpha), for the background an RGB colour, for the size (P(large), share left to the noise). The
+renderer places the glyph into a {cfg.glyph_boxes[0]} or {cfg.glyph_boxes[1]} px box shifted by the noise (two bilinear
+resampling MatMuls: an exact copy at {cfg.glyph_boxes[0]} px, upsampling at {cfg.glyph_boxes[1]} px) and composites it on the colour.
+Everything is learned from the renders with an L1 loss; no judge takes part in training. In training the
+renderer saw the caption's labelled concepts and the keys learned to read them from the text, so a
+paraphrase works as far as MiniLM's sentence space puts it near a trained phrasing. Why this design and
+what the alternatives (convolutional renderers) measured: `training/README.md`.
 
 `{json.dumps({k: v for k, v in cfg.__dict__.items()})}`
 
@@ -93,7 +97,8 @@ Why this design and what the alternatives measured: `training/README.md`.
 `eval_prompts.json`: {n_seen} prompts with training templates and names (new combinations; "seen") and
 {n_held} with held-out phrasing ("heldout": half held-out templates, half held-out synonyms), each
 generated with seeds {EVAL_SEEDS} (runtime noise: `numpy.random.default_rng(seed).standard_normal`).
-Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN trained on real renders).
+Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN trained on real renders) and,
+as a check, by a second judge of the same recipe with another seed (`python -m training.crosscheck`).
 
 | metric | value |
 |---|---|
@@ -107,6 +112,8 @@ Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN tra
 | diversity (mean pairwise L1 between seeds, 0..1) | {m['diversity']:.4f} |
 | Fréchet judge distance (generated vs real) | {m['frechet_judge_distance']:.2f} |
 | same, fresh real renders (floor at this sample size) | {m['frechet_judge_distance_real_reference']:.2f} |
+| second judge (seed {m['second_judge']['seed']}): adherence seen / held-out | {m['second_judge']['adherence_seen']:.3f} / {m['second_judge']['adherence_heldout']:.3f} |
+| second judge: held-out templates / held-out synonyms | {m['second_judge']['adherence_heldout_templates']:.3f} / {m['second_judge']['adherence_heldout_synonyms']:.3f} |
 
 ## Training
 - Judge: {m['judge_training_minutes']} min. Generator: {m['generator_steps']} steps of batch {m['batch']}
@@ -117,16 +124,9 @@ Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN tra
 
 ## Limitations
 - It knows 320 emoji, 10 colours and 2 sizes; other words reach it only as far as MiniLM's sentence
-  space puts them near a trained phrasing (held-out synonyms: {m['adherence_heldout_synonyms']:.2f} adherence).
-- **The adherence figures above flatter the model.** They come from the judge whose cross-entropy trained
-  the generator, and the generator learned features that judge likes (the vertical streaks): 300 steps of
-  fine-tuning without the judge term (a one-off experiment) removed the streaks and dropped that judge's
-  seen adherence to ~0.41.
-  A second judge of the same recipe that training never saw (seed 1, 98.6 % on real renders) scores far
-  lower: `python -m training.crosscheck`, figures in `training/README.md`.
-- The images are soft silhouettes in the emoji's colours, with vertical streaks, not crisp glyphs: a
-  person often needs the prompt to tell what they show. The CPU training budget buys layout,
-  colour and coarse shape; the renderer draws the same blur when given the right concepts directly, so
-  the limit is the renderer's training, not the text side.
+  space puts them near a trained phrasing (held-out synonyms: {m['adherence_heldout_synonyms']:.2f} adherence; the
+  emoji lookup reads about that share of them right, so this is the text side's limit, not the renderer's).
+- It stores one appearance per emoji: it cannot draw an emoji it was not trained on, nor blend two.
+- Large emoji are upsampled from the {cfg.glyph_side} px glyph, so they are a little softer than the real renders.
 - Seeds move the emoji by up to 3 px and pick its size when the prompt does not; nothing else varies.
 """
