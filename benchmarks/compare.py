@@ -156,9 +156,10 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | {row['speedup_vs_pytorch']:.2f}x |")
     if r["roofline"]:
         lines += ["", f"Roofline (ort-cpu fused graph; peak: {r['machine']['cpu_peak']}):", "",
-                  "| precision | GFLOP | MB moved | bound ms | engine ms | fraction of limit |", "|---|---:|---:|---:|---:|---:|"]
+                  "| precision | GFLOP float | GOP int8 | MB moved | bound ms | engine ms | fraction of limit |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for p, x in r["roofline"].items():
-            lines.append(f"| {p} | {x['flops'] / 1e9:.3f} | {x['bytes'] / 1e6:.1f} | {x['bound_ms']:.2f} | "
+            lines.append(f"| {p} | {x['flops'] / 1e9:.3f} | {x.get('int8_ops', 0) / 1e9:.3f} | {x['bytes'] / 1e6:.1f} | {x['bound_ms']:.2f} | "
                          f"{x['engine_ms']:.2f} | {x['fraction_of_limit']:.2f} |")
     lines += ["", f"Command: `{r['command']}`"]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """Roofline-style bounds: FLOPs and bytes per ONNX graph, against this machine's peak.
 
 FLOPs count the multiply-adds of Conv, ConvTranspose, MatMul and Gemm (2 per MAC) at batch 1; other ops
-are memory-bound and counted only as bytes. Bytes = weights read once (lookup tables at the rows read)
+are memory-bound and counted only as bytes. Integer products (MatMulInteger, QLinear*, the dynamic-quantized
+MatMuls, and a MatMul/Conv/Gemm whose two inputs both come out of DequantizeLinear: ONNX Runtime runs
+that QDQ pattern as an integer kernel) are counted apart, as int8 ops, against the integer peak. Bytes = weights read once (lookup tables at the rows read)
 + every node's output written once and read once (an upper bound; fusion lowers it). Peak FLOP/s is derived from the CPU (cores x
 clock x FMA lanes), peak bytes/s is measured (numpy copy); both are stated with the derivation.
 """
@@ -16,6 +18,8 @@ import numpy as np
 import onnx
 
 DTYPE_BYTES = {1: 4, 10: 2, 11: 8, 7: 8, 6: 4, 3: 1, 2: 1, 9: 1, 16: 2}
+INTEGER_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
+               "MatMulIntegerToFloat")
 
 
 def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -37,9 +41,11 @@ def count(path: Path, batch: int = 1) -> dict:
         shapes[v.name] = (dims, DTYPE_BYTES.get(t.elem_type, 4))
     weights = {i.name: (list(i.dims), DTYPE_BYTES.get(i.data_type, 4)) for i in g.initializer}
     shapes.update(weights)
-    flops = 0
+    flops = int8_ops = 0
     act_bytes = 0
+    dequantized = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
     for n in g.node:
+        before = flops
         out = shapes.get(n.output[0]) if n.output else None
         if out:
             act_bytes += 2 * int(np.prod(out[0])) * out[1]
@@ -54,15 +60,24 @@ def count(path: Path, batch: int = 1) -> dict:
             if n.op_type == "Gemm" and any(at.name == "transA" and at.i for at in n.attribute) and a:
                 k = a[0][-2]
             flops += 2 * int(np.prod(out[0])) * int(k)
+        integer = n.op_type in INTEGER_OPS or (n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1
+                                               and n.input[0] in dequantized and n.input[1] in dequantized)
+        if integer:  # move this node's products to the int8 count
+            int8_ops += flops - before
+            flops = before
     # a lookup table (Gather's data input) is read only at the gathered rows, counted as its output
     gathered = {n.input[0] for n in g.node if n.op_type == "Gather"} - {i for n in g.node if n.op_type != "Gather"
                                                                           for i in n.input}
     weight_bytes = sum(int(np.prod(d)) * b for name, (d, b) in weights.items() if name not in gathered)
-    return {"flops": int(flops), "bytes": int(weight_bytes + act_bytes), "weight_bytes": int(weight_bytes)}
+    return {"flops": int(flops), "int8_ops": int(int8_ops), "bytes": int(weight_bytes + act_bytes),
+            "weight_bytes": int(weight_bytes)}
 
 
 def cpu_peak() -> dict:
-    """Peak fp32 FLOP/s from the CPU's flags and clock; memory bandwidth measured with a numpy copy."""
+    """Peak fp32 FLOP/s and int8 op/s from the CPU's flags and clock; memory bandwidth measured with a numpy copy.
+
+    int8: a VNNI dot-product instruction does 4 u8 x s8 multiply-adds per 32-bit lane where an FMA does one
+    fp32 multiply-add, so 4x the fp32 rate; without VNNI (vpmaddubsw + vpmaddwd) 2x."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     mhz = max([float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)] or [2000.0])
     cores = os.cpu_count() or 1
@@ -70,6 +85,7 @@ def cpu_peak() -> dict:
     fma = 2 if "fma" in info else 1
     units = 2  # two FMA pipes per core on current x86 cores
     peak_flops = cores * mhz * 1e6 * lanes * fma * units
+    int8_factor = 4 if ("avx512_vnni" in info or "avx_vnni" in info) else 2 if "avx2" in info else 1
     a = np.ones(32 * 2**20 // 8)
     b = np.empty_like(a)
     np.copyto(b, a)
@@ -77,11 +93,14 @@ def cpu_peak() -> dict:
     for _ in range(n):
         np.copyto(b, a)
     bandwidth = 2 * a.nbytes * n / (time.perf_counter() - start)
-    return {"flops_per_s": peak_flops, "bytes_per_s": bandwidth,
+    return {"flops_per_s": peak_flops, "int8_ops_per_s": peak_flops * int8_factor, "bytes_per_s": bandwidth,
             "derivation": f"{cores} cores x {mhz:.0f} MHz x {lanes} fp32 lanes x {fma * units} "
-                          f"(FMA x {units} pipes) = {peak_flops / 1e9:.1f} GFLOP/s; memory {bandwidth / 1e9:.1f} GB/s "
-                          f"measured by a 32 MiB numpy copy (read + write)"}
+                          f"(FMA x {units} pipes) = {peak_flops / 1e9:.1f} GFLOP/s; int8 x{int8_factor} "
+                          f"({'VNNI' if int8_factor == 4 else 'no VNNI'}) = {peak_flops * int8_factor / 1e9:.1f} GOP/s; "
+                          f"memory {bandwidth / 1e9:.1f} GB/s measured by a 32 MiB numpy copy (read + write)"}
 
 
 def bound_ms(counts: dict, peak: dict) -> float:
-    return 1e3 * max(counts["flops"] / peak["flops_per_s"], counts["bytes"] / peak["bytes_per_s"])
+    """The slower of compute (float and int8 products, each at its own peak) and memory traffic."""
+    compute = counts["flops"] / peak["flops_per_s"] + counts.get("int8_ops", 0) / peak["int8_ops_per_s"]
+    return 1e3 * max(compute, counts["bytes"] / peak["bytes_per_s"])

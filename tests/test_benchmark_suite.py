@@ -44,3 +44,32 @@ def test_roofline_counts_conv_and_matmul_flops(tmp_path):
     peak = cpu_peak()
     assert peak["flops_per_s"] > 0 and peak["bytes_per_s"] > 0 and "GFLOP/s" in peak["derivation"]
     assert bound_ms(c, peak) > 0
+
+
+def test_roofline_counts_integer_products_apart(tmp_path):
+    """MatMulInteger and a QDQ MatMul (both inputs dequantized) go to int8_ops and the int8 peak."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    wq = numpy_helper.from_array(np.zeros((8, 5), np.int8), "wq")
+    scale, zero = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+         helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+         helper.make_node("MatMul", ["xd", "wd"], ["y"]),          # QDQ: integer
+         helper.make_node("MatMulInteger", ["xq", "wq"], ["yi"]),   # integer
+         helper.make_node("MatMul", ["x", "wd"], ["yf"])],          # float activations: float
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info(n, t, ["batch", 5]) for n, t in (("y", TensorProto.FLOAT), ("yi", TensorProto.INT32),
+                                                                          ("yf", TensorProto.FLOAT))],
+        [wq, scale, zero])
+    path = tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    c = count(path, batch=1)
+    one = 2 * 5 * 8
+    assert c["int8_ops"] == 2 * one and c["flops"] == one
+    peak = cpu_peak()
+    assert peak["int8_ops_per_s"] >= peak["flops_per_s"] and "GOP/s" in peak["derivation"]
+    float_only = dict(c, flops=c["flops"] + c["int8_ops"], int8_ops=0, bytes=0)
+    assert bound_ms(dict(c, bytes=0), peak) <= bound_ms(float_only, peak)
