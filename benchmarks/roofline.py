@@ -27,7 +27,17 @@ def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 dim.dim_value = batch
-    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    # onnx's inference stops at ONNX Runtime's (Q)Attention; its output has its input's shape: say so, go on
+    for node in [n for n in model.graph.node if n.op_type in ("Attention", "QAttention")]:
+        known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
+        if node.input[0] in known and node.output[0] not in known:
+            out = onnx.ValueInfoProto()
+            out.CopyFrom(known[node.input[0]])
+            out.name = node.output[0]
+            model.graph.value_info.append(out)
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return model
 
 
 def count(path: Path, batch: int = 1) -> dict:
@@ -56,10 +66,24 @@ def count(path: Path, batch: int = 1) -> dict:
         elif n.op_type in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul", "DynamicQuantizeMatMul",
                            "MatMulIntegerToFloat") and out:
             a = shapes.get(n.input[0])
-            k = a[0][-1] if a else 0
+            k = a[0][-1] if a and a[0] else 0
             if n.op_type == "Gemm" and any(at.name == "transA" and at.i for at in n.attribute) and a:
                 k = a[0][-2]
+            w = weights.get(n.input[1]) if len(n.input) > 1 else None
+            if w and len(w[0]) >= 2 and n.op_type in ("MatMul", "MatMulInteger"):  # a constant B knows K even
+                k = w[0][-2]                                                     # where inference lost A's shape
             flops += 2 * int(np.prod(out[0])) * int(k)
+        elif n.op_type in ("Attention", "QAttention") and out:  # QKV projection, then scores and mix per head
+            w = shapes.get(n.input[1])
+            tokens, hidden = int(np.prod(out[0][:-1])), out[0][-1]
+            if w:
+                flops += 2 * tokens * w[0][0] * w[0][1]
+                core = 2 * 2 * tokens * out[0][-2] * hidden
+                if n.op_type == "QAttention":
+                    int8_ops += flops - before
+                    flops = before
+                flops += core
+                continue
         integer = n.op_type in INTEGER_OPS or (n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1
                                                and n.input[0] in dequantized and n.input[1] in dequantized)
         if integer:  # move this node's products to the int8 count

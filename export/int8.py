@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .attention_fusion import SUFFIX as ATTENTION_SUFFIX, fuse_attention, split_qkv_constants
 from .weights import quantize_embeddings
 
 FORMS = ("int8", "int8-qdq")
@@ -34,9 +35,30 @@ def is_text_node(name: str) -> bool:
 
 
 def weight_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes of WEIGHT_OPS whose second input is a constant (an initializer): the ones worth quantizing."""
+    """Nodes of WEIGHT_OPS (and fused Attention) whose second input is a constant (an initializer): the
+    ones worth quantizing."""
     inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits]
+    return [n.name for n in model.graph.node if (n.op_type in WEIGHT_OPS or n.name.endswith(ATTENTION_SUFFIX))
+            and len(n.input) > 1 and n.input[1] in inits]
+
+
+def _fuse_attention_checked(model: onnx.ModelProto, fp32_path: Path, out_path: Path, feeds) -> bool:
+    """Fuse ``model``'s attention in place and save it to ``out_path`` if the fused graph gives the
+    original's outputs on ``feeds`` (float outputs within 1e-4 of their scale, integer ones within 1);
+    otherwise reload the original into ``model`` and return False."""
+    import onnxruntime as ort
+    if not fuse_attention(model):
+        return False
+    onnx.save(model, str(out_path))
+    ref = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    new = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        for a, b in zip(ref.run(None, feed), new.run(None, feed)):
+            limit = 1.0 if np.issubdtype(a.dtype, np.integer) else 1e-4 * max(1.0, float(np.abs(a).max()))
+            if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > limit:
+                model.CopyFrom(onnx.load(str(fp32_path)))
+                return False
+    return True
 
 
 def block_of(name: str) -> str:
@@ -71,12 +93,17 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
     first call, reused by the next."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     model = onnx.load(str(fp32_path))
+    names = {i.name for i in model.graph.input}
+    feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
+    tmp_dir = tempfile.TemporaryDirectory()
+    if form == "int8":  # CPU form: one Attention kernel per layer where it provably computes the same thing
+        fused_path = Path(tmp_dir.name) / "attention.onnx"
+        if _fuse_attention_checked(model, fp32_path, fused_path, feeds):
+            fp32_path = fused_path
     every = weight_nodes(model)
     nodes = [n for n in every if block_of(n) not in keep_blocks]
     dynamic = [n for n in nodes if form == "int8" and is_text_node(n)]
-    static = [n for n in nodes if n not in dynamic]
-    names = {i.name for i in model.graph.input}
-    feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
+    static = [n for n in nodes if n not in dynamic and not n.endswith(ATTENTION_SUFFIX)]
     quiet = logging.getLogger()  # the quantizer logs advice at WARNING on the root logger
     level, quiet.level = quiet.level, logging.ERROR
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,11 +124,13 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
         if dynamic:
             staged = Path(tmp) / "dynamic.onnx"
             quantize_dynamic(str(current), str(staged), per_channel=True, weight_type=QuantType.QInt8,
-                             nodes_to_quantize=dynamic)
+                             nodes_to_quantize=dynamic, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             current = staged
         model = onnx.load(str(current))
+    tmp_dir.cleanup()
+    split_qkv_constants(model)
     quiet.setLevel(level)
-    weights_only(model, [n for n in every if n not in nodes])
+    weights_only(model, [n for n in every if n not in nodes and not n.endswith(ATTENTION_SUFFIX)])
     quantize_embeddings(model, qdq=form == "int8-qdq")
     model.producer_name = "edgegen"
     onnx.save(model, str(out_path))
