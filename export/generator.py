@@ -1,7 +1,8 @@
 """edgegen's conditional generator: noise z + text states -> RGB image, one forward pass.
 
-Written to export cleanly: plain convolutions, nearest upsampling, matmul attention,
-no random numbers in the graph and no shapes that depend on data. The batch axis is
+Written to export cleanly: plain convolutions, nearest upsampling, matmul attention (the ``conv``
+renderer) or matmul resampling of learned glyphs (the ``glyph`` renderer, emoji64's), no random numbers
+in the graph and no shapes that depend on data. The batch axis is
 the only dynamic one.
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """fp32 ONNX -> INT8 ONNX, two forms, quantizing only ops with constant weights (Conv, Gemm, MatMul).
 
 - ``int8`` (CPU form): the text encoder's weight MatMuls dynamically quantized (activation ranges measured
-  per call, so MiniLM's outlier dimensions cost nothing), the generator's static QDQ (calibrated; ONNX
-  Runtime fuses it into QLinearConv/QLinearMatMul on CPU).
+  per call, so MiniLM's outlier dimensions cost nothing), its self-attention fused into ONNX Runtime's
+  Attention op (quantized to QAttention) where the fused graph matches the original (attention_fusion.py),
+  the generator's static QDQ (calibrated; ONNX Runtime fuses it into QLinearConv/QLinearMatMul on CPU).
 - ``int8-qdq`` (GPU/TensorRT form): everything static QDQ, as TensorRT's explicit quantization wants.
 
 Layer groups the sensitivity scan keeps back keep their activations in float but their weights in int8
@@ -88,26 +89,25 @@ class _Reader:
 
 def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[str, np.ndarray]],
              keep_blocks: set[str] = frozenset(), ranges: Path | None = None) -> list[str]:
-    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups kept back (float activations, int8 weights).
+    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups kept back (float activations, int8 weights;
+    in the ``int8`` form a kept-back layer's fused attention keeps fp32 weights too).
     Returns the fully quantized nodes. ``ranges``: a calibration cache file of this graph; written by the
     first call, reused by the next."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     model = onnx.load(str(fp32_path))
     names = {i.name for i in model.graph.input}
     feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
-    tmp_dir = tempfile.TemporaryDirectory()
-    if form == "int8":  # CPU form: one Attention kernel per layer where it provably computes the same thing
-        fused_path = Path(tmp_dir.name) / "attention.onnx"
-        if _fuse_attention_checked(model, fp32_path, fused_path, feeds):
-            fp32_path = fused_path
-    every = weight_nodes(model)
-    nodes = [n for n in every if block_of(n) not in keep_blocks]
-    dynamic = [n for n in nodes if form == "int8" and is_text_node(n)]
-    static = [n for n in nodes if n not in dynamic and not n.endswith(ATTENTION_SUFFIX)]
     quiet = logging.getLogger()  # the quantizer logs advice at WARNING on the root logger
     level, quiet.level = quiet.level, logging.ERROR
     with tempfile.TemporaryDirectory() as tmp:
         current = fp32_path
+        if form == "int8":  # CPU form: one Attention kernel per layer where it provably computes the same thing
+            if _fuse_attention_checked(model, fp32_path, Path(tmp) / "attention.onnx", feeds):
+                current = Path(tmp) / "attention.onnx"
+        every = weight_nodes(model)
+        nodes = [n for n in every if block_of(n) not in keep_blocks]
+        dynamic = [n for n in nodes if form == "int8" and is_text_node(n)]
+        static = [n for n in nodes if n not in dynamic and not n.endswith(ATTENTION_SUFFIX)]
         if static:
             staged = Path(tmp) / "static.onnx"
             quantize_static(str(current), str(staged), _Reader(feeds), quant_format=QuantFormat.QDQ,
@@ -127,7 +127,6 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
                              nodes_to_quantize=dynamic, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             current = staged
         model = onnx.load(str(current))
-    tmp_dir.cleanup()
     split_qkv_constants(model)
     quiet.setLevel(level)
     weights_only(model, [n for n in every if n not in nodes and not n.endswith(ATTENTION_SUFFIX)])
