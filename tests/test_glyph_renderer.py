@@ -6,6 +6,7 @@ import torch
 from edgegen.export import export_checkpoint
 from edgegen.export.generator import ConditionalGenerator, GeneratorConfig
 from edgegen.runtime import Bundle, Pipeline
+from gpu_emulation import needs_trt_rtx
 
 
 def glyph_config(**kw):
@@ -89,3 +90,17 @@ def test_glyph_generator_exports_in_every_precision_and_matches_pytorch(glyph_bu
     for p in ("fp16", "int8"):
         out = Pipeline.from_bundle(path, backend="ort-cpu", precision=p)(prompts, seed=seeds, output_type="np")
         assert np.abs(out.astype(int) - got.astype(int)).mean() < 3.0, p
+
+
+@pytest.mark.tensorrt
+@needs_trt_rtx
+def test_tensorrt_rtx_builds_engines_for_the_glyph_generator(glyph_bundle, tmp_path, monkeypatch):
+    """TensorRT for RTX parses and builds the glyph renderer's graph (Round, Sign, Clip, batched MatMul) in
+    the GPU forms, ahead of time for compute capability 8.9 on this CPU-only machine."""
+    import shutil
+    from edgegen.runtime.cli import main
+    monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path / "cache"))
+    bundle = shutil.copytree(glyph_bundle[1], tmp_path / "bundle")
+    assert main(["engines", str(bundle), "--flavour", "trt-rtx", "--compute-capability", "8.9", "--quiet"]) == 0
+    engines = Bundle.open(bundle).manifest["engines"]
+    assert {(e["component"], e["form"]) for e in engines} >= {("generator", "fp16"), ("generator", "int8-qdq")}
