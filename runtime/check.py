@@ -54,13 +54,18 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
                  adherence: bool = True) -> dict:
     """Parity of every component against PyTorch's outputs and the quality gates, per precision form
     (int8 is checked in both its forms); ``ok`` only if all pass. A bundle with a judge (the default
-    model) is also scored for prompt adherence (``adherence=False`` skips that, it takes a while)."""
+    model) is also scored for prompt adherence (``adherence=False`` skips that, it takes a while); when fp32
+    is not among the precisions checked, the adherence gate compares with report.json's fp32 figure."""
     from .quality import evaluate, has_judge
     scored = adherence and has_judge(bundle)
     cases = load_reference(bundle)
     report = {"backend": backend, "cases": [{k: list(v.shape) for k, v in c["in"].items()} for c in cases],
               "precisions": {}}
     forms = forms_to_check(bundle, backend, precisions)
+    # fp32 not checked in this run (--precision int8): the adherence gate compares with fp32's adherence
+    # as the export measured it (report.json), rather than scoring fp32 again
+    recorded_fp32 = ((bundle.report() or {}).get("precisions", {}).get("fp32", {}).get("quality", {})
+                     .get("adherence") if scored and "fp32" not in forms else None)
     # the text states scored for the gate: the fused graph's, or the text encoder's where no 1-step fused graph exists
     text_source = "fused" if "fused" in bundle.components else "text_encoder"
     for precision in forms:
@@ -101,8 +106,12 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
             pipe = Pipeline.for_family(bundle)(bundle, backend, precision.split("-")[0], [], form=precision)
             quality.update(evaluate(pipe))
             base = report["precisions"].get("fp32", {}).get("quality", {}).get("adherence")
+            source = "this run"
+            if base is None and recorded_fp32:
+                base, source = recorded_fp32, "report.json (export)"
             if base and precision != "fp32":
                 quality["adherence_vs_fp32"] = min(quality["adherence"][k] - base[k] for k in ("seen", "heldout"))
+                quality["adherence_fp32_from"] = source
         gate = bundle.manifest.get("gates", {}).get(precision)
         if gate:
             entry["gate"] = gate_result(gate, quality)

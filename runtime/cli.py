@@ -143,7 +143,8 @@ def cmd_validate(args) -> int:
             limit = "gated by quality" if p["tolerance"] is None else f"tolerance {p['tolerance']:.3g}"
             lines.append(f"  {precision:5s} {comp:13s} max abs {p['max_abs']:.3g} ({limit}) {'ok' if p['ok'] else 'FAIL'}")
         for metric, c in entry.get("gate", {}).get("checks", {}).items():
-            lines.append(f"  {precision:5s} gate {metric} {c['value']:.4g} >= {c['min']} {'ok' if c['ok'] else 'FAIL'}")
+            value = "not measured" if c["value"] is None else f"{c['value']:.4g}"
+            lines.append(f"  {precision:5s} gate {metric} {value} >= {c['min']} {'ok' if c['ok'] else 'FAIL'}")
         q = entry.get("quality", {})
         if "psnr_db" in q:
             lines.append(f"  {precision:5s} pixels PSNR vs PyTorch fp32: {q['psnr_db']:.1f} dB")
@@ -339,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("edgegen: interrupted", file=sys.stderr)
+        if argv is None:  # the command line, not a caller in Python: exit now, with 130. Interpreter shutdown
+            sys.stdout.flush()  # after an interrupt mid-export (torch / ONNX Runtime state) sometimes ended the
+            sys.stderr.flush()  # process by SIGINT instead (about 1 run in 12); the work is already cleaned up
+            os._exit(130)
         return 130
     except Exception as e:  # a bug: say so in one line; the traceback is one variable away
         if os.environ.get(DEBUG_ENV):

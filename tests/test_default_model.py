@@ -67,3 +67,23 @@ def test_bench_without_bundle(default, capsys):
     assert main(["bench", "--iterations", "5", "--warmup", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["bundle"] == str(default) and result["family"] == "gan"
+
+
+def test_validate_one_precision_gates_adherence_against_the_exported_fp32(default, capsys):
+    """`validate --precision int8` does not score fp32 again: the adherence gate compares with the fp32
+    adherence the export recorded, and says so (it used to report the gate metric as missing)."""
+    from edgegen.runtime.cli import main
+    code = main(["validate", "--precision", "int8"])
+    text = capsys.readouterr().out
+    assert code == 0 and "not measured" not in text, text
+    assert main(["validate", "--precision", "int8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "fp32" not in report["precisions"]
+    from edgegen.runtime import Bundle
+    exported = Bundle.open(default).report()["precisions"]["fp32"]["quality"]["adherence"]
+    for form in ("int8", "int8-qdq"):
+        quality = report["precisions"][form]["quality"]
+        assert quality["adherence_fp32_from"] == "report.json (export)"
+        want = min(quality["adherence"][k] - exported[k] for k in ("seen", "heldout"))
+        assert abs(quality["adherence_vs_fp32"] - want) < 1e-12
+        assert report["precisions"][form]["gate"]["checks"]["adherence_vs_fp32"]["ok"]
