@@ -20,7 +20,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 MASK_INPUT = "attention_mask"
-SUFFIX = "/Attention"  # fused nodes' names end so (their layer's prefix first, so block_of() still groups them)
 
 
 def _producers(graph):
@@ -61,17 +60,15 @@ def _projection(prod, graph, tensor, perm):
     return None
 
 
-def fuse_attention(model: onnx.ModelProto, skip=lambda node_name: False) -> int:
-    """Rewrite every matching attention subgraph in place; returns how many were fused.
-    ``skip(name)``: leave the layer whose Softmax node has this name alone."""
+def fuse_attention(model: onnx.ModelProto) -> int:
+    """Rewrite every matching attention subgraph in place; returns how many were fused. A fused node is
+    named after its layer (``<layer prefix>/Attention``), so int8.block_of() groups it with the layer."""
     graph = model.graph
     if MASK_INPUT not in {i.name for i in graph.input}:
         return 0
     prod = _producers(graph)
     fused, new_nodes = 0, []
     for sm in [n for n in graph.node if n.op_type == "Softmax"]:
-        if skip(sm.name):
-            continue
         add = prod.get(sm.input[0])
         scaled = prod.get(add.input[0]) if add is not None and add.op_type == "Add" else None
         if scaled is None or scaled.op_type not in ("Mul", "Div"):
@@ -104,7 +101,7 @@ def fuse_attention(model: onnx.ModelProto, skip=lambda node_name: False) -> int:
             numpy_helper.from_array(np.concatenate([q[1], k[1], v[1]], axis=1).astype(np.float32), weight),
             numpy_helper.from_array(np.concatenate([q[2], k[2], v[2]]).astype(np.float32), bias)])
         new_nodes.append(helper.make_node("Attention", [q[0], weight, bias, "attention_mask_int32"], [back[0].output[0]],
-                                          name=base + SUFFIX, domain="com.microsoft",
+                                          name=f"{base}/Attention", domain="com.microsoft",
                                           num_heads=hidden // head, scale=scale))
         fused += 1
     if not fused:

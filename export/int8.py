@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .attention_fusion import SUFFIX as ATTENTION_SUFFIX, fuse_attention, split_qkv_constants
+from .attention_fusion import fuse_attention, split_qkv_constants
 from .weights import quantize_embeddings
 
 FORMS = ("int8", "int8-qdq")
@@ -36,30 +36,29 @@ def is_text_node(name: str) -> bool:
 
 
 def weight_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes of WEIGHT_OPS (and fused Attention) whose second input is a constant (an initializer): the
-    ones worth quantizing."""
+    """Nodes of WEIGHT_OPS whose second input is a constant (an initializer): the ones worth quantizing."""
     inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if (n.op_type in WEIGHT_OPS or n.name.endswith(ATTENTION_SUFFIX))
-            and len(n.input) > 1 and n.input[1] in inits]
+    return [n.name for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits]
 
 
-def _fuse_attention_checked(model: onnx.ModelProto, fp32_path: Path, out_path: Path, feeds) -> bool:
-    """Fuse ``model``'s attention in place and save it to ``out_path`` if the fused graph gives the
-    original's outputs on ``feeds`` (float outputs within 1e-4 of their scale, integer ones within 1);
-    otherwise reload the original into ``model`` and return False."""
+def with_fused_attention(fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]]) -> Path:
+    """The graph to quantize into the CPU form: ``out_path``, written with the self-attention fused, if that
+    graph gives the original's outputs on the calibration feeds (float outputs within 1e-4 of their scale,
+    integer ones within 1); otherwise (nothing to fuse, or a mismatch) ``fp32_path`` itself."""
     import onnxruntime as ort
+    model = onnx.load(str(fp32_path))
     if not fuse_attention(model):
-        return False
+        return fp32_path
     onnx.save(model, str(out_path))
-    ref = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    new = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-    for feed in feeds:
+    ref, new = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, out_path))
+    names = {i.name for i in ref.get_inputs()}
+    for f in calibration:
+        feed = {k: v for k, v in f.items() if k in names}
         for a, b in zip(ref.run(None, feed), new.run(None, feed)):
             limit = 1.0 if np.issubdtype(a.dtype, np.integer) else 1e-4 * max(1.0, float(np.abs(a).max()))
             if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > limit:
-                model.CopyFrom(onnx.load(str(fp32_path)))
-                return False
-    return True
+                return fp32_path
+    return out_path
 
 
 def block_of(name: str) -> str:
@@ -94,20 +93,19 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
     Returns the fully quantized nodes. ``ranges``: a calibration cache file of this graph; written by the
     first call, reused by the next."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    model = onnx.load(str(fp32_path))
-    names = {i.name for i in model.graph.input}
-    feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
     quiet = logging.getLogger()  # the quantizer logs advice at WARNING on the root logger
     level, quiet.level = quiet.level, logging.ERROR
     with tempfile.TemporaryDirectory() as tmp:
-        current = fp32_path
-        if form == "int8":  # CPU form: one Attention kernel per layer where it provably computes the same thing
-            if _fuse_attention_checked(model, fp32_path, Path(tmp) / "attention.onnx", feeds):
-                current = Path(tmp) / "attention.onnx"
+        # CPU form: one Attention kernel per layer where it provably computes the same thing
+        current = with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration) if form == "int8" else fp32_path
+        model = onnx.load(str(current))
+        names = {i.name for i in model.graph.input}
+        feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
         every = weight_nodes(model)
         nodes = [n for n in every if block_of(n) not in keep_blocks]
-        dynamic = [n for n in nodes if form == "int8" and is_text_node(n)]
-        static = [n for n in nodes if n not in dynamic and not n.endswith(ATTENTION_SUFFIX)]
+        attention = [n.name for n in model.graph.node if n.op_type == "Attention" and block_of(n.name) not in keep_blocks]
+        dynamic = [n for n in nodes if form == "int8" and is_text_node(n)] + attention
+        static = [n for n in nodes if n not in dynamic]
         if static:
             staged = Path(tmp) / "static.onnx"
             quantize_static(str(current), str(staged), _Reader(feeds), quant_format=QuantFormat.QDQ,
@@ -129,7 +127,7 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
         model = onnx.load(str(current))
     split_qkv_constants(model)
     quiet.setLevel(level)
-    weights_only(model, [n for n in every if n not in nodes and not n.endswith(ATTENTION_SUFFIX)])
+    weights_only(model, [n for n in every if n not in nodes])
     quantize_embeddings(model, qdq=form == "int8-qdq")
     model.producer_name = "edgegen"
     onnx.save(model, str(out_path))
@@ -187,6 +185,8 @@ def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict) -> tup
 
     with tempfile.TemporaryDirectory() as tmp:
         trial, ranges = Path(tmp) / "trial.onnx", Path(tmp) / "ranges.json"
+        if form == "int8":  # fuse and check once: quantize() then finds nothing left to fuse in this graph
+            fp32_path = with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration)
         names = blocks(fp32_path)
         quantize(fp32_path, trial, form, calibration, ranges=ranges)  # calibrates every range once
         quality = score(trial)

@@ -64,9 +64,8 @@ def test_a_fusion_that_changes_the_outputs_is_refused(bert_bundle, tmp_path, mon
         return n
 
     monkeypatch.setattr(int8, "fuse_attention", without_mask)
-    model = onnx.load(str(path))
-    assert not int8._fuse_attention_checked(model, path, tmp_path / "fused.onnx", [feed()])
-    assert Counter(n.op_type for n in model.graph.node)["Attention"] == 0  # the original is back
+    fused = tmp_path / "fused.onnx"
+    assert int8.with_fused_attention(path, fused, [feed()]) == path  # refused: the original is quantized
     monkeypatch.undo()
-    model = onnx.load(str(path))
-    assert int8._fuse_attention_checked(model, path, tmp_path / "fused.onnx", [feed()])
+    assert int8.with_fused_attention(path, fused, [feed()]) == fused
+    assert Counter(n.op_type for n in onnx.load(str(fused)).graph.node)["Attention"] == 2
