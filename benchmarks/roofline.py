@@ -19,7 +19,7 @@ import onnx
 
 DTYPE_BYTES = {1: 4, 10: 2, 11: 8, 7: 8, 6: 4, 3: 1, 2: 1, 9: 1, 16: 2}
 INTEGER_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
-               "MatMulIntegerToFloat")
+               "MatMulIntegerToFloat", "QAttention")
 
 
 def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -55,16 +55,17 @@ def count(path: Path, batch: int = 1) -> dict:
     act_bytes = 0
     dequantized = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
     for n in g.node:
-        before = flops
         out = shapes.get(n.output[0]) if n.output else None
         if out:
             act_bytes += 2 * int(np.prod(out[0])) * out[1]
-        if n.op_type in ("Conv", "ConvInteger", "QLinearConv") and out:
+        if not out:
+            continue
+        products, other = 0, 0  # other: float products of a node whose main product is integer
+        if n.op_type in ("Conv", "ConvInteger", "QLinearConv"):
             w = shapes.get(n.input[3 if n.op_type == "QLinearConv" else 1])
-            if w:
-                flops += 2 * int(np.prod(out[0])) * int(np.prod(w[0][1:]))
+            products = 2 * int(np.prod(out[0])) * int(np.prod(w[0][1:])) if w else 0
         elif n.op_type in ("MatMul", "MatMulInteger", "Gemm", "QLinearMatMul", "DynamicQuantizeMatMul",
-                           "MatMulIntegerToFloat") and out:
+                           "MatMulIntegerToFloat"):
             a = shapes.get(n.input[0])
             k = a[0][-1] if a and a[0] else 0
             if n.op_type == "Gemm" and any(at.name == "transA" and at.i for at in n.attribute) and a:
@@ -72,23 +73,19 @@ def count(path: Path, batch: int = 1) -> dict:
             w = weights.get(n.input[1]) if len(n.input) > 1 else None
             if w and len(w[0]) >= 2 and n.op_type in ("MatMul", "MatMulInteger"):  # a constant B knows K even
                 k = w[0][-2]                                                     # where inference lost A's shape
-            flops += 2 * int(np.prod(out[0])) * int(k)
-        elif n.op_type in ("Attention", "QAttention") and out:  # QKV projection, then scores and mix per head
+            products = 2 * int(np.prod(out[0])) * int(k)
+        elif n.op_type in ("Attention", "QAttention"):  # the QKV projection, then scores and mix per head
             w = shapes.get(n.input[1])
-            tokens, hidden = int(np.prod(out[0][:-1])), out[0][-1]
-            if w:
-                flops += 2 * tokens * w[0][0] * w[0][1]
-                core = 2 * 2 * tokens * out[0][-2] * hidden
-                if n.op_type == "QAttention":
-                    int8_ops += flops - before
-                    flops = before
-                flops += core
-                continue
+            tokens = int(np.prod(out[0][:-1]))
+            products = 2 * tokens * w[0][0] * w[0][1] if w else 0
+            other = 2 * 2 * tokens * out[0][-2] * out[0][-1]
         integer = n.op_type in INTEGER_OPS or (n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1
                                                and n.input[0] in dequantized and n.input[1] in dequantized)
-        if integer:  # move this node's products to the int8 count
-            int8_ops += flops - before
-            flops = before
+        if integer:
+            int8_ops += products
+            flops += other
+        else:
+            flops += products + other
     # a lookup table (Gather's data input) is read only at the gathered rows, counted as its output
     gathered = {n.input[0] for n in g.node if n.op_type == "Gather"} - {i for n in g.node if n.op_type != "Gather"
                                                                           for i in n.input}

@@ -62,10 +62,10 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
     report = {"backend": backend, "cases": [{k: list(v.shape) for k, v in c["in"].items()} for c in cases],
               "precisions": {}}
     forms = forms_to_check(bundle, backend, precisions)
-    # fp32 not checked in this run (--precision int8): the adherence gate compares with fp32's adherence
-    # as the export measured it (report.json), rather than scoring fp32 again
-    recorded_fp32 = ((bundle.report() or {}).get("precisions", {}).get("fp32", {}).get("quality", {})
-                     .get("adherence") if scored and "fp32" not in forms else None)
+    # the adherence gate's fp32 figure: this run's, or where fp32 is not checked (--precision int8) the export's
+    fp32_from = "this run" if "fp32" in forms else "report.json (export)"
+    fp32_adherence = (None if "fp32" in forms or not scored else
+                      bundle.report().get("precisions", {}).get("fp32", {}).get("quality", {}).get("adherence"))
     # the text states scored for the gate: the fused graph's, or the text encoder's where no 1-step fused graph exists
     text_source = "fused" if "fused" in bundle.components else "text_encoder"
     for precision in forms:
@@ -105,13 +105,11 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
             from .pipeline import Pipeline
             pipe = Pipeline.for_family(bundle)(bundle, backend, precision.split("-")[0], [], form=precision)
             quality.update(evaluate(pipe))
-            base = report["precisions"].get("fp32", {}).get("quality", {}).get("adherence")
-            source = "this run"
-            if base is None and recorded_fp32:
-                base, source = recorded_fp32, "report.json (export)"
-            if base and precision != "fp32":
-                quality["adherence_vs_fp32"] = min(quality["adherence"][k] - base[k] for k in ("seen", "heldout"))
-                quality["adherence_fp32_from"] = source
+            if precision == "fp32":
+                fp32_adherence = quality["adherence"]
+            elif fp32_adherence:
+                quality["adherence_vs_fp32"] = min(quality["adherence"][k] - fp32_adherence[k] for k in ("seen", "heldout"))
+                quality["adherence_fp32_from"] = fp32_from
         gate = bundle.manifest.get("gates", {}).get(precision)
         if gate:
             entry["gate"] = gate_result(gate, quality)
