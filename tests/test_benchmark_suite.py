@@ -73,3 +73,11 @@ def test_roofline_counts_integer_products_apart(tmp_path):
     assert peak["int8_ops_per_s"] >= peak["flops_per_s"] and "GOP/s" in peak["derivation"]
     float_only = dict(c, flops=c["flops"] + c["int8_ops"], int8_ops=0, bytes=0)
     assert bound_ms(dict(c, bytes=0), peak) <= bound_ms(float_only, peak)
+
+
+def test_onnx_ab_times_files_of_a_bundle_interleaved(bert_bundle, capsys):
+    from benchmarks.onnx_ab import main
+    files = [bert_bundle / "onnx" / "fused.fp32.onnx", bert_bundle / "onnx" / "text_encoder.fp32.onnx"]
+    result = main([str(f) for f in files] + ["--rounds", "2", "--iterations", "2", "--threads", "1"])
+    assert list(result) == [str(f) for f in files] and all(ms > 0 for ms in result.values())
+    assert "1.00x the first" in capsys.readouterr().out
