@@ -74,13 +74,14 @@ def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, i
     model = _text_model(text_encoder, vocab_size, width).eval()
     model.save_pretrained(root / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(root / "text_encoder")
-    ups = {16: [32, 16], 32: [32, 16, 16], 64: [32, 32, 16, 16]}[image_size]
-    config = GeneratorConfig(image_size=image_size, noise_dim=16, text_dim=width, cond_dim=32, channels=ups,
-                             attention_resolutions=[8], attention_dim=16, max_length=16)
     if renderer == "glyph":
         config = GeneratorConfig(image_size=image_size, noise_dim=16, text_dim=width, channels=[], max_length=16,
                                  concepts=[5, 3, 3], renderer="glyph", glyph_side=image_size // 2,
                                  glyph_boxes=[image_size // 2, image_size - 4], jitter=1)
+    else:
+        ups = {16: [32, 16], 32: [32, 16, 16], 64: [32, 32, 16, 16]}[image_size]
+        config = GeneratorConfig(image_size=image_size, noise_dim=16, text_dim=width, cond_dim=32, channels=ups,
+                                 attention_resolutions=[8], attention_dim=16, max_length=16)
     generator = ConditionalGenerator(config).eval()
     with torch.no_grad():  # spread the random outputs over the whole pixel range, so parity checks bite
         if renderer == "glyph":
