@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Component
-from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
+from .errors import BackendUnavailableError, BadBundleError, BadInputError, EngineMismatchError
 
 # Backend name -> the ONNX Runtime provider that must be active for it to count.
 ORT_PROVIDERS = {
@@ -188,7 +188,10 @@ def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: boo
 
     ``cuda_graphs`` (default: on unless EDGEGEN_CUDA_GRAPHS=0): trt / trt-rtx capture every component
     per batch size; ort-cuda / ort-trt capture the static-shape fused graph."""
-    spec = bundle.components[component]
+    spec = bundle.components.get(component)
+    if spec is None:  # a manifest that lists fewer components than its family runs
+        raise BadBundleError(f"bundle {bundle.root}", f"no {component!r} component in the manifest "
+                             f"(it lists {sorted(bundle.components) or 'none'})", "re-export the bundle")
     graphs = cuda_graphs_enabled() if cuda_graphs is None else bool(cuda_graphs)
     if backend in TRT_BACKENDS:
         from .trt_graph import TrtGraph

@@ -163,3 +163,12 @@ def test_fuzz_manifest(bert_bundle, tmp_path_factory, mutations):
     except (BadBundleError, BadInputError):
         return
     pipe("a red apple", seed=1)
+
+
+def test_a_manifest_without_the_familys_components_is_refused(bundle_copy):
+    """Found by test_fuzz_manifest: `components: {}` passed Bundle.open and ended in a KeyError at load."""
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["components"] = {}
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BadBundleError, match="no 'fused' component"):
+        Pipeline.from_bundle(bundle_copy, backend="ort-cpu")
