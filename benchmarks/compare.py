@@ -20,25 +20,35 @@ from pathlib import Path
 
 import numpy as np
 
+from edgegen.runtime.bench import DEFAULT_PROMPT
+
 from .roofline import bound_ms, count, cpu_peak
 
 
-def torch_candidate(checkpoint: Path, compile_: bool):
+def torch_candidate(checkpoint: Path, bundle, compile_: bool):
+    """PyTorch eager on the same inputs as the runtime: the bundle's tokenizer, padded as ONNX Runtime on
+    the CPU pads (to the longest prompt, rounded up to 8 tokens, where the bundle's graphs allow it), so
+    neither side computes padding the other skips; the same noise and pixel conversion."""
     import torch
     from edgegen.export.families import load_family
+    from edgegen.runtime.gan import PAD_MULTIPLE
+    from edgegen.runtime.tokenize import PromptTokenizer
     family = load_family(checkpoint)
     module = family.fused
     if compile_:
         module = torch.compile(module)
-    tok = family.hf_tokenizer
-    length, noise_dim = family.config.max_length, family.config.noise_dim
+    settings = bundle.tokenizer_settings
+    tokenize = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
+    if bundle.components["fused"].dynamic_sequence:
+        tokenize.pad_multiple = PAD_MULTIPLE
+    noise_dim = family.config.noise_dim
 
     @torch.no_grad()
     def call(prompts, seeds):
-        t = tok(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        t = tokenize(prompts)
         noise = torch.from_numpy(np.stack([np.random.default_rng(s).standard_normal(noise_dim, dtype=np.float32)
                                            for s in seeds]))
-        return module(t["input_ids"], t["attention_mask"], noise)[0].numpy()
+        return module(torch.from_numpy(t.input_ids), torch.from_numpy(t.attention_mask), noise)[0].numpy()
     return call
 
 
@@ -52,8 +62,8 @@ def runtime_candidate(pipe, cached: bool):
     return call
 
 
-def measure(candidates: dict, batch: int, rounds: int, iterations: int, warmup: int) -> dict:
-    prompts = ["a rocket on a blue background"] * batch
+def measure(candidates: dict, batch: int, rounds: int, iterations: int, warmup: int, prompt: str) -> dict:
+    prompts = [prompt] * batch
     seeds = list(range(batch))
     samples = {name: [] for name in candidates}
     stages = {name: [] for name in candidates}
@@ -82,6 +92,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="every call's prompt; its token count sets the work "
+                    "where the graphs take a dynamic sequence axis (ONNX Runtime CPU and, equally, PyTorch here)")
     ap.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to compile)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--quick", action="store_true", help="2 rounds x 3 iterations (for CI)")
@@ -98,9 +110,9 @@ def main(argv=None) -> dict:
     from edgegen.runtime.backends import ORT_PROVIDERS, backend_loads
     from edgegen.runtime.bundle import form_for
     bundle = Bundle.open(args.bundle)
-    candidates = {"pytorch eager fp32": (torch_candidate(args.checkpoint, False), None)}
+    candidates = {"pytorch eager fp32": (torch_candidate(args.checkpoint, bundle, False), None)}
     if args.compile:
-        candidates["pytorch compile fp32"] = (torch_candidate(args.checkpoint, True), None)
+        candidates["pytorch compile fp32"] = (torch_candidate(args.checkpoint, bundle, True), None)
     pipes = {}
     for backend in ORT_PROVIDERS:
         if not backend_loads(backend)[0]:
@@ -112,7 +124,7 @@ def main(argv=None) -> dict:
     fastest = Pipeline.from_bundle(args.bundle, backend="auto", precision="auto")
     candidates[f"edgegen {fastest.backend} {fastest.precision} (cached prompt)"] = (runtime_candidate(fastest, True), fastest)
 
-    samples, stages = measure(candidates, args.batch, args.rounds, args.iterations, args.warmup)
+    samples, stages = measure(candidates, args.batch, args.rounds, args.iterations, args.warmup, args.prompt)
     peak = cpu_peak()
     base = float(np.median(samples["pytorch eager fp32"]))
     rows = {}
@@ -127,13 +139,15 @@ def main(argv=None) -> dict:
     for (backend, precision), pipe in pipes.items():
         if backend != "ort-cpu":
             continue
-        c = count(bundle.onnx_path("fused", form_for(precision, backend)), batch=args.batch)
+        c = count(bundle.onnx_path("fused", form_for(precision, backend)), batch=args.batch,
+                  sequence=pipe.last_call.sequence or bundle.max_length)
         engine = rows[f"edgegen {backend} {precision}"]["stages_p50_ms"].get("fused", float("nan"))
         roofline[precision] = {**c, "bound_ms": bound_ms(c, peak), "engine_ms": engine,
                                "fraction_of_limit": bound_ms(c, peak) / engine}
     import onnxruntime
     import torch
     result = {"bundle": str(args.bundle), "batch": args.batch, "rounds": args.rounds, "iterations": args.iterations,
+              "prompt": args.prompt, "sequence": fastest.last_call.sequence,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "cpu_peak": peak["derivation"]},
               "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
@@ -149,7 +163,8 @@ def main(argv=None) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Batch {r['batch']}, {r['rounds']} rounds x {r['iterations']} interleaved calls, {r['date']}; "
+    tokens = f" ({r['sequence']} token positions, PyTorch the same)" if r.get("sequence") else ""
+    lines = [f"Prompt {r['prompt']!r}{tokens}, batch {r['batch']}, {r['rounds']} rounds x {r['iterations']} interleaved calls, {r['date']}; "
              f"torch {r['versions']['torch']}, onnxruntime {r['versions']['onnxruntime']}; {r['machine']['platform']}.",
              "", "| candidate | p50 ms | p95 ms | vs PyTorch eager |", "|---|---:|---:|---:|"]
     for name, row in r["results"].items():

@@ -17,16 +17,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgegen.runtime.bundle import SEQUENCE_AXIS
+
 DTYPE_BYTES = {1: 4, 10: 2, 11: 8, 7: 8, 6: 4, 3: 1, 2: 1, 9: 1, 16: 2}
 INTEGER_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
                "MatMulIntegerToFloat", "QAttention")
 
 
-def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+def _fix_shapes(model: onnx.ModelProto, batch: int, sequence: int) -> onnx.ModelProto:
     for value in list(model.graph.input) + list(model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
-                dim.dim_value = batch
+                dim.dim_value = sequence if dim.dim_param == SEQUENCE_AXIS else batch
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     # onnx's inference stops at ONNX Runtime's (Q)Attention; its output has its input's shape: say so, go on
     for node in [n for n in model.graph.node if n.op_type in ("Attention", "QAttention")]:
@@ -40,9 +42,10 @@ def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return model
 
 
-def count(path: Path, batch: int = 1) -> dict:
-    """{"flops", "bytes", "weight_bytes"} of one forward pass at ``batch``."""
-    model = _fix_batch(onnx.load(str(path), load_external_data=False), batch)
+def count(path: Path, batch: int = 1, sequence: int = 32) -> dict:
+    """{"flops", "bytes", "weight_bytes"} of one forward pass at ``batch`` and ``sequence`` token positions
+    (where the graph's token axis is dynamic)."""
+    model = _fix_shapes(onnx.load(str(path), load_external_data=False), batch, sequence)
     g = model.graph
     shapes = {}
     for v in list(g.value_info) + list(g.input) + list(g.output):

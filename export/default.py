@@ -11,6 +11,9 @@ from edgegen.runtime.errors import BadBundleError, CheckpointError
 
 MODEL_DIR = Path(__file__).parent / "emoji64"
 DEFAULT_PRECISIONS = "fp32,fp16,int8"
+# Part of the cached bundle's key: bump it when the export writes different files from the same weights
+# (2: dynamic sequence axis), so a cache exported by an older edgegen is not reused.
+EXPORT_REVISION = 2
 
 
 def cache_dir() -> Path:
@@ -41,7 +44,7 @@ def default_checkpoint() -> Path:
 
 
 def _weights_digest() -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"export revision {EXPORT_REVISION}".encode())
     for path in sorted(MODEL_DIR.rglob("*")):
         if path.is_file() and path.suffix in (".safetensors", ".json", ".npz"):
             digest.update(path.name.encode() + path.read_bytes())

@@ -199,54 +199,54 @@ def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: boo
     if backend in ("ort-cuda", "ort-trt"):
         from .ort_gpu import OrtDeviceGraph
         return OrtDeviceGraph(bundle, component, form, backend, spec, cuda_graph=graphs and component == "fused")
-    return OrtGraph(bundle.onnx_path(component, form), backend, spec)
+    return OrtGraph(bundle.onnx_path(component, form), backend, spec, bundle.max_length)
 
 
 class OrtGraph:
-    """One ONNX Runtime session with host buffers allocated once per batch size and bound by IO binding.
+    """One ONNX Runtime session with host buffers allocated once per shape and bound by IO binding.
 
-    ``inputs(batch)`` returns the arrays to fill; ``run(batch)`` writes the outputs into the arrays that
-    ``outputs(batch)`` returns. Nothing is allocated on the per-call path after the first call at a size.
+    ``inputs(batch, sequence)`` returns the arrays to fill; ``run(batch, sequence=...)`` writes the outputs
+    into the arrays that ``outputs(batch, sequence)`` returns. ``sequence`` (token positions) matters only
+    for a graph with a dynamic sequence axis (``dynamic_sequence``); None means ``max_length``. Nothing is
+    allocated on the per-call path after the first call at a shape.
     """
 
-    def __init__(self, path: Path, backend: str, spec: Component):
+    def __init__(self, path: Path, backend: str, spec: Component, max_length: int):
         self.spec = spec
         self.backend = backend
+        self.max_length = int(max_length)
+        self.dynamic_sequence = spec.dynamic_sequence
         self.session = make_session(path, backend)
-        self._sets: dict[int, tuple[dict, dict, ort.IOBinding]] = {}
+        self._sets: dict[tuple[int, int], tuple[dict, dict, ort.IOBinding]] = {}
 
-    def _buffers(self, batch: int):
-        found = self._sets.get(batch)
+    def _buffers(self, batch: int, sequence: int | None):
+        key = (batch, sequence or self.max_length)
+        found = self._sets.get(key)
         if found is None:
             binding = self.session.io_binding()
-            ins = {t.name: _alloc(t, batch) for t in self.spec.inputs}
-            outs = {t.name: _alloc(t, batch) for t in self.spec.outputs}
+            ins = {t.name: np.zeros(t.resolve(*key), NP_DTYPES[t.dtype]) for t in self.spec.inputs}
+            outs = {t.name: np.zeros(t.resolve(*key), NP_DTYPES[t.dtype]) for t in self.spec.outputs}
             for name, arr in ins.items():
                 binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
             for name, arr in outs.items():
                 binding.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-            found = self._sets[batch] = (ins, outs, binding)
+            found = self._sets[key] = (ins, outs, binding)
         return found
 
-    def inputs(self, batch: int) -> dict[str, np.ndarray]:
-        return self._buffers(batch)[0]
+    def inputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
+        return self._buffers(batch, sequence)[0]
 
-    def outputs(self, batch: int) -> dict[str, np.ndarray]:
-        return self._buffers(batch)[1]
+    def outputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
+        return self._buffers(batch, sequence)[1]
 
-    def run(self, batch: int, fetch: bool = True) -> dict[str, np.ndarray]:
-        _, outs, binding = self._buffers(batch)
+    def run(self, batch: int, fetch: bool = True, sequence: int | None = None) -> dict[str, np.ndarray]:
+        _, outs, binding = self._buffers(batch, sequence)
         self.session.run_with_iobinding(binding)
         return outs
 
-    def take(self, batch: int, name: str, source, source_output: str) -> None:
+    def take(self, batch: int, name: str, source, source_output: str, sequence: int | None = None) -> None:
         """Feed input ``name`` from ``source``'s output (on the host here: a copy into the bound array)."""
-        self.inputs(batch)[name][...] = source.outputs(batch)[source_output]
+        self.inputs(batch, sequence)[name][...] = source.outputs(batch, sequence)[source_output]
 
     cuda_graphs = False
     graphs_captured: list = []
-
-
-def _alloc(spec, batch: int) -> np.ndarray:
-    shape = tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)
-    return np.zeros(shape, dtype=NP_DTYPES[spec.dtype])

@@ -28,8 +28,11 @@ def _peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+DEFAULT_PROMPT = "a rocket on a blue background"
+
+
 def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, seconds: float | None = None,
-              prompt: str = "a rocket on a blue background") -> dict:
+              prompt: str = DEFAULT_PROMPT) -> dict:
     """Time ``iterations`` calls (or as many as fit in ``seconds``) after ``warmup`` untimed ones."""
     prompts = [prompt] * batch
     seeds = list(range(batch))
@@ -52,7 +55,8 @@ def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, sec
     result = {
         "bundle": str(pipe.bundle.root), "family": pipe.bundle.family, "backend": pipe.backend,
         "precision": pipe.precision, "form": pipe.form, "batch": batch, "iterations": len(calls), "warmup": warmup,
-        "path": calls[0].path,
+        "path": calls[0].path, "prompt": prompt,
+        "sequence": calls[0].sequence,  # token positions the text graphs ran at (0: no such axis)
         "cuda_graphs": any(getattr(g, "cuda_graphs", False) for g in pipe._graphs.values()),
         "end_to_end_ms": summarize(e2e),
         "stages_ms": stages,
@@ -75,8 +79,10 @@ def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, sec
 def format_table(r: dict) -> str:
     e = r["end_to_end_ms"]
     graphs = ", CUDA graphs" if r.get("cuda_graphs") else ""
+    tokens = f", {r['sequence']} token positions" if r.get("sequence") else ""
     lines = [f"edgegen bench  {r['bundle']}  ({r['family']}, {r['backend']}{graphs}, {r['precision']}, batch {r['batch']}, "
              f"{r['iterations']} iterations after {r['warmup']} warm-up)",
+             f"  prompt {r['prompt']!r}{tokens}",
              f"  end to end      p50 {e['p50']:8.3f} ms   p95 {e['p95']:8.3f}   p99 {e['p99']:8.3f}   mean {e['mean']:8.3f}"]
     for name, s in r["stages_ms"].items():
         lines.append(f"    {name:13s} p50 {s['p50']:8.3f} ms{'   (engine)' if s['engine'] else ''}")

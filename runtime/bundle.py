@@ -59,11 +59,21 @@ def safe_path(root: Path, rel: Any) -> Path:
     return resolved
 
 
+# The token axis of text inputs and states. Where a graph has it dynamic, ONNX Runtime on the CPU runs
+# each call at the prompt's own length (padding costs compute there); fixed-shape paths (TensorRT
+# engines, CUDA graphs) run it at the tokenizer's max_length. Every other named axis is the batch.
+SEQUENCE_AXIS = "sequence"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str
     shape: tuple  # ints and axis names (str) for dynamic axes
+
+    def resolve(self, batch: int, sequence: int) -> tuple[int, ...]:
+        """The concrete shape at this batch size and token count."""
+        return tuple(d if isinstance(d, int) else sequence if d == SEQUENCE_AXIS else batch for d in self.shape)
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
@@ -79,6 +89,10 @@ class Component:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     files: dict  # precision -> relative path of the ONNX file
+
+    @property
+    def dynamic_sequence(self) -> bool:
+        return any(SEQUENCE_AXIS in t.shape for t in self.inputs)
 
 
 class Bundle:
@@ -109,6 +123,11 @@ class Bundle:
     @property
     def tokenizer_settings(self) -> dict:
         return self.manifest["tokenizer"]
+
+    @property
+    def max_length(self) -> int:
+        """Token positions at most: what the sequence axis is on fixed-shape paths."""
+        return int(self.manifest["tokenizer"]["max_length"])
 
     @property
     def generation(self) -> dict:

@@ -167,7 +167,10 @@ def cmd_bench(args) -> int:
         os.environ[CUDA_GRAPHS_ENV] = "0"
     pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision,
                                 **({"mode": args.mode} if args.mode else {}))
-    result = run_bench(pipe, batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds)
+    if not args.prompt.strip():
+        raise BadInputError("--prompt", "is empty", "give the prompt to time, e.g. --prompt 'a cat'")
+    result = run_bench(pipe, batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds,
+                       prompt=args.prompt)
     _emit(args, result, format_table(result))
     return 0
 
@@ -227,6 +230,7 @@ def cmd_doctor(args) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import DEFAULT_PROMPT as DEFAULT_BENCH_PROMPT
     from .backends import BACKENDS
     p = argparse.ArgumentParser(prog="edgegen", description="Export text-to-image models to validated ONNX/TensorRT "
                                 "bundles and run them with a lean runtime.")
@@ -314,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=100, help="timed calls (default 100)")
     b.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     b.add_argument("--seconds", type=float, default=None, help="time budget instead of --iterations")
+    b.add_argument("--prompt", default=DEFAULT_BENCH_PROMPT,
+                   help=f"the prompt of every call (default {DEFAULT_BENCH_PROMPT!r}); on ONNX Runtime CPU a call "
+                   "costs its prompt's token count, rounded up to 8 (the JSON's sequence field)")
     b.add_argument("--mode", default=None, help="pipeline path: auto (default), fused, or stage by stage "
                    "(gan: split; diffusion: loop, which times the text encoder, each UNet step and the VAE)")
     b.add_argument("--no-cuda-graphs", action="store_true", help="GPU backends: run without CUDA graph capture "

@@ -150,7 +150,7 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
         cache, cache_source, where = bundle.path(bundled_cache).read_bytes(), "bundle", bundled_cache
     else:
         cache, cache_source, where = b"", None, None
-    max_batch = int(manifest["generation"]["max_batch"])
+    max_batch, max_length = int(manifest["generation"]["max_batch"]), bundle.max_length
     logger = collecting_logger(trt)  # TensorRT for RTX logs CUDA errors while building without a GPU
     build = {"flavour": flavour, "version": trt.__version__, "compute_capability": cc, "dir": rel_dir,
              "timing_cache": bundled_cache, "timing_cache_source": cache_source, "workspace_mb": workspace_mb,
@@ -164,14 +164,14 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
         start = time.perf_counter()
         onnx_rel = manifest["components"][name]["files"][form]
         blob, cache = _build_one(trt, logger, bundle.path(onnx_rel), f"{name}.{form}", onnx_rel, flavour, cc,
-                                 workspace_mb, max_batch, cache)
+                                 workspace_mb, max_batch, max_length, cache)
         _write(cache_path, cache)  # after every engine: an interrupted build keeps what it measured
         rel = f"{rel_dir}/{name}.{form}.engine"
         _write(out / Path(rel).name, blob)
         entries.append({"flavour": flavour, "version": trt.__version__, "compute_capability": cc,
                         "component": name, "form": form, "file": rel, "onnx": onnx_rel,
                         "onnx_sha256": manifest["files"][onnx_rel]["sha256"], "strongly_typed": True,
-                        "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch}})
+                        "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch, "sequence": max_length}})
         seconds = time.perf_counter() - start
         build["engines"][rel] = {"bytes": len(blob), "seconds": round(seconds, 1)}
         if progress:
@@ -185,7 +185,7 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
 
 
 def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: str, cc: str, workspace_mb: int,
-               max_batch: int, cache: bytes) -> tuple[bytes, bytes]:
+               max_batch: int, max_length: int, cache: bytes) -> tuple[bytes, bytes]:
     """One strongly typed engine (TensorRT 10.3 builder API; plus the target GPU for TensorRT for RTX).
     Returns (serialized engine, the timing cache after the build)."""
     builder = trt.Builder(logger)
@@ -204,7 +204,8 @@ def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: 
     profile = builder.create_optimization_profile()
     for k in range(network.num_inputs):
         tensor = network.get_input(k)
-        rest = list(tensor.shape)[1:]
+        # the dynamic sequence axis (token inputs) is fixed at max_length: the runtime pads to it on engines
+        rest = [d if d >= 0 else max_length for d in list(tensor.shape)[1:]]
         profile.set_shape(tensor.name, [1, *rest], [1, *rest], [max_batch, *rest])
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)

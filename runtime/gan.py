@@ -11,6 +11,7 @@ from .pipeline import CallInfo, Pipeline, noise_for_seeds, to_pixels
 from .tokenize import PromptTokenizer
 
 MODES = ("auto", "fused", "split")
+PAD_MULTIPLE = 8  # dynamic-length graphs: rows padded to a multiple of this (few shapes, aligned GEMMs)
 
 
 class GanPipeline(Pipeline):
@@ -37,8 +38,11 @@ class GanPipeline(Pipeline):
                                  "re-export the bundle")
         self.noise_shape = tuple(shape)
         self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, bool]] = OrderedDict()
-        self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
+        # prompt -> (its text states at its own length (n, width), n, truncated)
+        self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
+        main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
+        if main.dynamic_sequence:  # ONNX Runtime on the CPU: run each call at its prompts' length
+            self.tokenizer.pad_multiple = PAD_MULTIPLE
 
     def _generate(self, prompts, seeds, noise=None):
         batch = len(prompts)
@@ -51,12 +55,14 @@ class GanPipeline(Pipeline):
         if self.mode == "fused" or (self.mode == "auto" and not use_cache):
             info.path = "fused"
             g = self.graph("fused")
-            ins = g.inputs(batch)
-            tokens = self._tokenize(prompts, info, ins)
+            encoded = self._encode(prompts, info)
+            info.sequence = length = encoded.length
+            ins = g.inputs(batch, length)
+            tokens = encoded.pad(ins["input_ids"], ins["attention_mask"])
             t = info.lap("tokenize", t)
             self._fill_noise(ins["noise"], seeds, noise)
             t = info.lap("noise", t)
-            outs = g.run(batch)
+            outs = g.run(batch, sequence=length)
             t = info.lap("fused", t)
             if self.mode == "auto":
                 self._remember(prompts, outs["text_states"], tokens)
@@ -64,40 +70,47 @@ class GanPipeline(Pipeline):
             info.lap("output", t)
             return pixels, info
         gen = self.graph("generator")
-        ins = gen.inputs(batch)
         if use_cache:
             info.path = "cached"
-            truncated = []
-            for i, p in enumerate(prompts):
+            entries = []
+            for p in prompts:
                 self._cache.move_to_end(p)
-                ins["text_states"][i], ins["attention_mask"][i], cut = self._cache[p]
-                truncated.append(cut)
-            self._report_truncation(prompts, truncated, info)
+                entries.append(self._cache[p])
+            info.sequence = length = self.tokenizer.length_for(max(n for _, n, _ in entries))
+            ins = gen.inputs(batch, length)
+            states, mask = ins["text_states"], ins["attention_mask"]
+            states[...] = 0.0
+            mask[...] = 0
+            for i, (row, n, _) in enumerate(entries):
+                states[i, :n] = row
+                mask[i, :n] = 1
+            self._report_truncation(prompts, [cut for _, _, cut in entries], info)
             t = info.lap("cache", t)
         else:
             info.path = "split"
             enc = self.graph("text_encoder")
-            enc_ins = enc.inputs(batch)
-            self._tokenize(prompts, info, enc_ins)
+            encoded = self._encode(prompts, info)
+            info.sequence = length = encoded.length
+            ins = gen.inputs(batch, length)
+            enc_ins = enc.inputs(batch, length)
+            tokens = encoded.pad(enc_ins["input_ids"], enc_ins["attention_mask"])
             t = info.lap("tokenize", t)
-            enc.run(batch, fetch=False)  # on a GPU backend the text states stay on the device
-            gen.take(batch, "text_states", enc, "text_states")
+            enc.run(batch, fetch=False, sequence=length)  # on a GPU backend the text states stay on the device
+            gen.take(batch, "text_states", enc, "text_states", sequence=length)
             t = info.lap("text_encoder", t)
-            ins["attention_mask"][...] = enc_ins["attention_mask"]
+            ins["attention_mask"][...] = tokens.attention_mask
         self._fill_noise(ins["noise"], seeds, noise)
         t = info.lap("noise", t)
-        image = gen.run(batch)["image"]
+        image = gen.run(batch, sequence=length)["image"]
         t = info.lap("generator", t)
         pixels = to_pixels(image)
         info.lap("output", t)
         return pixels, info
 
-    def _tokenize(self, prompts, info, ins):
-        tokens = self.tokenizer(prompts)
-        ins["input_ids"][...] = tokens.input_ids
-        ins["attention_mask"][...] = tokens.attention_mask
-        self._report_truncation(prompts, tokens.truncated, info)
-        return tokens
+    def _encode(self, prompts, info):
+        encoded = self.tokenizer.encode(prompts)
+        self._report_truncation(prompts, encoded.truncated, info)
+        return encoded
 
     def _report_truncation(self, prompts, truncated, info):
         info.truncated = list(truncated)
@@ -128,7 +141,8 @@ class GanPipeline(Pipeline):
             if p in self._cache:
                 self._cache.move_to_end(p)
                 continue
-            self._cache[p] = (states[i].copy(), tokens.attention_mask[i].copy(), tokens.truncated[i])
+            n = tokens.lengths[i]
+            self._cache[p] = (states[i, :n].copy(), n, tokens.truncated[i])
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 

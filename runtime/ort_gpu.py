@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import cudart
-from .bundle import Component
+from .bundle import SEQUENCE_AXIS, Component
 from .errors import BadInputError
 from .engines import bundle_key, user_cache_dir
 
@@ -84,6 +84,7 @@ class OrtDeviceGraph:
         self.path = bundle.onnx_path(component, form)
         self.cuda_graphs = bool(cuda_graph)
         self.max_batch = int(bundle.generation["max_batch"])
+        self.max_length = bundle.max_length  # fixed shapes: the sequence axis always at max_length
         self.cache_dir = ort_trt_cache_dir(bundle) if backend == "ort-trt" else None
         self.notes: list[str] = []
         self._sets: dict[int, _BatchSet] = {}
@@ -107,7 +108,7 @@ class OrtDeviceGraph:
         if batch is None:  # one profile for every batch size the bundle allows
             for key, b in (("min", 1), ("opt", 1), ("max", self.max_batch)):
                 opts[f"trt_profile_{key}_shapes"] = ",".join(
-                    f"{t.name}:{'x'.join(str(d) for d in _shape(t, b))}" for t in self.spec.inputs)
+                    f"{t.name}:{'x'.join(str(d) for d in t.resolve(b, self.max_length))}" for t in self.spec.inputs)
         return opts
 
     def _session(self, batch: int | None) -> ort.InferenceSession:
@@ -115,7 +116,7 @@ class OrtDeviceGraph:
         opts = session_options()
         if batch is not None:
             for name in {d for t in self.spec.inputs for d in t.shape if isinstance(d, str)}:
-                opts.add_free_dimension_override_by_name(name, batch)
+                opts.add_free_dimension_override_by_name(name, self.max_length if name == SEQUENCE_AXIS else batch)
         return make_session(self.path, self.backend, opts, self._provider_options(batch))
 
     def _buffers(self, batch: int) -> _BatchSet:
@@ -128,7 +129,7 @@ class OrtDeviceGraph:
         s.session = self._shared or self._session(batch)
         s.binding = s.session.io_binding()
         for t in (*self.spec.inputs, *self.spec.outputs):
-            shape, dtype = _shape(t, batch), NP_DTYPES[t.dtype]
+            shape, dtype = t.resolve(batch, self.max_length), NP_DTYPES[t.dtype]
             host = self.cuda.pinned(shape, dtype)
             dev = s.dev[t.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, ORT_DEVICE, 0)
             if t in self.spec.inputs:
@@ -142,19 +143,21 @@ class OrtDeviceGraph:
         self._sets[batch] = s
         return s
 
-    def inputs(self, batch: int) -> dict[str, np.ndarray]:
+    dynamic_sequence = False  # one shape per batch size (CUDA graphs, TensorRT profiles): padded to max_length
+
+    def inputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
         s = self._buffers(batch)
         s.fed.clear()
         return s.host_in
 
-    def outputs(self, batch: int) -> dict[str, np.ndarray]:
+    def outputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
         return self._buffers(batch).host_out
 
     def device_output(self, batch: int, name: str) -> tuple[int, int]:
         value = self._buffers(batch).dev[name]
         return value.data_ptr(), int(np.prod(value.shape())) * np.dtype(NP_DTYPES[_dtype_of(self.spec, name)]).itemsize
 
-    def take(self, batch: int, name: str, source, source_output: str) -> None:
+    def take(self, batch: int, name: str, source, source_output: str, sequence: int | None = None) -> None:
         s = self._buffers(batch)
         src, nbytes = source.device_output(batch, source_output)
         _, dst, _, need = next(h for h in s.h2d if h[0] == name)
@@ -164,7 +167,7 @@ class OrtDeviceGraph:
         self.cuda.copy(dst, src, nbytes, cudart.DEVICE_TO_DEVICE, self.stream)
         s.fed.add(name)
 
-    def run(self, batch: int, fetch: bool = True) -> dict[str, np.ndarray]:
+    def run(self, batch: int, fetch: bool = True, sequence: int | None = None) -> dict[str, np.ndarray]:
         s = self._sets.get(batch) or self._buffers(batch)
         cuda, stream, fed = self.cuda, self.stream, s.fed
         for name, dst, src, nbytes in s.h2d:
@@ -186,6 +189,3 @@ class OrtDeviceGraph:
 def _dtype_of(spec: Component, name: str) -> str:
     return next(t.dtype for t in (*spec.inputs, *spec.outputs) if t.name == name)
 
-
-def _shape(spec, batch: int) -> tuple[int, ...]:
-    return tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)

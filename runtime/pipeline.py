@@ -28,6 +28,7 @@ class CallInfo:
     seeds: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
     path: str = ""
+    sequence: int = 0  # token positions the text graphs ran at (0: the family has no such axis)
     warnings: list[str] = field(default_factory=list)
     stages: dict[str, int] = field(default_factory=dict)
     engine_stages: tuple[str, ...] = ()  # the stages that are engine (session) runs
@@ -220,8 +221,8 @@ def expand_seeds(seed, total: int) -> list[int]:
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], out: np.ndarray) -> np.ndarray:
     """Standard normal noise, each image's slice drawn from its own seed alone (PCG64)."""
-    for i, s in enumerate(seeds):
-        out[i] = np.random.default_rng(s).standard_normal(shape, dtype=np.float32)
+    for i, s in enumerate(seeds):  # drawn straight into the bound buffer: no temporary, no copy
+        np.random.default_rng(s).standard_normal(shape, dtype=np.float32, out=out[i])
     return out
 
 

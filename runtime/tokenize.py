@@ -1,4 +1,4 @@
-"""Prompt -> fixed-length token ids, with the bundle's tokenizer.json (tokenizers library)."""
+"""Prompt -> right-padded token ids, with the bundle's tokenizer.json (tokenizers library)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,27 +14,68 @@ class Tokens:
     input_ids: np.ndarray       # (B, L) int64
     attention_mask: np.ndarray  # (B, L) int64
     truncated: list[bool]       # per prompt: did it lose tokens to max_length?
+    lengths: list[int]          # per prompt: its real tokens (the rest of its row is padding)
+
+
+@dataclass
+class Encoded:
+    """Token ids before padding; ``length`` is the row length they pad to."""
+    rows: list[list[int]]
+    truncated: list[bool]
+    length: int
+    pad_id: int
+
+    def pad(self, ids: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tokens:
+        """Right-padded (B, length) arrays: written into ``ids`` / ``mask`` when given (a pipeline's bound
+        input buffers, so nothing is allocated or copied on the way), new arrays otherwise."""
+        shape = (len(self.rows), self.length)
+        ids = np.empty(shape, np.int64) if ids is None else ids
+        mask = np.empty(shape, np.int64) if mask is None else mask
+        ids.fill(self.pad_id)
+        mask.fill(0)
+        for i, row in enumerate(self.rows):
+            ids[i, :len(row)] = row
+            mask[i, :len(row)] = 1
+        return Tokens(ids, mask, self.truncated, [len(r) for r in self.rows])
 
 
 class PromptTokenizer:
-    """Pads every prompt to ``max_length`` (static shapes) and reports truncation instead of hiding it."""
+    """Pads on the right, truncates at ``max_length`` and reports truncation instead of hiding it.
 
-    def __init__(self, path, max_length: int, pad_id: int, pad_token: str):
+    ``pad_multiple`` None: every row is ``max_length`` long (fixed-shape graphs). An integer k: rows are
+    as long as the batch's longest prompt rounded up to a multiple of k (at most ``max_length``), for
+    graphs with a dynamic sequence axis: "a cat" then costs 8 token positions, not 32. Padding is masked,
+    so the images are the same either way (within float rounding).
+    """
+
+    def __init__(self, path, max_length: int, pad_id: int, pad_token: str, pad_multiple: int | None = None):
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on a bad file
             raise BadBundleError(f"tokenizer {path}", f"cannot be read: {e}", "re-export the bundle") from None
         self.max_length = int(max_length)
+        self.pad_id = int(pad_id)
+        self.pad_multiple = pad_multiple
         self._tok.no_padding()
         self._tok.enable_truncation(self.max_length)
-        self._tok.enable_padding(length=self.max_length, pad_id=int(pad_id), pad_token=pad_token)
 
     @classmethod
     def from_settings(cls, path, settings: dict) -> "PromptTokenizer":
         return cls(path, settings["max_length"], settings["pad_id"], settings["pad_token"])
 
+    def length_for(self, longest: int) -> int:
+        """Row length for a batch whose longest prompt has ``longest`` tokens."""
+        if not self.pad_multiple:
+            return self.max_length
+        k = self.pad_multiple
+        return min(self.max_length, -(-max(1, longest) // k) * k)
+
+    def encode(self, prompts: list[str]) -> Encoded:
+        # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
+        encodings = [self._tok.encode(prompts[0])] if len(prompts) == 1 else self._tok.encode_batch(prompts)
+        rows = [e.ids for e in encodings]
+        return Encoded(rows, [bool(e.overflowing) for e in encodings], self.length_for(max(map(len, rows))),
+                       self.pad_id)
+
     def __call__(self, prompts: list[str]) -> Tokens:
-        encodings = self._tok.encode_batch(prompts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        return Tokens(ids, mask, [bool(e.overflowing) for e in encodings])
+        return self.encode(prompts).pad()

@@ -53,6 +53,7 @@ class TrtGraph:
         self.engine, self._trt_runtime, self.logger, self.entry = loaded or load_engine(bundle, backend, component, form)
         self.trt = trt or _module_of(backend)
         self.max_batch = int(self.entry.get("profile", {}).get("max_batch") or bundle.generation["max_batch"])
+        self.max_length = bundle.max_length  # the engine's profile fixes the sequence axis there
         self.cuda_graphs = bool(cuda_graphs)
         self.notes: list[str] = []
         self._check_io()
@@ -127,12 +128,12 @@ class TrtGraph:
         s.context = ctx = self._context()
         cuda, subject = self.cuda, f"engine {self.entry['file']}"
         for t in self.spec.inputs:
-            shape = _shape(t, batch)
+            shape = t.resolve(batch, self.max_length)
             if not ctx.set_input_shape(t.name, shape):
                 raise BadInputError("batch", f"{t.name} shape {shape} is outside the engine's profile: "
                                     + self.logger.errors(), f"batches 1..{self.max_batch}")
         for t in (*self.spec.inputs, *self.spec.outputs):
-            shape = _shape(t, batch)
+            shape = t.resolve(batch, self.max_length)
             if tuple(ctx.get_tensor_shape(t.name)) != shape:
                 raise BadBundleError(subject, f"{t.name} has shape {tuple(ctx.get_tensor_shape(t.name))} at batch "
                                      f"{batch}, the manifest says {shape}", "rebuild the engines from this bundle")
@@ -151,12 +152,14 @@ class TrtGraph:
         return s
 
     # ------------------------------------------------------------------ the graph interface
-    def inputs(self, batch: int) -> dict[str, np.ndarray]:
+    dynamic_sequence = False  # engines take one sequence length: the bundle's max_length
+
+    def inputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
         s = self._buffers(batch)
         s.fed.clear()  # the caller is about to write the host arrays: upload them all on the next run
         return s.host_in
 
-    def outputs(self, batch: int) -> dict[str, np.ndarray]:
+    def outputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
         return self._buffers(batch).host_out
 
     def device_output(self, batch: int, name: str) -> tuple[int, int]:
@@ -164,7 +167,7 @@ class TrtGraph:
         s = self._buffers(batch)
         return s.dev[name].ptr, s.dev[name].nbytes
 
-    def take(self, batch: int, name: str, source, source_output: str) -> None:
+    def take(self, batch: int, name: str, source, source_output: str, sequence: int | None = None) -> None:
         """Feed input ``name`` from ``source``'s device output (a device-to-device copy on the shared stream);
         the host array of that input is not uploaded until the next ``inputs(batch)`` call."""
         s = self._buffers(batch)
@@ -175,7 +178,7 @@ class TrtGraph:
         self.cuda.copy(s.dev[name].ptr, src, nbytes, cudart.DEVICE_TO_DEVICE, self.stream)
         s.fed.add(name)
 
-    def run(self, batch: int, fetch: bool = True) -> dict[str, np.ndarray]:
+    def run(self, batch: int, fetch: bool = True, sequence: int | None = None) -> dict[str, np.ndarray]:
         s = self._sets.get(batch) or self._buffers(batch)
         cuda, stream = self.cuda, self.stream
         fed = s.fed
@@ -290,6 +293,3 @@ def _scratch_size(engine) -> int:
     size = getattr(engine, "device_memory_size_v2", None)  # TensorRT >= 10.1
     return int(size if size is not None else engine.device_memory_size)
 
-
-def _shape(spec, batch: int) -> tuple[int, ...]:
-    return tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)

@@ -146,9 +146,11 @@ class FakeContext:
     def get_tensor_shape(self, name):
         if name in self.shapes:
             return self.shapes[name]
-        batch = next(iter(self.shapes.values()))[0]
+        # an output's named axes take the sizes the inputs were given along the same names
+        sizes = {d: n for t in self.engine.spec.inputs if t.name in self.shapes
+                 for d, n in zip(t.shape, self.shapes[t.name]) if isinstance(d, str)}
         t = next(t for t in self.engine.io if t.name == name)
-        return tuple(batch if isinstance(d, str) else d for d in t.shape)
+        return tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr

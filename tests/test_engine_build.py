@@ -77,7 +77,7 @@ def test_engines_command_writes_engines_into_the_bundle(capsys, bundle_copy):
         assert e["file"] == f"{rel_dir}/{e['component']}.fp32.engine" and e["file"] in manifest["files"]
         assert e["onnx"] == f"onnx/{e['component']}.fp32.onnx"
         assert e["onnx_sha256"] == manifest["files"][e["onnx"]]["sha256"] == before["files"][e["onnx"]]["sha256"]
-        assert e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16} and e["strongly_typed"]
+        assert e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16, "sequence": 16} and e["strongly_typed"]
         assert (bundle_copy / e["file"]).stat().st_size > 10_000
     new_files = set(manifest["files"]) - set(before["files"])
     assert new_files == {f"{rel_dir}/{c}.fp32.engine" for c in COMPONENTS} | {f"{rel_dir}/timing.cache", f"{rel_dir}/build.json"}

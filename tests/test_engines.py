@@ -44,7 +44,7 @@ def test_engines_written_and_recorded(engine_bundle):
         assert e["flavour"] == "trt-rtx" and e["version"] == trt.__version__ and e["compute_capability"] == "8.9"
         assert e["file"].startswith(f"engines/trt-rtx-{trt.__version__}-sm89/") and e["file"] in bundle.manifest["files"]
         assert e["onnx_sha256"] == bundle.manifest["files"][e["onnx"]]["sha256"] and e["strongly_typed"]
-        assert e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16}
+        assert e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16, "sequence": 16}
         assert (engine_bundle / e["file"]).stat().st_size > 10_000
     build = _build_record(engine_bundle)
     assert build["timing_cache"] in bundle.manifest["files"] and build["timing_cache_bytes_after"] > 0

@@ -25,7 +25,9 @@ def test_manifest_contents(bert_bundle):
     fused = m["components"]["fused"]
     assert [t["name"] for t in fused["inputs"]] == ["input_ids", "attention_mask", "noise"]
     assert fused["outputs"][0] == {"name": "pixels", "dtype": "uint8", "shape": ["batch", 16, 16, 3]}
+    assert fused["inputs"][0]["shape"] == ["batch", "sequence"] and fused["outputs"][1]["shape"][:2] == ["batch", "sequence"]
     assert m["tokenizer"]["max_length"] == 16 and m["tokenizer"]["pad_token"] == "[PAD]"
+    assert m["tokenizer"]["padding"] == "dynamic"
     prov = m["provenance"]
     assert len(prov["checkpoint_sha256"]) == 64 and prov["torch"] and prov["onnxruntime"] and prov["export_date"]
     report = json.loads((bert_bundle / "report.json").read_text())

@@ -38,11 +38,37 @@ def test_explicit_noise_equals_seeded_noise(pipe):
 
 def test_buffers_are_reused(pipe):
     pipe("cat", seed=1, num_images=2)
-    graph = pipe.graph("fused")
-    before = graph.outputs(2)["pixels"]
+    graph, length = pipe.graph("fused"), pipe.last_call.sequence
+    before = graph.outputs(2, length)["pixels"]
     out = pipe("new prompt", seed=2, num_images=2, output_type="np")
-    assert graph.outputs(2)["pixels"] is before
+    assert pipe.last_call.sequence == length and graph.outputs(2, length)["pixels"] is before
     assert not np.shares_memory(out, before), "returned images must not alias the reused buffer"
+
+
+def test_short_prompts_run_at_their_length_with_the_same_images(bert_bundle):
+    """ONNX Runtime on the CPU runs a call at its longest prompt's token count (rounded up to 8), not at
+    max_length; padding is masked, so the images match a fixed-length run, on every path."""
+    dynamic = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
+    fixed = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
+    fixed.tokenizer.pad_multiple = None
+    max_length = dynamic.tokenizer.max_length
+    assert dynamic.graph("fused").dynamic_sequence and max_length == 16
+    long = "a very small yellow star on a dark green background"
+    for prompts, length in ((["cat"], 8), (["cat", long], 16), (["red apple", "a dog"], 8)):
+        seeds = list(range(len(prompts)))
+        got = dynamic(prompts, seed=seeds, output_type="np")
+        assert (dynamic.last_call.path, dynamic.last_call.sequence) == ("fused", length)
+        want = fixed(prompts, seed=seeds, output_type="np")
+        assert fixed.last_call.sequence == max_length
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    # cached text states of different lengths share one batch, zero-padded to the longest
+    cached = dynamic(["cat", long, "a dog"], seed=[0, 1, 2], output_type="np")
+    assert (dynamic.last_call.path, dynamic.last_call.sequence) == ("cached", 16)
+    want = fixed(["cat", long, "a dog"], seed=[0, 1, 2], output_type="np")
+    assert np.abs(cached.astype(int) - want.astype(int)).max() <= 1
+    split = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="split")
+    assert np.abs(split(["cat"], seed=[0], output_type="np").astype(int) - want[:1].astype(int)).max() <= 1
+    assert split.last_call.sequence == 8
 
 
 def test_truncation_is_reported(pipe):
@@ -112,3 +138,19 @@ def test_edgegen_threads_caps_onnx_runtime_threads(monkeypatch, bert_bundle):
     monkeypatch.setenv("EDGEGEN_THREADS", "two")
     with pytest.raises(BadInputError, match="EDGEGEN_THREADS .*positive integer"):
         session_options()
+
+
+def test_tokenizer_pads_to_the_longest_prompt_rounded_up(bert_bundle):
+    from edgegen.runtime.bundle import Bundle
+    from edgegen.runtime.tokenize import PromptTokenizer
+    bundle = Bundle.open(bert_bundle)
+    tok = PromptTokenizer.from_settings(bundle.path("tokenizer.json"), bundle.tokenizer_settings)
+    fixed = tok(["cat", "a red apple"])
+    assert fixed.input_ids.shape == (2, 16) and fixed.lengths == [3, 5]
+    tok.pad_multiple = 8
+    short = tok(["cat", "a red apple"])
+    assert short.input_ids.shape == (2, 8)
+    assert np.array_equal(short.input_ids, fixed.input_ids[:, :8]) and np.array_equal(short.attention_mask.sum(1), [3, 5])
+    assert [tok.length_for(n) for n in (0, 1, 8, 9, 16, 40)] == [8, 8, 8, 16, 16, 16]  # capped at max_length
+    long = tok(["a very small yellow star " * 10])
+    assert long.input_ids.shape == (1, 16) and long.truncated == [True]

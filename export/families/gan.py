@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from edgegen.runtime.bundle import TensorSpec
+from edgegen.runtime.bundle import SEQUENCE_AXIS, TensorSpec
 from edgegen.runtime.errors import CheckpointError
 from edgegen.runtime.pipeline import noise_for_seeds
 
@@ -104,7 +104,7 @@ class GanFamily(Family):
         return self.hf_tokenizer.backend_tokenizer.to_str()
 
     def tokenizer_settings(self) -> dict:
-        return tokenizer_settings(self.hf_tokenizer, self.config.max_length)
+        return tokenizer_settings(self.hf_tokenizer, self.config.max_length, padding="dynamic")
 
     def generation(self, max_batch: int) -> dict:
         return {"image_size": self.config.image_size, "noise_shape": [self.config.noise_dim],
@@ -128,7 +128,8 @@ class GanFamily(Family):
 
     # --- what gets traced ---
     def components(self) -> list[ComponentDef]:
-        c, L = self.config, self.config.max_length
+        # token axes are dynamic: padding costs compute, so the CPU runtime runs each prompt at its length
+        c, L = self.config, SEQUENCE_AXIS
         ids = TensorSpec("input_ids", "int64", ("batch", L))
         mask = TensorSpec("attention_mask", "int64", ("batch", L))
         noise = TensorSpec("noise", "float32", ("batch", c.noise_dim))
