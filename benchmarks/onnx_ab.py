@@ -5,7 +5,7 @@
 
 Engine time alone (``InferenceSession.run``, no tokenizing or noise): for comparing two exports of the same
 model (before / after a graph change) or one component at a thread count. Inputs: the prompt tokenized
-with the file's bundle's tokenizer, the noise of seed 0, batch 1; files need only those inputs.
+with the file's bundle's tokenizer (padded as the CPU runtime pads it), the noise of seed 0, batch 1; files need only those inputs.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegen.runtime import Bundle
+from edgegen.runtime.gan import PAD_MULTIPLE
 from edgegen.runtime.pipeline import noise_for_seeds
 from edgegen.runtime.tokenize import PromptTokenizer
 
@@ -24,7 +25,11 @@ from edgegen.runtime.tokenize import PromptTokenizer
 def feeds_for(path: Path, prompt: str) -> dict[str, np.ndarray]:
     bundle = Bundle.open(path.parent.parent)
     settings = bundle.tokenizer_settings
-    tokens = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)([prompt])
+    tokenize = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
+    component = bundle.components.get(path.name.split(".")[0])
+    if component is not None and component.dynamic_sequence:  # as the CPU runtime runs it
+        tokenize.pad_multiple = PAD_MULTIPLE
+    tokens = tokenize([prompt])
     noise_shape = tuple(bundle.generation.get("noise_shape", []))
     return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
             "noise": noise_for_seeds([0], noise_shape, np.empty((1, *noise_shape), np.float32))}

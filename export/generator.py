@@ -107,32 +107,38 @@ class GlyphRenderer(nn.Module):
     def __init__(self, c: GeneratorConfig):
         super().__init__()
         self.c = c
-        self.register_buffer("pixel", torch.arange(c.image_size, dtype=torch.float32).view(1, -1, 1), persistent=False)
-        self.register_buffer("texel", torch.arange(c.glyph_side, dtype=torch.float32).view(1, 1, -1), persistent=False)
+        boxes = torch.tensor(c.glyph_boxes, dtype=torch.float32).view(1, -1, 1, 1, 1)  # (1, box, 1, 1, 1)
+        # Both boxes and both axes in one tensor: the exported graph is one set of placement ops, not four
+        # (on a CPU, each small ONNX op costs microseconds whatever its size).
+        self.register_buffer("corner", torch.div(c.image_size - boxes, 2, rounding_mode="floor"), persistent=False)
+        self.register_buffer("scale", c.glyph_side / boxes, persistent=False)
+        self.register_buffer("pixel", torch.arange(c.image_size, dtype=torch.float32).view(1, 1, 1, -1, 1), persistent=False)
+        self.register_buffer("texel", torch.arange(c.glyph_side, dtype=torch.float32).view(1, 1, 1, 1, -1), persistent=False)
 
     @staticmethod
     def value_dims(c: GeneratorConfig) -> list[int]:
         """What each memory stores: RGBA glyph, RGB colour, (P(large), share decided by the noise)."""
         return [4 * c.glyph_side ** 2, 3, 2]
 
-    def placement(self, shift, box: int):
-        """(B,) integer shifts -> (B, image_size, side) bilinear weights from glyph texels to canvas pixels."""
-        origin = (self.c.image_size - box) // 2 + shift.view(-1, 1, 1)
-        u = (self.pixel - origin + 0.5) * (self.c.glyph_side / box) - 0.5  # texel coordinate of each pixel centre
+    def placement(self, shift):
+        """(B, 2) integer shifts (x, y) -> (B, box, axis, image_size, side): bilinear weights from glyph
+        texels to canvas pixels, for each box and axis."""
+        origin = self.corner + shift.view(-1, 1, 2, 1, 1)
+        u = (self.pixel - origin + 0.5) * self.scale - 0.5  # texel coordinate of each pixel centre
         return torch.relu(1.0 - (u - self.texel).abs())
 
     def forward(self, noise, subject, background, size):
         """noise (B, Z); the three memories' read values (B, dim) -> image (B, 3, H, W) in [-1, 1]."""
         s = self.c.glyph_side
-        glyph = subject.view(-1, 4, s, s)
+        glyph = subject.view(-1, 1, 4, s, s)
         colour = background[:, :, None, None]
         fixed, by_noise = size.unbind(1)  # P(large) said by the text, and the share the noise's sign decides
-        large = torch.clamp(fixed + by_noise * (torch.sign(noise[:, 2]) + 1.0) * 0.5, 0.0, 1.0).view(-1, 1, 1, 1)
+        large = torch.clamp(fixed + by_noise * (torch.sign(noise[:, 2]) + 1.0) * 0.5, 0.0, 1.0)
+        weight = torch.stack([1.0 - large, large], 1).view(-1, 2, 1, 1, 1)  # (B, box, 1, 1, 1)
         shift = torch.clamp(torch.round(noise[:, :2] * self.c.jitter_scale), -self.c.jitter, self.c.jitter)
-        drawn = 0.0
-        for box, weight in zip(self.c.glyph_boxes, (1.0 - large, large)):
-            ax, ay = self.placement(shift[:, 0], box), self.placement(shift[:, 1], box)
-            drawn = drawn + weight * torch.matmul(torch.matmul(ay.unsqueeze(1), glyph), ax.transpose(1, 2).unsqueeze(1))
+        a = self.placement(shift)
+        ax, ay = a[:, :, 0:1], a[:, :, 1:2]  # (B, box, 1, H, side)
+        drawn = (weight * torch.matmul(torch.matmul(ay, glyph), ax.transpose(-1, -2))).sum(1)  # (B, 4, H, W)
         rgb = drawn[:, :3] + colour * (1.0 - drawn[:, 3:])
         return torch.clamp(rgb * 2.0 - 1.0, -1.0, 1.0)
 
