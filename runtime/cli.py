@@ -112,7 +112,8 @@ def cmd_inspect(args) -> int:
     data = {"manifest": m, "report_ok": report.get("ok"), "degraded": m.get("degraded", [])}
     lines = [f"bundle     {bundle.root}", f"schema     {m['schema']}", f"family     {m['family']}",
              f"precisions {', '.join(m['precisions'])}",
-             f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}",
+             f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}, "
+             f"padding {m['tokenizer'].get('padding', 'max_length')}",
              f"generation {json.dumps(m['generation'])}", "components:"]
     for name, c in bundle.components.items():
         io = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in c.inputs)
