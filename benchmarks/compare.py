@@ -27,11 +27,10 @@ from .roofline import bound_ms, count, cpu_peak
 
 def torch_candidate(checkpoint: Path, bundle, compile_: bool):
     """PyTorch eager on the same inputs as the runtime: the bundle's tokenizer, padded as ONNX Runtime on
-    the CPU pads (to the longest prompt, rounded up to 8 tokens, where the bundle's graphs allow it), so
+    the CPU pads (to the longest prompt, where the bundle's graphs allow it), so
     neither side computes padding the other skips; the same noise and pixel conversion."""
     import torch
     from edgegen.export.families import load_family
-    from edgegen.runtime.gan import PAD_MULTIPLE
     from edgegen.runtime.tokenize import PromptTokenizer
     family = load_family(checkpoint)
     module = family.fused
@@ -39,8 +38,7 @@ def torch_candidate(checkpoint: Path, bundle, compile_: bool):
         module = torch.compile(module)
     settings = bundle.tokenizer_settings
     tokenize = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
-    if bundle.components["fused"].dynamic_sequence:
-        tokenize.pad_multiple = PAD_MULTIPLE
+    tokenize.pad_to_longest = bundle.components["fused"].dynamic_sequence
     noise_dim = family.config.noise_dim
 
     @torch.no_grad()

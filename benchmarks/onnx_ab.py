@@ -17,7 +17,6 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegen.runtime import Bundle
-from edgegen.runtime.gan import PAD_MULTIPLE
 from edgegen.runtime.pipeline import noise_for_seeds
 from edgegen.runtime.tokenize import PromptTokenizer
 
@@ -27,8 +26,7 @@ def feeds_for(path: Path, prompt: str) -> dict[str, np.ndarray]:
     settings = bundle.tokenizer_settings
     tokenize = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
     component = bundle.components.get(path.name.split(".")[0])
-    if component is not None and component.dynamic_sequence:  # as the CPU runtime runs it
-        tokenize.pad_multiple = PAD_MULTIPLE
+    tokenize.pad_to_longest = component is not None and component.dynamic_sequence  # as the CPU runtime runs it
     tokens = tokenize([prompt])
     noise_shape = tuple(bundle.generation.get("noise_shape", []))
     return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,

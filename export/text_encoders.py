@@ -68,7 +68,7 @@ def load_text_encoder(path: Path) -> tuple[TextEncoder, object]:
 def tokenizer_settings(tokenizer, max_length: int, padding: str = "max_length") -> dict:
     """What the runtime needs to tokenize as at export: right padding, truncation at ``max_length``.
     ``padding`` "max_length" (fixed-shape graphs) or "dynamic": the graphs have a dynamic sequence axis,
-    so ONNX Runtime on the CPU pads to the batch's longest prompt (rounded up to a multiple of 8) and
+    so ONNX Runtime on the CPU pads to the batch's longest prompt and
     fixed-shape paths (TensorRT engines, CUDA graphs) pad to ``max_length``."""
     return {"file": "tokenizer.json", "max_length": int(max_length), "pad_id": int(tokenizer.pad_token_id),
             "pad_token": tokenizer.pad_token, "padding": padding, "padding_side": "right", "truncation": True}

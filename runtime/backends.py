@@ -218,14 +218,24 @@ class OrtGraph:
         self.dynamic_sequence = spec.dynamic_sequence
         self.session = make_session(path, backend)
         self._sets: dict[tuple[int, int], tuple[dict, dict, ort.IOBinding]] = {}
+        self._storage: dict[int, dict[str, np.ndarray]] = {}  # batch -> flat arrays sized for max_length
 
     def _buffers(self, batch: int, sequence: int | None):
         key = (batch, sequence or self.max_length)
         found = self._sets.get(key)
         if found is None:
+            # Every token length at a batch size shares one allocation sized for max_length (its arrays are
+            # contiguous views of the head), so memory grows with the batch sizes used, not with the lengths.
+            tensors = (*self.spec.inputs, *self.spec.outputs)
+            store = self._storage.get(batch)
+            if store is None:
+                store = self._storage[batch] = {t.name: np.zeros(int(np.prod(t.resolve(batch, self.max_length))),
+                                                                 NP_DTYPES[t.dtype]) for t in tensors}
+            view = {t.name: store[t.name][:int(np.prod(shape))].reshape(shape)
+                    for t in tensors for shape in [t.resolve(*key)]}
             binding = self.session.io_binding()
-            ins = {t.name: np.zeros(t.resolve(*key), NP_DTYPES[t.dtype]) for t in self.spec.inputs}
-            outs = {t.name: np.zeros(t.resolve(*key), NP_DTYPES[t.dtype]) for t in self.spec.outputs}
+            ins = {t.name: view[t.name] for t in self.spec.inputs}
+            outs = {t.name: view[t.name] for t in self.spec.outputs}
             for name, arr in ins.items():
                 binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
             for name, arr in outs.items():

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=None, help="time budget instead of --iterations")
     b.add_argument("--prompt", default=DEFAULT_BENCH_PROMPT,
                    help=f"the prompt of every call (default {DEFAULT_BENCH_PROMPT!r}); on ONNX Runtime CPU a call "
-                   "costs its prompt's token count, rounded up to 8 (the JSON's sequence field)")
+                   "costs its prompt's token count (the JSON's sequence field)")
     b.add_argument("--mode", default=None, help="pipeline path: auto (default), fused, or stage by stage "
                    "(gan: split; diffusion: loop, which times the text encoder, each UNet step and the VAE)")
     b.add_argument("--no-cuda-graphs", action="store_true", help="GPU backends: run without CUDA graph capture "

@@ -11,7 +11,6 @@ from .pipeline import CallInfo, Pipeline, noise_for_seeds, to_pixels
 from .tokenize import PromptTokenizer
 
 MODES = ("auto", "fused", "split")
-PAD_MULTIPLE = 8  # dynamic-length graphs: rows padded to a multiple of this (few shapes, aligned GEMMs)
 
 
 class GanPipeline(Pipeline):
@@ -41,8 +40,8 @@ class GanPipeline(Pipeline):
         # prompt -> (its text states at its own length (n, width), n, truncated)
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
-        if main.dynamic_sequence:  # ONNX Runtime on the CPU: run each call at its prompts' length
-            self.tokenizer.pad_multiple = PAD_MULTIPLE
+        # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
+        self.tokenizer.pad_to_longest = main.dynamic_sequence
 
     def _generate(self, prompts, seeds, noise=None):
         batch = len(prompts)

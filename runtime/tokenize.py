@@ -42,20 +42,20 @@ class Encoded:
 class PromptTokenizer:
     """Pads on the right, truncates at ``max_length`` and reports truncation instead of hiding it.
 
-    ``pad_multiple`` None: every row is ``max_length`` long (fixed-shape graphs). An integer k: rows are
-    as long as the batch's longest prompt rounded up to a multiple of k (at most ``max_length``), for
-    graphs with a dynamic sequence axis: "a cat" then costs 8 token positions, not 32. Padding is masked,
+    ``pad_to_longest`` False: every row is ``max_length`` long (fixed-shape graphs). True: rows are as long
+    as the batch's longest prompt, for graphs with a dynamic sequence axis: "a cat" then costs 4 token
+    positions, not 32. Padding is masked,
     so the images are the same either way (within float rounding).
     """
 
-    def __init__(self, path, max_length: int, pad_id: int, pad_token: str, pad_multiple: int | None = None):
+    def __init__(self, path, max_length: int, pad_id: int, pad_token: str, pad_to_longest: bool = False):
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on a bad file
             raise BadBundleError(f"tokenizer {path}", f"cannot be read: {e}", "re-export the bundle") from None
         self.max_length = int(max_length)
         self.pad_id = int(pad_id)
-        self.pad_multiple = pad_multiple
+        self.pad_to_longest = pad_to_longest
         self._tok.no_padding()
         self._tok.enable_truncation(self.max_length)
 
@@ -65,10 +65,7 @@ class PromptTokenizer:
 
     def length_for(self, longest: int) -> int:
         """Row length for a batch whose longest prompt has ``longest`` tokens."""
-        if not self.pad_multiple:
-            return self.max_length
-        k = self.pad_multiple
-        return min(self.max_length, -(-max(1, longest) // k) * k)
+        return min(self.max_length, max(1, longest)) if self.pad_to_longest else self.max_length
 
     def encode(self, prompts: list[str]) -> Encoded:
         # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does

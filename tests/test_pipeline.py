@@ -40,21 +40,21 @@ def test_buffers_are_reused(pipe):
     pipe("cat", seed=1, num_images=2)
     graph, length = pipe.graph("fused"), pipe.last_call.sequence
     before = graph.outputs(2, length)["pixels"]
-    out = pipe("new prompt", seed=2, num_images=2, output_type="np")
+    out = pipe("dog", seed=2, num_images=2, output_type="np")
     assert pipe.last_call.sequence == length and graph.outputs(2, length)["pixels"] is before
     assert not np.shares_memory(out, before), "returned images must not alias the reused buffer"
 
 
 def test_short_prompts_run_at_their_length_with_the_same_images(bert_bundle):
-    """ONNX Runtime on the CPU runs a call at its longest prompt's token count (rounded up to 8), not at
+    """ONNX Runtime on the CPU runs a call at its longest prompt's token count, not at
     max_length; padding is masked, so the images match a fixed-length run, on every path."""
     dynamic = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
     fixed = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
-    fixed.tokenizer.pad_multiple = None
+    fixed.tokenizer.pad_to_longest = False
     max_length = dynamic.tokenizer.max_length
     assert dynamic.graph("fused").dynamic_sequence and max_length == 16
     long = "a very small yellow star on a dark green background"
-    for prompts, length in ((["cat"], 8), (["cat", long], 16), (["red apple", "a dog"], 8)):
+    for prompts, length in ((["cat"], 3), (["cat", long], 12), (["red apple", "a dog"], 4)):
         seeds = list(range(len(prompts)))
         got = dynamic(prompts, seed=seeds, output_type="np")
         assert (dynamic.last_call.path, dynamic.last_call.sequence) == ("fused", length)
@@ -63,12 +63,23 @@ def test_short_prompts_run_at_their_length_with_the_same_images(bert_bundle):
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     # cached text states of different lengths share one batch, zero-padded to the longest
     cached = dynamic(["cat", long, "a dog"], seed=[0, 1, 2], output_type="np")
-    assert (dynamic.last_call.path, dynamic.last_call.sequence) == ("cached", 16)
+    assert (dynamic.last_call.path, dynamic.last_call.sequence) == ("cached", 12)
     want = fixed(["cat", long, "a dog"], seed=[0, 1, 2], output_type="np")
     assert np.abs(cached.astype(int) - want.astype(int)).max() <= 1
     split = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="split")
     assert np.abs(split(["cat"], seed=[0], output_type="np").astype(int) - want[:1].astype(int)).max() <= 1
-    assert split.last_call.sequence == 8
+    assert split.last_call.sequence == 3
+
+
+def test_token_lengths_share_one_allocation_per_batch_size(bert_bundle):
+    pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
+    graph = pipe.graph("fused")
+    for prompt in ("cat", "a red apple", "a very small yellow star on a dark green background"):
+        pipe.clear_cache()
+        pipe([prompt, prompt], seed=[0, 1], output_type="np")
+    assert sorted(graph._sets) == [(2, 3), (2, 5), (2, 12)] and list(graph._storage) == [2]
+    states = [graph.outputs(2, n)["text_states"] for n in (3, 5, 12)]
+    assert all(s.flags.c_contiguous and np.shares_memory(s, states[0]) for s in states)
 
 
 def test_truncation_is_reported(pipe):
@@ -140,17 +151,17 @@ def test_edgegen_threads_caps_onnx_runtime_threads(monkeypatch, bert_bundle):
         session_options()
 
 
-def test_tokenizer_pads_to_the_longest_prompt_rounded_up(bert_bundle):
+def test_tokenizer_pads_to_the_longest_prompt(bert_bundle):
     from edgegen.runtime.bundle import Bundle
     from edgegen.runtime.tokenize import PromptTokenizer
     bundle = Bundle.open(bert_bundle)
     tok = PromptTokenizer.from_settings(bundle.path("tokenizer.json"), bundle.tokenizer_settings)
     fixed = tok(["cat", "a red apple"])
     assert fixed.input_ids.shape == (2, 16) and fixed.lengths == [3, 5]
-    tok.pad_multiple = 8
+    tok.pad_to_longest = True
     short = tok(["cat", "a red apple"])
-    assert short.input_ids.shape == (2, 8)
-    assert np.array_equal(short.input_ids, fixed.input_ids[:, :8]) and np.array_equal(short.attention_mask.sum(1), [3, 5])
-    assert [tok.length_for(n) for n in (0, 1, 8, 9, 16, 40)] == [8, 8, 8, 16, 16, 16]  # capped at max_length
+    assert short.input_ids.shape == (2, 5)
+    assert np.array_equal(short.input_ids, fixed.input_ids[:, :5]) and np.array_equal(short.attention_mask.sum(1), [3, 5])
+    assert [tok.length_for(n) for n in (0, 1, 9, 16, 40)] == [1, 1, 9, 16, 16]  # at least 1, at most max_length
     long = tok(["a very small yellow star " * 10])
     assert long.input_ids.shape == (1, 16) and long.truncated == [True]
