@@ -5,7 +5,7 @@ backend and precision a bundle has, for one prompt -> uint8 pixels call.
                                  [--compile] [--out benchmarks/results] [--quick]
 
 Without --checkpoint/--bundle it measures the shipped default model (emoji64). Candidates run in turn
-(A B C A B C ...) so drifting machine load hits all of them alike. Runtime calls are new-prompt calls
+(A B C, B C A, C A B, ...) so drifting machine load hits all of them alike. Runtime calls are new-prompt calls
 (text cache emptied outside the timed call), like PyTorch's; a cached-prompt row is added for the
 fastest precision. Writes results.json (raw samples, summaries, roofline), results.md and two PNG charts.
 """
@@ -68,8 +68,12 @@ def measure(candidates: dict, batch: int, rounds: int, iterations: int, warmup: 
     for name, (call, _) in candidates.items():
         for _ in range(warmup):
             call(prompts, seeds)
-    for _ in range(rounds):
-        for name, (call, pipe) in candidates.items():
+    names = list(candidates)
+    for r in range(rounds):
+        # the order rotates each round, so no candidate always follows the same one (PyTorch's threads
+        # and its 47 MB of weights leave the next block 2-3 slow calls)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call, pipe = candidates[name]
             for _ in range(iterations):
                 start = time.perf_counter()
                 result = call(prompts, seeds)

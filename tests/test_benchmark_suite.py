@@ -21,6 +21,17 @@ def test_compare_quick(tiny_checkpoints, tiny_bundles, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_rotates_the_order_of_candidates_each_round():
+    from benchmarks.compare import measure
+    calls = []
+
+    def candidate(name):
+        return lambda prompts, seeds: calls.append(name), None
+    samples, _ = measure({n: candidate(n) for n in "abc"}, batch=1, rounds=3, iterations=2, warmup=0, prompt="x")
+    assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb"
+    assert all(len(v) == 6 for v in samples.values())
+
+
 def test_roofline_counts_conv_and_matmul_flops(tmp_path):
     import numpy as np
     import onnx
