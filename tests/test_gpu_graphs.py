@@ -78,6 +78,8 @@ def test_trt_graph_gives_cpu_pixels_and_replays_its_cuda_graph(monkeypatch, host
     for batch in (1, 3):
         for seed in (0, 10, 20):  # new noise every call: a replay that read stale buffers would repeat images
             calls(pipe, ref, batch, seed)
+    # engines have one token length: the runtime pads to max_length there, not to the prompt's length
+    assert pipe.last_call.sequence == bundle.max_length and not pipe.tokenizer.pad_to_longest
     names = ["fused"] if mode == "fused" else ["text_encoder", "generator"]
     for name in names:
         graph = pipe.graph(name)
