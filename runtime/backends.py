@@ -184,7 +184,9 @@ def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: boo
     Each graph offers ``inputs(batch)`` / ``outputs(batch)`` (reusable arrays) and ``run(batch)``; GPU
     graphs keep their tensors on the device and their host arrays in pinned memory. Every graph also
     offers ``take(batch, input, source_graph, output)`` and ``run(batch, fetch=False)``, so one stage's
-    output feeds the next without a host round trip (a plain copy on ort-cpu).
+    output feeds the next without a host round trip (a plain copy on ort-cpu). Each also takes ``sequence=``
+    (token positions): ort-cpu runs a graph with a dynamic token axis at it; the GPU graphs have one shape
+    per batch size, at the bundle's max_length (``dynamic_sequence`` False), and the caller pads to it.
 
     ``cuda_graphs`` (default: on unless EDGEGEN_CUDA_GRAPHS=0): trt / trt-rtx capture every component
     per batch size; ort-cuda / ort-trt capture the static-shape fused graph."""

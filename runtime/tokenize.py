@@ -44,11 +44,10 @@ class PromptTokenizer:
 
     ``pad_to_longest`` False: every row is ``max_length`` long (fixed-shape graphs). True: rows are as long
     as the batch's longest prompt, for graphs with a dynamic sequence axis: "a cat" then costs 4 token
-    positions, not 32. Padding is masked,
-    so the images are the same either way (within float rounding).
+    positions, not 32. Padding is masked, so the images are the same either way (within float rounding).
     """
 
-    def __init__(self, path, max_length: int, pad_id: int, pad_token: str, pad_to_longest: bool = False):
+    def __init__(self, path, max_length: int, pad_id: int, pad_to_longest: bool = False):
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on a bad file
@@ -61,7 +60,7 @@ class PromptTokenizer:
 
     @classmethod
     def from_settings(cls, path, settings: dict) -> "PromptTokenizer":
-        return cls(path, settings["max_length"], settings["pad_id"], settings["pad_token"])
+        return cls(path, settings["max_length"], settings["pad_id"])
 
     def length_for(self, longest: int) -> int:
         """Row length for a batch whose longest prompt has ``longest`` tokens."""
