@@ -43,3 +43,8 @@ def test_bench_cli_json(bert_bundle, capsys):
     assert set(data["end_to_end_ms"]) >= {"p50", "p95", "p99", "mean"} and "p50" in data["overhead_ms"]
     assert main(["bench", str(bert_bundle), "--iterations", "3", "--warmup", "0"]) == 0
     assert "overhead" in capsys.readouterr().out
+    # the prompt sets the work: "cat" is 3 tokens with the tiny bert tokenizer, the default prompt more
+    assert main(["bench", str(bert_bundle), "--iterations", "3", "--warmup", "0", "--json", "--prompt", "cat"]) == 0
+    short = json.loads(capsys.readouterr().out)
+    assert short["prompt"] == "cat" and short["sequence"] == 3 and data["sequence"] > 3
+    assert main(["bench", str(bert_bundle), "--prompt", " "]) == 2 and "--prompt" in capsys.readouterr().err
