@@ -75,7 +75,7 @@ class GanPipeline(Pipeline):
             for p in prompts:
                 self._cache.move_to_end(p)
                 entries.append(self._cache[p])
-            info.sequence = length = self.tokenizer.length_for(max(n for _, n, _ in entries))
+            info.sequence = length = self.tokenizer.length_for([n for _, n, _ in entries])
             ins = gen.inputs(batch, length)
             states, mask = ins["text_states"], ins["attention_mask"]
             states[...] = 0.0

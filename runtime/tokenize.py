@@ -62,15 +62,19 @@ class PromptTokenizer:
     def from_settings(cls, path, settings: dict) -> "PromptTokenizer":
         return cls(path, settings["max_length"], settings["pad_id"])
 
-    def length_for(self, longest: int) -> int:
-        """Row length for a batch whose longest prompt has ``longest`` tokens."""
-        return min(self.max_length, max(1, longest)) if self.pad_to_longest else self.max_length
+    def length_for(self, lengths: list[int]) -> int:
+        """Row length for a batch of prompts with these token counts: the longest; ``max_length`` on
+        fixed-shape graphs, and when a prompt has no token at all (GPT-2's tokenizer on ""): an all-padding
+        row's output depends on how much padding it has, so it gets the length the model was exported at."""
+        if not self.pad_to_longest or min(lengths) == 0:
+            return self.max_length
+        return min(self.max_length, max(lengths))
 
     def encode(self, prompts: list[str]) -> Encoded:
         # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
         encodings = [self._tok.encode(prompts[0])] if len(prompts) == 1 else self._tok.encode_batch(prompts)
         rows = [e.ids for e in encodings]
-        return Encoded(rows, [bool(e.overflowing) for e in encodings], self.length_for(max(map(len, rows))),
+        return Encoded(rows, [bool(e.overflowing) for e in encodings], self.length_for([len(r) for r in rows]),
                        self.pad_id)
 
     def __call__(self, prompts: list[str]) -> Tokens:

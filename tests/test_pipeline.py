@@ -71,6 +71,21 @@ def test_short_prompts_run_at_their_length_with_the_same_images(bert_bundle):
     assert split.last_call.sequence == 3
 
 
+def test_a_prompt_without_tokens_gets_the_full_length(tiny_bundles):
+    """GPT-2's tokenizer gives "" no token: its all-padding row's image depends on the padding's length
+    (the conditioning attends over padding alone), so that call runs at max_length, as exported."""
+    dynamic = Pipeline.from_bundle(tiny_bundles["gpt2"], backend="ort-cpu")
+    fixed = Pipeline.from_bundle(tiny_bundles["gpt2"], backend="ort-cpu")
+    fixed.tokenizer.pad_to_longest = False
+    for prompts in ([""], ["", "a red apple"]):
+        got = dynamic(prompts, seed=list(range(len(prompts))), output_type="np")
+        assert dynamic.last_call.sequence == dynamic.tokenizer.max_length
+        want = fixed(prompts, seed=list(range(len(prompts))), output_type="np")
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    dynamic("a red apple", seed=0)
+    assert dynamic.last_call.sequence < dynamic.tokenizer.max_length
+
+
 def test_token_lengths_share_one_allocation_per_batch_size(bert_bundle):
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
     graph = pipe.graph("fused")
@@ -162,6 +177,7 @@ def test_tokenizer_pads_to_the_longest_prompt(bert_bundle):
     short = tok(["cat", "a red apple"])
     assert short.input_ids.shape == (2, 5)
     assert np.array_equal(short.input_ids, fixed.input_ids[:, :5]) and np.array_equal(short.attention_mask.sum(1), [3, 5])
-    assert [tok.length_for(n) for n in (0, 1, 9, 16, 40)] == [1, 1, 9, 16, 16]  # at least 1, at most max_length
+    assert [tok.length_for([n]) for n in (1, 9, 16, 40)] == [1, 9, 16, 16]  # at most max_length
+    assert tok.length_for([0, 5]) == 16  # an all-padding row: the exported length (see below)
     long = tok(["a very small yellow star " * 10])
     assert long.input_ids.shape == (1, 16) and long.truncated == [True]
