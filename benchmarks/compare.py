@@ -31,22 +31,20 @@ def torch_candidate(checkpoint: Path, bundle, compile_: bool):
     neither side computes padding the other skips; the same noise and pixel conversion."""
     import torch
     from edgegen.export.families import load_family
+    from edgegen.runtime.pipeline import noise_for_seeds
     from edgegen.runtime.tokenize import PromptTokenizer
     family = load_family(checkpoint)
     module = family.fused
     if compile_:
         module = torch.compile(module)
-    settings = bundle.tokenizer_settings
-    tokenize = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
-    tokenize.pad_to_longest = bundle.components["fused"].dynamic_sequence
+    tokenize = PromptTokenizer.of_bundle(bundle, bundle.components["fused"].dynamic_sequence)
     noise_dim = family.config.noise_dim
 
     @torch.no_grad()
     def call(prompts, seeds):
         t = tokenize(prompts)
-        noise = torch.from_numpy(np.stack([np.random.default_rng(s).standard_normal(noise_dim, dtype=np.float32)
-                                           for s in seeds]))
-        return module(torch.from_numpy(t.input_ids), torch.from_numpy(t.attention_mask), noise)[0].numpy()
+        noise = noise_for_seeds(seeds, (noise_dim,), np.empty((len(seeds), noise_dim), np.float32))
+        return module(torch.from_numpy(t.input_ids), torch.from_numpy(t.attention_mask), torch.from_numpy(noise))[0].numpy()
     return call
 
 

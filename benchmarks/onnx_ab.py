@@ -17,17 +17,16 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegen.runtime import Bundle
+from edgegen.runtime.bench import DEFAULT_PROMPT
 from edgegen.runtime.pipeline import noise_for_seeds
 from edgegen.runtime.tokenize import PromptTokenizer
 
 
 def feeds_for(path: Path, prompt: str) -> dict[str, np.ndarray]:
     bundle = Bundle.open(path.parent.parent)
-    settings = bundle.tokenizer_settings
-    tokenize = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
     component = bundle.components.get(path.name.split(".")[0])
-    tokenize.pad_to_longest = component is not None and component.dynamic_sequence  # as the CPU runtime runs it
-    tokens = tokenize([prompt])
+    # padded as the CPU runtime pads: to the prompt's length where the token axis is dynamic
+    tokens = PromptTokenizer.of_bundle(bundle, component is not None and component.dynamic_sequence)([prompt])
     noise_shape = tuple(bundle.generation.get("noise_shape", []))
     return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
             "noise": noise_for_seeds([0], noise_shape, np.empty((1, *noise_shape), np.float32))}
@@ -39,7 +38,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default, all cores)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iterations", type=int, default=30, help="calls per file per round")
-    p.add_argument("--prompt", default="a rocket on a blue background")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
     a = p.parse_args(argv)
     runs = {}
     for path in a.files:

@@ -67,6 +67,10 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     if MASK_INPUT not in {i.name for i in graph.input}:
         return 0
     prod = _producers(graph)
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
     fused, new_nodes = 0, []
     for sm in [n for n in graph.node if n.op_type == "Softmax"]:
         add = prod.get(sm.input[0])
@@ -80,15 +84,15 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         scale = float(factor) if scaled.op_type == "Mul" else 1.0 / float(factor)
         q = _projection(prod, graph, qk.input[0], [0, 2, 1, 3])
         k = _projection(prod, graph, qk.input[1], [0, 2, 3, 1])
-        consumers = [n for n in graph.node if sm.output[0] in n.input]
+        consumers = users.get(sm.output[0], [])
         if q is None or k is None or len(consumers) != 1 or consumers[0].op_type != "MatMul":
             continue
         pv = consumers[0]
         v = _projection(prod, graph, pv.input[1], [0, 2, 1, 3])
-        after = [n for n in graph.node if pv.output[0] in n.input]
+        after = users.get(pv.output[0], [])
         if v is None or len(after) != 1 or after[0].op_type != "Transpose" or _perm(after[0]) != [0, 2, 1, 3]:
             continue
-        back = [n for n in graph.node if after[0].output[0] in n.input]
+        back = users.get(after[0].output[0], [])
         if len(back) != 1 or back[0].op_type != "Reshape" or not (q[0] == k[0] == v[0]):
             continue
         hidden = q[1].shape[1]

@@ -95,38 +95,40 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     quiet = logging.getLogger()  # the quantizer logs advice at WARNING on the root logger
     level, quiet.level = quiet.level, logging.ERROR
-    with tempfile.TemporaryDirectory() as tmp:
-        # CPU form: one Attention kernel per layer where it provably computes the same thing
-        current = with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration) if form == "int8" else fp32_path
-        model = onnx.load(str(current))
-        names = {i.name for i in model.graph.input}
-        feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
-        every = weight_nodes(model)
-        nodes = [n for n in every if block_of(n) not in keep_blocks]
-        attention = [n.name for n in model.graph.node if n.op_type == "Attention" and block_of(n.name) not in keep_blocks]
-        dynamic = [n for n in nodes if form == "int8" and is_text_node(n)] + attention
-        static = [n for n in nodes if n not in dynamic]
-        if static:
-            staged = Path(tmp) / "static.onnx"
-            quantize_static(str(current), str(staged), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8 if form == "int8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8, nodes_to_quantize=static,
-                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges,
-                            # TensorRT wants symmetric int8 activations and fp32 biases in QDQ graphs
-                            extra_options={"ActivationSymmetric": form == "int8-qdq",
-                                           "QuantizeBias": form != "int8-qdq"})
-            staged_model = onnx.load(str(staged))
-            del staged_model.graph.value_info[:]  # stale shapes here trip the dynamic pass's shape inference
-            onnx.save(staged_model, str(staged))
-            current = staged
-        if dynamic:
-            staged = Path(tmp) / "dynamic.onnx"
-            quantize_dynamic(str(current), str(staged), per_channel=True, weight_type=QuantType.QInt8,
-                             nodes_to_quantize=dynamic, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            current = staged
-        model = onnx.load(str(current))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # CPU form: one Attention kernel per layer where it provably computes the same thing
+            current = with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration) if form == "int8" else fp32_path
+            model = onnx.load(str(current))
+            names = {i.name for i in model.graph.input}
+            feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
+            every = weight_nodes(model)
+            nodes = [n for n in every if block_of(n) not in keep_blocks]
+            attention = [n.name for n in model.graph.node if n.op_type == "Attention" and block_of(n.name) not in keep_blocks]
+            dynamic = [n for n in nodes if form == "int8" and is_text_node(n)] + attention
+            static = [n for n in nodes if n not in dynamic]
+            if static:
+                staged = Path(tmp) / "static.onnx"
+                quantize_static(str(current), str(staged), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8 if form == "int8" else QuantType.QInt8,
+                                weight_type=QuantType.QInt8, nodes_to_quantize=static,
+                                calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges,
+                                # TensorRT wants symmetric int8 activations and fp32 biases in QDQ graphs
+                                extra_options={"ActivationSymmetric": form == "int8-qdq",
+                                               "QuantizeBias": form != "int8-qdq"})
+                staged_model = onnx.load(str(staged))
+                del staged_model.graph.value_info[:]  # stale shapes here trip the dynamic pass's shape inference
+                onnx.save(staged_model, str(staged))
+                current = staged
+            if dynamic:
+                staged = Path(tmp) / "dynamic.onnx"
+                quantize_dynamic(str(current), str(staged), per_channel=True, weight_type=QuantType.QInt8,
+                                 nodes_to_quantize=dynamic, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                current = staged
+            model = onnx.load(str(current))
+    finally:  # also when quantizing fails: the caller's logging is left as it was
+        quiet.setLevel(level)
     split_qkv_constants(model)
-    quiet.setLevel(level)
     weights_only(model, [n for n in every if n not in nodes])
     quantize_embeddings(model, qdq=form == "int8-qdq")
     model.producer_name = "edgegen"

@@ -163,13 +163,13 @@ def cmd_bench(args) -> int:
     from .bench import format_table, run_bench
     from .pipeline import Pipeline, check_count
     batch, iterations = check_count(args.batch), check_count(args.iterations)
+    if not args.prompt.strip():  # before loading anything
+        raise BadInputError("--prompt", "is empty", "give the prompt to time, e.g. --prompt 'a cat'")
     if args.no_cuda_graphs:
         from .backends import CUDA_GRAPHS_ENV
         os.environ[CUDA_GRAPHS_ENV] = "0"
     pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision,
                                 **({"mode": args.mode} if args.mode else {}))
-    if not args.prompt.strip():
-        raise BadInputError("--prompt", "is empty", "give the prompt to time, e.g. --prompt 'a cat'")
     result = run_bench(pipe, batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds,
                        prompt=args.prompt)
     _emit(args, result, format_table(result))

@@ -72,8 +72,7 @@ class DiffusionPipeline(Pipeline):
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadBundleError(f"bundle {bundle.root}", f"generation settings of a diffusion bundle are incomplete ({e!r})",
                                  "re-export the bundle") from None
-        settings = bundle.tokenizer_settings
-        self.tokenizer = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
+        self.tokenizer = PromptTokenizer.of_bundle(bundle)
         self._schedulers = {}
         self.scheduler(self.scheduler_name)  # a config this runtime cannot run fails at load
         self.cache_size = int(cache_size)

@@ -28,8 +28,7 @@ class GanPipeline(Pipeline):
         super().__init__(bundle, backend, precision, notes, form)
         if mode not in MODES:
             raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
-        settings = bundle.tokenizer_settings
-        self.tokenizer = PromptTokenizer.from_settings(bundle.path(settings["file"]), settings)
+        self.tokenizer = PromptTokenizer.of_bundle(bundle)
         self.mode = mode
         shape = bundle.generation.get("noise_shape")
         if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
@@ -57,14 +56,14 @@ class GanPipeline(Pipeline):
             encoded = self._encode(prompts, info)
             info.sequence = length = encoded.length
             ins = g.inputs(batch, length)
-            tokens = encoded.pad(ins["input_ids"], ins["attention_mask"])
+            encoded.pad(ins["input_ids"], ins["attention_mask"])
             t = info.lap("tokenize", t)
             self._fill_noise(ins["noise"], seeds, noise)
             t = info.lap("noise", t)
             outs = g.run(batch, sequence=length)
             t = info.lap("fused", t)
             if self.mode == "auto":
-                self._remember(prompts, outs["text_states"], tokens)
+                self._remember(prompts, outs["text_states"], encoded)
             pixels = outs["pixels"].copy()
             info.lap("output", t)
             return pixels, info
@@ -135,13 +134,13 @@ class GanPipeline(Pipeline):
             raise BadInputError("noise", "contains NaN or Inf", "pass finite values")
         return noise.astype(np.float32, copy=False)
 
-    def _remember(self, prompts, states, tokens):
+    def _remember(self, prompts, states, encoded):
         for i, p in enumerate(prompts):
             if p in self._cache:
                 self._cache.move_to_end(p)
                 continue
-            n = tokens.lengths[i]
-            self._cache[p] = (states[i, :n].copy(), n, tokens.truncated[i])
+            n = encoded.lengths[i]
+            self._cache[p] = (states[i, :n].copy(), n, encoded.truncated[i])
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 

@@ -21,6 +21,7 @@ class Tokens:
 class Encoded:
     """Token ids before padding; ``length`` is the row length they pad to."""
     rows: list[list[int]]
+    lengths: list[int]
     truncated: list[bool]
     length: int
     pad_id: int
@@ -33,10 +34,10 @@ class Encoded:
         mask = np.empty(shape, np.int64) if mask is None else mask
         ids.fill(self.pad_id)
         mask.fill(0)
-        for i, row in enumerate(self.rows):
-            ids[i, :len(row)] = row
-            mask[i, :len(row)] = 1
-        return Tokens(ids, mask, self.truncated, [len(r) for r in self.rows])
+        for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
+            ids[i, :n] = row
+            mask[i, :n] = 1
+        return Tokens(ids, mask, self.truncated, self.lengths)
 
 
 class PromptTokenizer:
@@ -62,6 +63,13 @@ class PromptTokenizer:
     def from_settings(cls, path, settings: dict) -> "PromptTokenizer":
         return cls(path, settings["max_length"], settings["pad_id"])
 
+    @classmethod
+    def of_bundle(cls, bundle, pad_to_longest: bool = False) -> "PromptTokenizer":
+        settings = bundle.tokenizer_settings
+        tok = cls.from_settings(bundle.path(settings["file"]), settings)
+        tok.pad_to_longest = pad_to_longest
+        return tok
+
     def length_for(self, lengths: list[int]) -> int:
         """Row length for a batch of prompts with these token counts: the longest; ``max_length`` on
         fixed-shape graphs, and when a prompt has no token at all (GPT-2's tokenizer on ""): an all-padding
@@ -74,8 +82,8 @@ class PromptTokenizer:
         # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
         encodings = [self._tok.encode(prompts[0])] if len(prompts) == 1 else self._tok.encode_batch(prompts)
         rows = [e.ids for e in encodings]
-        return Encoded(rows, [bool(e.overflowing) for e in encodings], self.length_for([len(r) for r in rows]),
-                       self.pad_id)
+        lengths = [len(r) for r in rows]
+        return Encoded(rows, lengths, [bool(e.overflowing) for e in encodings], self.length_for(lengths), self.pad_id)
 
     def __call__(self, prompts: list[str]) -> Tokens:
         return self.encode(prompts).pad()

@@ -92,3 +92,11 @@ def test_onnx_ab_times_files_of_a_bundle_interleaved(bert_bundle, capsys):
     result = main([str(f) for f in files] + ["--rounds", "2", "--iterations", "2", "--threads", "1"])
     assert list(result) == [str(f) for f in files] and all(ms > 0 for ms in result.values())
     assert "1.00x the first" in capsys.readouterr().out
+
+
+def test_host_steps_times_each_step_warm_and_after_an_engine_run(bert_bundle, capsys):
+    from benchmarks.host_steps import main
+    result = main([str(bert_bundle), "--precision", "fp32", "--rounds", "3"])
+    assert set(result) == {"tokenize", "noise"}
+    assert all(r["warm_us"] > 0 and r["after_engine_run_us"] > 0 for r in result.values())
+    assert "right after an engine run" in capsys.readouterr().out

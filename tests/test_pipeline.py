@@ -170,7 +170,7 @@ def test_tokenizer_pads_to_the_longest_prompt(bert_bundle):
     from edgegen.runtime.bundle import Bundle
     from edgegen.runtime.tokenize import PromptTokenizer
     bundle = Bundle.open(bert_bundle)
-    tok = PromptTokenizer.from_settings(bundle.path("tokenizer.json"), bundle.tokenizer_settings)
+    tok = PromptTokenizer.of_bundle(bundle)
     fixed = tok(["cat", "a red apple"])
     assert fixed.input_ids.shape == (2, 16) and fixed.lengths == [3, 5]
     tok.pad_to_longest = True
