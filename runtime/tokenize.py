@@ -14,14 +14,13 @@ class Tokens:
     input_ids: np.ndarray       # (B, L) int64
     attention_mask: np.ndarray  # (B, L) int64
     truncated: list[bool]       # per prompt: did it lose tokens to max_length?
-    lengths: list[int]          # per prompt: its real tokens (the rest of its row is padding)
 
 
 @dataclass
 class Encoded:
     """Token ids before padding; ``length`` is the row length they pad to."""
     rows: list[list[int]]
-    lengths: list[int]
+    lengths: list[int]  # per prompt: its real tokens
     truncated: list[bool]
     length: int
     pad_id: int
@@ -37,7 +36,7 @@ class Encoded:
         for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
             ids[i, :n] = row
             mask[i, :n] = 1
-        return Tokens(ids, mask, self.truncated, self.lengths)
+        return Tokens(ids, mask, self.truncated)
 
 
 class PromptTokenizer:
