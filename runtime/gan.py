@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .errors import BadBundleError, BadInputError
-from .pipeline import CallInfo, Pipeline, noise_for_seeds, to_pixels
+from .pipeline import CallInfo, Pipeline, SeedNoise, to_pixels
 from .tokenize import PromptTokenizer
 
 MODES = ("auto", "fused", "split")
@@ -35,6 +35,7 @@ class GanPipeline(Pipeline):
             raise BadBundleError(f"bundle {bundle.root}", f"generation.noise_shape is not a list of sizes: {shape!r}",
                                  "re-export the bundle")
         self.noise_shape = tuple(shape)
+        self.seed_noise = SeedNoise()
         self.cache_size = int(cache_size)
         # prompt -> (its text states at its own length (n, width), n, truncated)
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
@@ -118,7 +119,7 @@ class GanPipeline(Pipeline):
 
     def _fill_noise(self, buf, seeds, noise):
         if noise is None:
-            noise_for_seeds(seeds, self.noise_shape, buf)
+            self.seed_noise.fill(seeds, self.noise_shape, buf)
         else:
             buf[...] = noise
 

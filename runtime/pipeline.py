@@ -219,11 +219,73 @@ def expand_seeds(seed, total: int) -> list[int]:
     return [first + i for i in range(total)]
 
 
+class SeedNoise:
+    """Standard normal noise, each image's slice the values of ``np.random.default_rng(seed)`` alone.
+
+    Drawn from one reused PCG64 whose state is worked out here from the seed (numpy's SeedSequence
+    hashing, then PCG64's seeding steps), rather than from a new SeedSequence, PCG64 and Generator per
+    seed: building those objects is the costly part of a draw, above all right after an engine run has
+    evicted the CPU caches. Not thread-safe: a pipeline draws under its lock.
+    """
+
+    def __init__(self):
+        self._bits = np.random.PCG64(0)
+        self._rng = np.random.Generator(self._bits)
+
+    def fill(self, seeds: list[int], shape: tuple[int, ...], out: np.ndarray) -> np.ndarray:
+        for i, s in enumerate(seeds):  # drawn straight into the (bound) buffer: no temporary, no copy
+            state, inc = pcg64_state(s)
+            self._bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
+                                "has_uint32": 0, "uinteger": 0}
+            self._rng.standard_normal(dtype=np.float32, out=out[i])
+        return out
+
+
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], out: np.ndarray) -> np.ndarray:
     """Standard normal noise, each image's slice drawn from its own seed alone (PCG64)."""
-    for i, s in enumerate(seeds):  # drawn straight into the bound buffer: no temporary, no copy
-        np.random.default_rng(s).standard_normal(shape, dtype=np.float32, out=out[i])
+    return SeedNoise().fill(seeds, shape, out)
+
+
+# numpy's SeedSequence (a pool of four 32-bit words) and PCG64's seeding, for one seed in [0, 2**64). The
+# hash constants SeedSequence steps through do not depend on the seed: they are worked out once, here.
+_M32, _M128 = 0xFFFFFFFF, (1 << 128) - 1
+_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
+_PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
+
+
+def _hash_constants(init: int, mult: int, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        out.append(init)
+        init = (init * mult) & _M32
     return out
+
+
+_POOL_HASH = _hash_constants(0x43B0D7E5, 0x931E8875, 17)   # 4 to fill the pool, 12 to mix it (and one spare)
+_STATE_HASH = _hash_constants(0x8B51F9DD, 0x58F38DED, 8)   # generate_state(4, uint64): eight 32-bit words
+_MIX_PAIRS = [(src, dst) for src in range(4) for dst in range(4) if src != dst]
+
+
+def pcg64_state(seed: int) -> tuple[int, int]:
+    """(state, inc) of ``np.random.PCG64(seed)``, computed without building it."""
+    words = [seed & _M32, seed >> 32, 0, 0] if seed >> 32 else [seed, 0, 0, 0]  # little-endian words
+    pool = []
+    for i in range(4):  # hash the entropy into the pool (hashmix: xor, multiply, xor-shift)
+        h = _POOL_HASH[i]
+        v = ((words[i] ^ h) * ((h * 0x931E8875) & _M32)) & _M32
+        pool.append(v ^ (v >> 16))
+    for k, (src, dst) in enumerate(_MIX_PAIRS, start=4):  # mix every word into every other
+        h = _POOL_HASH[k]
+        v = ((pool[src] ^ h) * _POOL_HASH[k + 1]) & _M32
+        v = (_MIX_L * pool[dst] - _MIX_R * (v ^ (v >> 16))) & _M32
+        pool[dst] = v ^ (v >> 16)
+    out = []
+    for i, h in enumerate(_STATE_HASH):
+        v = ((pool[i & 3] ^ h) * ((h * 0x58F38DED) & _M32)) & _M32
+        out.append(v ^ (v >> 16))
+    initstate = (out[0] | out[1] << 32) << 64 | out[2] | out[3] << 32
+    inc = (((out[4] | out[5] << 32) << 64 | out[6] | out[7] << 32) << 1 | 1) & _M128
+    return ((inc + initstate) * _PCG_MULT + inc) & _M128, inc  # two LCG steps from state 0
 
 
 def to_pixels(image: np.ndarray) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Prompt -> right-padded token ids, with the bundle's tokenizer.json (tokenizers library)."""
 from __future__ import annotations
 
+import re
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +33,24 @@ class Encoded:
         shape = (len(self.rows), self.length)
         ids = np.empty(shape, np.int64) if ids is None else ids
         mask = np.empty(shape, np.int64) if mask is None else mask
-        ids.fill(self.pad_id)
-        mask.fill(0)
-        for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
-            ids[i, :n] = row
-            mask[i, :n] = 1
+        if all(n == self.length for n in self.lengths):  # nothing to pad: one prompt on a dynamic graph
+            ids[...] = self.rows
+            mask.fill(1)
+        else:
+            ids.fill(self.pad_id)
+            mask.fill(0)
+            for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
+                ids[i, :n] = row
+                mask[i, :n] = 1
         return Tokens(ids, mask, self.truncated)
+
+
+# A plain prompt: ASCII words (letters, digits) one space apart. Every pre-tokenizer the families use splits
+# text at spaces, so a plain prompt's ids are its special tokens around its words' ids, each word's ids
+# depending only on the word and on whether it comes first (GPT-2 marks a word's leading space).
+PLAIN = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
+PROBE = "a Ab 1 a1 1a ab12 A"  # checks at load that the bundle's pre-tokenizer does split at spaces
+WORD_CACHE_SIZE = 8192
 
 
 class PromptTokenizer:
@@ -45,6 +59,12 @@ class PromptTokenizer:
     ``pad_to_longest`` False: every row is ``max_length`` long (fixed-shape graphs). True: rows are as long
     as the batch's longest prompt, for graphs with a dynamic sequence axis: "a cat" then costs 4 token
     positions, not 32. Padding is masked, so the images are the same either way (within float rounding).
+
+    Plain prompts (see PLAIN) are put together from a cache of word ids that the tokenizers library's own
+    output fills: a call of the library costs 40-80 us right after an engine run has evicted the CPU caches,
+    a few dict lookups a fraction of that. Any other prompt, a word not seen yet, or a prompt that would be
+    truncated goes through the library. ``by_words`` False: always the library (it starts False where the
+    bundle's pre-tokenizer does not split at spaces).
     """
 
     def __init__(self, path, max_length: int, pad_id: int, pad_to_longest: bool = False):
@@ -57,6 +77,20 @@ class PromptTokenizer:
         self.pad_to_longest = pad_to_longest
         self._tok.no_padding()
         self._tok.enable_truncation(self.max_length)
+        self._words: dict[tuple[str, bool], list[int]] = {}  # (word, first in the prompt) -> its ids
+        self._ends: tuple[list[int], list[int]] | None = None  # special ids before and after the words
+        self.by_words = self._splits_at_spaces()
+
+    def _splits_at_spaces(self) -> bool:
+        """Whether plain prompts may be tokenized word by word: no added token could occur in one, and the
+        pre-tokenizer puts no space inside a piece (tokenizers with no pre-tokenizer may merge across words)."""
+        if any(PLAIN.fullmatch(t.content.strip()) for t in self._tok.get_added_tokens_decoder().values()):
+            return False
+        if self._tok.pre_tokenizer is None:
+            return False
+        text = self._tok.normalizer.normalize_str(PROBE) if self._tok.normalizer is not None else PROBE
+        pieces = self._tok.pre_tokenizer.pre_tokenize_str(text)
+        return all(" " not in text[a:b].lstrip(" ") for _, (a, b) in pieces)
 
     @classmethod
     def from_settings(cls, path, settings: dict) -> "PromptTokenizer":
@@ -78,11 +112,62 @@ class PromptTokenizer:
         return min(self.max_length, max(lengths))
 
     def encode(self, prompts: list[str]) -> Encoded:
-        # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
-        encodings = [self._tok.encode(prompts[0])] if len(prompts) == 1 else self._tok.encode_batch(prompts)
-        rows = [e.ids for e in encodings]
+        rows = [self._from_words(p) for p in prompts]
+        truncated = [False] * len(prompts)
+        missed = [i for i, r in enumerate(rows) if r is None]
+        if missed:
+            texts = [prompts[i] for i in missed]
+            # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
+            encodings = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(texts)
+            for i, e in zip(missed, encodings):
+                rows[i], truncated[i] = e.ids, bool(e.overflowing)
+                if not truncated[i] and self.by_words and PLAIN.fullmatch(prompts[i]):
+                    self._learn(prompts[i], e)
         lengths = [len(r) for r in rows]
-        return Encoded(rows, lengths, [bool(e.overflowing) for e in encodings], self.length_for(lengths), self.pad_id)
+        return Encoded(rows, lengths, truncated, self.length_for(lengths), self.pad_id)
+
+    def _from_words(self, prompt: str) -> list[int] | None:
+        """A plain prompt's ids from the word cache; None when the library has to tokenize it."""
+        if not self.by_words or self._ends is None or not PLAIN.fullmatch(prompt):
+            return None
+        words = self._words
+        ids = list(self._ends[0])
+        for k, word in enumerate(prompt.split(" ")):
+            known = words.get((word, k == 0))
+            if known is None:
+                return None
+            ids += known
+        ids += self._ends[1]
+        return ids if len(ids) <= self.max_length else None  # truncation: the library's rules and report
+
+    def _learn(self, prompt: str, encoding) -> None:
+        """Cache each word's ids from the library's encoding of a plain prompt, if every token lies within
+        one word (after a leading space, which GPT-2-style tokens carry) and the special tokens are at the
+        ends only, as they were in the prompts learned from before."""
+        words = prompt.split(" ")
+        starts = [0]
+        for w in words[:-1]:
+            starts.append(starts[-1] + len(w) + 1)
+        per_word: list[list[int]] = [[] for _ in words]
+        head, tail = [], []
+        for token, (a, b), special in zip(encoding.ids, encoding.offsets, encoding.special_tokens_mask):
+            if special:
+                (tail if any(per_word) else head).append(token)
+                continue
+            if tail:
+                return  # a special token between words
+            a += prompt[a:a + 1] == " "
+            word = bisect_right(starts, a) - 1
+            if a >= b or word != bisect_right(starts, b - 1) - 1:
+                return  # a token across words, or of no character: this prompt teaches nothing
+            per_word[word].append(token)
+        if not all(per_word) or (self._ends is not None and self._ends != (head, tail)):
+            return
+        if len(self._words) >= WORD_CACHE_SIZE:
+            self._words.clear()
+        self._ends = (head, tail)
+        for k, (word, ids) in enumerate(zip(words, per_word)):
+            self._words[word, k == 0] = ids
 
     def __call__(self, prompts: list[str]) -> Tokens:
         return self.encode(prompts).pad()
