@@ -246,45 +246,41 @@ def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], out: np.ndarray) -
     return SeedNoise().fill(seeds, shape, out)
 
 
-# numpy's SeedSequence (a pool of four 32-bit words) and PCG64's seeding, for one seed in [0, 2**64). The
-# hash constants SeedSequence steps through do not depend on the seed: they are worked out once, here.
+# numpy's SeedSequence (a pool of four 32-bit words) and PCG64's seeding, for one seed in [0, 2**64).
+# SeedSequence's k-th hash step xors with the k-th constant of a multiplicative sequence and multiplies by
+# the next one; the sequences do not depend on the seed, so they are worked out once, here.
 _M32, _M128 = 0xFFFFFFFF, (1 << 128) - 1
 _MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
 _PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
 
 
 def _hash_constants(init: int, mult: int, n: int) -> list[int]:
-    out = []
-    for _ in range(n):
-        out.append(init)
-        init = (init * mult) & _M32
+    out = [init]
+    while len(out) < n:
+        out.append((out[-1] * mult) & _M32)
     return out
 
 
-_POOL_HASH = _hash_constants(0x43B0D7E5, 0x931E8875, 17)   # 4 to fill the pool, 12 to mix it (and one spare)
-_STATE_HASH = _hash_constants(0x8B51F9DD, 0x58F38DED, 8)   # generate_state(4, uint64): eight 32-bit words
+_POOL_HASH = _hash_constants(0x43B0D7E5, 0x931E8875, 17)  # 4 steps fill the pool, 12 mix it
+_STATE_HASH = _hash_constants(0x8B51F9DD, 0x58F38DED, 9)  # 8 steps: generate_state(4, uint64)
 _MIX_PAIRS = [(src, dst) for src in range(4) for dst in range(4) if src != dst]
+
+
+def _hash(value: int, consts: list[int], k: int) -> int:
+    value = ((value ^ consts[k]) * consts[k + 1]) & _M32
+    return value ^ (value >> 16)
 
 
 def pcg64_state(seed: int) -> tuple[int, int]:
     """(state, inc) of ``np.random.PCG64(seed)``, computed without building it."""
-    words = [seed & _M32, seed >> 32, 0, 0] if seed >> 32 else [seed, 0, 0, 0]  # little-endian words
-    pool = []
-    for i in range(4):  # hash the entropy into the pool (hashmix: xor, multiply, xor-shift)
-        h = _POOL_HASH[i]
-        v = ((words[i] ^ h) * ((h * 0x931E8875) & _M32)) & _M32
-        pool.append(v ^ (v >> 16))
+    entropy = (seed & _M32, seed >> 32, 0, 0)  # little-endian 32-bit words; missing ones hash as 0
+    pool = [_hash(entropy[k], _POOL_HASH, k) for k in range(4)]
     for k, (src, dst) in enumerate(_MIX_PAIRS, start=4):  # mix every word into every other
-        h = _POOL_HASH[k]
-        v = ((pool[src] ^ h) * _POOL_HASH[k + 1]) & _M32
-        v = (_MIX_L * pool[dst] - _MIX_R * (v ^ (v >> 16))) & _M32
+        v = (_MIX_L * pool[dst] - _MIX_R * _hash(pool[src], _POOL_HASH, k)) & _M32
         pool[dst] = v ^ (v >> 16)
-    out = []
-    for i, h in enumerate(_STATE_HASH):
-        v = ((pool[i & 3] ^ h) * ((h * 0x58F38DED) & _M32)) & _M32
-        out.append(v ^ (v >> 16))
-    initstate = (out[0] | out[1] << 32) << 64 | out[2] | out[3] << 32
-    inc = (((out[4] | out[5] << 32) << 64 | out[6] | out[7] << 32) << 1 | 1) & _M128
+    w = [_hash(pool[k & 3], _STATE_HASH, k) for k in range(8)]
+    initstate = (w[0] | w[1] << 32) << 64 | w[2] | w[3] << 32
+    inc = (((w[4] | w[5] << 32) << 64 | w[6] | w[7] << 32) << 1 | 1) & _M128
     return ((inc + initstate) * _PCG_MULT + inc) & _M128, inc  # two LCG steps from state 0
 
 

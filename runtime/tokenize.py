@@ -84,7 +84,7 @@ class PromptTokenizer:
     def _splits_at_spaces(self) -> bool:
         """Whether plain prompts may be tokenized word by word: no added token could occur in one, and the
         pre-tokenizer puts no space inside a piece (tokenizers with no pre-tokenizer may merge across words)."""
-        if any(PLAIN.fullmatch(t.content.strip()) for t in self._tok.get_added_tokens_decoder().values()):
+        if any(re.fullmatch(r"[A-Za-z0-9 ]+", t.content) for t in self._tok.get_added_tokens_decoder().values()):
             return False
         if self._tok.pre_tokenizer is None:
             return False
