@@ -2,7 +2,9 @@
 
 Each iteration is one pipeline call timed by the pipeline itself (monotonic clock around the whole call
 and around each stage). New-prompt calls run with an empty text cache (cleared outside the timed call);
-repeated-prompt calls reuse the cached text states.
+repeated-prompt calls reuse the cached text states. The tokenizer's word cache is not emptied: the
+prompt's words are known after the warm-up, as an app's usual words are (`python -m benchmarks.host_steps`
+times the tokenizers library's path, which a prompt with a new word takes).
 """
 from __future__ import annotations
 
