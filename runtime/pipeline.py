@@ -32,7 +32,8 @@ class CallInfo:
     warnings: list[str] = field(default_factory=list)
     stages: dict[str, int] = field(default_factory=dict)
     engine_stages: tuple[str, ...] = ()  # the stages that are engine (session) runs
-    total_ns: int = 0
+    total_ns: int = 0  # the whole call: the argument checks ("checks", with any wait for the pipeline's
+    # lock), then the stages; not the conversion to PIL images
 
     def lap(self, stage: str, since: int) -> int:
         now = time.perf_counter_ns()
@@ -108,6 +109,7 @@ class Pipeline:
         return int(self.bundle.generation["max_batch"])
 
     def __call__(self, prompt, seed=None, num_images: int = 1, output_type: str = "pil", **kw):
+        start = time.perf_counter_ns()  # end to end: the argument checks count too (all but the PIL conversion)
         prompts = normalize_prompts(prompt)
         num_images = check_count(num_images)
         total = len(prompts) * num_images
@@ -120,8 +122,9 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         seeds = expand_seeds(seed, total)
         with self._lock:
-            start = time.perf_counter_ns()
+            checked = time.perf_counter_ns()
             pixels, info = self._generate(prompts, seeds, **kw)
+            info.stages = {"checks": checked - start, **info.stages}
             info.total_ns = time.perf_counter_ns() - start
             self.last_call = info
         for message in info.warnings:
@@ -181,7 +184,7 @@ def normalize_prompts(prompt) -> list[str]:
         if not isinstance(p, str):
             raise BadInputError("prompt", f"item {i} is a {type(p).__name__}, not a string", "every prompt must be a str")
         try:
-            p.encode("utf-8")
+            p.isascii() or p.encode("utf-8")  # ASCII cannot hold a lone surrogate: no bytes object to build
         except UnicodeEncodeError as e:
             raise BadInputError("prompt", f"item {i} is not valid Unicode text ({e.reason} at position {e.start})",
                                 "decode input bytes with errors='replace' before passing them") from None

@@ -18,7 +18,7 @@ def test_stages_add_up_to_end_to_end(bert_bundle):
     r = run_bench(pipe, batch=2, iterations=20, warmup=2)
     assert r["iterations"] == 20 and r["path"] == "fused"
     stage_sum = sum(s["p50"] for s in r["stages_ms"].values())
-    # medians of stages need not add up exactly to the median call, but close (argument checks aside)
+    # medians of stages need not add up exactly to the median call, but close
     assert 0.5 * r["end_to_end_ms"]["p50"] <= stage_sum <= 1.5 * r["end_to_end_ms"]["p50"]
     assert r["stages_ms"]["fused"]["engine"] and not r["stages_ms"]["tokenize"]["engine"]
     assert abs(r["engine_ms"]["p50"] - r["stages_ms"]["fused"]["p50"]) < 0.5 * r["engine_ms"]["p50"]
@@ -30,9 +30,9 @@ def test_each_call_is_accounted_for(bert_bundle):
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="split")
     pipe("a red apple", seed=1)
     info = pipe.last_call
-    assert set(info.stages) == {"tokenize", "text_encoder", "noise", "generator", "output"}
+    assert list(info.stages) == ["checks", "tokenize", "text_encoder", "noise", "generator", "output"]
     assert sum(info.stages.values()) <= info.total_ns and info.engine_ns > 0
-    assert info.total_ns - sum(info.stages.values()) < 0.5 * info.total_ns
+    assert info.total_ns - sum(info.stages.values()) < 0.2 * info.total_ns  # the clock reads between stages
 
 
 def test_bench_cli_json(bert_bundle, capsys):
