@@ -43,7 +43,7 @@ def torch_candidate(checkpoint: Path, bundle, compile_: bool):
     @torch.no_grad()
     def call(prompts, seeds):
         t = tokenize(prompts)
-        noise = noise_for_seeds(seeds, (noise_dim,), np.empty((len(seeds), noise_dim), np.float32))
+        noise = noise_for_seeds(seeds, (noise_dim,))
         return module(torch.from_numpy(t.input_ids), torch.from_numpy(t.attention_mask), torch.from_numpy(noise))[0].numpy()
     return call
 

@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     library.by_words = False
     steps = {"tokenize": lambda: tokenizer.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
              "tokenize_library": lambda: library.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
-             "noise": lambda: pipe.seed_noise.fill([0], pipe.noise_shape, ins["noise"]),
+             "noise": lambda: pipe.seed_noise.fill([0], ins["noise"]),
              "noise_new_rng": lambda: np.random.default_rng(0).standard_normal(pipe.noise_shape, dtype=np.float32,
                                                                               out=ins["noise"][0])}
     after_run = {name: [] for name in steps}

@@ -29,7 +29,7 @@ def feeds_for(path: Path, prompt: str) -> dict[str, np.ndarray]:
     tokens = PromptTokenizer.of_bundle(bundle, component is not None and component.dynamic_sequence)([prompt])
     noise_shape = tuple(bundle.generation.get("noise_shape", []))
     return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
-            "noise": noise_for_seeds([0], noise_shape, np.empty((1, *noise_shape), np.float32))}
+            "noise": noise_for_seeds([0], noise_shape)}
 
 
 def main(argv=None) -> dict:

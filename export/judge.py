@@ -9,7 +9,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from edgegen.runtime.errors import CheckpointError

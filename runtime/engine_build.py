@@ -141,7 +141,7 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
                   progress: bool) -> tuple[list[dict], dict]:
     """Build each (component, form) of ``jobs`` into the directory ``out`` (it becomes ``rel_dir``).
     Returns (manifest engine entries, the build record also written to ``out/build.json``)."""
-    root, manifest = bundle.root, bundle.manifest
+    manifest = bundle.manifest
     cache_path = user_cache_dir() / "timing" / f"{Path(rel_dir).name}.cache"
     bundled_cache = f"{rel_dir}/timing.cache"
     if cache_path.is_file():

@@ -119,7 +119,7 @@ class GanPipeline(Pipeline):
 
     def _fill_noise(self, buf, seeds, noise):
         if noise is None:
-            self.seed_noise.fill(seeds, self.noise_shape, buf)
+            self.seed_noise.fill(seeds, buf)
         else:
             buf[...] = noise
 

@@ -200,7 +200,7 @@ def check_count(num_images) -> int:
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise BadInputError("seed", f"expected an integer, got {type(seed).__name__} {seed!r}",
-                            f"seeds are integers in [0, 2**64)")
+                            "seeds are integers in [0, 2**64)")
     if not 0 <= int(seed) < SEED_LIMIT:
         raise BadInputError("seed", f"out of range: {seed}", "seeds are integers in [0, 2**64)")
     return int(seed)
@@ -235,7 +235,8 @@ class SeedNoise:
         self._bits = np.random.PCG64(0)
         self._rng = np.random.Generator(self._bits)
 
-    def fill(self, seeds: list[int], shape: tuple[int, ...], out: np.ndarray) -> np.ndarray:
+    def fill(self, seeds: list[int], out: np.ndarray) -> np.ndarray:
+        """``out[i]`` gets seed ``seeds[i]``'s noise."""
         for i, s in enumerate(seeds):  # drawn straight into the (bound) buffer: no temporary, no copy
             state, inc = pcg64_state(s)
             self._bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
@@ -244,9 +245,9 @@ class SeedNoise:
         return out
 
 
-def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-    """Standard normal noise, each image's slice drawn from its own seed alone (PCG64)."""
-    return SeedNoise().fill(seeds, shape, out)
+def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
+    """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed alone."""
+    return SeedNoise().fill(seeds, np.empty((len(seeds), *shape), np.float32))
 
 
 # numpy's SeedSequence (a pool of four 32-bit words) and PCG64's seeding, for one seed in [0, 2**64).

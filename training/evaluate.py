@@ -39,7 +39,7 @@ def stats(features: np.ndarray):
 def generate(generator, states, mask, seeds: list[int], batch: int = 256) -> np.ndarray:
     """uint8 (P, S, 64, 64, 3): every prompt with every seed."""
     p, s = len(states), len(seeds)
-    noise = noise_for_seeds(seeds, (generator.config.noise_dim,), np.empty((s, generator.config.noise_dim), np.float32))
+    noise = noise_for_seeds(seeds, (generator.config.noise_dim,))
     z = torch.from_numpy(np.tile(noise, (p, 1)))
     st = torch.as_tensor(states).float().repeat_interleave(s, 0)
     mk = torch.as_tensor(mask).long().repeat_interleave(s, 0)

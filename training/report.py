@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from .dataset import BACKGROUNDS, HELDOUT_TEMPLATES, SIZE_NAMES, SIZE_WORDS, SIZES, TRAIN_TEMPLATES, Caption

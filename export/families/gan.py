@@ -159,8 +159,7 @@ class GanFamily(Family):
         cases = []
         for prompts, seeds in zip(groups, seeds_per_group):
             tokens = tokenize(prompts)
-            noise = noise_for_seeds(seeds, (self.config.noise_dim,),
-                                    np.empty((len(seeds), self.config.noise_dim), np.float32))
+            noise = noise_for_seeds(seeds, (self.config.noise_dim,))
             states = self.text_encoder(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
             image = self.generator(torch.from_numpy(noise), states, torch.from_numpy(tokens.attention_mask))
             cases.append(({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
