@@ -4,7 +4,9 @@ FLOPs count the multiply-adds of Conv, ConvTranspose, MatMul and Gemm (2 per MAC
 are memory-bound and counted only as bytes. Integer products (MatMulInteger, QLinear*, the dynamic-quantized
 MatMuls, and a MatMul/Conv/Gemm whose two inputs both come out of DequantizeLinear: ONNX Runtime runs
 that QDQ pattern as an integer kernel) are counted apart, as int8 ops, against the integer peak. Bytes = weights read once (lookup tables at the rows read)
-+ every node's output written once and read once (an upper bound; fusion lowers it). Peak FLOP/s is derived from the CPU (cores x
++ every node's output written once and read once (an upper bound; fusion lowers it). Nodes whose inputs are
+all constant (a weight's DequantizeLinear, weights concatenated) cost nothing per run: ONNX Runtime folds or
+fuses them when the session loads. Peak FLOP/s is derived from the CPU (cores x
 clock x FMA lanes), peak bytes/s is measured (numpy copy); both are stated with the derivation.
 """
 from __future__ import annotations
@@ -57,7 +59,11 @@ def count(path: Path, batch: int = 1, sequence: int = 32) -> dict:
     flops = int8_ops = 0
     act_bytes = 0
     dequantized = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    constant = set(weights)  # tensors known before a run: ONNX Runtime folds or fuses the nodes making them
     for n in g.node:
+        if all(i in constant for i in n.input if i):  # e.g. a weight's DequantizeLinear, a weight Concat
+            constant.update(n.output)
+            continue
         out = shapes.get(n.output[0]) if n.output else None
         if out:
             act_bytes += 2 * int(np.prod(out[0])) * out[1]
