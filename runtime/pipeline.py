@@ -251,8 +251,9 @@ def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
 
 
 # numpy's SeedSequence (a pool of four 32-bit words) and PCG64's seeding, for one seed in [0, 2**64).
-# SeedSequence's k-th hash step xors with the k-th constant of a multiplicative sequence and multiplies by
-# the next one; the sequences do not depend on the seed, so they are worked out once, here.
+# SeedSequence's k-th hash step xors a word with the k-th constant of a multiplicative sequence, multiplies
+# by the next one and xor-shifts. The constants, and the hashes of the zero words a seed below 2**64 pads
+# the pool with, do not depend on the seed: they are worked out once, here, as tables of steps.
 _M32, _M128 = 0xFFFFFFFF, (1 << 128) - 1
 _MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
 _PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
@@ -265,24 +266,33 @@ def _hash_constants(init: int, mult: int, n: int) -> list[int]:
     return out
 
 
-_POOL_HASH = _hash_constants(0x43B0D7E5, 0x931E8875, 17)  # 4 steps fill the pool, 12 mix it
-_STATE_HASH = _hash_constants(0x8B51F9DD, 0x58F38DED, 9)  # 8 steps: generate_state(4, uint64)
-_MIX_PAIRS = [(src, dst) for src in range(4) for dst in range(4) if src != dst]
-
-
-def _hash(value: int, consts: list[int], k: int) -> int:
-    value = ((value ^ consts[k]) * consts[k + 1]) & _M32
+def _hash(value: int, a: int, b: int) -> int:
+    value = ((value ^ a) * b) & _M32
     return value ^ (value >> 16)
 
 
+_POOL = _hash_constants(0x43B0D7E5, 0x931E8875, 17)  # 4 steps fill the pool, 12 mix it
+_STATE = _hash_constants(0x8B51F9DD, 0x58F38DED, 9)  # 8 steps: generate_state(4, uint64)
+_ZERO_POOL = [_hash(0, _POOL[k], _POOL[k + 1]) for k in range(4)]
+_MIX_STEPS = [(src, dst, _POOL[k], _POOL[k + 1])  # every pool word mixed into every other
+              for k, (src, dst) in enumerate(((s, d) for s in range(4) for d in range(4) if s != d), start=4)]
+_STATE_STEPS = [(k & 3, _STATE[k], _STATE[k + 1]) for k in range(8)]
+
+
 def pcg64_state(seed: int) -> tuple[int, int]:
-    """(state, inc) of ``np.random.PCG64(seed)``, computed without building it."""
-    entropy = (seed & _M32, seed >> 32, 0, 0)  # little-endian 32-bit words; missing ones hash as 0
-    pool = [_hash(entropy[k], _POOL_HASH, k) for k in range(4)]
-    for k, (src, dst) in enumerate(_MIX_PAIRS, start=4):  # mix every word into every other
-        v = (_MIX_L * pool[dst] - _MIX_R * _hash(pool[src], _POOL_HASH, k)) & _M32
+    """(state, inc) of ``np.random.PCG64(seed)``, computed without building it: integer arithmetic over
+    small tables, which touches little memory."""
+    pool = [_hash(seed & _M32, _POOL[0], _POOL[1]), _ZERO_POOL[1], _ZERO_POOL[2], _ZERO_POOL[3]]
+    if seed >> 32:
+        pool[1] = _hash(seed >> 32, _POOL[1], _POOL[2])
+    for src, dst, a, b in _MIX_STEPS:
+        h = ((pool[src] ^ a) * b) & _M32
+        v = (_MIX_L * pool[dst] - _MIX_R * (h ^ (h >> 16))) & _M32
         pool[dst] = v ^ (v >> 16)
-    w = [_hash(pool[k & 3], _STATE_HASH, k) for k in range(8)]
+    w = []
+    for i, a, b in _STATE_STEPS:
+        v = ((pool[i] ^ a) * b) & _M32
+        w.append(v ^ (v >> 16))
     initstate = (w[0] | w[1] << 32) << 64 | w[2] | w[3] << 32
     inc = (((w[4] | w[5] << 32) << 64 | w[6] | w[7] << 32) << 1 | 1) & _M128
     return ((inc + initstate) * _PCG_MULT + inc) & _M128, inc  # two LCG steps from state 0
