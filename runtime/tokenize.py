@@ -61,10 +61,10 @@ class PromptTokenizer:
     positions, not 32. Padding is masked, so the images are the same either way (within float rounding).
 
     Plain prompts (see PLAIN) are put together from a cache of word ids that the tokenizers library's own
-    output fills: a call of the library costs 40-80 us right after an engine run has evicted the CPU caches,
-    a few dict lookups a fraction of that. Any other prompt, a word not seen yet, or a prompt that would be
-    truncated goes through the library. ``by_words`` False: always the library (it starts False where the
-    bundle's pre-tokenizer does not split at spaces).
+    output fills: right after an engine run has evicted the CPU caches, a call of the library costs about
+    twice what the dict lookups do (`python -m benchmarks.host_steps`). Any other prompt, a word not seen
+    yet, or a prompt that would be truncated goes through the library. ``by_words`` False: always the
+    library (it starts False where the bundle's pre-tokenizer does not split at spaces).
     """
 
     def __init__(self, path, max_length: int, pad_id: int, pad_to_longest: bool = False):
