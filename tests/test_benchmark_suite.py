@@ -14,11 +14,22 @@ def test_compare_quick(tiny_checkpoints, tiny_bundles, tmp_path):
     for name, row in rows.items():
         assert len(result["samples_ms"][name]) == 2 * 3 and row["p50_ms"] > 0
     assert "fused" in rows["edgegen ort-cpu fp32"]["stages_p50_ms"]
+    assert rows["edgegen ort-cpu fp32"]["speedup_vs_fp32"] == 1.0 and "speedup_vs_fp32" not in rows["pytorch eager fp32"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"].keys() == rows.keys()
     assert "| pytorch eager fp32 |" in (tmp_path / "results.md").read_text()
+    assert "| vs the backend's fp32 |" in (tmp_path / "results.md").read_text()
     for png in ("latency.png", "stages.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_gives_each_precision_its_ratio_to_the_backends_fp32():
+    rows = {"pytorch eager fp32": {"p50_ms": 9.0}, "edgegen ort-cpu fp32": {"p50_ms": 4.0},
+            "edgegen ort-cpu int8": {"p50_ms": 2.5}, "edgegen ort-cuda fp16": {"p50_ms": 1.0}}
+    compare.add_fp32_ratios(rows, [("ort-cpu", "fp32"), ("ort-cpu", "int8"), ("ort-cuda", "fp16")])
+    assert rows["edgegen ort-cpu int8"]["speedup_vs_fp32"] == 1.6 and rows["edgegen ort-cpu fp32"]["speedup_vs_fp32"] == 1.0
+    assert "speedup_vs_fp32" not in rows["edgegen ort-cuda fp16"]  # no ort-cuda fp32 ran: no ratio
+    assert "speedup_vs_fp32" not in rows["pytorch eager fp32"]
 
 
 def test_compare_rotates_the_order_of_candidates_each_round():
