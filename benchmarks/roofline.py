@@ -26,9 +26,11 @@ INTEGER_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "
                "MatMulIntegerToFloat", "QAttention")
 
 
-def _fix_shapes(model: onnx.ModelProto, batch: int, sequence: int) -> onnx.ModelProto:
+def _fix_shapes(model: onnx.ModelProto, batch: int, sequence: int | None) -> onnx.ModelProto:
     for value in list(model.graph.input) + list(model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == SEQUENCE_AXIS and sequence is None:
+                raise ValueError(f"{value.name} has a dynamic token axis: pass the positions to count at (sequence=)")
             if dim.dim_param:
                 dim.dim_value = sequence if dim.dim_param == SEQUENCE_AXIS else batch
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -44,7 +46,7 @@ def _fix_shapes(model: onnx.ModelProto, batch: int, sequence: int) -> onnx.Model
     return model
 
 
-def count(path: Path, batch: int = 1, sequence: int = 32) -> dict:
+def count(path: Path, batch: int = 1, sequence: int | None = None) -> dict:
     """{"flops", "bytes", "weight_bytes"} of one forward pass at ``batch`` and ``sequence`` token positions
     (where the graph's token axis is dynamic)."""
     model = _fix_shapes(onnx.load(str(path), load_external_data=False), batch, sequence)

@@ -32,7 +32,7 @@ def main() -> None:
         from edgegen.export import default_bundle
         bundle = default_bundle()
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision=args.precision, cache_size=64)
-    # 8- and 16-token prompts: on the CPU the runtime keeps buffers per batch size and token length
+    # 5- and 9-token prompts (emoji64's tokenizer): on the CPU the runtime keeps buffers per batch size and length
     prompts = [f"a {c} {t} on a {b} background" if c else f"{t} on {b}" for c in ("small", "")
                for t in ("rocket", "cat", "apple", "star")
                for b in ("red", "blue", "green", "yellow", "white", "black", "purple", "orange", "pink", "gray")]

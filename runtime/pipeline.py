@@ -286,13 +286,9 @@ def pcg64_state(seed: int) -> tuple[int, int]:
     if seed >> 32:
         pool[1] = _hash(seed >> 32, _POOL[1], _POOL[2])
     for src, dst, a, b in _MIX_STEPS:
-        h = ((pool[src] ^ a) * b) & _M32
-        v = (_MIX_L * pool[dst] - _MIX_R * (h ^ (h >> 16))) & _M32
+        v = (_MIX_L * pool[dst] - _MIX_R * _hash(pool[src], a, b)) & _M32
         pool[dst] = v ^ (v >> 16)
-    w = []
-    for i, a, b in _STATE_STEPS:
-        v = ((pool[i] ^ a) * b) & _M32
-        w.append(v ^ (v >> 16))
+    w = [_hash(pool[i], a, b) for i, a, b in _STATE_STEPS]
     initstate = (w[0] | w[1] << 32) << 64 | w[2] | w[3] << 32
     inc = (((w[4] | w[5] << 32) << 64 | w[6] | w[7] << 32) << 1 | 1) & _M128
     return ((inc + initstate) * _PCG_MULT + inc) & _M128, inc  # two LCG steps from state 0

@@ -115,3 +115,17 @@ def test_host_steps_times_each_step_warm_and_after_an_engine_run(bert_bundle, ca
     assert set(result) == {"tokenize", "tokenize_library", "noise", "noise_new_rng"}
     assert all(r["warm_us"] > 0 and r["after_engine_run_us"] > 0 for r in result.values())
     assert "right after an engine run" in capsys.readouterr().out
+
+
+def test_roofline_counts_a_token_axis_at_the_positions_given(tmp_path):
+    import onnx
+    import pytest
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])])
+    path = tmp_path / "t.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    assert count(path, batch=2, sequence=5)["bytes"] == 2 * (2 * 5 * 4)  # y written and read once
+    with pytest.raises(ValueError, match="dynamic token axis"):
+        count(path, batch=2)
