@@ -13,6 +13,7 @@ import numpy as np
 from .backends import candidates, engine_forms, open_graph, require_backend, skip_note
 from .bundle import PRECISIONS, Bundle, form_for
 from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
+from .native import hostpath
 
 SEED_LIMIT = 2**64
 
@@ -225,18 +226,24 @@ def expand_seeds(seed, total: int) -> list[int]:
 class SeedNoise:
     """Standard normal noise, each image's slice the values of ``np.random.default_rng(seed)`` alone.
 
-    Drawn from one reused PCG64 whose state is worked out here from the seed (numpy's SeedSequence
-    hashing, then PCG64's seeding steps), rather than from a new SeedSequence, PCG64 and Generator per
-    seed: building those objects is the costly part of a draw, above all right after an engine run has
-    evicted the CPU caches. Not thread-safe: a pipeline draws under its lock.
+    Drawn natively where edgegen's host path is built (``_hostpath.noise``: numpy's seeding redone in C,
+    then numpy's own sampler), else from one reused PCG64 whose state is worked out here from the seed
+    (``pcg64_state``). Either way no SeedSequence, PCG64 and Generator are built per seed: building those
+    objects is the costly part of a draw, above all right after an engine run has evicted the CPU caches.
+    ``native=False`` forces the Python path (tests and `benchmarks.host_steps` compare the two). Not
+    thread-safe: a pipeline draws under its lock.
     """
 
-    def __init__(self):
+    def __init__(self, native: bool = True):
+        self.native = native and hostpath is not None
         self._bits = np.random.PCG64(0)
         self._rng = np.random.Generator(self._bits)
 
     def fill(self, seeds: list[int], out: np.ndarray) -> np.ndarray:
-        """``out[i]`` gets seed ``seeds[i]``'s noise."""
+        """``out[i]`` gets seed ``seeds[i]``'s noise; ``out`` is C-contiguous float32 (a bound buffer)."""
+        if self.native:
+            hostpath.noise(seeds, out)  # checks out's layout itself
+            return out
         for i, s in enumerate(seeds):  # drawn straight into the (bound) buffer: no temporary, no copy
             state, inc = pcg64_state(s)
             self._bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
@@ -247,6 +254,7 @@ class SeedNoise:
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed alone."""
+    seeds = [int(s) for s in seeds]
     return SeedNoise().fill(seeds, np.empty((len(seeds), *shape), np.float32))
 
 

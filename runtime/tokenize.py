@@ -9,6 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import BadBundleError
+from .native import hostpath
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Encoded:
     truncated: list[bool]
     length: int
     pad_id: int
+    native: bool = True  # False: numpy writes the rows, not the native host path (tests compare the two)
 
     def pad(self, ids: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tokens:
         """Right-padded (B, length) arrays: written into ``ids`` / ``mask`` when given (a pipeline's bound
@@ -33,7 +35,9 @@ class Encoded:
         shape = (len(self.rows), self.length)
         ids = np.empty(shape, np.int64) if ids is None else ids
         mask = np.empty(shape, np.int64) if mask is None else mask
-        if all(n == self.length for n in self.lengths):  # nothing to pad: one prompt on a dynamic graph
+        if hostpath is not None and self.native:
+            hostpath.tokens(self.rows, ids, mask, self.length, self.pad_id)  # checks the buffers' layout itself
+        elif all(n == self.length for n in self.lengths):  # nothing to pad: one prompt on a dynamic graph
             ids[...] = self.rows
             mask.fill(1)
         else:

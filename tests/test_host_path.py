@@ -1,13 +1,14 @@
 """The runtime's per-call host steps: the tokenizer's word cache and the seed noise give exactly what the
-tokenizers library and numpy give."""
+tokenizers library and numpy give, natively (runtime/_hostpath.c) and in pure Python."""
 import random
 
 import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, trainers
 
+from edgegen.runtime.native import hostpath
 from edgegen.runtime.pipeline import SeedNoise, noise_for_seeds, pcg64_state
-from edgegen.runtime.tokenize import PromptTokenizer
+from edgegen.runtime.tokenize import Encoded, PromptTokenizer
 
 CORPUS = ["a rocket on a blue background", "the quick brown fox jumps over 12 lazy dogs",
           "cat2 dog3 abc123 xyz", "a small yellow star on a red background"] * 20
@@ -100,14 +101,63 @@ def test_word_cache_stays_off_where_words_may_merge(tmp_path):
 SEEDS = [0, 1, 3, 12345, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**63, 2**64 - 1]
 
 
-def test_seed_noise_is_numpys_default_rng():
+def test_the_native_host_path_is_built():
+    """`pip install` builds it wherever there is a C compiler (CI has one); without it the runtime still runs,
+    on the Python path, but this install would measure slower than the README says."""
+    assert hostpath is not None, "edgegen.runtime._hostpath is missing: reinstall with a C compiler present"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_seed_noise_is_numpys_default_rng(native):
     seeds = SEEDS + [int(s) for s in np.random.default_rng(7).integers(0, 2**64, 300, dtype=np.uint64)]
     for s in seeds:
         st = np.random.PCG64(s).state["state"]
         assert pcg64_state(s) == (st["state"], st["inc"]), s
     want = np.stack([np.random.default_rng(s).standard_normal((2, 5), dtype=np.float32) for s in seeds])
-    noise = SeedNoise()
+    noise = SeedNoise(native=native)
+    assert noise.native == (native and hostpath is not None)
     got = noise.fill(seeds, np.empty((len(seeds), 2, 5), np.float32))
     assert np.array_equal(got, want)
     assert np.array_equal(noise.fill(seeds[::-1], np.empty_like(got)), want[::-1])  # no state carried over
     assert np.array_equal(noise_for_seeds(seeds[:3], (2, 5)), want[:3])
+    # long draws reach the sampler's rare branches (the ziggurat's wedges and its tail beyond 3.44)
+    long = noise.fill([5, 2**64 - 1], np.empty((2, 200_001), np.float32))
+    assert np.abs(long).max() > 3.5
+    assert np.array_equal(long, [np.random.default_rng(s).standard_normal(200_001, dtype=np.float32) for s in (5, 2**64 - 1)])
+
+
+@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
+def test_native_steps_refuse_what_they_cannot_fill():
+    with pytest.raises(TypeError, match="4-byte"):
+        hostpath.noise([0], np.empty((1, 4), np.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        hostpath.noise([0], np.empty((1, 8), np.float32)[:, ::2])
+    with pytest.raises(ValueError, match="split"):
+        hostpath.noise([0, 1], np.empty(5, np.float32))
+    with pytest.raises(OverflowError):
+        hostpath.noise([2**64], np.empty(4, np.float32))
+    ids, mask = np.empty((1, 3), np.int64), np.empty((1, 3), np.int64)
+    with pytest.raises(ValueError, match="at most 3"):
+        hostpath.tokens([[1, 2, 3, 4]], ids, mask, 3, 0)
+    with pytest.raises(ValueError, match="rows of"):
+        hostpath.tokens([[1], [2]], ids, mask, 3, 0)
+    with pytest.raises(TypeError, match="8-byte"):
+        hostpath.tokens([[1]], ids.astype(np.int32), mask, 3, 0)
+
+
+@pytest.mark.parametrize("lengths,length", [([3], 3), ([3, 1, 0], 5), ([2, 2], 2), ([0], 4)])
+def test_padding_is_the_same_natively_and_in_numpy(lengths, length):
+    rows = [list(range(100 + 10 * i, 100 + 10 * i + n)) for i, n in enumerate(lengths)]
+    got = [Encoded(rows, lengths, [False] * len(rows), length, 7, native=native).pad(
+        np.full((len(rows), length), -1, np.int64), np.full((len(rows), length), -1, np.int64)) for native in (True, False)]
+    assert np.array_equal(got[0].input_ids, got[1].input_ids)
+    assert np.array_equal(got[0].attention_mask, got[1].attention_mask)
+    assert got[1].input_ids[0, :lengths[0]].tolist() == rows[0] and (got[1].input_ids[0, lengths[0]:] == 7).all()
+    assert got[1].attention_mask.sum(axis=1).tolist() == lengths
+
+
+def test_doctor_says_which_host_path_runs(tmp_path, monkeypatch):
+    from edgegen.runtime import doctor
+    assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"] .startswith("native" if hostpath else "pure Python")
+    monkeypatch.setattr(doctor, "hostpath", None)
+    assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("pure Python")

@@ -1,0 +1,21 @@
+"""The optional native host path (runtime/_hostpath.c); everything else is declared in pyproject.toml.
+
+It links numpy's libnpyrandom (shipped with numpy for extensions) for numpy's exact normal sampler. Where it
+cannot be built (no C compiler, no 128-bit integers), the install goes on and the runtime's pure-Python host
+path runs instead (`edgegen doctor` says which).
+"""
+import os
+
+import numpy
+from setuptools import Extension, setup
+
+numpy_dir = os.path.dirname(numpy.__file__)
+setup(ext_modules=[Extension(
+    "edgegen.runtime._hostpath", ["runtime/_hostpath.c"],
+    include_dirs=[numpy.get_include()],
+    library_dirs=[os.path.join(numpy_dir, "random", "lib"), os.path.join(numpy_dir, "_core", "lib"),
+                  os.path.join(numpy_dir, "core", "lib")],  # numpy 2 / numpy 1 layouts of npymath
+    libraries=["npyrandom", "npymath"],
+    extra_compile_args=["-O2"] if os.name != "nt" else [],
+    optional=True,
+)])
