@@ -8,9 +8,17 @@
  *                       numpy.random.default_rng(seeds[i]).standard_normal(n, dtype=float32): numpy's
  *                       SeedSequence and PCG64 seeding redone here, then numpy's own float ziggurat
  *                       (random_standard_normal_fill_f from the libnpyrandom numpy ships for extensions).
+ *   words(prompt, first, later, head, tail, max_length)
+ *                       a plain prompt's token ids from the tokenizer's word cache (tokenize.py): head, then
+ *                       each word's ids (first[word] for the first word, later[word] after), then tail; None
+ *                       when the prompt is not plain (ASCII letters and digits, words one space apart), a
+ *                       word is not cached, or the ids would pass max_length.
  *   tokens(rows, ids, mask, length, pad_id)
  *                       rows (a list of lists of ints) written right-padded into the int64 buffers ids
  *                       and mask, (len(rows), length) each: ids[i] = row, then pad_id; mask[i] = 1s, then 0s.
+ *   take(array, row, count)
+ *                       the bytes of array[row, :count] (a C-contiguous buffer of two or more dims): a
+ *                       prompt's text states, kept by the pipeline's text cache.
  *
  * The pure-Python path in pipeline.py / tokenize.py gives the same values (tested against each other);
  * it runs where this module could not be built.
@@ -192,8 +200,87 @@ done:
     return result;
 }
 
+static int is_alnum(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'); }
+
+static PyObject *words(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6 || !PyUnicode_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2]) ||
+        !PyList_Check(args[3]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "words(prompt: str, first: dict, later: dict, head: list, tail: list, max_length: int)");
+        return NULL;
+    }
+    Py_ssize_t max_length = PyLong_AsSsize_t(args[5]);
+    if (max_length == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *prompt = args[0];
+    if (!PyUnicode_IS_ASCII(prompt))
+        Py_RETURN_NONE;
+    const char *text = (const char *)PyUnicode_DATA(prompt);
+    Py_ssize_t size = PyUnicode_GET_LENGTH(prompt);
+    for (Py_ssize_t i = 0; i < size; i++)  /* plain: words of letters and digits, one space apart */
+        if (!is_alnum(text[i]) && !(text[i] == ' ' && i > 0 && i + 1 < size && text[i - 1] != ' '))
+            Py_RETURN_NONE;
+    if (size == 0)
+        Py_RETURN_NONE;
+    PyObject *ids = PyList_GetSlice(args[3], 0, PY_SSIZE_T_MAX);  /* a new list, head's ids first */
+    if (ids == NULL)
+        return NULL;
+    for (Py_ssize_t start = 0; start < size;) {
+        Py_ssize_t end = start;
+        while (end < size && text[end] != ' ')
+            end++;
+        PyObject *word = PyUnicode_FromStringAndSize(text + start, end - start);
+        PyObject *known = word ? PyDict_GetItemWithError(start == 0 ? args[1] : args[2], word) : NULL;  /* borrowed */
+        Py_XDECREF(word);
+        if (known == NULL || !PyList_Check(known)) {
+            Py_DECREF(ids);
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;  /* a word not cached: the tokenizers library tokenizes the prompt */
+        }
+        if (PyList_SetSlice(ids, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, known) < 0) {
+            Py_DECREF(ids);
+            return NULL;
+        }
+        start = end + 1;
+    }
+    if (PyList_SetSlice(ids, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, args[4]) < 0) {
+        Py_DECREF(ids);
+        return NULL;
+    }
+    if (PyList_GET_SIZE(ids) > max_length) {  /* truncation: the library's rules and its report */
+        Py_DECREF(ids);
+        Py_RETURN_NONE;
+    }
+    return ids;
+}
+
+static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take(array, row: int, count: int)");
+        return NULL;
+    }
+    Py_ssize_t row = PyLong_AsSsize_t(args[1]), count = PyLong_AsSsize_t(args[2]);
+    if ((row == -1 || count == -1) && PyErr_Occurred())
+        return NULL;
+    Py_buffer src;
+    if (PyObject_GetBuffer(args[0], &src, PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0)
+        return NULL;
+    PyObject *out = NULL;
+    if (src.ndim < 2 || row < 0 || row >= src.shape[0] || count < 0 || count > src.shape[1])
+        PyErr_Format(PyExc_ValueError, "take: no row %zd of %zd items in an array of %d dims", row, count, src.ndim);
+    else {
+        Py_ssize_t row_bytes = src.len / src.shape[0], item_bytes = src.shape[1] ? row_bytes / src.shape[1] : 0;
+        out = PyBytes_FromStringAndSize((const char *)src.buf + row * row_bytes, count * item_bytes);
+    }
+    PyBuffer_Release(&src);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"noise", (PyCFunction)(void (*)(void))noise, METH_FASTCALL, "noise(seeds, out): numpy default_rng(seed) normals"},
+    {"words", (PyCFunction)(void (*)(void))words, METH_FASTCALL,
+     "words(prompt, first, later, head, tail, max_length): a plain prompt's ids from the word cache, or None"},
+    {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, "take(array, row, count): bytes of array[row, :count]"},
     {"tokens", (PyCFunction)(void (*)(void))tokens, METH_FASTCALL, "tokens(rows, ids, mask, length, pad_id)"},
     {NULL, NULL, 0, NULL},
 };

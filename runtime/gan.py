@@ -7,6 +7,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .errors import BadBundleError, BadInputError
+from .native import hostpath
 from .pipeline import CallInfo, Pipeline, SeedNoise, to_pixels
 from .tokenize import PromptTokenizer
 
@@ -37,8 +38,9 @@ class GanPipeline(Pipeline):
         self.noise_shape = tuple(shape)
         self.seed_noise = SeedNoise()
         self.cache_size = int(cache_size)
-        # prompt -> (its text states at its own length (n, width), n, truncated)
-        self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
+        # prompt -> (its text states at its own length, (n, width) float32 as bytes, n, truncated): bytes, since
+        # the native host path copies them out of the bound output without numpy (cold right after a run)
+        self._cache: OrderedDict[str, tuple[bytes, int, bool]] = OrderedDict()
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
         self.tokenizer.pad_to_longest = main.dynamic_sequence
@@ -81,7 +83,7 @@ class GanPipeline(Pipeline):
             states[...] = 0.0
             mask[...] = 0
             for i, (row, n, _) in enumerate(entries):
-                states[i, :n] = row
+                states[i, :n] = np.frombuffer(row, np.float32).reshape(n, -1)
                 mask[i, :n] = 1
             self._report_truncation(prompts, [cut for _, _, cut in entries], info)
             t = info.lap("cache", t)
@@ -141,7 +143,8 @@ class GanPipeline(Pipeline):
                 self._cache.move_to_end(p)
                 continue
             n = encoded.lengths[i]
-            self._cache[p] = (states[i, :n].copy(), n, encoded.truncated[i])
+            row = hostpath.take(states, i, n) if hostpath is not None else states[i, :n].tobytes()
+            self._cache[p] = (row, n, encoded.truncated[i])
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 

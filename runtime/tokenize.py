@@ -27,7 +27,7 @@ class Encoded:
     truncated: list[bool]
     length: int
     pad_id: int
-    native: bool = True  # False: numpy writes the rows, not the native host path (tests compare the two)
+    native: bool = True  # False: numpy writes the rows, not the native host path
 
     def pad(self, ids: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tokens:
         """Right-padded (B, length) arrays: written into ``ids`` / ``mask`` when given (a pipeline's bound
@@ -35,7 +35,7 @@ class Encoded:
         shape = (len(self.rows), self.length)
         ids = np.empty(shape, np.int64) if ids is None else ids
         mask = np.empty(shape, np.int64) if mask is None else mask
-        if hostpath is not None and self.native:
+        if self.native and hostpath is not None:
             hostpath.tokens(self.rows, ids, mask, self.length, self.pad_id)  # checks the buffers' layout itself
         elif all(n == self.length for n in self.lengths):  # nothing to pad: one prompt on a dynamic graph
             ids[...] = self.rows
@@ -81,9 +81,12 @@ class PromptTokenizer:
         self.pad_to_longest = pad_to_longest
         self._tok.no_padding()
         self._tok.enable_truncation(self.max_length)
-        self._words: dict[tuple[str, bool], list[int]] = {}  # (word, first in the prompt) -> its ids
+        # word -> its ids, for the first word of a prompt and for the words after it (GPT-2 marks a leading space)
+        self._first: dict[str, list[int]] = {}
+        self._later: dict[str, list[int]] = {}
         self._ends: tuple[list[int], list[int]] | None = None  # special ids before and after the words
         self.by_words = self._splits_at_spaces()
+        self.native = hostpath is not None  # False: the Python word lookups and numpy padding (tests compare)
 
     def _splits_at_spaces(self) -> bool:
         """Whether plain prompts may be tokenized word by word: no added token could occur in one, and the
@@ -128,16 +131,19 @@ class PromptTokenizer:
                 if not truncated[i] and self.by_words and PLAIN.fullmatch(prompts[i]):
                     self._learn(prompts[i], e)
         lengths = [len(r) for r in rows]
-        return Encoded(rows, lengths, truncated, self.length_for(lengths), self.pad_id)
+        return Encoded(rows, lengths, truncated, self.length_for(lengths), self.pad_id, self.native)
 
     def _from_words(self, prompt: str) -> list[int] | None:
         """A plain prompt's ids from the word cache; None when the library has to tokenize it."""
-        if not self.by_words or self._ends is None or not PLAIN.fullmatch(prompt):
+        if not self.by_words or self._ends is None:
             return None
-        words = self._words
+        if self.native:
+            return hostpath.words(prompt, self._first, self._later, *self._ends, self.max_length)
+        if not PLAIN.fullmatch(prompt):
+            return None
         ids = list(self._ends[0])
         for k, word in enumerate(prompt.split(" ")):
-            known = words.get((word, k == 0))
+            known = (self._later if k else self._first).get(word)
             if known is None:
                 return None
             ids += known
@@ -167,11 +173,12 @@ class PromptTokenizer:
             per_word[word].append(token)
         if not all(per_word) or (self._ends is not None and self._ends != (head, tail)):
             return
-        if len(self._words) >= WORD_CACHE_SIZE:
-            self._words.clear()
+        if len(self._first) + len(self._later) >= WORD_CACHE_SIZE:
+            self._first.clear()
+            self._later.clear()
         self._ends = (head, tail)
         for k, (word, ids) in enumerate(zip(words, per_word)):
-            self._words[word, k == 0] = ids
+            (self._later if k else self._first)[word] = ids
 
     def __call__(self, prompts: list[str]) -> Tokens:
         return self.encode(prompts).pad()

@@ -8,7 +8,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, tra
 
 from edgegen.runtime.native import hostpath
 from edgegen.runtime.pipeline import SeedNoise, noise_for_seeds, pcg64_state
-from edgegen.runtime.tokenize import Encoded, PromptTokenizer
+from edgegen.runtime.tokenize import PLAIN, Encoded, PromptTokenizer
 
 CORPUS = ["a rocket on a blue background", "the quick brown fox jumps over 12 lazy dogs",
           "cat2 dog3 abc123 xyz", "a small yellow star on a red background"] * 20
@@ -56,17 +56,24 @@ def bert_like(path):
     return _train(tok, trainer, "[CLS] $A [SEP]", ["[CLS]", "[SEP]"], path)
 
 
+NOT_PLAIN = [lambda p: p + "!", lambda p: " " + p, lambda p: p + " ", lambda p: p.replace(" ", "  ", 1),
+             lambda p: p + " é", lambda p: p.replace(" ", "\t", 1), lambda p: p.replace(" ", "-", 1), lambda p: ""]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("make", [gpt2_like, t5_like, clip_like, bert_like])
-def test_word_cache_gives_the_librarys_ids(make, tmp_path):
+def test_word_cache_gives_the_librarys_ids(make, native, tmp_path):
     path = make(tmp_path / "tokenizer.json")
     cached, library = PromptTokenizer(path, 20, 0), PromptTokenizer(path, 20, 0)
     library.by_words = False
+    cached.native = native and hostpath is not None
     assert cached.by_words
     rng, from_cache = random.Random(0), 0
     for _ in range(1500):
         prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14)))  # some truncated at 20
         if rng.random() < 0.1:  # not plain: the library tokenizes it
-            prompt = rng.choice([prompt + "!", " " + prompt, prompt.replace(" ", "  ", 1), prompt + " é"])
+            prompt = rng.choice(NOT_PLAIN)(prompt)  # (one word has no space to replace: still plain)
+            assert cached._from_words(prompt) is None or PLAIN.fullmatch(prompt), prompt
         from_cache += cached._from_words(prompt) is not None
         got, want = cached.encode([prompt]), library.encode([prompt])
         assert (got.rows, got.truncated) == (want.rows, want.truncated), prompt
@@ -143,6 +150,35 @@ def test_native_steps_refuse_what_they_cannot_fill():
         hostpath.tokens([[1], [2]], ids, mask, 3, 0)
     with pytest.raises(TypeError, match="8-byte"):
         hostpath.tokens([[1]], ids.astype(np.int32), mask, 3, 0)
+    states = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert hostpath.take(states, 1, 2) == states[1, :2].tobytes()
+    for row, count in ((2, 1), (0, 4), (-1, 1)):
+        with pytest.raises(ValueError, match="no row"):
+            hostpath.take(states, row, count)
+    with pytest.raises(ValueError, match="contiguous"):
+        hostpath.take(states[:, :, ::2], 0, 1)
+
+
+def test_a_call_is_the_same_on_the_native_and_the_python_host_path(bert_bundle, monkeypatch):
+    """Every step of a call (word ids, padding, noise, the text cache's copy) natively and in Python: the
+    same pixels, fused and from the cache, and the same cached bytes."""
+    from edgegen.runtime import Pipeline, gan
+    prompts, seeds = ["a red apple", "cat", "a very small yellow star"], [3, 2**64 - 1, 0]
+    got = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(gan, "hostpath", None)
+        pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
+        pipe.tokenizer.native = pipe.seed_noise.native = native and hostpath is not None
+        pipe(prompts, seed=seeds, output_type="np")  # the library's ids teach the word cache
+        pipe.clear_cache()
+        fused = pipe(prompts, seed=seeds, output_type="np")
+        cached = pipe(prompts, seed=seeds, output_type="np")
+        assert pipe.last_call.path == "cached"
+        got[native] = fused, cached, [pipe._cache[p] for p in prompts]
+    assert np.array_equal(got[True][0], got[False][0]) and np.array_equal(got[True][1], got[False][1])
+    assert got[True][2] == got[False][2]
+    assert np.abs(got[True][0].astype(int) - got[True][1].astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("lengths,length", [([3], 3), ([3, 1, 0], 5), ([2, 2], 2), ([0], 4)])
