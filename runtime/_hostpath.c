@@ -14,11 +14,12 @@
  *                       when the prompt is not plain (ASCII letters and digits, words one space apart), a
  *                       word is not cached, or the ids would pass max_length.
  *   tokens(rows, ids, mask, length, pad_id)
- *                       rows (a list of lists of ints) written right-padded into the int64 buffers ids
+ *                       rows (a list of lists of ints) written right-padded into the int64 arrays ids
  *                       and mask, (len(rows), length) each: ids[i] = row, then pad_id; mask[i] = 1s, then 0s.
- *   take(array, row, count)
- *                       the bytes of array[row, :count] (a C-contiguous buffer of two or more dims): a
- *                       prompt's text states, kept by the pipeline's text cache.
+ *   copy(array), copy_rows(array, row, count)
+ *                       a new array equal to array (C-contiguous), or to array[row, :count] (two or more
+ *                       dims): the call's images, and a prompt's text states for the text cache. numpy's own
+ *                       copy goes through its general assignment machinery.
  *
  * The pure-Python path in pipeline.py / tokenize.py gives the same values (tested against each other);
  * it runs where this module could not be built.
@@ -28,6 +29,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include "numpy/arrayobject.h"
 #include "numpy/random/bitgen.h"
 
 #ifndef __SIZEOF_INT128__
@@ -35,7 +38,7 @@
 #endif
 
 /* from numpy/random/distributions.h, which pulls in numpy's whole C API: the one function used */
-extern void random_standard_normal_fill_f(bitgen_t *bitgen_state, Py_ssize_t cnt, float *out);
+extern void random_standard_normal_fill_f(bitgen_t *bitgen_state, npy_intp cnt, float *out);
 
 typedef unsigned __int128 u128;
 typedef struct {
@@ -105,47 +108,50 @@ static void pcg64_seed(pcg64 *p, uint64_t seed) {
     p->uinteger = 0;
 }
 
-static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, const char *kinds, const char *what) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return -1;
-    const char *f = view->format ? view->format : "B";
-    char kind = f[strlen(f) - 1];
-    if (view->itemsize != itemsize || !strchr(kinds, kind)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a buffer of %zd-byte items (%s), got format %s", what,
-                     itemsize, kinds, f);
-        PyBuffer_Release(view);
-        return -1;
+/* A C-contiguous, writeable numpy array of ``type``: its data, and its item count in *items. Only the array's
+ * header is read (numpy's buffer protocol would build a format string and look up its cache each call). */
+static void *array_data(PyObject *obj, int type, npy_intp *items, const char *what) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy array, got %s", what, Py_TYPE(obj)->tp_name);
+        return NULL;
     }
-    return 0;
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (PyArray_TYPE(arr) != type) {
+        PyErr_Format(PyExc_TypeError, "%s: expected %s, got %s", what, type == NPY_FLOAT32 ? "float32" : "int64",
+                     PyArray_DESCR(arr)->typeobj->tp_name);
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: the array must be C-contiguous and writeable", what);
+        return NULL;
+    }
+    *items = PyArray_SIZE(arr);
+    return PyArray_DATA(arr);
 }
 
 static PyObject *noise(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "noise(seeds: list[int], out: float32 buffer)");
+        PyErr_SetString(PyExc_TypeError, "noise(seeds: list[int], out: float32 array)");
         return NULL;
     }
     Py_ssize_t count = PyList_GET_SIZE(args[0]);
-    Py_buffer out;
-    if (get_buffer(args[1], &out, 4, "f", "noise out") < 0)
+    npy_intp items;
+    float *out = array_data(args[1], NPY_FLOAT32, &items, "noise out");
+    if (out == NULL)
         return NULL;
-    Py_ssize_t items = out.len / 4;
     if (count == 0 || items % count) {
-        PyErr_Format(PyExc_ValueError, "noise: %zd values do not split into %zd seeds", items, count);
-        PyBuffer_Release(&out);
+        PyErr_Format(PyExc_ValueError, "noise: %zd values do not split into %zd seeds", (Py_ssize_t)items, count);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         unsigned long long seed = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(args[0], i));  /* raises past 2**64 */
-        if (seed == (unsigned long long)-1 && PyErr_Occurred()) {
-            PyBuffer_Release(&out);
+        if (seed == (unsigned long long)-1 && PyErr_Occurred())
             return NULL;
-        }
         pcg64 state;
         pcg64_seed(&state, seed);
         bitgen_t bits = {&state, pcg64_next64, pcg64_next32, pcg64_next_double, pcg64_next64};
-        random_standard_normal_fill_f(&bits, items / count, (float *)out.buf + i * (items / count));
+        random_standard_normal_fill_f(&bits, items / count, out + i * (items / count));
     }
-    PyBuffer_Release(&out);
     Py_RETURN_NONE;
 }
 
@@ -159,31 +165,28 @@ static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred())
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(args[0]);
-    Py_buffer ids, mask;
-    if (get_buffer(args[1], &ids, 8, "lqLQ", "tokens ids") < 0)
+    npy_intp id_items, mask_items;
+    int64_t *ids = array_data(args[1], NPY_INT64, &id_items, "tokens ids");
+    int64_t *mask = ids ? array_data(args[2], NPY_INT64, &mask_items, "tokens mask") : NULL;
+    if (mask == NULL)
         return NULL;
-    if (get_buffer(args[2], &mask, 8, "lqLQ", "tokens mask") < 0) {
-        PyBuffer_Release(&ids);
+    if (length < 0 || id_items != count * length || mask_items != id_items) {
+        PyErr_Format(PyExc_ValueError, "tokens: arrays of %zd and %zd ids for %zd rows of %zd", (Py_ssize_t)id_items,
+                     (Py_ssize_t)mask_items, count, length);
         return NULL;
-    }
-    PyObject *result = NULL;
-    if (length < 0 || ids.len != count * length * 8 || mask.len != ids.len) {
-        PyErr_Format(PyExc_ValueError, "tokens: buffers of %zd and %zd bytes for %zd rows of %zd", ids.len,
-                     mask.len, count, length);
-        goto done;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *row = PyList_GET_ITEM(args[0], i);
         if (!PyList_Check(row) || PyList_GET_SIZE(row) > length) {
             PyErr_Format(PyExc_ValueError, "tokens: row %zd is not a list of at most %zd ids", i, length);
-            goto done;
+            return NULL;
         }
-        int64_t *id_row = (int64_t *)ids.buf + i * length, *mask_row = (int64_t *)mask.buf + i * length;
+        int64_t *id_row = ids + i * length, *mask_row = mask + i * length;
         Py_ssize_t n = PyList_GET_SIZE(row), k;
         for (k = 0; k < n; k++) {
             long long v = PyLong_AsLongLong(PyList_GET_ITEM(row, k));
             if (v == -1 && PyErr_Occurred())
-                goto done;
+                return NULL;
             id_row[k] = v;
             mask_row[k] = 1;
         }
@@ -192,12 +195,7 @@ static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             mask_row[k] = 0;
         }
     }
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    PyBuffer_Release(&ids);
-    PyBuffer_Release(&mask);
-    return result;
+    Py_RETURN_NONE;
 }
 
 static int is_alnum(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'); }
@@ -254,38 +252,70 @@ static PyObject *words(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     return ids;
 }
 
-static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "take(array, row: int, count: int)");
-        return NULL;
-    }
-    Py_ssize_t row = PyLong_AsSsize_t(args[1]), count = PyLong_AsSsize_t(args[2]);
-    if ((row == -1 || count == -1) && PyErr_Occurred())
-        return NULL;
-    Py_buffer src;
-    if (PyObject_GetBuffer(args[0], &src, PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0)
-        return NULL;
-    PyObject *out = NULL;
-    if (src.ndim < 2 || row < 0 || row >= src.shape[0] || count < 0 || count > src.shape[1])
-        PyErr_Format(PyExc_ValueError, "take: no row %zd of %zd items in an array of %d dims", row, count, src.ndim);
-    else {
-        Py_ssize_t row_bytes = src.len / src.shape[0], item_bytes = src.shape[1] ? row_bytes / src.shape[1] : 0;
-        out = PyBytes_FromStringAndSize((const char *)src.buf + row * row_bytes, count * item_bytes);
-    }
-    PyBuffer_Release(&src);
+/* A new array of src's dtype and the given shape, filled from ``from`` (within src's data). */
+static PyObject *new_copy(PyArrayObject *src, int nd, npy_intp *dims, const char *from) {
+    PyArray_Descr *descr = PyArray_DESCR(src);
+    Py_INCREF(descr);  /* NewFromDescr steals it */
+    PyObject *out = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, NULL, 0, NULL);
+    if (out != NULL)
+        memcpy(PyArray_DATA((PyArrayObject *)out), from, (size_t)PyArray_NBYTES((PyArrayObject *)out));
     return out;
+}
+
+static PyArrayObject *contiguous(PyObject *obj, int min_dims, const char *what) {
+    if (!PyArray_Check(obj) || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || PyArray_NDIM((PyArrayObject *)obj) < min_dims) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous numpy array of %d or more dims", what, min_dims);
+        return NULL;
+    }
+    return (PyArrayObject *)obj;
+}
+
+static PyObject *copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "copy(array)");
+        return NULL;
+    }
+    PyArrayObject *src = contiguous(args[0], 0, "copy");
+    return src == NULL ? NULL : new_copy(src, PyArray_NDIM(src), PyArray_DIMS(src), PyArray_BYTES(src));
+}
+
+static PyObject *copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "copy_rows(array, row: int, count: int)");
+        return NULL;
+    }
+    PyArrayObject *src = contiguous(args[0], 2, "copy_rows");
+    Py_ssize_t row = PyLong_AsSsize_t(args[1]), count = PyLong_AsSsize_t(args[2]);
+    if (src == NULL || ((row == -1 || count == -1) && PyErr_Occurred()))
+        return NULL;
+    int nd = PyArray_NDIM(src);
+    npy_intp *shape = PyArray_DIMS(src), dims[NPY_MAXDIMS];
+    if (row < 0 || row >= shape[0] || count < 0 || count > shape[1]) {
+        PyErr_Format(PyExc_ValueError, "copy_rows: no row %zd of %zd items in an array of shape[:2] (%zd, %zd)", row,
+                     count, (Py_ssize_t)shape[0], (Py_ssize_t)shape[1]);
+        return NULL;
+    }
+    dims[0] = count;
+    for (int k = 2; k < nd; k++)
+        dims[k - 1] = shape[k];
+    return new_copy(src, nd - 1, dims, PyArray_BYTES(src) + row * (PyArray_NBYTES(src) / shape[0]));
 }
 
 static PyMethodDef methods[] = {
     {"noise", (PyCFunction)(void (*)(void))noise, METH_FASTCALL, "noise(seeds, out): numpy default_rng(seed) normals"},
     {"words", (PyCFunction)(void (*)(void))words, METH_FASTCALL,
      "words(prompt, first, later, head, tail, max_length): a plain prompt's ids from the word cache, or None"},
-    {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, "take(array, row, count): bytes of array[row, :count]"},
     {"tokens", (PyCFunction)(void (*)(void))tokens, METH_FASTCALL, "tokens(rows, ids, mask, length, pad_id)"},
+    {"copy", (PyCFunction)(void (*)(void))copy, METH_FASTCALL, "copy(array): a copy of a C-contiguous array"},
+    {"copy_rows", (PyCFunction)(void (*)(void))copy_rows, METH_FASTCALL,
+     "copy_rows(array, row, count): a copy of array[row, :count]"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hostpath", "a call's host-side steps in native code",
                                     -1, methods};
 
-PyMODINIT_FUNC PyInit__hostpath(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__hostpath(void) {
+    import_array();  /* an ImportError where this numpy's C API does not match: the runtime then runs its Python path */
+    return PyModule_Create(&module);
+}

@@ -38,9 +38,8 @@ class GanPipeline(Pipeline):
         self.noise_shape = tuple(shape)
         self.seed_noise = SeedNoise()
         self.cache_size = int(cache_size)
-        # prompt -> (its text states at its own length, (n, width) float32 as bytes, n, truncated): bytes, since
-        # the native host path copies them out of the bound output without numpy (cold right after a run)
-        self._cache: OrderedDict[str, tuple[bytes, int, bool]] = OrderedDict()
+        # prompt -> (its text states at its own length (n, width), n, truncated)
+        self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
         self.tokenizer.pad_to_longest = main.dynamic_sequence
@@ -52,7 +51,7 @@ class GanPipeline(Pipeline):
         if noise is not None:
             noise = self._check_noise(noise, batch)
             info.seeds = []
-        use_cache = self.mode == "auto" and self.cache_size > 0 and all(p in self._cache for p in prompts)
+        use_cache = self.mode == "auto" and self.cache_size > 0 and all(map(self._cache.__contains__, prompts))
         if self.mode == "fused" or (self.mode == "auto" and not use_cache):
             info.path = "fused"
             g = self.graph("fused")
@@ -67,7 +66,7 @@ class GanPipeline(Pipeline):
             t = info.lap("fused", t)
             if self.mode == "auto":
                 self._remember(prompts, outs["text_states"], encoded)
-            pixels = outs["pixels"].copy()
+            pixels = hostpath.copy(outs["pixels"]) if hostpath is not None else outs["pixels"].copy()
             info.lap("output", t)
             return pixels, info
         gen = self.graph("generator")
@@ -83,7 +82,7 @@ class GanPipeline(Pipeline):
             states[...] = 0.0
             mask[...] = 0
             for i, (row, n, _) in enumerate(entries):
-                states[i, :n] = np.frombuffer(row, np.float32).reshape(n, -1)
+                states[i, :n] = row
                 mask[i, :n] = 1
             self._report_truncation(prompts, [cut for _, _, cut in entries], info)
             t = info.lap("cache", t)
@@ -143,7 +142,7 @@ class GanPipeline(Pipeline):
                 self._cache.move_to_end(p)
                 continue
             n = encoded.lengths[i]
-            row = hostpath.take(states, i, n) if hostpath is not None else states[i, :n].tobytes()
+            row = hostpath.copy_rows(states, i, n) if hostpath is not None else states[i, :n].copy()
             self._cache[p] = (row, n, encoded.truncated[i])
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

@@ -22,7 +22,7 @@ class TruncationWarning(UserWarning):
     """A prompt was longer than the bundle's token limit and lost its tail."""
 
 
-@dataclass
+@dataclass(slots=True)
 class CallInfo:
     """What the last call did: seeds used, which prompts were truncated, which path served it, and how
     long each stage took (ns; a monotonic clock read twice per stage costs well under a microsecond)."""

@@ -119,10 +119,10 @@ class PromptTokenizer:
         return min(self.max_length, max(lengths))
 
     def encode(self, prompts: list[str]) -> Encoded:
-        rows = [self._from_words(p) for p in prompts]
+        rows = list(map(self._from_words, prompts))
         truncated = [False] * len(prompts)
-        missed = [i for i, r in enumerate(rows) if r is None]
-        if missed:
+        if None in rows:
+            missed = [i for i, r in enumerate(rows) if r is None]
             texts = [prompts[i] for i in missed]
             # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
             encodings = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(texts)
@@ -130,7 +130,7 @@ class PromptTokenizer:
                 rows[i], truncated[i] = e.ids, bool(e.overflowing)
                 if not truncated[i] and self.by_words and PLAIN.fullmatch(prompts[i]):
                     self._learn(prompts[i], e)
-        lengths = [len(r) for r in rows]
+        lengths = list(map(len, rows))
         return Encoded(rows, lengths, truncated, self.length_for(lengths), self.pad_id, self.native)
 
     def _from_words(self, prompt: str) -> list[int] | None:

@@ -135,10 +135,16 @@ def test_seed_noise_is_numpys_default_rng(native):
 
 @pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
 def test_native_steps_refuse_what_they_cannot_fill():
-    with pytest.raises(TypeError, match="4-byte"):
+    with pytest.raises(TypeError, match="expected float32"):
         hostpath.noise([0], np.empty((1, 4), np.float64))
+    with pytest.raises(TypeError, match="numpy array"):
+        hostpath.noise([0], bytearray(16))
     with pytest.raises(ValueError, match="contiguous"):
         hostpath.noise([0], np.empty((1, 8), np.float32)[:, ::2])
+    readonly = np.empty(4, np.float32)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        hostpath.noise([0], readonly)
     with pytest.raises(ValueError, match="split"):
         hostpath.noise([0, 1], np.empty(5, np.float32))
     with pytest.raises(OverflowError):
@@ -148,20 +154,32 @@ def test_native_steps_refuse_what_they_cannot_fill():
         hostpath.tokens([[1, 2, 3, 4]], ids, mask, 3, 0)
     with pytest.raises(ValueError, match="rows of"):
         hostpath.tokens([[1], [2]], ids, mask, 3, 0)
-    with pytest.raises(TypeError, match="8-byte"):
+    with pytest.raises(TypeError, match="expected int64"):
         hostpath.tokens([[1]], ids.astype(np.int32), mask, 3, 0)
-    states = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    assert hostpath.take(states, 1, 2) == states[1, :2].tobytes()
+
+
+@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
+def test_native_copies_are_numpys():
+    states = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    pixels = np.arange(2 * 5 * 3 * 3, dtype=np.uint8).reshape(2, 5, 3, 3)
+    for got, want in ((hostpath.copy_rows(states, 1, 2), states[1, :2]), (hostpath.copy_rows(states, 0, 0), states[0, :0]),
+                      (hostpath.copy(pixels), pixels), (hostpath.copy(states), states)):
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        assert got.flags.owndata and got.flags.c_contiguous and not np.shares_memory(got, states) and not np.shares_memory(got, pixels)
     for row, count in ((2, 1), (0, 4), (-1, 1)):
         with pytest.raises(ValueError, match="no row"):
-            hostpath.take(states, row, count)
+            hostpath.copy_rows(states, row, count)
     with pytest.raises(ValueError, match="contiguous"):
-        hostpath.take(states[:, :, ::2], 0, 1)
+        hostpath.copy_rows(states[:, :, ::2], 0, 1)
+    with pytest.raises(ValueError, match="2 or more dims"):
+        hostpath.copy_rows(states[0, 0], 0, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        hostpath.copy(pixels[:, ::2])
 
 
 def test_a_call_is_the_same_on_the_native_and_the_python_host_path(bert_bundle, monkeypatch):
-    """Every step of a call (word ids, padding, noise, the text cache's copy) natively and in Python: the
-    same pixels, fused and from the cache, and the same cached bytes."""
+    """Every step of a call (word ids, padding, noise, the copies out of the bound outputs) natively and in
+    Python: the same pixels, fused and from the cache, and the same cached text states."""
     from edgegen.runtime import Pipeline, gan
     prompts, seeds = ["a red apple", "cat", "a very small yellow star"], [3, 2**64 - 1, 0]
     got = {}
@@ -177,7 +195,8 @@ def test_a_call_is_the_same_on_the_native_and_the_python_host_path(bert_bundle, 
         assert pipe.last_call.path == "cached"
         got[native] = fused, cached, [pipe._cache[p] for p in prompts]
     assert np.array_equal(got[True][0], got[False][0]) and np.array_equal(got[True][1], got[False][1])
-    assert got[True][2] == got[False][2]
+    for (a, n, cut), (b, m, cut2) in zip(got[True][2], got[False][2]):
+        assert np.array_equal(a, b) and a.shape == (n, a.shape[1]) and (n, cut) == (m, cut2)
     assert np.abs(got[True][0].astype(int) - got[True][1].astype(int)).max() <= 1
 
 
