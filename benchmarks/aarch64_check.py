@@ -158,15 +158,17 @@ def ensure_venv(root: Path) -> None:
 
 
 def build_wheel(out: Path) -> Path:
-    """edgegen's wheel (pure Python: the same file installs on every platform), built from a copy of the
-    tree's packaging files so no build/ directory lands in the repository."""
+    """edgegen's pure-Python wheel (no native host path: the same file installs on every platform, as
+    docs/jetson.md builds it), built from a copy of the tree's packaging files so no build/ directory lands in
+    the repository."""
     src = out / "src"
     src.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
     for name in ("runtime", "export"):
-        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "emoji64"))
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, src])
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "emoji64", "*.so", "*.pyd"))
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, src],
+        env={**os.environ, "EDGEGEN_PURE_PYTHON": "1"})
     return next(out.glob("edgegen-*.whl"))
 
 

@@ -4,11 +4,13 @@
 
 `edgegen bench` reports the overhead of a call (end to end minus engine time) and its stages; this says
 why it is what it is: each step as the pipeline runs it (tokens encoded and padded into the bound input
-buffers; the seed's noise drawn into its buffer), timed in a loop of its own (warm caches) and alternated
-with a run of the fused graph (the caches a real call sees). Medians in microseconds.
+buffers; the seed's noise drawn into its buffer; the images and the prompt's text states copied out of the
+bound outputs), timed in a loop of its own (warm caches) and alternated with a run of the fused graph (the
+caches a real call sees). Medians in microseconds.
 
-Beside them, the ways the pipeline no longer takes, for comparison: ``tokenize_library`` (the tokenizers
-library on every call, no word cache) and ``noise_new_rng`` (a new numpy Generator per seed).
+Beside them, the other ways: ``*_python`` is the pure-Python host path (what runs where the native module
+``runtime/_hostpath.c`` could not be built), ``tokenize_library`` the tokenizers library on every call (no
+word cache), ``noise_new_rng`` a new numpy Generator per seed.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import numpy as np
 
 from edgegen.runtime import Pipeline
 from edgegen.runtime.bench import DEFAULT_PROMPT
+from edgegen.runtime.native import hostpath
+from edgegen.runtime.pipeline import SeedNoise
 from edgegen.runtime.tokenize import PromptTokenizer
 
 
@@ -38,11 +42,21 @@ def main(argv=None) -> dict:
     ins = graph.inputs(1, length)
     library = PromptTokenizer.of_bundle(pipe.bundle, tokenizer.pad_to_longest)
     library.by_words = False
+    python = PromptTokenizer.of_bundle(pipe.bundle, tokenizer.pad_to_longest)
+    python.native = False
+    python.encode([a.prompt])  # its word cache learns the prompt's words
+    python_noise = SeedNoise(native=False)
+    outs = graph.outputs(1, length)
     steps = {"tokenize": lambda: tokenizer.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
+             "tokenize_python": lambda: python.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
              "tokenize_library": lambda: library.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
              "noise": lambda: pipe.seed_noise.fill([0], ins["noise"]),
+             "noise_python": lambda: python_noise.fill([0], ins["noise"]),
              "noise_new_rng": lambda: np.random.default_rng(0).standard_normal(pipe.noise_shape, dtype=np.float32,
                                                                               out=ins["noise"][0])}
+    if hostpath is not None:  # the copies out of the bound outputs: the images, the prompt's text states
+        steps["output"] = lambda: (hostpath.copy_rows(outs["text_states"], 0, length), hostpath.copy(outs["pixels"]))
+    steps["output_python"] = lambda: (outs["text_states"][0, :length].copy(), outs["pixels"].copy())
     after_run = {name: [] for name in steps}
     for _ in range(a.rounds):
         for name, step in steps.items():
@@ -58,7 +72,8 @@ def main(argv=None) -> dict:
             warm[name].append(time.perf_counter_ns() - start)
     result = {name: {"warm_us": float(np.median(warm[name])) / 1e3,
                      "after_engine_run_us": float(np.median(after_run[name])) / 1e3} for name in steps}
-    print(f"{a.precision}, prompt {a.prompt!r} ({length} token positions), {a.rounds} rounds, medians:")
+    print(f"{a.precision}, prompt {a.prompt!r} ({length} token positions), {a.rounds} rounds, medians"
+          f"{'' if hostpath is not None else ' (the native host path is not built here)'}:")
     for name, r in result.items():
         print(f"  {name:16s} warm {r['warm_us']:7.1f} us   right after an engine run {r['after_engine_run_us']:7.1f} us")
     return result
