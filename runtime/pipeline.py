@@ -69,6 +69,7 @@ class Pipeline:
         self.form = form or form_for(precision, backend)
         self.notes = notes  # what `auto` skipped and why
         self.last_call = CallInfo()
+        self.max_batch = int(bundle.generation["max_batch"])
         self._lock = threading.Lock()
         self._graphs: dict = {}
 
@@ -105,10 +106,6 @@ class Pipeline:
                                 f"this edgegen runs {sorted(Pipeline._families)}")
         return family_cls
 
-    @property
-    def max_batch(self) -> int:
-        return int(self.bundle.generation["max_batch"])
-
     def __call__(self, prompt, seed=None, num_images: int = 1, output_type: str = "pil", **kw):
         start = time.perf_counter_ns()  # end to end: the argument checks count too (all but the PIL conversion)
         prompts = normalize_prompts(prompt)
@@ -120,7 +117,8 @@ class Pipeline:
                                 "split the request into smaller calls")
         if output_type not in ("pil", "np"):
             raise BadInputError("output_type", f"unknown value {output_type!r}", "use 'pil' or 'np'")
-        prompts = [p for p in prompts for _ in range(num_images)]
+        if num_images > 1:
+            prompts = [p for p in prompts for _ in range(num_images)]
         seeds = expand_seeds(seed, total)
         with self._lock:
             checked = time.perf_counter_ns()

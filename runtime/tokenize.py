@@ -30,11 +30,11 @@ class Encoded:
     native: bool = True  # False: numpy writes the rows, not the native host path
 
     def pad(self, ids: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tokens:
-        """Right-padded (B, length) arrays: written into ``ids`` / ``mask`` when given (a pipeline's bound
+        """Right-padded (B, length) arrays: written into ``ids`` and ``mask`` when given (a pipeline's bound
         input buffers, so nothing is allocated or copied on the way), new arrays otherwise."""
-        shape = (len(self.rows), self.length)
-        ids = np.empty(shape, np.int64) if ids is None else ids
-        mask = np.empty(shape, np.int64) if mask is None else mask
+        if ids is None:  # new arrays (else both are given: a pipeline's buffers)
+            ids = np.empty((len(self.rows), self.length), np.int64)
+            mask = np.empty_like(ids)
         if self.native and hostpath is not None:
             hostpath.tokens(self.rows, ids, mask, self.length, self.pad_id)  # checks the buffers' layout itself
         elif all(n == self.length for n in self.lengths):  # nothing to pad: one prompt on a dynamic graph
