@@ -1,4 +1,5 @@
-"""`edgegen bench`: on-device latency of a pipeline, per stage, with the runtime's own overhead.
+"""`edgegen bench`: on-device latency of a pipeline, per stage, with the runtime's own overhead; with several
+precisions, their pipelines timed interleaved in one process, each one's ratio to fp32 from the same run.
 
 Each iteration is one pipeline call timed by the pipeline itself (monotonic clock around the whole call
 and around each stage). New-prompt calls run with an empty text cache (cleared outside the timed call);
@@ -31,24 +32,62 @@ def _peak_rss_mb() -> float:
 
 
 DEFAULT_PROMPT = "a rocket on a blue background"
+BLOCK = 20  # calls per turn when several pipelines are timed interleaved
 
 
 def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, seconds: float | None = None,
               prompt: str = DEFAULT_PROMPT) -> dict:
     """Time ``iterations`` calls (or as many as fit in ``seconds``) after ``warmup`` untimed ones."""
-    prompts = [prompt] * batch
-    seeds = list(range(batch))
+    prompts, seeds = [prompt] * batch, list(range(batch))
+    new_prompt_calls(pipe, prompts, seeds, warmup)
+    if seconds is None:
+        calls = new_prompt_calls(pipe, prompts, seeds, iterations)
+    else:
+        calls, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            calls += new_prompt_calls(pipe, prompts, seeds, 1)
+    return summarize_calls(pipe, calls, prompts, seeds, warmup)
 
-    def new_prompt_call():
+
+def run_bench_interleaved(pipes: dict, batch: int = 1, iterations: int = 100, warmup: int = 10,
+                          seconds: float | None = None, prompt: str = DEFAULT_PROMPT, block: int = BLOCK) -> dict:
+    """Several pipelines (one per precision) timed in one process, taking turns in blocks of ``block``
+    calls (A B C, B C A, ...), so the machine's drift reaches them alike: ``iterations`` calls each (or
+    rounds until ``seconds`` have passed), after ``warmup`` untimed ones each. Each one's result is
+    ``run_bench``'s; ``speedup_vs_fp32`` is fp32's end-to-end p50 over each one's, from this same run."""
+    prompts, seeds = [prompt] * batch, list(range(batch))
+    for pipe in pipes.values():
+        new_prompt_calls(pipe, prompts, seeds, warmup)
+    names = list(pipes)
+    calls = {name: [] for name in names}
+    deadline = None if seconds is None else time.monotonic() + seconds
+    rounds = 0
+    while (min(len(c) for c in calls.values()) < iterations) if deadline is None else time.monotonic() < deadline:
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            wanted = block if deadline is not None else min(block, iterations - len(calls[name]))
+            calls[name] += new_prompt_calls(pipes[name], prompts, seeds, wanted)
+        rounds += 1
+    runs = {name: summarize_calls(pipes[name], calls[name], prompts, seeds, warmup) for name in names}
+    result = {"interleaved": {"block": block, "rounds": rounds}, "runs": runs}
+    if "fp32" in runs:
+        base = runs["fp32"]["end_to_end_ms"]["p50"]
+        result["speedup_vs_fp32"] = {name: base / r["end_to_end_ms"]["p50"] for name, r in runs.items()}
+    return result
+
+
+def new_prompt_calls(pipe, prompts, seeds, count: int) -> list:
+    """``count`` timed calls, each with an empty text cache (emptied outside the timed call)."""
+    calls = []
+    for _ in range(count):
         pipe.clear_cache()
         pipe(prompts, seed=seeds, output_type="np")
-        return pipe.last_call
+        calls.append(pipe.last_call)
+    return calls
 
-    for _ in range(warmup):
-        new_prompt_call()
-    calls, deadline = [], None if seconds is None else time.monotonic() + seconds
-    while len(calls) < iterations if deadline is None else time.monotonic() < deadline:
-        calls.append(new_prompt_call())
+
+def summarize_calls(pipe, calls, prompts, seeds, warmup: int) -> dict:
+    """The bench result of these new-prompt calls, then the same pipeline's repeated-prompt calls."""
+    batch = len(prompts)
     e2e = [c.total_ns / 1e6 for c in calls]
     engine = [c.engine_ns / 1e6 for c in calls]
     stage_names = list(dict.fromkeys(s for c in calls for s in c.stages))
@@ -57,7 +96,7 @@ def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, sec
     result = {
         "bundle": str(pipe.bundle.root), "family": pipe.bundle.family, "backend": pipe.backend,
         "precision": pipe.precision, "form": pipe.form, "batch": batch, "iterations": len(calls), "warmup": warmup,
-        "path": calls[0].path, "prompt": prompt,
+        "path": calls[0].path, "prompt": prompts[0],
         "sequence": calls[0].sequence,  # token positions the text graphs ran at (0: no such axis)
         "cuda_graphs": any(getattr(g, "cuda_graphs", False) for g in pipe._graphs.values()),
         "end_to_end_ms": summarize(e2e),
@@ -95,4 +134,14 @@ def format_table(r: dict) -> str:
         lines.append(f"  repeated prompt p50 {r['repeated_prompt_ms']['p50']:8.3f} ms   "
                      f"({r['repeated_prompt_speedup']:.2f}x the new-prompt call; text states cached)")
     lines.append(f"  {r['images_per_s']:.1f} images/s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def format_interleaved(r: dict) -> str:
+    lines = [format_table(run) for run in r["runs"].values()]
+    i = r["interleaved"]
+    lines.append(f"interleaved in one process: blocks of {i['block']} calls taking turns, {i['rounds']} rounds")
+    if "speedup_vs_fp32" in r:
+        lines.append("  end to end p50 against fp32's in this run: " + ", ".join(
+            f"{name} {x:.2f}x" for name, x in r["speedup_vs_fp32"].items() if name != "fp32"))
     return "\n".join(lines)

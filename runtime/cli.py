@@ -160,7 +160,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench
+    from .bench import format_interleaved, format_table, run_bench, run_bench_interleaved
     from .pipeline import Pipeline, check_count
     batch, iterations = check_count(args.batch), check_count(args.iterations)
     if not args.prompt.strip():  # before loading anything
@@ -168,11 +168,18 @@ def cmd_bench(args) -> int:
     if args.no_cuda_graphs:
         from .backends import CUDA_GRAPHS_ENV
         os.environ[CUDA_GRAPHS_ENV] = "0"
-    pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision,
-                                **({"mode": args.mode} if args.mode else {}))
-    result = run_bench(pipe, batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds,
-                       prompt=args.prompt)
-    _emit(args, result, format_table(result))
+    precisions = list(dict.fromkeys(p.strip() for p in args.precision.split(",")))
+    if len(precisions) > 1 and "auto" in precisions:
+        raise BadInputError("--precision", "auto cannot be one of several", "name them, e.g. --precision int8,fp32")
+    options = {"mode": args.mode} if args.mode else {}
+    pipes = {p: Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=p, **options) for p in precisions}
+    timing = dict(batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds, prompt=args.prompt)
+    if len(pipes) == 1:
+        result = run_bench(pipes[precisions[0]], **timing)
+        _emit(args, result, format_table(result))
+    else:
+        result = run_bench_interleaved(pipes, **timing)
+        _emit(args, result, format_interleaved(result))
     return 0
 
 
@@ -313,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "p50/p95/p99 end to end, per stage, time inside engine calls, the runtime's own overhead, "
                        "repeated-prompt calls (cached text states), images/s and peak memory.")
     b.add_argument("bundle", nargs="?", help="bundle directory (default: the shipped default model)")
-    b.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8")
+    b.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8; several, comma-separated (e.g. "
+                   "int8,fp32), are timed interleaved in one process (blocks of 20 calls taking turns), with each "
+                   "one's end-to-end ratio to fp32 from that same run")
     b.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
     b.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     b.add_argument("--iterations", type=int, default=100, help="timed calls (default 100)")

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from edgegen.runtime import Pipeline
 from edgegen.runtime.bench import run_bench, summarize
@@ -48,3 +49,37 @@ def test_bench_cli_json(bert_bundle, capsys):
     short = json.loads(capsys.readouterr().out)
     assert short["prompt"] == "cat" and short["sequence"] == 3 and data["sequence"] > 3
     assert main(["bench", str(bert_bundle), "--prompt", " "]) == 2 and "--prompt" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_precisions(tiny_checkpoints, tmp_path_factory):
+    from edgegen.export import export_checkpoint
+    return export_checkpoint(tiny_checkpoints["bert"], tmp_path_factory.mktemp("bench") / "b", precisions="fp32,fp16",
+                             progress=False)
+
+
+def test_several_precisions_take_turns_in_one_run(two_precisions):
+    from edgegen.runtime.bench import run_bench_interleaved
+    pipes = {p: Pipeline.from_bundle(two_precisions, backend="ort-cpu", precision=p) for p in ("fp16", "fp32")}
+    order = []
+    for name, pipe in pipes.items():  # record which pipeline each call went to
+        pipe._generate = (lambda inner, name: lambda *a, **k: (order.append(name), inner(*a, **k))[1])(pipe._generate, name)
+    r = run_bench_interleaved(pipes, iterations=7, warmup=1, block=3)
+    assert [run["iterations"] for run in r["runs"].values()] == [7, 7] and r["interleaved"] == {"block": 3, "rounds": 3}
+    assert [run["precision"] for run in r["runs"].values()] == ["fp16", "fp32"]
+    timed = order[2:2 + 14]  # after one warm-up call each; then blocks of 3, the order rotating each round
+    assert timed == ["fp16"] * 3 + ["fp32"] * 3 + ["fp32"] * 3 + ["fp16"] * 3 + ["fp16"] + ["fp32"]
+    want = r["runs"]["fp32"]["end_to_end_ms"]["p50"] / r["runs"]["fp16"]["end_to_end_ms"]["p50"]
+    assert r["speedup_vs_fp32"] == {"fp16": want, "fp32": 1.0}
+
+
+def test_bench_cli_several_precisions(two_precisions, bert_bundle, capsys):
+    assert main(["bench", str(two_precisions), "--precision", "fp16,fp32", "--iterations", "4", "--warmup", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert list(data["runs"]) == ["fp16", "fp32"] and set(data["speedup_vs_fp32"]) == {"fp16", "fp32"}
+    assert all("overhead_ms" in run for run in data["runs"].values())
+    assert main(["bench", str(two_precisions), "--precision", "fp16,fp32", "--iterations", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("edgegen bench") == 2 and "interleaved in one process" in out and "fp16 " in out.splitlines()[-1]
+    assert main(["bench", str(bert_bundle), "--precision", "auto,fp32"]) == 2 and "auto" in capsys.readouterr().err
+    assert main(["bench", str(bert_bundle), "--precision", "fp32,int8"]) == 2 and "no int8" in capsys.readouterr().err
