@@ -14,8 +14,8 @@
  *                       when the prompt is not plain (ASCII letters and digits, words one space apart), a
  *                       word is not cached, or the ids would pass max_length.
  *   tokens(rows, ids, mask, length, pad_id)
- *                       rows (a list of lists of ints) written right-padded into the int64 arrays ids
- *                       and mask, (len(rows), length) each: ids[i] = row, then pad_id; mask[i] = 1s, then 0s.
+ *                       rows (a list of lists of ints) written right-padded into the int64 (or int32)
+ *                       arrays ids and mask, (len(rows), length) each: ids[i] = row, then pad_id; mask[i] = 1s, then 0s.
  *   copy(array), copy_rows(array, row, count)
  *                       a new array equal to array (C-contiguous), or to array[row, :count] (two or more
  *                       dims): the call's images, and a prompt's text states for the text cache. numpy's own
@@ -108,16 +108,18 @@ static void pcg64_seed(pcg64 *p, uint64_t seed) {
     p->uinteger = 0;
 }
 
-/* A C-contiguous, writeable numpy array of ``type``: its data, and its item count in *items. Only the array's
- * header is read (numpy's buffer protocol would build a format string and look up its cache each call). */
-static void *array_data(PyObject *obj, int type, npy_intp *items, const char *what) {
+/* A C-contiguous, writeable numpy array of dtype ``type`` (or ``alt``, where not -1): its data, its item count
+ * in *items, and its dtype in *found. Only the array's header is read (numpy's buffer protocol would build a
+ * format string and look up its cache on each call). */
+static void *array_data(PyObject *obj, int type, int alt, int *found, npy_intp *items, const char *what) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s: expected a numpy array, got %s", what, Py_TYPE(obj)->tp_name);
         return NULL;
     }
     PyArrayObject *arr = (PyArrayObject *)obj;
-    if (PyArray_TYPE(arr) != type) {
-        PyErr_Format(PyExc_TypeError, "%s: expected %s, got %s", what, type == NPY_FLOAT32 ? "float32" : "int64",
+    *found = PyArray_TYPE(arr);
+    if (*found != type && *found != alt) {
+        PyErr_Format(PyExc_TypeError, "%s: expected %s, got %s", what, type == NPY_FLOAT32 ? "float32" : "int64 or int32",
                      PyArray_DESCR(arr)->typeobj->tp_name);
         return NULL;
     }
@@ -136,7 +138,8 @@ static PyObject *noise(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     }
     Py_ssize_t count = PyList_GET_SIZE(args[0]);
     npy_intp items;
-    float *out = array_data(args[1], NPY_FLOAT32, &items, "noise out");
+    int type;
+    float *out = array_data(args[1], NPY_FLOAT32, -1, &type, &items, "noise out");
     if (out == NULL)
         return NULL;
     if (count == 0 || items % count) {
@@ -155,6 +158,13 @@ static PyObject *noise(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     Py_RETURN_NONE;
 }
 
+static inline void store(char *base, int type, Py_ssize_t index, long long value) {
+    if (type == NPY_INT32)
+        ((int32_t *)base)[index] = (int32_t)value;
+    else
+        ((int64_t *)base)[index] = value;
+}
+
 static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5 || !PyList_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "tokens(rows: list[list[int]], ids, mask, length: int, pad_id: int)");
@@ -166,8 +176,9 @@ static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(args[0]);
     npy_intp id_items, mask_items;
-    int64_t *ids = array_data(args[1], NPY_INT64, &id_items, "tokens ids");
-    int64_t *mask = ids ? array_data(args[2], NPY_INT64, &mask_items, "tokens mask") : NULL;
+    int id_type, mask_type;
+    char *ids = array_data(args[1], NPY_INT64, NPY_INT32, &id_type, &id_items, "tokens ids");
+    char *mask = ids ? array_data(args[2], NPY_INT64, NPY_INT32, &mask_type, &mask_items, "tokens mask") : NULL;
     if (mask == NULL)
         return NULL;
     if (length < 0 || id_items != count * length || mask_items != id_items) {
@@ -181,18 +192,16 @@ static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_Format(PyExc_ValueError, "tokens: row %zd is not a list of at most %zd ids", i, length);
             return NULL;
         }
-        int64_t *id_row = ids + i * length, *mask_row = mask + i * length;
         Py_ssize_t n = PyList_GET_SIZE(row), k;
-        for (k = 0; k < n; k++) {
-            long long v = PyLong_AsLongLong(PyList_GET_ITEM(row, k));
-            if (v == -1 && PyErr_Occurred())
-                return NULL;
-            id_row[k] = v;
-            mask_row[k] = 1;
-        }
-        for (; k < length; k++) {
-            id_row[k] = pad_id;
-            mask_row[k] = 0;
+        for (k = 0; k < length; k++) {
+            long long v = pad_id;
+            if (k < n) {
+                v = PyLong_AsLongLong(PyList_GET_ITEM(row, k));
+                if (v == -1 && PyErr_Occurred())
+                    return NULL;
+            }
+            store(ids, id_type, i * length + k, v);
+            store(mask, mask_type, i * length + k, k < n);
         }
     }
     Py_RETURN_NONE;

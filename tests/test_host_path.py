@@ -154,8 +154,8 @@ def test_native_steps_refuse_what_they_cannot_fill():
         hostpath.tokens([[1, 2, 3, 4]], ids, mask, 3, 0)
     with pytest.raises(ValueError, match="rows of"):
         hostpath.tokens([[1], [2]], ids, mask, 3, 0)
-    with pytest.raises(TypeError, match="expected int64"):
-        hostpath.tokens([[1]], ids.astype(np.int32), mask, 3, 0)
+    with pytest.raises(TypeError, match="expected int64 or int32"):
+        hostpath.tokens([[1]], ids.astype(np.int16), mask, 3, 0)
 
 
 @pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
@@ -200,11 +200,12 @@ def test_a_call_is_the_same_on_the_native_and_the_python_host_path(bert_bundle, 
     assert np.abs(got[True][0].astype(int) - got[True][1].astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
 @pytest.mark.parametrize("lengths,length", [([3], 3), ([3, 1, 0], 5), ([2, 2], 2), ([0], 4)])
-def test_padding_is_the_same_natively_and_in_numpy(lengths, length):
+def test_padding_is_the_same_natively_and_in_numpy(lengths, length, dtype):
     rows = [list(range(100 + 10 * i, 100 + 10 * i + n)) for i, n in enumerate(lengths)]
     got = [Encoded(rows, lengths, [False] * len(rows), length, 7, native=native).pad(
-        np.full((len(rows), length), -1, np.int64), np.full((len(rows), length), -1, np.int64)) for native in (True, False)]
+        np.full((len(rows), length), -1, dtype), np.full((len(rows), length), -1, dtype)) for native in (True, False)]
     assert np.array_equal(got[0].input_ids, got[1].input_ids)
     assert np.array_equal(got[0].attention_mask, got[1].attention_mask)
     assert got[1].input_ids[0, :lengths[0]].tolist() == rows[0] and (got[1].input_ids[0, lengths[0]:] == 7).all()
