@@ -47,9 +47,9 @@ def main(argv=None) -> dict:
     python.encode([a.prompt])  # its word cache learns the prompt's words
     python_noise = SeedNoise(native=False)
     outs = graph.outputs(1, length)
-    steps = {"tokenize": lambda: tokenizer.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
-             "tokenize_python": lambda: python.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
-             "tokenize_library": lambda: library.encode([a.prompt]).pad(ins["input_ids"], ins["attention_mask"]),
+    steps = {"tokenize": lambda: tokenizer.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
+             "tokenize_python": lambda: python.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
+             "tokenize_library": lambda: library.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
              "noise": lambda: pipe.seed_noise.fill([0], ins["noise"]),
              "noise_python": lambda: python_noise.fill([0], ins["noise"]),
              "noise_new_rng": lambda: np.random.default_rng(0).standard_normal(pipe.noise_shape, dtype=np.float32,

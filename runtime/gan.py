@@ -58,7 +58,7 @@ class GanPipeline(Pipeline):
             encoded = self._encode(prompts, info)
             info.sequence = length = encoded.length
             ins = g.inputs(batch, length)
-            encoded.pad(ins["input_ids"], ins["attention_mask"])
+            encoded.write(ins["input_ids"], ins["attention_mask"])
             t = info.lap("tokenize", t)
             self._fill_noise(ins["noise"], seeds, noise)
             t = info.lap("noise", t)
@@ -93,12 +93,12 @@ class GanPipeline(Pipeline):
             info.sequence = length = encoded.length
             ins = gen.inputs(batch, length)
             enc_ins = enc.inputs(batch, length)
-            tokens = encoded.pad(enc_ins["input_ids"], enc_ins["attention_mask"])
+            encoded.write(enc_ins["input_ids"], enc_ins["attention_mask"])
             t = info.lap("tokenize", t)
             enc.run(batch, fetch=False, sequence=length)  # on a GPU backend the text states stay on the device
             gen.take(batch, "text_states", enc, "text_states", sequence=length)
             t = info.lap("text_encoder", t)
-            ins["attention_mask"][...] = tokens.attention_mask
+            ins["attention_mask"][...] = enc_ins["attention_mask"]
         self._fill_noise(ins["noise"], seeds, noise)
         t = info.lap("noise", t)
         image = gen.run(batch, sequence=length)["image"]

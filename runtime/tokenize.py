@@ -29,12 +29,16 @@ class Encoded:
     pad_id: int
     native: bool = True  # False: numpy writes the rows, not the native host path
 
-    def pad(self, ids: np.ndarray | None = None, mask: np.ndarray | None = None) -> Tokens:
-        """Right-padded (B, length) arrays: written into ``ids`` and ``mask`` when given (a pipeline's bound
-        input buffers, so nothing is allocated or copied on the way), new arrays otherwise."""
-        if ids is None:  # new arrays (else both are given: a pipeline's buffers)
-            ids = np.empty((len(self.rows), self.length), np.int64)
-            mask = np.empty_like(ids)
+    def pad(self) -> Tokens:
+        """Right-padded (B, length) arrays, new ones."""
+        ids = np.empty((len(self.rows), self.length), np.int64)
+        mask = np.empty_like(ids)
+        self.write(ids, mask)
+        return Tokens(ids, mask, self.truncated)
+
+    def write(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """The rows, right-padded, into ``ids`` and ``mask`` (B, length): a pipeline's bound input buffers, so
+        nothing is allocated or copied on the way."""
         if self.native and hostpath is not None:
             hostpath.tokens(self.rows, ids, mask, self.length, self.pad_id)  # checks the buffers' layout itself
         elif all(n == self.length for n in self.lengths):  # nothing to pad: one prompt on a dynamic graph
@@ -46,7 +50,6 @@ class Encoded:
             for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
                 ids[i, :n] = row
                 mask[i, :n] = 1
-        return Tokens(ids, mask, self.truncated)
 
 
 # A plain prompt: ASCII words (letters, digits) one space apart. Every pre-tokenizer the families use splits

@@ -207,16 +207,20 @@ def test_a_call_is_the_same_on_the_native_and_the_python_host_path(bert_bundle, 
 @pytest.mark.parametrize("lengths,length", [([3], 3), ([3, 1, 0], 5), ([2, 2], 2), ([0], 4)])
 def test_padding_is_the_same_natively_and_in_numpy(lengths, length, dtype):
     rows = [list(range(100 + 10 * i, 100 + 10 * i + n)) for i, n in enumerate(lengths)]
-    got = [Encoded(rows, lengths, [False] * len(rows), length, 7, native=native).pad(
-        np.full((len(rows), length), -1, dtype), np.full((len(rows), length), -1, dtype)) for native in (True, False)]
-    assert np.array_equal(got[0].input_ids, got[1].input_ids)
-    assert np.array_equal(got[0].attention_mask, got[1].attention_mask)
-    assert got[1].input_ids[0, :lengths[0]].tolist() == rows[0] and (got[1].input_ids[0, lengths[0]:] == 7).all()
-    assert got[1].attention_mask.sum(axis=1).tolist() == lengths
+    got = []
+    for native in (True, False):
+        ids, mask = np.full((len(rows), length), -1, dtype), np.full((len(rows), length), -1, dtype)
+        Encoded(rows, lengths, [False] * len(rows), length, 7, native=native).write(ids, mask)
+        got.append((ids, mask))
+    assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
+    assert got[1][0][0, :lengths[0]].tolist() == rows[0] and (got[1][0][0, lengths[0]:] == 7).all()
+    assert got[1][1].sum(axis=1).tolist() == lengths
+    new = Encoded(rows, lengths, [False] * len(rows), length, 7).pad()  # new arrays
+    assert np.array_equal(new.input_ids, got[0][0].astype(np.int64)) and np.array_equal(new.attention_mask, got[0][1])
 
 
 def test_doctor_says_which_host_path_runs(tmp_path, monkeypatch):
     from edgegen.runtime import doctor
-    assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"] .startswith("native" if hostpath else "pure Python")
+    assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("native" if hostpath else "pure Python")
     monkeypatch.setattr(doctor, "hostpath", None)
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("pure Python")
