@@ -18,6 +18,7 @@ setup(ext_modules=[] if not native else [Extension(
     library_dirs=[os.path.join(numpy_dir, "random", "lib"), os.path.join(numpy_dir, "_core", "lib"),
                   os.path.join(numpy_dir, "core", "lib")],  # numpy 2 / numpy 1 layouts of npymath
     libraries=["npyrandom", "npymath"],
-    extra_compile_args=["-O2"] if os.name != "nt" else [],
+    # no fused multiply-adds: pixels() must round exactly as numpy's float32 steps do
+    extra_compile_args=["-O2", "-ffp-contract=off"] if os.name != "nt" else [],
     optional=True,
 )])

@@ -20,6 +20,9 @@
  *                       a new array equal to array (C-contiguous), or to array[row, :count] (two or more
  *                       dims): the call's images, and a prompt's text states for the text cache. numpy's own
  *                       copy goes through its general assignment machinery.
+ *   pixels(image)       a generator's NCHW float32 image in [-1, 1] -> a new NHWC uint8 array, with
+ *                       pipeline.to_pixels's arithmetic (the fused graph's post-processing); None for
+ *                       anything but a C-contiguous float32 array of four dims
  *
  * The pure-Python path in pipeline.py / tokenize.py gives the same values (tested against each other);
  * it runs where this module could not be built.
@@ -27,6 +30,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -310,12 +314,39 @@ static PyObject *copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return new_copy(src, nd - 1, dims, PyArray_BYTES(src) + row * (PyArray_NBYTES(src) / shape[0]));
 }
 
+static PyObject *pixels(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "pixels(image: float32 array (N, C, H, W))");
+        return NULL;
+    }
+    PyArrayObject *src = (PyArrayObject *)args[0];
+    if (!PyArray_Check(args[0]) || !PyArray_IS_C_CONTIGUOUS(src) || PyArray_NDIM(src) != 4 || PyArray_TYPE(src) != NPY_FLOAT32)
+        Py_RETURN_NONE;  /* not what this loop reads: numpy's path converts it */
+    npy_intp *shape = PyArray_DIMS(src);
+    npy_intp n = shape[0], c = shape[1], hw = shape[2] * shape[3], dims[4] = {shape[0], shape[2], shape[3], shape[1]};
+    PyObject *out = PyArray_SimpleNew(4, dims, NPY_UINT8);
+    if (out == NULL)
+        return NULL;
+    const float *in = (const float *)PyArray_DATA(src);
+    uint8_t *px = (uint8_t *)PyArray_DATA((PyArrayObject *)out);
+    for (npy_intp b = 0; b < n; b++)
+        for (npy_intp k = 0; k < c; k++)
+            for (npy_intp i = 0; i < hw; i++) {
+                /* numpy's float32 steps: (x + 1) * 127.5, clip to [0, 255], round half to even */
+                float v = (in[(b * c + k) * hw + i] + 1.0f) * 127.5f;
+                v = v > 0.0f ? (v < 255.0f ? v : 255.0f) : 0.0f;  /* NaN -> 0 */
+                px[(b * hw + i) * c + k] = (uint8_t)nearbyintf(v);
+            }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"noise", (PyCFunction)(void (*)(void))noise, METH_FASTCALL, "noise(seeds, out): numpy default_rng(seed) normals"},
     {"words", (PyCFunction)(void (*)(void))words, METH_FASTCALL,
      "words(prompt, first, later, head, tail, max_length): a plain prompt's ids from the word cache, or None"},
     {"tokens", (PyCFunction)(void (*)(void))tokens, METH_FASTCALL, "tokens(rows, ids, mask, length, pad_id)"},
     {"copy", (PyCFunction)(void (*)(void))copy, METH_FASTCALL, "copy(array): a copy of a C-contiguous array"},
+    {"pixels", (PyCFunction)(void (*)(void))pixels, METH_FASTCALL, "pixels(image): NCHW float32 in [-1, 1] -> NHWC uint8"},
     {"copy_rows", (PyCFunction)(void (*)(void))copy_rows, METH_FASTCALL,
      "copy_rows(array, row, count): a copy of array[row, :count]"},
     {NULL, NULL, 0, NULL},

@@ -300,6 +300,9 @@ def pcg64_state(seed: int) -> tuple[int, int]:
     return ((inc + initstate) * _PCG_MULT + inc) & _M128, inc  # two LCG steps from state 0
 
 
-def to_pixels(image: np.ndarray) -> np.ndarray:
-    """NCHW float in [-1, 1] -> NHWC uint8; the same arithmetic as the fused graph's post-processing."""
+def to_pixels(image: np.ndarray, native: bool = True) -> np.ndarray:
+    """NCHW float32 in [-1, 1] -> NHWC uint8; the same arithmetic as the fused graph's post-processing."""
+    pixels = hostpath.pixels(image) if native and hostpath is not None else None
+    if pixels is not None:
+        return pixels
     return np.rint(np.clip((image + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -183,12 +183,13 @@ def test_native_copies_are_numpys():
 def test_a_call_is_the_same_on_the_native_and_the_python_host_path(bert_bundle, monkeypatch):
     """Every step of a call (word ids, padding, noise, the copies out of the bound outputs) natively and in
     Python: the same pixels, fused and from the cache, and the same cached text states."""
-    from edgegen.runtime import Pipeline, gan
+    from edgegen.runtime import Pipeline, gan, pipeline
     prompts, seeds = ["a red apple", "cat", "a very small yellow star"], [3, 2**64 - 1, 0]
     got = {}
     for native in (True, False):
         if not native:
             monkeypatch.setattr(gan, "hostpath", None)
+            monkeypatch.setattr(pipeline, "hostpath", None)  # to_pixels on the cached path
         pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
         pipe.tokenizer.native = pipe.seed_noise.native = native and hostpath is not None
         pipe(prompts, seed=seeds, output_type="np")  # the library's ids teach the word cache
@@ -224,3 +225,17 @@ def test_doctor_says_which_host_path_runs(tmp_path, monkeypatch):
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("native" if hostpath else "pure Python")
     monkeypatch.setattr(doctor, "hostpath", None)
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("pure Python")
+
+
+@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
+def test_native_pixels_are_numpys():
+    from edgegen.runtime.pipeline import to_pixels
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1.2, 1.2, (2, 3, 5, 7)).astype(np.float32)
+    # exact halves (..., 0.5 after scaling) round to even, as np.rint does; values out of range clip
+    image.flat[:6] = np.array([k / 127.5 - 1 for k in (0.5, 1.5, 2.5, 253.5, 254.5, 255.5)], np.float32)
+    got, want = to_pixels(image), to_pixels(image, native=False)
+    assert got.dtype == np.uint8 and got.shape == (2, 5, 7, 3) and got.flags.c_contiguous
+    assert np.array_equal(got, want)
+    assert hostpath.pixels(image.astype(np.float16)) is None and hostpath.pixels(image[:, :, ::2]) is None
+    assert np.array_equal(to_pixels(image[:, :, ::2]), want[:, ::2])  # what the native loop declines, numpy does
