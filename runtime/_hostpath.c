@@ -20,6 +20,9 @@
  *                       a new array equal to array (C-contiguous), or to array[row, :count] (two or more
  *                       dims): the call's images, and a prompt's text states for the text cache. numpy's own
  *                       copy goes through its general assignment machinery.
+ *   states_into(rows, states, mask)
+ *                       the cached path's inputs: rows[i] (a prompt's text states, (n, width) float32) into
+ *                       states[i, :n], zeros after; mask[i] 1s for n, then 0s
  *   pixels(image)       a generator's NCHW float32 image in [-1, 1] -> a new NHWC uint8 array, with
  *                       pipeline.to_pixels's arithmetic (the fused graph's post-processing); None for
  *                       anything but a C-contiguous float32 array of four dims
@@ -340,6 +343,43 @@ static PyObject *pixels(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+static PyObject *states_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "states_into(rows: list of float32 arrays, states, mask)");
+        return NULL;
+    }
+    npy_intp state_items, mask_items;
+    int state_type, mask_type;
+    char *states = array_data(args[1], NPY_FLOAT32, -1, &state_type, &state_items, "states_into states");
+    char *mask = states ? array_data(args[2], NPY_INT64, NPY_INT32, &mask_type, &mask_items, "states_into mask") : NULL;
+    if (mask == NULL)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(args[0]);
+    npy_intp *shape = PyArray_DIMS((PyArrayObject *)args[1]);
+    if (PyArray_NDIM((PyArrayObject *)args[1]) != 3 || shape[0] != count || mask_items != shape[0] * shape[1]) {
+        PyErr_Format(PyExc_ValueError, "states_into: %zd rows for states of %d dims and a mask of %zd items", count,
+                     PyArray_NDIM((PyArrayObject *)args[1]), (Py_ssize_t)mask_items);
+        return NULL;
+    }
+    npy_intp length = shape[1], width = shape[2];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyArrayObject *row = (PyArrayObject *)PyList_GET_ITEM(args[0], i);
+        if (!PyArray_Check((PyObject *)row) || PyArray_TYPE(row) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(row) ||
+            PyArray_NDIM(row) != 2 || PyArray_DIMS(row)[1] != width || PyArray_DIMS(row)[0] > length) {
+            PyErr_Format(PyExc_ValueError, "states_into: row %zd is not a C-contiguous float32 (n <= %zd, %zd) array", i,
+                         (Py_ssize_t)length, (Py_ssize_t)width);
+            return NULL;
+        }
+        npy_intp n = PyArray_DIMS(row)[0];
+        float *dst = (float *)states + i * length * width;
+        memcpy(dst, PyArray_DATA(row), (size_t)(n * width) * sizeof(float));
+        memset(dst + n * width, 0, (size_t)((length - n) * width) * sizeof(float));
+        for (npy_intp k = 0; k < length; k++)
+            store(mask, mask_type, i * length + k, k < n);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"noise", (PyCFunction)(void (*)(void))noise, METH_FASTCALL, "noise(seeds, out): numpy default_rng(seed) normals"},
     {"words", (PyCFunction)(void (*)(void))words, METH_FASTCALL,
@@ -348,6 +388,8 @@ static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))copy, METH_FASTCALL, "copy(array): a copy of a C-contiguous array"},
     {"copy_rows", (PyCFunction)(void (*)(void))copy_rows, METH_FASTCALL,
      "copy_rows(array, row, count): a copy of array[row, :count]"},
+    {"states_into", (PyCFunction)(void (*)(void))states_into, METH_FASTCALL,
+     "states_into(rows, states, mask): cached text states, zero-padded, and their mask into bound buffers"},
     {"pixels", (PyCFunction)(void (*)(void))pixels, METH_FASTCALL, "pixels(image): NCHW float32 in [-1, 1] -> NHWC uint8"},
     {NULL, NULL, 0, NULL},
 };

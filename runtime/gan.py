@@ -79,11 +79,14 @@ class GanPipeline(Pipeline):
             info.sequence = length = self.tokenizer.length_for([n for _, n, _ in entries])
             ins = gen.inputs(batch, length)
             states, mask = ins["text_states"], ins["attention_mask"]
-            states[...] = 0.0
-            mask[...] = 0
-            for i, (row, n, _) in enumerate(entries):
-                states[i, :n] = row
-                mask[i, :n] = 1
+            if hostpath is not None:
+                hostpath.states_into([row for row, _, _ in entries], states, mask)
+            else:
+                states[...] = 0.0
+                mask[...] = 0
+                for i, (row, n, _) in enumerate(entries):
+                    states[i, :n] = row
+                    mask[i, :n] = 1
             self._report_truncation(prompts, [cut for _, _, cut in entries], info)
             t = info.lap("cache", t)
         else:

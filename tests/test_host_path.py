@@ -239,3 +239,24 @@ def test_native_pixels_are_numpys():
     assert np.array_equal(got, want)
     assert hostpath.pixels(image.astype(np.float16)) is None and hostpath.pixels(image[:, :, ::2]) is None
     assert np.array_equal(to_pixels(image[:, :, ::2]), want[:, ::2])  # what the native loop declines, numpy does
+
+
+@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
+@pytest.mark.parametrize("mask_dtype", [np.int64, np.int32])
+def test_native_cached_states_are_numpys(mask_dtype):
+    rng = np.random.default_rng(1)
+    rows = [rng.standard_normal((n, 6), dtype=np.float32) for n in (3, 5, 0)]
+    states, mask = np.full((3, 5, 6), 7, np.float32), np.full((3, 5), 7, mask_dtype)
+    hostpath.states_into(rows, states, mask)
+    want_states, want_mask = np.zeros_like(states), np.zeros_like(mask)
+    for i, row in enumerate(rows):
+        want_states[i, :len(row)], want_mask[i, :len(row)] = row, 1
+    assert np.array_equal(states, want_states) and np.array_equal(mask, want_mask)
+    with pytest.raises(ValueError, match="row 0"):
+        hostpath.states_into([rng.standard_normal((6, 6), dtype=np.float32)] + rows[1:], states, mask)  # too long
+    with pytest.raises(ValueError, match="row 1"):
+        hostpath.states_into([rows[0], rows[1][:, :5].copy(), rows[2]], states, mask)  # wrong width
+    with pytest.raises(ValueError, match="2 rows"):
+        hostpath.states_into(rows[:2], states, mask)
+    with pytest.raises(TypeError, match="float32"):
+        hostpath.states_into(rows, states.astype(np.float64), mask)
