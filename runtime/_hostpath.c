@@ -26,6 +26,14 @@
  *   pixels(image)       a generator's NCHW float32 image in [-1, 1] -> a new NHWC uint8 array, with
  *                       pipeline.to_pixels's arithmetic (the fused graph's post-processing); None for
  *                       anything but a C-contiguous float32 array of four dims
+ *   fused_call(prompts, seeds, first, later, head, tail, max_length, pad_to_longest, pad_id, sets, run,
+ *              cache, cache_size)
+ *                       a whole gan call on the fused graph (GanPipeline._generate's fused path), on ONNX
+ *                       Runtime CPU buffers: word ids, tokens, noise, run(binding), the text cache's update,
+ *                       the images; (pixels, length, and the ns of tokenize, noise, fused, output), or None
+ *                       where the Python path must serve it (a prompt not plain or with an unseen word, a
+ *                       prompt to truncate, no buffers yet for this batch and length). With its steps in C the
+ *                       call touches far less memory than the same orchestration in Python.
  *
  * The pure-Python path in pipeline.py / tokenize.py gives the same values (tested against each other);
  * it runs where this module could not be built.
@@ -34,6 +42,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <math.h>
+#include <time.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -380,6 +389,137 @@ static PyObject *states_into(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+static long long clock_ns(void) {  /* CLOCK_MONOTONIC: the clock of Python's perf_counter_ns on Linux */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* A new reference to d[name], or NULL with KeyError. */
+static PyObject *buffer(PyObject *d, const char *name) {
+    PyObject *v = PyDict_Check(d) ? PyDict_GetItemString(d, name) : NULL;
+    if (v == NULL)
+        PyErr_Format(PyExc_KeyError, "fused_call: no buffer %s", name);
+    Py_XINCREF(v);
+    return v;
+}
+
+/* The text cache's update, as GanPipeline._remember makes it: a prompt already cached moves to the end; a new
+ * one gets (a copy of its text states, its token count, False); past cache_size the oldest goes. */
+static int remember(PyObject *cache, Py_ssize_t cache_size, PyObject *prompts, PyObject *rows, PyObject *states) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(prompts); i++) {
+        PyObject *prompt = PyList_GET_ITEM(prompts, i), *done;
+        int cached = PySequence_Contains(cache, prompt);
+        if (cached < 0)
+            return -1;
+        if (cached) {
+            done = PyObject_CallMethod(cache, "move_to_end", "O", prompt);
+        } else {
+            Py_ssize_t n = PyList_GET_SIZE(PyList_GET_ITEM(rows, i));
+            PyObject *row_i = PyLong_FromSsize_t(i), *count = PyLong_FromSsize_t(n);
+            PyObject *copy_args[3] = {states, row_i, count};
+            PyObject *copied = row_i && count ? copy_rows(NULL, copy_args, 3) : NULL;
+            Py_XDECREF(row_i);
+            Py_XDECREF(count);
+            PyObject *entry = copied ? Py_BuildValue("(NnO)", copied, n, Py_False) : NULL;
+            if (entry == NULL || PyObject_SetItem(cache, prompt, entry) < 0) {
+                Py_XDECREF(entry);
+                return -1;
+            }
+            Py_DECREF(entry);
+            Py_ssize_t size = PyObject_Length(cache);
+            if (size < 0)
+                return -1;
+            done = size > cache_size ? PyObject_CallMethod(cache, "popitem", "O", Py_False) : Py_NewRef(Py_None);
+        }
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+    }
+    return 0;
+}
+
+static PyObject *fused_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 13 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyDict_Check(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "fused_call(prompts, seeds, first, later, head, tail, max_length, "
+                        "pad_to_longest, pad_id, sets, run, cache, cache_size)");
+        return NULL;
+    }
+    long long t0 = clock_ns(), t1, t2, t3, t4;
+    PyObject *prompts = args[0], *seeds = args[1], *sets = args[9], *run = args[10], *cache = args[11];
+    Py_ssize_t max_length = PyLong_AsSsize_t(args[6]), cache_size = PyLong_AsSsize_t(args[12]);
+    int dynamic = PyObject_IsTrue(args[7]);
+    if (PyErr_Occurred() || dynamic < 0)
+        return NULL;
+    Py_ssize_t batch = PyList_GET_SIZE(prompts), longest = 0, shortest = PY_SSIZE_T_MAX;
+    PyObject *rows = PyList_New(batch), *result = NULL, *pixels = NULL, *done = NULL, *length_obj = NULL;
+    PyObject *ids = NULL, *mask = NULL, *noise_out = NULL, *states = NULL, *image = NULL;
+    if (rows == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < batch; i++) {
+        PyObject *word_args[6] = {PyList_GET_ITEM(prompts, i), args[2], args[3], args[4], args[5], args[6]};
+        PyObject *row = words(NULL, word_args, 6);
+        if (row == NULL)
+            goto end;
+        PyList_SET_ITEM(rows, i, row);  /* rows owns it */
+        if (row == Py_None) {  /* not plain, a word not cached, or truncated: the Python path */
+            result = Py_NewRef(Py_None);
+            goto end;
+        }
+        Py_ssize_t n = PyList_GET_SIZE(row);
+        longest = n > longest ? n : longest;
+        shortest = n < shortest ? n : shortest;
+    }
+    /* PromptTokenizer.length_for */
+    Py_ssize_t length = (!dynamic || shortest == 0) ? max_length : (longest < max_length ? longest : max_length);
+    PyObject *key = Py_BuildValue("(nn)", batch, length);
+    PyObject *found = key ? PyDict_GetItemWithError(sets, key) : NULL;  /* borrowed */
+    Py_XDECREF(key);
+    if (found == NULL) {
+        if (!PyErr_Occurred())
+            result = Py_NewRef(Py_None);  /* no buffers for this batch and length yet: the Python path makes them */
+        goto end;
+    }
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 3) {
+        PyErr_SetString(PyExc_TypeError, "fused_call: sets must map (batch, length) to (inputs, outputs, binding)");
+        goto end;
+    }
+    PyObject *ins = PyTuple_GET_ITEM(found, 0), *outs = PyTuple_GET_ITEM(found, 1);
+    if (!(ids = buffer(ins, "input_ids")) || !(mask = buffer(ins, "attention_mask")) || !(noise_out = buffer(ins, "noise")) ||
+        !(states = buffer(outs, "text_states")) || !(image = buffer(outs, "pixels")) || !(length_obj = PyLong_FromSsize_t(length)))
+        goto end;
+    PyObject *token_args[5] = {rows, ids, mask, length_obj, args[8]};
+    if (!(done = tokens(NULL, token_args, 5)))
+        goto end;
+    Py_CLEAR(done);
+    t1 = clock_ns();
+    PyObject *noise_args[2] = {seeds, noise_out};
+    if (!(done = noise(NULL, noise_args, 2)))
+        goto end;
+    Py_CLEAR(done);
+    t2 = clock_ns();
+    if (!(done = PyObject_CallOneArg(run, PyTuple_GET_ITEM(found, 2))))
+        goto end;
+    Py_CLEAR(done);
+    t3 = clock_ns();
+    if (cache != Py_None && remember(cache, cache_size, prompts, rows, states) < 0)
+        goto end;
+    PyObject *copy_args[1] = {image};
+    if (!(pixels = copy(NULL, copy_args, 1)))
+        goto end;
+    t4 = clock_ns();
+    result = Py_BuildValue("(NnLLLL)", pixels, length, t1 - t0, t2 - t1, t3 - t2, t4 - t3);
+end:
+    Py_DECREF(rows);
+    Py_XDECREF(ids);
+    Py_XDECREF(mask);
+    Py_XDECREF(noise_out);
+    Py_XDECREF(states);
+    Py_XDECREF(image);
+    Py_XDECREF(length_obj);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"noise", (PyCFunction)(void (*)(void))noise, METH_FASTCALL, "noise(seeds, out): numpy default_rng(seed) normals"},
     {"words", (PyCFunction)(void (*)(void))words, METH_FASTCALL,
@@ -391,6 +531,8 @@ static PyMethodDef methods[] = {
     {"states_into", (PyCFunction)(void (*)(void))states_into, METH_FASTCALL,
      "states_into(rows, states, mask): cached text states, zero-padded, and their mask into bound buffers"},
     {"pixels", (PyCFunction)(void (*)(void))pixels, METH_FASTCALL, "pixels(image): NCHW float32 in [-1, 1] -> NHWC uint8"},
+    {"fused_call", (PyCFunction)(void (*)(void))fused_call, METH_FASTCALL,
+     "fused_call(...): a gan call on the fused graph, or None where the Python path must serve it"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .backends import OrtGraph
 from .errors import BadBundleError, BadInputError
 from .native import hostpath
 from .pipeline import CallInfo, Pipeline, SeedNoise, to_pixels
@@ -41,6 +42,9 @@ class GanPipeline(Pipeline):
         # prompt -> (its text states at its own length (n, width), n, truncated)
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
+        # the native fused call runs ONNX Runtime CPU sessions itself (the GPU graphs move buffers around theirs)
+        native = hostpath is not None and mode != "split" and isinstance(main, OrtGraph)
+        self._native_run = main.session.run_with_iobinding if native else None
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
         self.tokenizer.pad_to_longest = main.dynamic_sequence
 
@@ -55,6 +59,12 @@ class GanPipeline(Pipeline):
         if self.mode == "fused" or (self.mode == "auto" and not use_cache):
             info.path = "fused"
             g = self.graph("fused")
+            done = self._native_fused(g, prompts, seeds) if noise is None and self._native_run is not None else None
+            if done is not None:  # served natively: (images, token positions, stage times)
+                pixels, info.sequence, tokenize_ns, noise_ns, fused_ns, output_ns = done
+                info.truncated = [False] * batch
+                info.stages = {"tokenize": tokenize_ns, "noise": noise_ns, "fused": fused_ns, "output": output_ns}
+                return pixels, info
             encoded = self._encode(prompts, info)
             info.sequence = length = encoded.length
             ins = g.inputs(batch, length)
@@ -109,6 +119,17 @@ class GanPipeline(Pipeline):
         pixels = to_pixels(image)
         info.lap("output", t)
         return pixels, info
+
+    def _native_fused(self, g, prompts, seeds):
+        """The fused path below in one native call (``_hostpath.fused_call``), where it applies: every prompt
+        plain with its words cached, buffers already made for this batch and length. None: the Python path
+        serves the call (and makes the buffers)."""
+        tok = self.tokenizer
+        if not (tok.native and tok.by_words) or tok._ends is None:
+            return None
+        return hostpath.fused_call(prompts, seeds, tok._first, tok._later, *tok._ends, tok.max_length, tok.pad_to_longest,
+                                   tok.pad_id, g.bound, self._native_run, self._cache if self.mode == "auto" else None,
+                                   self.cache_size)
 
     def _encode(self, prompts, info):
         encoded = self.tokenizer.encode(prompts)

@@ -260,3 +260,51 @@ def test_native_cached_states_are_numpys(mask_dtype):
         hostpath.states_into(rows[:2], states, mask)
     with pytest.raises(TypeError, match="float32"):
         hostpath.states_into(rows, states.astype(np.float64), mask)
+
+
+class _Counting:
+    """The native module, counting the fused calls it served (not None)."""
+
+    def __init__(self, module):
+        self._module, self.served = module, 0
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def fused_call(self, *args):
+        done = self._module.fused_call(*args)
+        self.served += done is not None
+        return done
+
+
+@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
+@pytest.mark.parametrize("mode,cache_size", [("auto", 128), ("auto", 2), ("fused", 128)])
+def test_the_native_fused_call_is_the_python_one(bert_bundle, monkeypatch, mode, cache_size):
+    """Calls served by `_hostpath.fused_call` give the Python path's pixels, text cache (order and eviction
+    included) and call record; prompts it cannot serve fall back to Python."""
+    from collections import OrderedDict
+    from edgegen.runtime import Pipeline, gan
+    counting = _Counting(hostpath)
+    monkeypatch.setattr(gan, "hostpath", counting)
+    pipes = [Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode=mode, cache_size=cache_size) for _ in range(2)]
+    assert pipes[0]._native_run is not None
+    pipes[1]._native_run = None  # the Python path throughout (its steps native where they may be)
+    calls = [(["a red apple", "cat", "a red apple"], [3, 4, 5]), (["cat"], [2**64 - 1]), (["a dog", "cat", "a red apple"], [0, 1, 2]),
+             (["a dog!", "cat", "cat"], [7, 8, 9]), (["a very small yellow star"], [0])]
+    # round 1 teaches the word cache and makes the buffers; round 2 meets a warm text cache (cached, partly
+    # cached and new prompts); round 3 empties it before each call, so every plain call runs fused
+    for clear, (prompts, seeds) in [(False, c) for c in calls * 2] + [(True, c) for c in calls]:
+        for pipe in pipes:
+            if clear:
+                pipe.clear_cache()
+        got = [pipe(prompts, seed=seeds, output_type="np") for pipe in pipes]
+        assert np.array_equal(got[0], got[1]), prompts
+        a, b = (pipe.last_call for pipe in pipes)
+        assert (a.path, a.sequence, a.truncated, a.seeds, list(a.stages)) == (b.path, b.sequence, b.truncated, b.seeds, list(b.stages))
+        assert list(pipes[0]._cache) == list(pipes[1]._cache)
+        for (x, n, cut), (y, m, cut2) in zip(pipes[0]._cache.values(), pipes[1]._cache.values()):
+            assert np.array_equal(x, y) and (n, cut) == (m, cut2)
+    # round 3's plain calls at least: not "a dog!" (not plain), and in auto mode not "cat" alone, whose earlier
+    # calls came from the text cache, so the fused graph has no buffers at its length yet
+    assert counting.served >= 3
+    assert isinstance(pipes[0]._cache, OrderedDict) and len(pipes[0]._cache) <= cache_size
