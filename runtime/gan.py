@@ -121,9 +121,9 @@ class GanPipeline(Pipeline):
         return pixels, info
 
     def _native_fused(self, g, prompts, seeds):
-        """The fused path below in one native call (``_hostpath.fused_call``), where it applies: every prompt
-        plain with its words cached, buffers already made for this batch and length. None: the Python path
-        serves the call (and makes the buffers)."""
+        """``_generate``'s fused path in one native call (``_hostpath.fused_call``), where it applies: every
+        prompt plain with its words cached, buffers already made for this batch and length. None: the Python
+        path serves the call (and makes the buffers)."""
         tok = self.tokenizer
         if not (tok.native and tok.by_words) or tok._ends is None:
             return None
