@@ -9,8 +9,8 @@ bound outputs), timed in a loop of its own (warm caches) and alternated with a r
 caches a real call sees). Medians in microseconds.
 
 Beside them, the other ways: ``*_python`` is the pure-Python host path (what runs where the native module
-``runtime/_hostpath.c`` could not be built), ``tokenize_library`` the tokenizers library on every call (no
-word cache), ``noise_new_rng`` a new numpy Generator per seed.
+``runtime/_hostpath.c`` could not be built; for the noise, a new numpy Generator per seed), ``tokenize_library``
+the tokenizers library on every call (no word cache).
 """
 from __future__ import annotations
 
@@ -51,9 +51,7 @@ def main(argv=None) -> dict:
              "tokenize_python": lambda: python.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
              "tokenize_library": lambda: library.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
              "noise": lambda: pipe.seed_noise.fill([0], ins["noise"]),
-             "noise_python": lambda: python_noise.fill([0], ins["noise"]),
-             "noise_new_rng": lambda: np.random.default_rng(0).standard_normal(pipe.noise_shape, dtype=np.float32,
-                                                                              out=ins["noise"][0])}
+             "noise_python": lambda: python_noise.fill([0], ins["noise"])}
     if hostpath is not None:  # the copies out of the bound outputs: the images, the prompt's text states
         steps["output"] = lambda: (hostpath.copy_rows(outs["text_states"], 0, length), hostpath.copy(outs["pixels"]))
     steps["output_python"] = lambda: (outs["text_states"][0, :length].copy(), outs["pixels"].copy())

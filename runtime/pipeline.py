@@ -225,17 +225,13 @@ class SeedNoise:
     """Standard normal noise, each image's slice the values of ``np.random.default_rng(seed)`` alone.
 
     Drawn natively where edgegen's host path is built (``_hostpath.noise``: numpy's seeding redone in C,
-    then numpy's own sampler), else from one reused PCG64 whose state is worked out here from the seed
-    (``pcg64_state``). Either way no SeedSequence, PCG64 and Generator are built per seed: building those
-    objects is the costly part of a draw, above all right after an engine run has evicted the CPU caches.
-    ``native=False`` forces the Python path (tests and `benchmarks.host_steps` compare the two). Not
-    thread-safe: a pipeline draws under its lock.
+    then numpy's own sampler, with no SeedSequence, PCG64 and Generator objects built per seed: right after
+    an engine run has evicted the CPU caches, building them is the costly part of a draw), else by numpy.
+    ``native=False`` forces numpy (tests and `benchmarks.host_steps` compare the two).
     """
 
     def __init__(self, native: bool = True):
         self.native = native and hostpath is not None
-        self._bits = np.random.PCG64(0)
-        self._rng = np.random.Generator(self._bits)
 
     def fill(self, seeds: list[int], out: np.ndarray) -> np.ndarray:
         """``out[i]`` gets seed ``seeds[i]``'s noise; ``out`` is C-contiguous float32 (a bound buffer)."""
@@ -243,10 +239,7 @@ class SeedNoise:
             hostpath.noise(seeds, out)  # checks out's layout itself
             return out
         for i, s in enumerate(seeds):  # drawn straight into the (bound) buffer: no temporary, no copy
-            state, inc = pcg64_state(s)
-            self._bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
-                                "has_uint32": 0, "uinteger": 0}
-            self._rng.standard_normal(dtype=np.float32, out=out[i])
+            np.random.default_rng(s).standard_normal(dtype=np.float32, out=out[i])
         return out
 
 
@@ -254,50 +247,6 @@ def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed alone."""
     seeds = [int(s) for s in seeds]
     return SeedNoise().fill(seeds, np.empty((len(seeds), *shape), np.float32))
-
-
-# numpy's SeedSequence (a pool of four 32-bit words) and PCG64's seeding, for one seed in [0, 2**64).
-# SeedSequence's k-th hash step xors a word with the k-th constant of a multiplicative sequence, multiplies
-# by the next one and xor-shifts. The constants, and the hashes of the zero words a seed below 2**64 pads
-# the pool with, do not depend on the seed: they are worked out once, here, as tables of steps.
-_M32, _M128 = 0xFFFFFFFF, (1 << 128) - 1
-_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
-_PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
-
-
-def _hash_constants(init: int, mult: int, n: int) -> list[int]:
-    out = [init]
-    while len(out) < n:
-        out.append((out[-1] * mult) & _M32)
-    return out
-
-
-def _hash(value: int, a: int, b: int) -> int:
-    value = ((value ^ a) * b) & _M32
-    return value ^ (value >> 16)
-
-
-_POOL = _hash_constants(0x43B0D7E5, 0x931E8875, 17)  # 4 steps fill the pool, 12 mix it
-_STATE = _hash_constants(0x8B51F9DD, 0x58F38DED, 9)  # 8 steps: generate_state(4, uint64)
-_ZERO_POOL = [_hash(0, _POOL[k], _POOL[k + 1]) for k in range(4)]
-_MIX_STEPS = [(src, dst, _POOL[k], _POOL[k + 1])  # every pool word mixed into every other
-              for k, (src, dst) in enumerate(((s, d) for s in range(4) for d in range(4) if s != d), start=4)]
-_STATE_STEPS = [(k & 3, _STATE[k], _STATE[k + 1]) for k in range(8)]
-
-
-def pcg64_state(seed: int) -> tuple[int, int]:
-    """(state, inc) of ``np.random.PCG64(seed)``, computed without building it: integer arithmetic over
-    small tables, which touches little memory."""
-    pool = [_hash(seed & _M32, _POOL[0], _POOL[1]), _ZERO_POOL[1], _ZERO_POOL[2], _ZERO_POOL[3]]
-    if seed >> 32:
-        pool[1] = _hash(seed >> 32, _POOL[1], _POOL[2])
-    for src, dst, a, b in _MIX_STEPS:
-        v = (_MIX_L * pool[dst] - _MIX_R * _hash(pool[src], a, b)) & _M32
-        pool[dst] = v ^ (v >> 16)
-    w = [_hash(pool[i], a, b) for i, a, b in _STATE_STEPS]
-    initstate = (w[0] | w[1] << 32) << 64 | w[2] | w[3] << 32
-    inc = (((w[4] | w[5] << 32) << 64 | w[6] | w[7] << 32) << 1 | 1) & _M128
-    return ((inc + initstate) * _PCG_MULT + inc) & _M128, inc  # two LCG steps from state 0
 
 
 def to_pixels(image: np.ndarray, native: bool = True) -> np.ndarray:
