@@ -41,15 +41,12 @@ class Encoded:
         nothing is allocated or copied on the way."""
         if self.native and hostpath is not None:
             hostpath.tokens(self.rows, ids, mask, self.length, self.pad_id)  # checks the buffers' layout itself
-        elif all(n == self.length for n in self.lengths):  # nothing to pad: one prompt on a dynamic graph
-            ids[...] = self.rows
-            mask.fill(1)
-        else:
-            ids.fill(self.pad_id)
-            mask.fill(0)
-            for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
-                ids[i, :n] = row
-                mask[i, :n] = 1
+            return
+        ids.fill(self.pad_id)
+        mask.fill(0)
+        for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
+            ids[i, :n] = row
+            mask[i, :n] = 1
 
 
 # A plain prompt: ASCII words (letters, digits) one space apart. Every pre-tokenizer the families use splits
