@@ -38,23 +38,15 @@ BLOCK = 20  # calls per turn when several pipelines are timed interleaved
 def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, seconds: float | None = None,
               prompt: str = DEFAULT_PROMPT) -> dict:
     """Time ``iterations`` calls (or as many as fit in ``seconds``) after ``warmup`` untimed ones."""
-    prompts, seeds = [prompt] * batch, list(range(batch))
-    new_prompt_calls(pipe, prompts, seeds, warmup)
-    if seconds is None:
-        calls = new_prompt_calls(pipe, prompts, seeds, iterations)
-    else:
-        calls, deadline = [], time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            calls += new_prompt_calls(pipe, prompts, seeds, 1)
-    return summarize_calls(pipe, calls, prompts, seeds, warmup)
+    return run_benches({"one": pipe}, batch, iterations, warmup, seconds, prompt)["runs"]["one"]
 
 
-def run_bench_interleaved(pipes: dict, batch: int = 1, iterations: int = 100, warmup: int = 10,
-                          seconds: float | None = None, prompt: str = DEFAULT_PROMPT, block: int = BLOCK) -> dict:
-    """Several pipelines (one per precision) timed in one process, taking turns in blocks of ``block``
-    calls (A B C, B C A, ...), so the machine's drift reaches them alike: ``iterations`` calls each (or
-    rounds until ``seconds`` have passed), after ``warmup`` untimed ones each. Each one's result is
-    ``run_bench``'s; ``speedup_vs_fp32`` is fp32's end-to-end p50 over each one's, from this same run."""
+def run_benches(pipes: dict, batch: int = 1, iterations: int = 100, warmup: int = 10,
+                seconds: float | None = None, prompt: str = DEFAULT_PROMPT, block: int = BLOCK) -> dict:
+    """Pipelines (one per precision) timed in one process, taking turns in blocks of ``block`` calls
+    (A B C, B C A, ...), so the machine's drift reaches them alike: ``iterations`` calls each (or rounds until
+    ``seconds`` have passed), after ``warmup`` untimed ones each. ``runs``: each one's result;
+    ``speedup_vs_fp32``: fp32's end-to-end p50 over each one's, from this same run."""
     prompts, seeds = [prompt] * batch, list(range(batch))
     for pipe in pipes.values():
         new_prompt_calls(pipe, prompts, seeds, warmup)

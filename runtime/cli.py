@@ -160,7 +160,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_interleaved, format_table, run_bench, run_bench_interleaved
+    from .bench import format_interleaved, format_table, run_benches
     from .pipeline import Pipeline, check_count
     batch, iterations = check_count(args.batch), check_count(args.iterations)
     if not args.prompt.strip():  # before loading anything
@@ -174,11 +174,11 @@ def cmd_bench(args) -> int:
     options = {"mode": args.mode} if args.mode else {}
     pipes = {p: Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=p, **options) for p in precisions}
     timing = dict(batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds, prompt=args.prompt)
-    if len(pipes) == 1:
-        result = run_bench(pipes[precisions[0]], **timing)
+    result = run_benches(pipes, **timing)
+    if len(pipes) == 1:  # one precision: its result alone (DESIGN.md's bench JSON)
+        result = result["runs"][precisions[0]]
         _emit(args, result, format_table(result))
     else:
-        result = run_bench_interleaved(pipes, **timing)
         _emit(args, result, format_interleaved(result))
     return 0
 

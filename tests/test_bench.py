@@ -59,12 +59,12 @@ def two_precisions(tiny_checkpoints, tmp_path_factory):
 
 
 def test_several_precisions_take_turns_in_one_run(two_precisions):
-    from edgegen.runtime.bench import run_bench_interleaved
+    from edgegen.runtime.bench import run_benches
     pipes = {p: Pipeline.from_bundle(two_precisions, backend="ort-cpu", precision=p) for p in ("fp16", "fp32")}
     order = []
     for name, pipe in pipes.items():  # record which pipeline each call went to
         pipe._generate = (lambda inner, name: lambda *a, **k: (order.append(name), inner(*a, **k))[1])(pipe._generate, name)
-    r = run_bench_interleaved(pipes, iterations=7, warmup=1, block=3)
+    r = run_benches(pipes, iterations=7, warmup=1, block=3)
     assert [run["iterations"] for run in r["runs"].values()] == [7, 7] and r["interleaved"] == {"block": 3, "rounds": 3}
     assert [run["precision"] for run in r["runs"].values()] == ["fp16", "fp32"]
     timed = order[2:2 + 14]  # after one warm-up call each; then blocks of 3, the order rotating each round
