@@ -1,7 +1,7 @@
 /* edgegen.runtime._hostpath: a call's host-side steps in native code.
  *
  * Right after an engine run has evicted the CPU caches, every Python or numpy operation a call makes
- * costs 5-10x what it costs warm (`python -m benchmarks.host_steps`): the interpreter and numpy touch
+ * costs 5-16x what it costs warm (`python -m benchmarks.host_steps`): the interpreter and numpy touch
  * far more memory than the work needs. These functions do the same work touching little:
  *
  *   noise(seeds, out)   out (float32, C-contiguous) split into len(seeds) equal slices, slice i getting
