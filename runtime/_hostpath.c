@@ -26,14 +26,14 @@
  *   pixels(image)       a generator's NCHW float32 image in [-1, 1] -> a new NHWC uint8 array, with
  *                       pipeline.to_pixels's arithmetic (the fused graph's post-processing); None for
  *                       anything but a C-contiguous float32 array of four dims
- *   fused_call(prompts, seeds, first, later, head, tail, max_length, pad_to_longest, pad_id, sets, run,
- *              cache, cache_size)
- *                       a whole gan call on the fused graph (GanPipeline._generate's fused path), on ONNX
- *                       Runtime CPU buffers: word ids, tokens, noise, run(binding), the text cache's update,
- *                       the images; (pixels, length, and the ns of tokenize, noise, fused, output), or None
- *                       where the Python path must serve it (a prompt not plain or with an unseen word, a
- *                       prompt to truncate, no buffers yet for this batch and length). With its steps in C the
- *                       call touches far less memory than the same orchestration in Python.
+ *   gan_call(state, prompt, seed, num_images, output_type, start)
+ *                       a whole gan call (Pipeline.__call__ with GanPipeline._generate's fused path) on ONNX
+ *                       Runtime CPU buffers: the argument checks' common case, the pipeline's lock, word ids,
+ *                       tokens, noise, run(binding), the text cache's update, the images. (pixels, record) or
+ *                       None where Python must serve it (any other argument, which Python checks; every prompt
+ *                       cached; a prompt not plain or with an unseen word; one to truncate; no buffers yet for
+ *                       this batch and length). state: GanPipeline._native_state; start: perf_counter_ns() at
+ *                       the call's start. With its steps in C the call touches far less memory than in Python.
  *
  * The pure-Python path in pipeline.py / tokenize.py gives the same values (tested against each other);
  * it runs where this module could not be built.
@@ -389,17 +389,27 @@ static PyObject *states_into(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-static long long clock_ns(void) {  /* CLOCK_MONOTONIC: the clock of Python's perf_counter_ns on Linux */
+/* The clock of Python's perf_counter_ns (gan_call's record starts at a perf_counter_ns() reading) */
+static long long clock_ns(void) {
     struct timespec ts;
+#ifdef __APPLE__
+    clock_gettime(CLOCK_UPTIME_RAW, &ts);  /* mach_absolute_time */
+#else
     clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
+
+/* GanPipeline._native_state: what gan_call needs, fixed when the pipeline is made */
+enum { S_LOCK, S_MAX_BATCH, S_CACHE, S_CACHE_SIZE, S_TOKENIZER, S_FIRST, S_LATER, S_MAX_LENGTH, S_PAD_TO_LONGEST, S_PAD_ID,
+       S_SETS, S_RUN, S_RANDBELOW, S_SIZE };
+static PyObject *str_ends, *str_acquire, *str_release;  /* interned names */
 
 /* A new reference to d[name], or NULL with KeyError. */
 static PyObject *buffer(PyObject *d, const char *name) {
     PyObject *v = PyDict_Check(d) ? PyDict_GetItemString(d, name) : NULL;
     if (v == NULL)
-        PyErr_Format(PyExc_KeyError, "fused_call: no buffer %s", name);
+        PyErr_Format(PyExc_KeyError, "gan_call: no buffer %s", name);
     Py_XINCREF(v);
     return v;
 }
@@ -439,56 +449,65 @@ static int remember(PyObject *cache, Py_ssize_t cache_size, PyObject *prompts, P
     return 0;
 }
 
-static PyObject *fused_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 13 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyDict_Check(args[9])) {
-        PyErr_SetString(PyExc_TypeError, "fused_call(prompts, seeds, first, later, head, tail, max_length, "
-                        "pad_to_longest, pad_id, sets, run, cache, cache_size)");
-        return NULL;
-    }
-    long long t0 = clock_ns(), t1, t2, t3, t4;
-    PyObject *prompts = args[0], *seeds = args[1], *sets = args[9], *run = args[10], *cache = args[11];
-    Py_ssize_t max_length = PyLong_AsSsize_t(args[6]), cache_size = PyLong_AsSsize_t(args[12]);
-    int dynamic = PyObject_IsTrue(args[7]);
+/* The fused graph's call (GanPipeline._generate's fused path) on ONNX Runtime CPU buffers: word ids, tokens,
+ * noise, run(binding), the text cache's update, a copy of the images. 1 with *pixels, *length and the ns of
+ * tokenize, noise, fused and output in times; 0 where the Python path must serve the call (a prompt not plain or
+ * with an unseen word, one to truncate, no buffers yet for this batch and length); -1 with an exception. */
+static int fused(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject **pixels, Py_ssize_t *length,
+                 long long times[4]) {
+    long long t0 = clock_ns(), t1, t2, t3;
+    PyObject *tokenizer = PyTuple_GET_ITEM(state, S_TOKENIZER), *sets = PyTuple_GET_ITEM(state, S_SETS);
+    Py_ssize_t max_length = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_MAX_LENGTH));
+    Py_ssize_t cache_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_CACHE_SIZE));
+    int dynamic = PyObject_IsTrue(PyTuple_GET_ITEM(state, S_PAD_TO_LONGEST));
     if (PyErr_Occurred() || dynamic < 0)
-        return NULL;
+        return -1;
+    PyObject *ends = PyObject_GetAttr(tokenizer, str_ends);  /* (head ids, tail ids), None until the library taught them */
+    if (ends == NULL)
+        return -1;
+    int status = 0;
     Py_ssize_t batch = PyList_GET_SIZE(prompts), longest = 0, shortest = PY_SSIZE_T_MAX;
-    PyObject *rows = PyList_New(batch), *result = NULL, *pixels = NULL, *done = NULL, *length_obj = NULL;
+    PyObject *rows = PyList_New(batch), *done = NULL, *length_obj = NULL;
     PyObject *ids = NULL, *mask = NULL, *noise_out = NULL, *states = NULL, *image = NULL;
-    if (rows == NULL)
-        return NULL;
+    if (rows == NULL || !PyTuple_Check(ends) || PyTuple_GET_SIZE(ends) != 2) {
+        status = rows == NULL ? -1 : 0;
+        goto end;
+    }
     for (Py_ssize_t i = 0; i < batch; i++) {
-        PyObject *word_args[6] = {PyList_GET_ITEM(prompts, i), args[2], args[3], args[4], args[5], args[6]};
+        PyObject *word_args[6] = {PyList_GET_ITEM(prompts, i), PyTuple_GET_ITEM(state, S_FIRST), PyTuple_GET_ITEM(state, S_LATER),
+                                  PyTuple_GET_ITEM(ends, 0), PyTuple_GET_ITEM(ends, 1), PyTuple_GET_ITEM(state, S_MAX_LENGTH)};
         PyObject *row = words(NULL, word_args, 6);
-        if (row == NULL)
-            goto end;
-        PyList_SET_ITEM(rows, i, row);  /* rows owns it */
-        if (row == Py_None) {  /* not plain, a word not cached, or truncated: the Python path */
-            result = Py_NewRef(Py_None);
+        if (row == NULL) {
+            status = -1;
             goto end;
         }
+        PyList_SET_ITEM(rows, i, row);  /* rows owns it */
+        if (row == Py_None)  /* not plain, a word not cached, or truncated: the Python path */
+            goto end;
         Py_ssize_t n = PyList_GET_SIZE(row);
         longest = n > longest ? n : longest;
         shortest = n < shortest ? n : shortest;
     }
     /* PromptTokenizer.length_for */
-    Py_ssize_t length = (!dynamic || shortest == 0) ? max_length : (longest < max_length ? longest : max_length);
-    PyObject *key = Py_BuildValue("(nn)", batch, length);
+    *length = (!dynamic || shortest == 0) ? max_length : (longest < max_length ? longest : max_length);
+    PyObject *key = Py_BuildValue("(nn)", batch, *length);
     PyObject *found = key ? PyDict_GetItemWithError(sets, key) : NULL;  /* borrowed */
     Py_XDECREF(key);
+    status = -1;
     if (found == NULL) {
         if (!PyErr_Occurred())
-            result = Py_NewRef(Py_None);  /* no buffers for this batch and length yet: the Python path makes them */
+            status = 0;  /* no buffers for this batch and length yet: the Python path makes them */
         goto end;
     }
     if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 3) {
-        PyErr_SetString(PyExc_TypeError, "fused_call: sets must map (batch, length) to (inputs, outputs, binding)");
+        PyErr_SetString(PyExc_TypeError, "gan_call: sets must map (batch, length) to (inputs, outputs, binding)");
         goto end;
     }
     PyObject *ins = PyTuple_GET_ITEM(found, 0), *outs = PyTuple_GET_ITEM(found, 1);
     if (!(ids = buffer(ins, "input_ids")) || !(mask = buffer(ins, "attention_mask")) || !(noise_out = buffer(ins, "noise")) ||
-        !(states = buffer(outs, "text_states")) || !(image = buffer(outs, "pixels")) || !(length_obj = PyLong_FromSsize_t(length)))
+        !(states = buffer(outs, "text_states")) || !(image = buffer(outs, "pixels")) || !(length_obj = PyLong_FromSsize_t(*length)))
         goto end;
-    PyObject *token_args[5] = {rows, ids, mask, length_obj, args[8]};
+    PyObject *token_args[5] = {rows, ids, mask, length_obj, PyTuple_GET_ITEM(state, S_PAD_ID)};
     if (!(done = tokens(NULL, token_args, 5)))
         goto end;
     Py_CLEAR(done);
@@ -498,25 +517,160 @@ static PyObject *fused_call(PyObject *self, PyObject *const *args, Py_ssize_t na
         goto end;
     Py_CLEAR(done);
     t2 = clock_ns();
-    if (!(done = PyObject_CallOneArg(run, PyTuple_GET_ITEM(found, 2))))
+    if (!(done = PyObject_CallOneArg(PyTuple_GET_ITEM(state, S_RUN), PyTuple_GET_ITEM(found, 2))))
         goto end;
     Py_CLEAR(done);
     t3 = clock_ns();
+    PyObject *cache = PyTuple_GET_ITEM(state, S_CACHE);
     if (cache != Py_None && remember(cache, cache_size, prompts, rows, states) < 0)
         goto end;
     PyObject *copy_args[1] = {image};
-    if (!(pixels = copy(NULL, copy_args, 1)))
+    if (!(*pixels = copy(NULL, copy_args, 1)))
         goto end;
-    t4 = clock_ns();
-    result = Py_BuildValue("(NnLLLL)", pixels, length, t1 - t0, t2 - t1, t3 - t2, t4 - t3);
+    times[0] = t1 - t0, times[1] = t2 - t1, times[2] = t3 - t2, times[3] = clock_ns() - t3;
+    status = 1;
 end:
-    Py_DECREF(rows);
+    Py_DECREF(ends);
+    Py_XDECREF(rows);
     Py_XDECREF(ids);
     Py_XDECREF(mask);
     Py_XDECREF(noise_out);
     Py_XDECREF(states);
     Py_XDECREF(image);
     Py_XDECREF(length_obj);
+    return status;
+}
+
+/* normalize_prompts' common case, each prompt repeated num_images times: a str, or a non-empty list or tuple of
+ * str (their text is checked by words(): only plain ASCII prompts go on), at most max_batch images. NULL with no
+ * exception: anything else, for Python to check (and refuse with its message). */
+static PyObject *call_prompts(PyObject *prompt, Py_ssize_t num_images, Py_ssize_t max_batch) {
+    int one = PyUnicode_CheckExact(prompt);
+    if (!one && !PyList_CheckExact(prompt) && !PyTuple_CheckExact(prompt))
+        return NULL;
+    Py_ssize_t count = one ? 1 : PySequence_Fast_GET_SIZE(prompt);
+    if (count == 0 || count > max_batch / num_images)
+        return NULL;
+    PyObject *prompts = PyList_New(count * num_images);
+    for (Py_ssize_t i = 0; prompts != NULL && i < count; i++) {
+        PyObject *p = one ? prompt : PySequence_Fast_GET_ITEM(prompt, i);
+        if (!PyUnicode_CheckExact(p)) {
+            Py_CLEAR(prompts);
+            break;
+        }
+        for (Py_ssize_t k = 0; k < num_images; k++)
+            PyList_SET_ITEM(prompts, i * num_images + k, Py_NewRef(p));
+    }
+    return prompts;
+}
+
+/* expand_seeds' common cases: None (a random first seed from randbelow), an int, or a list or tuple of one int
+ * per image, every seed in [0, 2**64). NULL with no exception: anything else, for Python to check. */
+static PyObject *call_seeds(PyObject *seed, Py_ssize_t total, PyObject *randbelow) {
+    PyObject *seeds = NULL;
+    if (PyList_CheckExact(seed) || PyTuple_CheckExact(seed)) {
+        if (PySequence_Fast_GET_SIZE(seed) != total || !(seeds = PyList_New(total)))
+            return NULL;
+        for (Py_ssize_t i = 0; i < total; i++) {
+            PyObject *s = PySequence_Fast_GET_ITEM(seed, i);
+            if (!PyLong_CheckExact(s) || (PyLong_AsUnsignedLongLong(s) == (unsigned long long)-1 && PyErr_Occurred())) {
+                PyErr_Clear();  /* negative or past 2**64 (no other error comes from an int) */
+                Py_DECREF(seeds);
+                return NULL;
+            }
+            PyList_SET_ITEM(seeds, i, Py_NewRef(s));
+        }
+        return seeds;
+    }
+    PyObject *first_obj;
+    if (seed == Py_None) {  /* secrets.randbelow(2**64 - total), as expand_seeds draws it */
+        PyObject *limit = PyLong_FromUnsignedLongLong((unsigned long long)0 - (unsigned long long)total);
+        first_obj = limit ? PyObject_CallOneArg(randbelow, limit) : NULL;
+        Py_XDECREF(limit);
+        if (first_obj == NULL)
+            return NULL;
+    } else if (PyLong_CheckExact(seed)) {
+        first_obj = Py_NewRef(seed);
+    } else {
+        return NULL;
+    }
+    unsigned long long first = PyLong_AsUnsignedLongLong(first_obj);
+    Py_DECREF(first_obj);
+    if ((first == (unsigned long long)-1 && PyErr_Occurred()) || (unsigned long long)(total - 1) > ~0ULL - first) {
+        PyErr_Clear();  /* out of range, or the images' seeds would run past 2**64 */
+        return NULL;
+    }
+    if (!(seeds = PyList_New(total)))
+        return NULL;
+    for (Py_ssize_t i = 0; i < total; i++) {
+        PyObject *s = PyLong_FromUnsignedLongLong(first + (unsigned long long)i);
+        if (s == NULL) {
+            Py_DECREF(seeds);
+            return NULL;
+        }
+        PyList_SET_ITEM(seeds, i, s);
+    }
+    return seeds;
+}
+
+static PyObject *gan_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != S_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "gan_call(state, prompt, seed, num_images, output_type, start)");
+        return NULL;
+    }
+    PyObject *state = args[0], *lock = PyTuple_GET_ITEM(state, S_LOCK), *cache = PyTuple_GET_ITEM(state, S_CACHE);
+    long long start = PyLong_AsLongLong(args[5]);
+    Py_ssize_t max_batch = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_MAX_BATCH));
+    if (PyErr_Occurred())
+        return NULL;
+    /* Pipeline.__call__'s argument checks, for the common case; anything else goes to Python's checks */
+    Py_ssize_t num_images = PyLong_CheckExact(args[3]) ? PyLong_AsSsize_t(args[3]) : -1;  /* not bool, not numpy */
+    PyErr_Clear();
+    PyObject *output_type = args[4];
+    if (num_images < 1 || num_images > max_batch || !PyUnicode_CheckExact(output_type) ||
+        (PyUnicode_CompareWithASCIIString(output_type, "np") && PyUnicode_CompareWithASCIIString(output_type, "pil")))
+        Py_RETURN_NONE;
+    PyObject *prompts = call_prompts(args[1], num_images, max_batch), *seeds = NULL, *pixels = NULL, *result = NULL;
+    if (prompts == NULL || !(seeds = call_seeds(args[2], PyList_GET_SIZE(prompts), PyTuple_GET_ITEM(state, S_RANDBELOW)))) {
+        Py_XDECREF(prompts);
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    /* the pipeline's lock, as Python's `with self._lock` takes it (acquire waits without the GIL) */
+    PyObject *locked = PyObject_CallMethodNoArgs(lock, str_acquire);
+    if (locked == NULL)
+        goto end;
+    Py_DECREF(locked);
+    long long checked = clock_ns(), times[4] = {0};
+    Py_ssize_t length = 0, batch = PyList_GET_SIZE(prompts), cached = 0;
+    int served = 0;
+    /* every prompt's text states cached (auto mode, a cache of one or more): the cached path, in Python */
+    if (cache != Py_None && PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_CACHE_SIZE)) > 0)
+        for (Py_ssize_t i = 0; i < batch && cached == i; i++)
+            cached += PyDict_Contains(cache, PyList_GET_ITEM(prompts, i)) == 1;
+    if (PyErr_Occurred())
+        served = -1;
+    else if (cached < batch)
+        served = fused(state, prompts, seeds, &pixels, &length, times);
+    PyObject *type, *value, *trace;
+    PyErr_Fetch(&type, &value, &trace);  /* release the lock whatever happened */
+    PyObject *released = PyObject_CallMethodNoArgs(lock, str_release);
+    if (released == NULL) {
+        Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(trace);
+        goto end;
+    }
+    Py_DECREF(released);
+    PyErr_Restore(type, value, trace);
+    if (served == 1)  /* (pixels, (seeds, length, ns of checks, tokenize, noise, fused, output, the whole call)) */
+        result = Py_BuildValue("(O(OnLLLLLL))", pixels, seeds, length, checked - start, times[0], times[1], times[2],
+                               times[3], clock_ns() - start);
+    else if (served == 0)
+        result = Py_NewRef(Py_None);
+end:
+    Py_DECREF(prompts);
+    Py_DECREF(seeds);
+    Py_XDECREF(pixels);
     return result;
 }
 
@@ -531,8 +685,8 @@ static PyMethodDef methods[] = {
     {"states_into", (PyCFunction)(void (*)(void))states_into, METH_FASTCALL,
      "states_into(rows, states, mask): cached text states, zero-padded, and their mask into bound buffers"},
     {"pixels", (PyCFunction)(void (*)(void))pixels, METH_FASTCALL, "pixels(image): NCHW float32 in [-1, 1] -> NHWC uint8"},
-    {"fused_call", (PyCFunction)(void (*)(void))fused_call, METH_FASTCALL,
-     "fused_call(...): a gan call on the fused graph, or None where the Python path must serve it"},
+    {"gan_call", (PyCFunction)(void (*)(void))gan_call, METH_FASTCALL,
+     "gan_call(state, prompt, seed, num_images, output_type, start): a whole gan call, or None for Python to serve"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -541,5 +695,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hostpath", "a call'
 
 PyMODINIT_FUNC PyInit__hostpath(void) {
     import_array();  /* an ImportError where this numpy's C API does not match: the runtime then runs its Python path */
+    if (!(str_ends = PyUnicode_InternFromString("_ends")) || !(str_acquire = PyUnicode_InternFromString("acquire")) ||
+        !(str_release = PyUnicode_InternFromString("release")))
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -1,6 +1,8 @@
 """Runtime for the gan family: token ids + noise -> pixels in one forward pass."""
 from __future__ import annotations
 
+import functools
+import secrets
 import time
 from collections import OrderedDict
 
@@ -13,6 +15,7 @@ from .pipeline import CallInfo, Pipeline, SeedNoise, to_pixels
 from .tokenize import PromptTokenizer
 
 MODES = ("auto", "fused", "split")
+ENGINE_STAGES = ("fused", "text_encoder", "generator")  # the stages that are session runs
 
 
 class GanPipeline(Pipeline):
@@ -42,15 +45,20 @@ class GanPipeline(Pipeline):
         # prompt -> (its text states at its own length (n, width), n, truncated)
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
-        # the native fused call runs ONNX Runtime CPU sessions itself (the GPU graphs move buffers around theirs)
-        native = hostpath is not None and mode != "split" and isinstance(main, OrtGraph)
-        self._native_run = main.session.run_with_iobinding if native else None
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
-        self.tokenizer.pad_to_longest = main.dynamic_sequence
+        tok = self.tokenizer
+        tok.pad_to_longest = main.dynamic_sequence
+        # the native whole call (_hostpath.gan_call) runs ONNX Runtime CPU sessions itself (the GPU graphs move
+        # buffers around theirs) and reads prompts through the word cache
+        if hostpath is not None and mode != "split" and isinstance(main, OrtGraph) and tok.native and tok.by_words:
+            self._native_state = (self._lock, self.max_batch, self._cache if mode == "auto" else None, self.cache_size,
+                                  tok, tok._first, tok._later, tok.max_length, tok.pad_to_longest, tok.pad_id,
+                                  main.bound, main.session.run_with_iobinding, secrets.randbelow)
+            self._native = functools.partial(hostpath.gan_call, self._native_state)
 
     def _generate(self, prompts, seeds, noise=None):
         batch = len(prompts)
-        info = CallInfo(seeds=seeds, engine_stages=("fused", "text_encoder", "generator"))
+        info = CallInfo(seeds=seeds, engine_stages=ENGINE_STAGES)
         t = time.perf_counter_ns()
         if noise is not None:
             noise = self._check_noise(noise, batch)
@@ -59,12 +67,6 @@ class GanPipeline(Pipeline):
         if self.mode == "fused" or (self.mode == "auto" and not use_cache):
             info.path = "fused"
             g = self.graph("fused")
-            done = self._native_fused(g, prompts, seeds) if noise is None and self._native_run is not None else None
-            if done is not None:  # served natively: (images, token positions, stage times)
-                pixels, info.sequence, tokenize_ns, noise_ns, fused_ns, output_ns = done
-                info.truncated = [False] * batch
-                info.stages = {"tokenize": tokenize_ns, "noise": noise_ns, "fused": fused_ns, "output": output_ns}
-                return pixels, info
             encoded = self._encode(prompts, info)
             info.sequence = length = encoded.length
             ins = g.inputs(batch, length)
@@ -120,16 +122,12 @@ class GanPipeline(Pipeline):
         info.lap("output", t)
         return pixels, info
 
-    def _native_fused(self, g, prompts, seeds):
-        """``_generate``'s fused path in one native call (``_hostpath.fused_call``), where it applies: every
-        prompt plain with its words cached, buffers already made for this batch and length. None: the Python
-        path serves the call (and makes the buffers)."""
-        tok = self.tokenizer
-        if not (tok.native and tok.by_words) or tok._ends is None:
-            return None
-        return hostpath.fused_call(prompts, seeds, tok._first, tok._later, *tok._ends, tok.max_length, tok.pad_to_longest,
-                                   tok.pad_id, g.bound, self._native_run, self._cache if self.mode == "auto" else None,
-                                   self.cache_size)
+    def _info_of(self, record) -> CallInfo:
+        """The CallInfo of a call `_hostpath.gan_call` served (always the fused path, nothing truncated)."""
+        seeds, length, checks, tokenize, noise, fused, output, total = record
+        return CallInfo(seeds=seeds, truncated=[False] * len(seeds), path="fused", sequence=length,
+                        stages={"checks": checks, "tokenize": tokenize, "noise": noise, "fused": fused, "output": output},
+                        engine_stages=ENGINE_STAGES, total_ns=total)
 
     def _encode(self, prompts, info):
         encoded = self.tokenizer.encode(prompts)

@@ -68,7 +68,10 @@ class Pipeline:
         # which file of that precision runs: the backend's form, unless validation asks for the other one
         self.form = form or form_for(precision, backend)
         self.notes = notes  # what `auto` skipped and why
-        self.last_call = CallInfo()
+        self._last_call = CallInfo()
+        self._record = None  # the last call's record where a native call served it (see last_call)
+        self._native = None  # a family's whole call in native code: callable(prompt, seed, num_images,
+        # output_type, start) -> (pixels, record), or None where Python must serve the call
         self.max_batch = int(bundle.generation["max_batch"])
         self._lock = threading.Lock()
         self._graphs: dict = {}
@@ -108,6 +111,17 @@ class Pipeline:
 
     def __call__(self, prompt, seed=None, num_images: int = 1, output_type: str = "pil", **kw):
         start = time.perf_counter_ns()  # end to end: the argument checks count too (all but the PIL conversion)
+        done = self._native(prompt, seed, num_images, output_type, start) if self._native is not None and not kw else None
+        if done is not None:
+            pixels, self._record = done
+        else:
+            pixels = self._call(prompt, seed, num_images, output_type, start, kw)
+        if output_type == "np":
+            return pixels
+        from PIL import Image
+        return [Image.fromarray(p) for p in pixels]
+
+    def _call(self, prompt, seed, num_images, output_type, start, kw) -> np.ndarray:
         prompts = normalize_prompts(prompt)
         num_images = check_count(num_images)
         total = len(prompts) * num_images
@@ -125,13 +139,20 @@ class Pipeline:
             pixels, info = self._generate(prompts, seeds, **kw)
             info.stages = {"checks": checked - start, **info.stages}
             info.total_ns = time.perf_counter_ns() - start
-            self.last_call = info
+            self._last_call, self._record = info, None
         for message in info.warnings:
-            warnings.warn(message, TruncationWarning, stacklevel=2)
-        if output_type == "np":
-            return pixels
-        from PIL import Image
-        return [Image.fromarray(p) for p in pixels]
+            warnings.warn(message, TruncationWarning, stacklevel=3)
+        return pixels
+
+    @property
+    def last_call(self) -> CallInfo:
+        """What the last call did. A native call leaves a bare record, made into its CallInfo when first read."""
+        if self._record is not None:
+            self._last_call, self._record = self._info_of(self._record), None
+        return self._last_call
+
+    def _info_of(self, record) -> CallInfo:
+        raise NotImplementedError
 
     def _generate(self, prompts: list[str], seeds: list[int], **kw) -> tuple[np.ndarray, CallInfo]:
         raise NotImplementedError

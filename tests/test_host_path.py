@@ -260,7 +260,7 @@ def test_native_cached_states_are_numpys(mask_dtype):
 
 
 class _Counting:
-    """The native module, counting the fused calls it served (not None)."""
+    """The native module, counting the whole calls it served (not None)."""
 
     def __init__(self, module):
         self._module, self.served = module, 0
@@ -268,40 +268,117 @@ class _Counting:
     def __getattr__(self, name):
         return getattr(self._module, name)
 
-    def fused_call(self, *args):
-        done = self._module.fused_call(*args)
+    def gan_call(self, *args):
+        done = self._module.gan_call(*args)
         self.served += done is not None
         return done
 
 
+def _same_calls(pipes, prompts, seeds, **kw):
+    """Both pipelines' images, call records and text caches are the same."""
+    got = [pipe(prompts, seed=seeds, output_type="np", **kw) for pipe in pipes]
+    assert np.array_equal(got[0], got[1]), prompts
+    a, b = (pipe.last_call for pipe in pipes)
+    assert (a.path, a.sequence, a.truncated, a.seeds, list(a.stages), a.engine_stages, a.warnings) == \
+        (b.path, b.sequence, b.truncated, b.seeds, list(b.stages), b.engine_stages, b.warnings)
+    assert list(pipes[0]._cache) == list(pipes[1]._cache)
+    for (x, n, cut), (y, m, cut2) in zip(pipes[0]._cache.values(), pipes[1]._cache.values()):
+        assert np.array_equal(x, y) and (n, cut) == (m, cut2)
+    return a
+
+
 @pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
 @pytest.mark.parametrize("mode,cache_size", [("auto", 128), ("auto", 2), ("fused", 128)])
-def test_the_native_fused_call_is_the_python_one(bert_bundle, monkeypatch, mode, cache_size):
-    """Calls served by `_hostpath.fused_call` give the Python path's pixels, text cache (order and eviction
-    included) and call record; prompts it cannot serve fall back to Python."""
+def test_the_native_whole_call_is_the_python_one(bert_bundle, monkeypatch, mode, cache_size):
+    """Calls served by `_hostpath.gan_call` give the Python path's pixels, text cache (order and eviction
+    included) and call record; arguments and prompts it cannot serve go to Python."""
     from collections import OrderedDict
     from edgegen.runtime import Pipeline, gan
     counting = _Counting(hostpath)
     monkeypatch.setattr(gan, "hostpath", counting)
     pipes = [Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode=mode, cache_size=cache_size) for _ in range(2)]
-    assert pipes[0]._native_run is not None
-    pipes[1]._native_run = None  # the Python path throughout (its steps native where they may be)
+    assert pipes[0]._native is not None
+    pipes[1]._native = None  # the Python path throughout (its steps native where they may be)
     calls = [(["a red apple", "cat", "a red apple"], [3, 4, 5]), (["cat"], [2**64 - 1]), (["a dog", "cat", "a red apple"], [0, 1, 2]),
-             (["a dog!", "cat", "cat"], [7, 8, 9]), (["a very small yellow star"], [0])]
+             (["a dog!", "cat", "cat"], [7, 8, 9]), (["a very small yellow star"], [0]), (("a dog", "cat"), (11, 12)),
+             ("a red apple", 2**64 - 1), ("cat", np.int64(5)), (["cat"], np.array([6], np.uint64))]
     # round 1 teaches the word cache and makes the buffers; round 2 meets a warm text cache (cached, partly
-    # cached and new prompts); round 3 empties it before each call, so every plain call runs fused
-    for clear, (prompts, seeds) in [(False, c) for c in calls * 2] + [(True, c) for c in calls]:
+    # cached and new prompts); rounds 3 and 4 empty it before each call, so every call runs fused
+    for clear, (prompts, seeds) in [(False, c) for c in calls * 2] + [(True, c) for c in calls * 2]:
         for pipe in pipes:
             if clear:
                 pipe.clear_cache()
-        got = [pipe(prompts, seed=seeds, output_type="np") for pipe in pipes]
-        assert np.array_equal(got[0], got[1]), prompts
-        a, b = (pipe.last_call for pipe in pipes)
-        assert (a.path, a.sequence, a.truncated, a.seeds, list(a.stages)) == (b.path, b.sequence, b.truncated, b.seeds, list(b.stages))
-        assert list(pipes[0]._cache) == list(pipes[1]._cache)
-        for (x, n, cut), (y, m, cut2) in zip(pipes[0]._cache.values(), pipes[1]._cache.values()):
-            assert np.array_equal(x, y) and (n, cut) == (m, cut2)
-    # round 3's plain calls at least: not "a dog!" (not plain), and in auto mode not "cat" alone, whose earlier
-    # calls came from the text cache, so the fused graph has no buffers at its length yet
-    assert counting.served >= 3
+        _same_calls(pipes, prompts, seeds)
+    # round 4's calls natively at least, but for "a dog!" (not plain) and the numpy seeds (round 3 made the
+    # buffers that auto mode's earlier cached calls did not need)
+    assert counting.served >= 6
     assert isinstance(pipes[0]._cache, OrderedDict) and len(pipes[0]._cache) <= cache_size
+    # several images per prompt, and a random first seed (each pipeline's own: compared through the seeds drawn)
+    prompts = ["a red apple", "a dog"]
+    served = counting.served
+    for _ in range(2):  # the first call makes the buffers for four images
+        for pipe in pipes:
+            pipe.clear_cache()
+        _same_calls(pipes, prompts, 40, num_images=2)
+    pipes[0].clear_cache()
+    got = pipes[0](prompts, num_images=2, output_type="np")
+    seeds = pipes[0].last_call.seeds
+    assert counting.served == served + 2
+    assert all(0 <= s < 2**64 for s in seeds) and seeds == [seeds[0] + i for i in range(4)]
+    pipes[1].clear_cache()
+    assert np.array_equal(got, pipes[1](prompts, seed=seeds[0], num_images=2, output_type="np"))
+
+
+@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
+def test_the_native_whole_call_leaves_bad_arguments_to_python(bert_bundle):
+    """Every argument the C checks do not accept reaches Python's checks, with their messages; a native call's
+    timing lies within the call, on Python's perf_counter_ns clock."""
+    import time
+    from edgegen.runtime import BadInputError, Pipeline
+    pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="fused")
+    pipe("a red apple", seed=1, output_type="np")  # teaches the word cache, makes the buffers
+    bad = [(dict(prompt="a red apple", seed=-1), "out of range"), (dict(prompt="a red apple", seed=2**64), "out of range"),
+           (dict(prompt="a red apple", seed=2**64 - 1, num_images=2), "runs past"),
+           (dict(prompt="a red apple", seed=[1, 2]), "2 seeds for 1 images"), (dict(prompt="a red apple", seed=(1, -1)), "out of range"),
+           (dict(prompt="a red apple", seed=[1.0]), "expected an integer"), (dict(prompt="a red apple", seed=True), "expected an integer"),
+           (dict(prompt="a red apple", num_images=True), "positive integer"), (dict(prompt="a red apple", num_images=0), "positive integer"),
+           (dict(prompt="a red apple", num_images=2**70), "positive integer|maximum batch"),
+           (dict(prompt=["a red apple"] * 9, num_images=2), "maximum batch"), (dict(prompt="a red apple", output_type="NP"), "output_type"),
+           (dict(prompt=[]), "non-empty"), (dict(prompt=("a red apple", b"x")), "item 1"), (dict(prompt="a \ud800"), "not valid Unicode")]
+    for kwargs, fragment in bad:
+        with pytest.raises(BadInputError, match=fragment):
+            pipe(kwargs.pop("prompt"), **kwargs)
+    before = time.perf_counter_ns()
+    pipe("a red apple", seed=1, output_type="np")
+    after = time.perf_counter_ns()
+    info = pipe.last_call
+    assert pipe._record is None and info.path == "fused" and info.seeds == [1]  # made from the record when read
+    assert 0 <= info.stages["checks"] and 0 < sum(info.stages.values()) <= info.total_ns <= after - before
+
+
+@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
+def test_the_native_whole_call_holds_the_pipelines_lock(bert_bundle):
+    """It waits for a call in progress (the lock, taken without the GIL) and lets go of the lock when the
+    engine run fails."""
+    import functools
+    import threading
+    from edgegen.runtime import Pipeline
+    pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="fused")
+    want = pipe("a red apple", seed=1, output_type="np")
+    done = []
+    with pipe._lock:
+        worker = threading.Thread(target=lambda: done.append(pipe("a red apple", seed=1, output_type="np")))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive() and not done
+    worker.join(30)
+    assert np.array_equal(done[0], want) and pipe.last_call.path == "fused"
+
+    def broken(binding):
+        raise RuntimeError("the engine failed")
+    state = pipe._native_state
+    pipe._native = functools.partial(hostpath.gan_call, state[:11] + (broken,) + state[12:])
+    with pytest.raises(RuntimeError, match="the engine failed"):
+        pipe("a red apple", seed=1, output_type="np")
+    assert pipe._lock.acquire(blocking=False)
+    pipe._lock.release()
