@@ -63,6 +63,7 @@ def measure(candidates: dict, batch: int, rounds: int, iterations: int, warmup: 
     seeds = list(range(batch))
     samples = {name: [] for name in candidates}
     stages = {name: [] for name in candidates}
+    overheads = {name: [] for name in candidates}  # runtime calls: end to end minus engine time, ms
     for name, (call, _) in candidates.items():
         for _ in range(warmup):
             call(prompts, seeds)
@@ -80,8 +81,10 @@ def measure(candidates: dict, batch: int, rounds: int, iterations: int, warmup: 
                     elapsed = result[1]
                 samples[name].append(elapsed * 1e3)
                 if pipe is not None:
-                    stages[name].append({k: v / 1e6 for k, v in pipe.last_call.stages.items()})
-    return samples, stages
+                    info = pipe.last_call
+                    stages[name].append({k: v / 1e6 for k, v in info.stages.items()})
+                    overheads[name].append((info.total_ns - info.engine_ns) / 1e6)
+    return samples, stages, overheads
 
 
 def main(argv=None) -> dict:
@@ -124,7 +127,7 @@ def main(argv=None) -> dict:
     fastest = Pipeline.from_bundle(args.bundle, backend="auto", precision="auto")
     candidates[f"edgegen {fastest.backend} {fastest.precision} (cached prompt)"] = (runtime_candidate(fastest, True), fastest)
 
-    samples, stages = measure(candidates, args.batch, args.rounds, args.iterations, args.warmup, args.prompt)
+    samples, stages, overheads = measure(candidates, args.batch, args.rounds, args.iterations, args.warmup, args.prompt)
     peak = cpu_peak()
     base = float(np.median(samples["pytorch eager fp32"]))
     rows = {}
@@ -134,6 +137,8 @@ def main(argv=None) -> dict:
         if stages[name]:
             row["stages_p50_ms"] = {k: float(np.median([st.get(k, 0.0) for st in stages[name]]))
                                     for k in dict.fromkeys(k for st in stages[name] for k in st)}
+            # the runtime's own time (end to end as the pipeline times itself, minus its engine runs)
+            row["overhead_p50_ms"] = float(np.median(overheads[name]))
         rows[name] = row
     add_fp32_ratios(rows, list(pipes))
     roofline = {}
@@ -154,7 +159,7 @@ def main(argv=None) -> dict:
               "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m benchmarks.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "results": rows, "roofline": roofline, "samples_ms": samples}
+              "results": rows, "targets": targets(rows), "roofline": roofline, "samples_ms": samples}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     (args.out / "results.md").write_text(markdown(result))
@@ -173,14 +178,45 @@ def add_fp32_ratios(rows: dict, runs: list[tuple[str, str]]) -> None:
             row["speedup_vs_fp32"] = fp32["p50_ms"] / row["p50_ms"]
 
 
+def targets(rows: dict) -> list[dict]:
+    """Issue 7's targets (set for the default model, batch 1, a 2-core CPU) on the ort-cpu rows this run has:
+    int8 >= 5x and fp32 >= 2.5x PyTorch eager; each row's overhead p50 <= 3 % of its end to end or <= 50 us,
+    whichever is larger; the cached-prompt call >= 1.5x its new-prompt call."""
+    out = []
+    for precision, want in (("int8", 5.0), ("fp32", 2.5)):
+        row = rows.get(f"edgegen ort-cpu {precision}")
+        if row:
+            out.append({"target": f"ort-cpu {precision} >= {want}x PyTorch eager", "value": f"{row['speedup_vs_pytorch']:.2f}x",
+                        "met": row["speedup_vs_pytorch"] >= want})
+    for name, row in rows.items():
+        if name.startswith("edgegen ort-cpu") and "overhead_p50_ms" in row:
+            limit = max(0.05, 0.03 * row["p50_ms"])
+            out.append({"target": f"{name[len('edgegen '):]}: overhead p50 <= {limit * 1e3:.0f} us",
+                        "value": f"{row['overhead_p50_ms'] * 1e3:.1f} us ({100 * row['overhead_p50_ms'] / row['p50_ms']:.1f} %)",
+                        "met": row["overhead_p50_ms"] <= limit})
+        if name.startswith("edgegen ort-cpu") and name.endswith(" (cached prompt)"):
+            new = rows.get(name[:-len(" (cached prompt)")])
+            if new:
+                ratio = new["p50_ms"] / row["p50_ms"]
+                out.append({"target": f"{name[len('edgegen '):]} >= 1.5x the new-prompt call", "value": f"{ratio:.2f}x",
+                            "met": ratio >= 1.5})
+    return out
+
+
 def markdown(r: dict) -> str:
     tokens = f" ({r['sequence']} token positions, PyTorch the same)" if r.get("sequence") else ""
     lines = [f"Prompt {r['prompt']!r}{tokens}, batch {r['batch']}, {r['rounds']} rounds x {r['iterations']} interleaved calls, {r['date']}; "
              f"torch {r['versions']['torch']}, onnxruntime {r['versions']['onnxruntime']}; {r['machine']['platform']}.",
-             "", "| candidate | p50 ms | p95 ms | vs PyTorch eager | vs the backend's fp32 |", "|---|---:|---:|---:|---:|"]
+             "", "| candidate | p50 ms | p95 ms | vs PyTorch eager | vs the backend's fp32 | overhead p50 us |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, row in r["results"].items():
         vs_fp32 = f"{row['speedup_vs_fp32']:.2f}x" if "speedup_vs_fp32" in row else ""
-        lines.append(f"| {name} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | {row['speedup_vs_pytorch']:.2f}x | {vs_fp32} |")
+        overhead = f"{row['overhead_p50_ms'] * 1e3:.1f}" if "overhead_p50_ms" in row else ""
+        lines.append(f"| {name} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | {row['speedup_vs_pytorch']:.2f}x | {vs_fp32} | {overhead} |")
+    if r.get("targets"):
+        lines += ["", "Targets (issue 7; set for the default model, batch 1, a 2-core CPU):", "", "| target | this run | met |",
+                  "|---|---:|---|"]
+        lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in r["targets"]]
     if r["roofline"]:
         lines += ["", f"Roofline (ort-cpu fused graph; peak: {r['machine']['cpu_peak']}):", "",
                   "| precision | GFLOP float | GOP int8 | MB moved | bound ms | engine ms | fraction of limit |",
