@@ -27,13 +27,15 @@
  *                       pipeline.to_pixels's arithmetic (the fused graph's post-processing); None for
  *                       anything but a C-contiguous float32 array of four dims
  *   gan_call(state, prompt, seed, num_images, output_type, start)
- *                       a whole gan call (Pipeline.__call__ with GanPipeline._generate's fused path) on ONNX
- *                       Runtime CPU buffers: the argument checks' common case, the pipeline's lock, word ids,
- *                       tokens, noise, run(binding), the text cache's update, the images. (pixels, record) or
- *                       None where Python must serve it (any other argument, which Python checks; every prompt
- *                       cached; a prompt not plain or with an unseen word; one to truncate; no buffers yet for
- *                       this batch and length). state: GanPipeline._native_state; start: perf_counter_ns() at
- *                       the call's start. With its steps in C the call touches far less memory than in Python.
+ *                       a whole gan call (Pipeline.__call__ with GanPipeline._generate's fused or cached path)
+ *                       on ONNX Runtime CPU buffers: the argument checks' common case, the pipeline's lock, then
+ *                       word ids, tokens, noise, run(binding), the text cache's update and the images, or (every
+ *                       prompt cached) the cached states, noise, the generator's run and its image into pixels.
+ *                       (pixels, record) or None where Python must serve it (any other argument, which Python
+ *                       checks; a prompt not plain or with an unseen word; one truncated, which Python warns
+ *                       about; no buffers yet for this batch and length). state: GanPipeline._native_state;
+ *                       start: perf_counter_ns() at the call's start. With its steps in C the call touches far
+ *                       less memory than in Python.
  *
  * The pure-Python path in pipeline.py / tokenize.py gives the same values (tested against each other);
  * it runs where this module could not be built.
@@ -44,6 +46,7 @@
 #include <math.h>
 #include <time.h>
 #include <string.h>
+#include <float.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include "numpy/arrayobject.h"
@@ -326,6 +329,14 @@ static PyObject *copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return new_copy(src, nd - 1, dims, PyArray_BYTES(src) + row * (PyArray_NBYTES(src) / shape[0]));
 }
 
+/* Round half to even for 0 <= v <= 255, as np.rint: adding and taking away 2**23 leaves an integer rounded in the
+ * default mode (to nearest, ties to even). nearbyintf is a libm call per value on baseline x86-64 (no SSE4.1). */
+#if FLT_EVAL_METHOD == 0
+static inline float round_even(float v) { return (v + 8388608.0f) - 8388608.0f; }
+#else
+#define round_even nearbyintf  /* float arithmetic in wider registers (x87): the trick would not hold */
+#endif
+
 static PyObject *pixels(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 1) {
         PyErr_SetString(PyExc_TypeError, "pixels(image: float32 array (N, C, H, W))");
@@ -342,13 +353,16 @@ static PyObject *pixels(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const float *in = (const float *)PyArray_DATA(src);
     uint8_t *px = (uint8_t *)PyArray_DATA((PyArrayObject *)out);
     for (npy_intp b = 0; b < n; b++)
-        for (npy_intp k = 0; k < c; k++)
+        for (npy_intp k = 0; k < c; k++) {
+            const float *plane = in + (b * c + k) * hw;
+            uint8_t *dst = px + b * hw * c + k;
             for (npy_intp i = 0; i < hw; i++) {
                 /* numpy's float32 steps: (x + 1) * 127.5, clip to [0, 255], round half to even */
-                float v = (in[(b * c + k) * hw + i] + 1.0f) * 127.5f;
+                float v = (plane[i] + 1.0f) * 127.5f;
                 v = v > 0.0f ? (v < 255.0f ? v : 255.0f) : 0.0f;  /* NaN -> 0 */
-                px[(b * hw + i) * c + k] = (uint8_t)nearbyintf(v);
+                dst[i * c] = (uint8_t)round_even(v);
             }
+        }
     return out;
 }
 
@@ -402,8 +416,8 @@ static long long clock_ns(void) {
 
 /* GanPipeline._native_state: what gan_call needs, fixed when the pipeline is made */
 enum { S_LOCK, S_MAX_BATCH, S_CACHE, S_CACHE_SIZE, S_TOKENIZER, S_FIRST, S_LATER, S_MAX_LENGTH, S_PAD_TO_LONGEST, S_PAD_ID,
-       S_SETS, S_RUN, S_RANDBELOW, S_SIZE };
-static PyObject *str_ends, *str_acquire, *str_release;  /* interned names */
+       S_SETS, S_RUN, S_GEN_SETS, S_GEN_RUN, S_RANDBELOW, S_SIZE };
+static PyObject *str_ends, *str_acquire, *str_release, *str_move_to_end, *str_fused, *str_cached;  /* interned */
 
 /* A new reference to d[name], or NULL with KeyError. */
 static PyObject *buffer(PyObject *d, const char *name) {
@@ -449,21 +463,38 @@ static int remember(PyObject *cache, Py_ssize_t cache_size, PyObject *prompts, P
     return 0;
 }
 
-/* The fused graph's call (GanPipeline._generate's fused path) on ONNX Runtime CPU buffers: word ids, tokens,
- * noise, run(binding), the text cache's update, a copy of the images. 1 with *pixels, *length and the ns of
- * tokenize, noise, fused and output in times; 0 where the Python path must serve the call (a prompt not plain or
- * with an unseen word, one to truncate, no buffers yet for this batch and length); -1 with an exception. */
-static int fused(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject **pixels, Py_ssize_t *length,
-                 long long times[4]) {
-    long long t0 = clock_ns(), t1, t2, t3;
-    PyObject *tokenizer = PyTuple_GET_ITEM(state, S_TOKENIZER), *sets = PyTuple_GET_ITEM(state, S_SETS);
+/* PromptTokenizer.length_for: the row length for prompts of these token counts, -1 with an exception */
+static Py_ssize_t length_for(PyObject *state, Py_ssize_t longest, Py_ssize_t shortest) {
     Py_ssize_t max_length = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_MAX_LENGTH));
-    Py_ssize_t cache_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_CACHE_SIZE));
     int dynamic = PyObject_IsTrue(PyTuple_GET_ITEM(state, S_PAD_TO_LONGEST));
     if (PyErr_Occurred() || dynamic < 0)
         return -1;
-    PyObject *ends = PyObject_GetAttr(tokenizer, str_ends);  /* (head ids, tail ids), None until the library taught them */
-    if (ends == NULL)
+    return (!dynamic || shortest == 0) ? max_length : (longest < max_length ? longest : max_length);
+}
+
+/* A graph's (inputs, outputs, binding) for this batch and length (borrowed), or NULL: with an exception, or
+ * none where no buffers are bound yet (the Python path makes them). */
+static PyObject *bound_set(PyObject *sets, Py_ssize_t batch, Py_ssize_t length) {
+    PyObject *key = Py_BuildValue("(nn)", batch, length);
+    PyObject *found = key ? PyDict_GetItemWithError(sets, key) : NULL;
+    Py_XDECREF(key);
+    if (found != NULL && (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 3)) {
+        PyErr_SetString(PyExc_TypeError, "gan_call: sets must map (batch, length) to (inputs, outputs, binding)");
+        return NULL;
+    }
+    return found;
+}
+
+/* The fused graph's call (GanPipeline._generate's fused path) on ONNX Runtime CPU buffers: word ids, tokens,
+ * noise, run(binding), the text cache's update, a copy of the images. 1 with *images, *length and the ns of
+ * tokenize, noise, fused and output in times; 0 where the Python path must serve the call (a prompt not plain or
+ * with an unseen word, one to truncate, no buffers yet for this batch and length); -1 with an exception. */
+static int fused(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject **images, Py_ssize_t *length,
+                 long long times[4]) {
+    long long t0 = clock_ns(), t1, t2, t3;
+    Py_ssize_t cache_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_CACHE_SIZE));
+    PyObject *ends = PyErr_Occurred() ? NULL : PyObject_GetAttr(PyTuple_GET_ITEM(state, S_TOKENIZER), str_ends);
+    if (ends == NULL)  /* (head ids, tail ids); None until the library taught them */
         return -1;
     int status = 0;
     Py_ssize_t batch = PyList_GET_SIZE(prompts), longest = 0, shortest = PY_SSIZE_T_MAX;
@@ -488,19 +519,12 @@ static int fused(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject *
         longest = n > longest ? n : longest;
         shortest = n < shortest ? n : shortest;
     }
-    /* PromptTokenizer.length_for */
-    *length = (!dynamic || shortest == 0) ? max_length : (longest < max_length ? longest : max_length);
-    PyObject *key = Py_BuildValue("(nn)", batch, *length);
-    PyObject *found = key ? PyDict_GetItemWithError(sets, key) : NULL;  /* borrowed */
-    Py_XDECREF(key);
     status = -1;
+    PyObject *found = (*length = length_for(state, longest, shortest)) < 0 ? NULL :
+                      bound_set(PyTuple_GET_ITEM(state, S_SETS), batch, *length);
     if (found == NULL) {
         if (!PyErr_Occurred())
-            status = 0;  /* no buffers for this batch and length yet: the Python path makes them */
-        goto end;
-    }
-    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 3) {
-        PyErr_SetString(PyExc_TypeError, "gan_call: sets must map (batch, length) to (inputs, outputs, binding)");
+            status = 0;
         goto end;
     }
     PyObject *ins = PyTuple_GET_ITEM(found, 0), *outs = PyTuple_GET_ITEM(found, 1);
@@ -525,7 +549,7 @@ static int fused(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject *
     if (cache != Py_None && remember(cache, cache_size, prompts, rows, states) < 0)
         goto end;
     PyObject *copy_args[1] = {image};
-    if (!(*pixels = copy(NULL, copy_args, 1)))
+    if (!(*images = copy(NULL, copy_args, 1)))
         goto end;
     times[0] = t1 - t0, times[1] = t2 - t1, times[2] = t3 - t2, times[3] = clock_ns() - t3;
     status = 1;
@@ -538,6 +562,82 @@ end:
     Py_XDECREF(states);
     Py_XDECREF(image);
     Py_XDECREF(length_obj);
+    return status;
+}
+
+/* The cached path (GanPipeline._generate's, every prompt's text states cached) on ONNX Runtime CPU buffers: the
+ * entries moved to the cache's end, their states and mask into the generator's buffers, noise, run(binding), the
+ * image into pixels. 1 with *images, *length and the ns of cache, noise, generator and output in times; 0 where
+ * the Python path must serve it (a prompt that was truncated, which it warns about; no buffers yet). */
+static int from_cache(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject **images, Py_ssize_t *length,
+                      long long times[4]) {
+    long long t0 = clock_ns(), t1, t2, t3;
+    PyObject *cache = PyTuple_GET_ITEM(state, S_CACHE), *done = NULL;
+    Py_ssize_t batch = PyList_GET_SIZE(prompts), longest = 0, shortest = PY_SSIZE_T_MAX;
+    PyObject *rows = PyList_New(batch), *states = NULL, *mask = NULL, *noise_out = NULL, *image = NULL;
+    int status = rows == NULL ? -1 : 0;
+    for (Py_ssize_t i = 0; status == 0 && i < batch; i++) {
+        PyObject *entry = PyDict_GetItemWithError(cache, PyList_GET_ITEM(prompts, i));  /* (states, n, truncated) */
+        if (entry == NULL || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || PyTuple_GET_ITEM(entry, 2) != Py_False) {
+            status = PyErr_Occurred() ? -1 : 0;
+            goto end;
+        }
+        Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 1));
+        if (n == -1 && PyErr_Occurred())
+            status = -1;
+        PyList_SET_ITEM(rows, i, Py_NewRef(PyTuple_GET_ITEM(entry, 0)));
+        longest = n > longest ? n : longest;
+        shortest = n < shortest ? n : shortest;
+    }
+    if (status < 0)
+        goto end;
+    status = -1;
+    PyObject *found = (*length = length_for(state, longest, shortest)) < 0 ? NULL :
+                      bound_set(PyTuple_GET_ITEM(state, S_GEN_SETS), batch, *length);
+    if (found == NULL) {
+        if (!PyErr_Occurred())
+            status = 0;
+        goto end;
+    }
+    PyObject *ins = PyTuple_GET_ITEM(found, 0), *outs = PyTuple_GET_ITEM(found, 1);
+    if (!(states = buffer(ins, "text_states")) || !(mask = buffer(ins, "attention_mask")) || !(noise_out = buffer(ins, "noise")) ||
+        !(image = buffer(outs, "image")))
+        goto end;
+    for (Py_ssize_t i = 0; i < batch; i++) {  /* most recently used last, as Python's path leaves them */
+        if (!(done = PyObject_CallMethodOneArg(cache, str_move_to_end, PyList_GET_ITEM(prompts, i))))
+            goto end;
+        Py_CLEAR(done);
+    }
+    PyObject *state_args[3] = {rows, states, mask};
+    if (!(done = states_into(NULL, state_args, 3)))
+        goto end;
+    Py_CLEAR(done);
+    t1 = clock_ns();
+    PyObject *noise_args[2] = {seeds, noise_out};
+    if (!(done = noise(NULL, noise_args, 2)))
+        goto end;
+    Py_CLEAR(done);
+    t2 = clock_ns();
+    if (!(done = PyObject_CallOneArg(PyTuple_GET_ITEM(state, S_GEN_RUN), PyTuple_GET_ITEM(found, 2))))
+        goto end;
+    Py_CLEAR(done);
+    t3 = clock_ns();
+    PyObject *pixel_args[1] = {image};
+    if (!(*images = pixels(NULL, pixel_args, 1)))
+        goto end;
+    if (*images == Py_None) {  /* the generator's bound image is float32 (N, C, H, W) */
+        Py_CLEAR(*images);
+        PyErr_SetString(PyExc_TypeError, "gan_call: the generator's image buffer is not C-contiguous float32 of 4 dims");
+        goto end;
+    }
+    times[0] = t1 - t0, times[1] = t2 - t1, times[2] = t3 - t2, times[3] = clock_ns() - t3;
+    status = 1;
+end:
+    Py_XDECREF(rows);
+    Py_XDECREF(states);
+    Py_XDECREF(mask);
+    Py_XDECREF(noise_out);
+    Py_XDECREF(image);
     return status;
 }
 
@@ -645,14 +745,15 @@ static PyObject *gan_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
     long long checked = clock_ns(), times[4] = {0};
     Py_ssize_t length = 0, batch = PyList_GET_SIZE(prompts), cached = 0;
     int served = 0;
-    /* every prompt's text states cached (auto mode, a cache of one or more): the cached path, in Python */
+    /* every prompt's text states cached (auto mode, a cache of one or more): the cached path */
     if (cache != Py_None && PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_CACHE_SIZE)) > 0)
         for (Py_ssize_t i = 0; i < batch && cached == i; i++)
             cached += PyDict_Contains(cache, PyList_GET_ITEM(prompts, i)) == 1;
+    PyObject *path = cached == batch ? str_cached : str_fused;
     if (PyErr_Occurred())
         served = -1;
-    else if (cached < batch)
-        served = fused(state, prompts, seeds, &pixels, &length, times);
+    else
+        served = (cached == batch ? from_cache : fused)(state, prompts, seeds, &pixels, &length, times);
     PyObject *type, *value, *trace;
     PyErr_Fetch(&type, &value, &trace);  /* release the lock whatever happened */
     PyObject *released = PyObject_CallMethodNoArgs(lock, str_release);
@@ -662,8 +763,8 @@ static PyObject *gan_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     Py_DECREF(released);
     PyErr_Restore(type, value, trace);
-    if (served == 1)  /* (pixels, (seeds, length, ns of checks, tokenize, noise, fused, output, the whole call)) */
-        result = Py_BuildValue("(O(OnLLLLLL))", pixels, seeds, length, checked - start, times[0], times[1], times[2],
+    if (served == 1)  /* (pixels, (path, seeds, length, ns of checks, its four stages, the whole call)) */
+        result = Py_BuildValue("(O(OOnLLLLLL))", pixels, path, seeds, length, checked - start, times[0], times[1], times[2],
                                times[3], clock_ns() - start);
     else if (served == 0)
         result = Py_NewRef(Py_None);
@@ -696,7 +797,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hostpath", "a call'
 PyMODINIT_FUNC PyInit__hostpath(void) {
     import_array();  /* an ImportError where this numpy's C API does not match: the runtime then runs its Python path */
     if (!(str_ends = PyUnicode_InternFromString("_ends")) || !(str_acquire = PyUnicode_InternFromString("acquire")) ||
-        !(str_release = PyUnicode_InternFromString("release")))
+        !(str_release = PyUnicode_InternFromString("release")) || !(str_move_to_end = PyUnicode_InternFromString("move_to_end")) ||
+        !(str_fused = PyUnicode_InternFromString("fused")) || !(str_cached = PyUnicode_InternFromString("cached")))
         return NULL;
     return PyModule_Create(&module);
 }

@@ -16,6 +16,7 @@ from .tokenize import PromptTokenizer
 
 MODES = ("auto", "fused", "split")
 ENGINE_STAGES = ("fused", "text_encoder", "generator")  # the stages that are session runs
+NATIVE_STAGES = {"fused": ("tokenize", "noise", "fused", "output"), "cached": ("cache", "noise", "generator", "output")}
 
 
 class GanPipeline(Pipeline):
@@ -51,9 +52,11 @@ class GanPipeline(Pipeline):
         # the native whole call (_hostpath.gan_call) runs ONNX Runtime CPU sessions itself (the GPU graphs move
         # buffers around theirs) and reads prompts through the word cache
         if hostpath is not None and mode != "split" and isinstance(main, OrtGraph) and tok.native and tok.by_words:
+            gen = self.graph("generator") if mode == "auto" else None  # the cached path's (shares the weights file)
             self._native_state = (self._lock, self.max_batch, self._cache if mode == "auto" else None, self.cache_size,
                                   tok, tok._first, tok._later, tok.max_length, tok.pad_to_longest, tok.pad_id,
-                                  main.bound, main.session.run_with_iobinding, secrets.randbelow)
+                                  main.bound, main.session.run_with_iobinding,
+                                  gen and gen.bound, gen and gen.session.run_with_iobinding, secrets.randbelow)
             self._native = functools.partial(hostpath.gan_call, self._native_state)
 
     def _generate(self, prompts, seeds, noise=None):
@@ -123,11 +126,11 @@ class GanPipeline(Pipeline):
         return pixels, info
 
     def _info_of(self, record) -> CallInfo:
-        """The CallInfo of a call `_hostpath.gan_call` served (always the fused path, nothing truncated)."""
-        seeds, length, checks, tokenize, noise, fused, output, total = record
-        return CallInfo(seeds=seeds, truncated=[False] * len(seeds), path="fused", sequence=length,
-                        stages={"checks": checks, "tokenize": tokenize, "noise": noise, "fused": fused, "output": output},
-                        engine_stages=ENGINE_STAGES, total_ns=total)
+        """The CallInfo of a call `_hostpath.gan_call` served (nothing truncated)."""
+        path, seeds, length, checks, *times, total = record
+        return CallInfo(seeds=seeds, truncated=[False] * len(seeds), path=path, sequence=length,
+                        stages={"checks": checks, **dict(zip(NATIVE_STAGES[path], times))}, engine_stages=ENGINE_STAGES,
+                        total_ns=total)
 
     def _encode(self, prompts, info):
         encoded = self.tokenizer.encode(prompts)

@@ -234,6 +234,11 @@ def test_native_pixels_are_numpys():
     got, want = to_pixels(image), to_pixels(image, native=False)
     assert got.dtype == np.uint8 and got.shape == (2, 5, 7, 3) and got.flags.c_contiguous
     assert np.array_equal(got, want)
+    # every half step from -1 to 256.5 after scaling, and the floats either side of each (the rounding's edges)
+    x = (np.arange(-2, 514) / 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
+    sweep = np.concatenate([x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf)), [np.inf, -np.inf, 0, 0.5, -0.5, 2]])
+    sweep = sweep.astype(np.float32).reshape(1, 3, 2, -1)
+    assert np.array_equal(to_pixels(sweep), to_pixels(sweep, native=False))
     assert hostpath.pixels(image.astype(np.float16)) is None and hostpath.pixels(image[:, :, ::2]) is None
     assert np.array_equal(to_pixels(image[:, :, ::2]), want[:, ::2])  # what the native loop declines, numpy does
 
@@ -263,14 +268,16 @@ class _Counting:
     """The native module, counting the whole calls it served (not None)."""
 
     def __init__(self, module):
-        self._module, self.served = module, 0
+        self._module, self.served, self.paths = module, 0, set()
 
     def __getattr__(self, name):
         return getattr(self._module, name)
 
     def gan_call(self, *args):
         done = self._module.gan_call(*args)
-        self.served += done is not None
+        if done is not None:
+            self.served += 1
+            self.paths.add(done[1][0])
         return done
 
 
@@ -311,7 +318,7 @@ def test_the_native_whole_call_is_the_python_one(bert_bundle, monkeypatch, mode,
         _same_calls(pipes, prompts, seeds)
     # round 4's calls natively at least, but for "a dog!" (not plain) and the numpy seeds (round 3 made the
     # buffers that auto mode's earlier cached calls did not need)
-    assert counting.served >= 6
+    assert counting.served >= 6 and counting.paths == ({"fused", "cached"} if mode == "auto" else {"fused"})
     assert isinstance(pipes[0]._cache, OrderedDict) and len(pipes[0]._cache) <= cache_size
     # several images per prompt, and a random first seed (each pipeline's own: compared through the seeds drawn)
     prompts = ["a red apple", "a dog"]
