@@ -15,6 +15,9 @@ import time
 
 import numpy as np
 
+from .backends import GPU_BACKENDS
+from .errors import BackendUnavailableError
+
 PERCENTILES = (50, 95, 99)
 
 
@@ -106,7 +109,24 @@ def summarize_calls(pipe, calls, prompts, seeds, warmup: int) -> dict:
         result["repeated_prompt_ms"] = summarize(cached)
         result["repeated_prompt_speedup"] = result["end_to_end_ms"]["p50"] / result["repeated_prompt_ms"]["p50"]
     result["peak_rss_mb"] = _peak_rss_mb()
+    gpu = gpu_memory_mb(pipe.backend)
+    if gpu is not None:
+        result["gpu_memory_mb"] = gpu
     return result
+
+
+def gpu_memory_mb(backend: str) -> dict | None:
+    """GPU backends: the device memory in use after the timed calls, MiB (cudaMemGetInfo: device-wide, other
+    processes included; ONNX Runtime's arena and TensorRT's buffers persist between calls, so it includes
+    the calls' peak). None on the CPU or where the CUDA runtime cannot be asked."""
+    if backend not in GPU_BACKENDS:
+        return None
+    from .cudart import runtime
+    try:
+        free, total = runtime().memory()
+    except BackendUnavailableError:
+        return None
+    return {"device_used": (total - free) / 2**20, "device_total": total / 2**20}
 
 
 def format_table(r: dict) -> str:
@@ -126,6 +146,9 @@ def format_table(r: dict) -> str:
         lines.append(f"  repeated prompt p50 {r['repeated_prompt_ms']['p50']:8.3f} ms   "
                      f"({r['repeated_prompt_speedup']:.2f}x the new-prompt call; text states cached)")
     lines.append(f"  {r['images_per_s']:.1f} images/s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    if "gpu_memory_mb" in r:
+        g = r["gpu_memory_mb"]
+        lines.append(f"  GPU memory in use after the calls {g['device_used']:.0f} of {g['device_total']:.0f} MiB (whole device)")
     return "\n".join(lines)
 
 

@@ -42,6 +42,12 @@ class HostCuda:
     def free(self, ptr: int) -> None:
         self.blocks.pop(ptr, None)
 
+    TOTAL = 8 << 30  # an 8 GiB "device"
+
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes, as cudaMemGetInfo: what the emulated mallocs hold is in use."""
+        return self.TOTAL - sum(len(b) for b in self.blocks.values()), self.TOTAL
+
     def pinned(self, shape, dtype) -> np.ndarray:
         self.calls["pinned"] += 1
         return np.zeros(shape, dtype)

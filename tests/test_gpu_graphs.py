@@ -89,6 +89,17 @@ def test_trt_graph_gives_cpu_pixels_and_replays_its_cuda_graph(monkeypatch, host
     assert host_cuda.calls["launch"] == 4 * len(names)
 
 
+def test_bench_reports_gpu_memory_on_gpu_backends(monkeypatch, host_cuda, bundle, bert_bundle):
+    from edgegen.runtime.bench import format_table, run_bench
+    emulated_trt(monkeypatch, bundle, host_cuda)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
+    r = run_bench(pipe, iterations=2, warmup=1)
+    held = sum(len(b) for b in host_cuda.blocks.values())  # the pipeline's device buffers
+    assert held > 0 and r["gpu_memory_mb"] == {"device_used": held / 2**20, "device_total": 8192.0}
+    assert "GPU memory in use after the calls" in format_table(r)
+    assert "gpu_memory_mb" not in run_bench(Pipeline.from_bundle(bert_bundle, backend="ort-cpu"), iterations=2, warmup=1)
+
+
 def test_split_path_keeps_text_states_on_the_device(monkeypatch, host_cuda, bundle, reference):
     emulated_trt(monkeypatch, bundle, host_cuda)
     pipe = GanPipeline(bundle, "trt", "fp32", [], mode="split")
