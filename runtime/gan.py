@@ -42,7 +42,7 @@ class GanPipeline(Pipeline):
                                  "re-export the bundle")
         self.noise_shape = tuple(shape)
         self.seed_noise = SeedNoise()
-        self.cache_size = int(cache_size)
+        self._cache_size = int(cache_size)
         # prompt -> (its text states at its own length (n, width), n, truncated)
         self._cache: OrderedDict[str, tuple[np.ndarray, int, bool]] = OrderedDict()
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
@@ -124,6 +124,11 @@ class GanPipeline(Pipeline):
         pixels = to_pixels(image)
         info.lap("output", t)
         return pixels, info
+
+    @property
+    def cache_size(self) -> int:
+        """How many prompts' text states the cache keeps (fixed when the pipeline is made: the native call holds it)."""
+        return self._cache_size
 
     def _info_of(self, record) -> CallInfo:
         """The CallInfo of a call `_hostpath.gan_call` served (nothing truncated)."""
