@@ -112,8 +112,11 @@ def test_the_native_host_path_is_built():
     """`pip install` builds it wherever there is a C compiler; without one the runtime still runs, on the
     Python path, but slower than the README's figures."""
     import shutil
+    from edgegen.runtime.native import PURE_PYTHON
     if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
         pytest.skip("no C compiler here: the pure-Python host path runs (tested below)")
+    if PURE_PYTHON:
+        pytest.skip("EDGEGEN_PURE_PYTHON=1: the pure-Python host path runs, as asked")
     assert hostpath is not None, "edgegen.runtime._hostpath is missing although a C compiler is here: reinstall"
 
 
@@ -222,6 +225,20 @@ def test_doctor_says_which_host_path_runs(tmp_path, monkeypatch):
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("native" if hostpath else "pure Python")
     monkeypatch.setattr(doctor, "hostpath", None)
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("pure Python")
+    monkeypatch.setattr(doctor, "PURE_PYTHON", True)
+    assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"] == "pure Python (EDGEGEN_PURE_PYTHON is set)"
+
+
+def test_edgegen_pure_python_at_run_time_leaves_the_module_unloaded():
+    import importlib.util
+    import subprocess
+    import sys
+    built = importlib.util.find_spec("edgegen.runtime._hostpath") is not None
+    code = "from edgegen.runtime.native import hostpath, PURE_PYTHON; print(hostpath is None, PURE_PYTHON)"
+    for value, want in (("1", "True True"), ("0", f"{not built} False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "EDGEGEN_PURE_PYTHON": value}).stdout.split()
+        assert " ".join(out) == want
 
 
 @pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
