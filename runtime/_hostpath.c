@@ -127,6 +127,14 @@ static void pcg64_seed(pcg64 *p, uint64_t seed) {
     p->uinteger = 0;
 }
 
+/* 0 where a call succeeded (its result dropped), -1 where it raised */
+static int ok(PyObject *result) {
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
 /* A C-contiguous, writeable numpy array of dtype ``type`` (or ``alt``, where not -1): its data, its item count
  * in *items, and its dtype in *found. Only the array's header is read (numpy's buffer protocol would build a
  * format string and look up its cache on each call). */
@@ -184,32 +192,25 @@ static inline void store(char *base, int type, Py_ssize_t index, long long value
         ((int64_t *)base)[index] = value;
 }
 
-static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "tokens(rows: list[list[int]], ids, mask, length: int, pad_id: int)");
-        return NULL;
-    }
-    Py_ssize_t length = PyLong_AsSsize_t(args[3]);
-    long long pad_id = PyLong_AsLongLong(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(args[0]);
+/* rows (a list of lists of ints) right-padded into the int64 (or int32) arrays ids and mask; -1 with an exception */
+static int write_rows(PyObject *rows, PyObject *ids_obj, PyObject *mask_obj, Py_ssize_t length, long long pad_id) {
+    Py_ssize_t count = PyList_GET_SIZE(rows);
     npy_intp id_items, mask_items;
     int id_type, mask_type;
-    char *ids = array_data(args[1], NPY_INT64, NPY_INT32, &id_type, &id_items, "tokens ids");
-    char *mask = ids ? array_data(args[2], NPY_INT64, NPY_INT32, &mask_type, &mask_items, "tokens mask") : NULL;
+    char *ids = array_data(ids_obj, NPY_INT64, NPY_INT32, &id_type, &id_items, "tokens ids");
+    char *mask = ids ? array_data(mask_obj, NPY_INT64, NPY_INT32, &mask_type, &mask_items, "tokens mask") : NULL;
     if (mask == NULL)
-        return NULL;
+        return -1;
     if (length < 0 || id_items != count * length || mask_items != id_items) {
         PyErr_Format(PyExc_ValueError, "tokens: arrays of %zd and %zd ids for %zd rows of %zd", (Py_ssize_t)id_items,
                      (Py_ssize_t)mask_items, count, length);
-        return NULL;
+        return -1;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *row = PyList_GET_ITEM(args[0], i);
+        PyObject *row = PyList_GET_ITEM(rows, i);
         if (!PyList_Check(row) || PyList_GET_SIZE(row) > length) {
             PyErr_Format(PyExc_ValueError, "tokens: row %zd is not a list of at most %zd ids", i, length);
-            return NULL;
+            return -1;
         }
         Py_ssize_t n = PyList_GET_SIZE(row), k;
         for (k = 0; k < length; k++) {
@@ -217,12 +218,24 @@ static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (k < n) {
                 v = PyLong_AsLongLong(PyList_GET_ITEM(row, k));
                 if (v == -1 && PyErr_Occurred())
-                    return NULL;
+                    return -1;
             }
             store(ids, id_type, i * length + k, v);
             store(mask, mask_type, i * length + k, k < n);
         }
     }
+    return 0;
+}
+
+static PyObject *tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "tokens(rows: list[list[int]], ids, mask, length: int, pad_id: int)");
+        return NULL;
+    }
+    Py_ssize_t length = PyLong_AsSsize_t(args[3]);
+    long long pad_id = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred() || write_rows(args[0], args[1], args[2], length, pad_id) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -307,14 +320,10 @@ static PyObject *copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return src == NULL ? NULL : new_copy(src, PyArray_NDIM(src), PyArray_DIMS(src), PyArray_BYTES(src));
 }
 
-static PyObject *copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "copy_rows(array, row: int, count: int)");
-        return NULL;
-    }
-    PyArrayObject *src = contiguous(args[0], 2, "copy_rows");
-    Py_ssize_t row = PyLong_AsSsize_t(args[1]), count = PyLong_AsSsize_t(args[2]);
-    if (src == NULL || ((row == -1 || count == -1) && PyErr_Occurred()))
+/* A new array equal to array[row, :count] (two or more dims), or NULL with an exception */
+static PyObject *row_copy(PyObject *array, Py_ssize_t row, Py_ssize_t count) {
+    PyArrayObject *src = contiguous(array, 2, "copy_rows");
+    if (src == NULL)
         return NULL;
     int nd = PyArray_NDIM(src);
     npy_intp *shape = PyArray_DIMS(src), dims[NPY_MAXDIMS];
@@ -327,6 +336,17 @@ static PyObject *copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nar
     for (int k = 2; k < nd; k++)
         dims[k - 1] = shape[k];
     return new_copy(src, nd - 1, dims, PyArray_BYTES(src) + row * (PyArray_NBYTES(src) / shape[0]));
+}
+
+static PyObject *copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "copy_rows(array, row: int, count: int)");
+        return NULL;
+    }
+    Py_ssize_t row = PyLong_AsSsize_t(args[1]), count = PyLong_AsSsize_t(args[2]);
+    if ((row == -1 || count == -1) && PyErr_Occurred())
+        return NULL;
+    return row_copy(args[0], row, count);
 }
 
 /* Round half to even for 0 <= v <= 255, as np.rint: adding and taking away 2**23 leaves an integer rounded in the
@@ -432,35 +452,46 @@ static PyObject *buffer(PyObject *d, const char *name) {
  * one gets (a copy of its text states, its token count, False); past cache_size the oldest goes. */
 static int remember(PyObject *cache, Py_ssize_t cache_size, PyObject *prompts, PyObject *rows, PyObject *states) {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(prompts); i++) {
-        PyObject *prompt = PyList_GET_ITEM(prompts, i), *done;
-        int cached = PySequence_Contains(cache, prompt);
+        PyObject *prompt = PyList_GET_ITEM(prompts, i);
+        int cached = PyDict_Contains(cache, prompt);  /* an OrderedDict: a dict underneath */
         if (cached < 0)
             return -1;
         if (cached) {
-            done = PyObject_CallMethod(cache, "move_to_end", "O", prompt);
-        } else {
-            Py_ssize_t n = PyList_GET_SIZE(PyList_GET_ITEM(rows, i));
-            PyObject *row_i = PyLong_FromSsize_t(i), *count = PyLong_FromSsize_t(n);
-            PyObject *copy_args[3] = {states, row_i, count};
-            PyObject *copied = row_i && count ? copy_rows(NULL, copy_args, 3) : NULL;
-            Py_XDECREF(row_i);
-            Py_XDECREF(count);
-            PyObject *entry = copied ? Py_BuildValue("(NnO)", copied, n, Py_False) : NULL;
-            if (entry == NULL || PyObject_SetItem(cache, prompt, entry) < 0) {
-                Py_XDECREF(entry);
+            if (ok(PyObject_CallMethodOneArg(cache, str_move_to_end, prompt)) < 0)
                 return -1;
-            }
-            Py_DECREF(entry);
-            Py_ssize_t size = PyObject_Length(cache);
-            if (size < 0)
-                return -1;
-            done = size > cache_size ? PyObject_CallMethod(cache, "popitem", "O", Py_False) : Py_NewRef(Py_None);
+            continue;
         }
-        if (done == NULL)
+        Py_ssize_t n = PyList_GET_SIZE(PyList_GET_ITEM(rows, i));
+        PyObject *copied = row_copy(states, i, n);
+        PyObject *entry = copied ? Py_BuildValue("(NnO)", copied, n, Py_False) : NULL;
+        int stored = entry ? PyObject_SetItem(cache, prompt, entry) : -1;
+        Py_XDECREF(entry);
+        if (stored < 0)
             return -1;
-        Py_DECREF(done);
+        if (PyDict_GET_SIZE(cache) > cache_size && ok(PyObject_CallMethod(cache, "popitem", "O", Py_False)) < 0)
+            return -1;
     }
     return 0;
+}
+
+/* The seeds' noise into the bound noise buffer, then run(binding): the stage stamps after each */
+static int noise_then_run(PyObject *seeds, PyObject *noise_out, PyObject *run, PyObject *binding, long long *noised,
+                          long long *ran) {
+    PyObject *noise_args[2] = {seeds, noise_out};
+    if (ok(noise(NULL, noise_args, 2)) < 0)
+        return -1;
+    *noised = clock_ns();
+    if (ok(PyObject_CallOneArg(run, binding)) < 0)
+        return -1;
+    *ran = clock_ns();
+    return 0;
+}
+
+/* The four stages' ns from the stamps at their starts (t[0..3]), the last ending now */
+static void laps(long long times[4], const long long t[4]) {
+    for (int k = 0; k < 3; k++)
+        times[k] = t[k + 1] - t[k];
+    times[3] = clock_ns() - t[3];
 }
 
 /* PromptTokenizer.length_for: the row length for prompts of these token counts, -1 with an exception */
@@ -491,14 +522,14 @@ static PyObject *bound_set(PyObject *sets, Py_ssize_t batch, Py_ssize_t length) 
  * with an unseen word, one to truncate, no buffers yet for this batch and length); -1 with an exception. */
 static int fused(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject **images, Py_ssize_t *length,
                  long long times[4]) {
-    long long t0 = clock_ns(), t1, t2, t3;
+    long long t[4] = {clock_ns()}, pad_id = PyLong_AsLongLong(PyTuple_GET_ITEM(state, S_PAD_ID));
     Py_ssize_t cache_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, S_CACHE_SIZE));
     PyObject *ends = PyErr_Occurred() ? NULL : PyObject_GetAttr(PyTuple_GET_ITEM(state, S_TOKENIZER), str_ends);
     if (ends == NULL)  /* (head ids, tail ids); None until the library taught them */
         return -1;
     int status = 0;
     Py_ssize_t batch = PyList_GET_SIZE(prompts), longest = 0, shortest = PY_SSIZE_T_MAX;
-    PyObject *rows = PyList_New(batch), *done = NULL, *length_obj = NULL;
+    PyObject *rows = PyList_New(batch);
     PyObject *ids = NULL, *mask = NULL, *noise_out = NULL, *states = NULL, *image = NULL;
     if (rows == NULL || !PyTuple_Check(ends) || PyTuple_GET_SIZE(ends) != 2) {
         status = rows == NULL ? -1 : 0;
@@ -529,29 +560,19 @@ static int fused(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject *
     }
     PyObject *ins = PyTuple_GET_ITEM(found, 0), *outs = PyTuple_GET_ITEM(found, 1);
     if (!(ids = buffer(ins, "input_ids")) || !(mask = buffer(ins, "attention_mask")) || !(noise_out = buffer(ins, "noise")) ||
-        !(states = buffer(outs, "text_states")) || !(image = buffer(outs, "pixels")) || !(length_obj = PyLong_FromSsize_t(*length)))
+        !(states = buffer(outs, "text_states")) || !(image = buffer(outs, "pixels")) ||
+        write_rows(rows, ids, mask, *length, pad_id) < 0)
         goto end;
-    PyObject *token_args[5] = {rows, ids, mask, length_obj, PyTuple_GET_ITEM(state, S_PAD_ID)};
-    if (!(done = tokens(NULL, token_args, 5)))
+    t[1] = clock_ns();
+    if (noise_then_run(seeds, noise_out, PyTuple_GET_ITEM(state, S_RUN), PyTuple_GET_ITEM(found, 2), &t[2], &t[3]) < 0)
         goto end;
-    Py_CLEAR(done);
-    t1 = clock_ns();
-    PyObject *noise_args[2] = {seeds, noise_out};
-    if (!(done = noise(NULL, noise_args, 2)))
-        goto end;
-    Py_CLEAR(done);
-    t2 = clock_ns();
-    if (!(done = PyObject_CallOneArg(PyTuple_GET_ITEM(state, S_RUN), PyTuple_GET_ITEM(found, 2))))
-        goto end;
-    Py_CLEAR(done);
-    t3 = clock_ns();
     PyObject *cache = PyTuple_GET_ITEM(state, S_CACHE);
     if (cache != Py_None && remember(cache, cache_size, prompts, rows, states) < 0)
         goto end;
     PyObject *copy_args[1] = {image};
     if (!(*images = copy(NULL, copy_args, 1)))
         goto end;
-    times[0] = t1 - t0, times[1] = t2 - t1, times[2] = t3 - t2, times[3] = clock_ns() - t3;
+    laps(times, t);
     status = 1;
 end:
     Py_DECREF(ends);
@@ -561,7 +582,6 @@ end:
     Py_XDECREF(noise_out);
     Py_XDECREF(states);
     Py_XDECREF(image);
-    Py_XDECREF(length_obj);
     return status;
 }
 
@@ -571,8 +591,8 @@ end:
  * the Python path must serve it (a prompt that was truncated, which it warns about; no buffers yet). */
 static int from_cache(PyObject *state, PyObject *prompts, PyObject *seeds, PyObject **images, Py_ssize_t *length,
                       long long times[4]) {
-    long long t0 = clock_ns(), t1, t2, t3;
-    PyObject *cache = PyTuple_GET_ITEM(state, S_CACHE), *done = NULL;
+    long long t[4] = {clock_ns()};
+    PyObject *cache = PyTuple_GET_ITEM(state, S_CACHE);
     Py_ssize_t batch = PyList_GET_SIZE(prompts), longest = 0, shortest = PY_SSIZE_T_MAX;
     PyObject *rows = PyList_New(batch), *states = NULL, *mask = NULL, *noise_out = NULL, *image = NULL;
     int status = rows == NULL ? -1 : 0;
@@ -603,25 +623,15 @@ static int from_cache(PyObject *state, PyObject *prompts, PyObject *seeds, PyObj
     if (!(states = buffer(ins, "text_states")) || !(mask = buffer(ins, "attention_mask")) || !(noise_out = buffer(ins, "noise")) ||
         !(image = buffer(outs, "image")))
         goto end;
-    for (Py_ssize_t i = 0; i < batch; i++) {  /* most recently used last, as Python's path leaves them */
-        if (!(done = PyObject_CallMethodOneArg(cache, str_move_to_end, PyList_GET_ITEM(prompts, i))))
+    for (Py_ssize_t i = 0; i < batch; i++)  /* most recently used last, as Python's path leaves them */
+        if (ok(PyObject_CallMethodOneArg(cache, str_move_to_end, PyList_GET_ITEM(prompts, i))) < 0)
             goto end;
-        Py_CLEAR(done);
-    }
     PyObject *state_args[3] = {rows, states, mask};
-    if (!(done = states_into(NULL, state_args, 3)))
+    if (ok(states_into(NULL, state_args, 3)) < 0)
         goto end;
-    Py_CLEAR(done);
-    t1 = clock_ns();
-    PyObject *noise_args[2] = {seeds, noise_out};
-    if (!(done = noise(NULL, noise_args, 2)))
+    t[1] = clock_ns();
+    if (noise_then_run(seeds, noise_out, PyTuple_GET_ITEM(state, S_GEN_RUN), PyTuple_GET_ITEM(found, 2), &t[2], &t[3]) < 0)
         goto end;
-    Py_CLEAR(done);
-    t2 = clock_ns();
-    if (!(done = PyObject_CallOneArg(PyTuple_GET_ITEM(state, S_GEN_RUN), PyTuple_GET_ITEM(found, 2))))
-        goto end;
-    Py_CLEAR(done);
-    t3 = clock_ns();
     PyObject *pixel_args[1] = {image};
     if (!(*images = pixels(NULL, pixel_args, 1)))
         goto end;
@@ -630,7 +640,7 @@ static int from_cache(PyObject *state, PyObject *prompts, PyObject *seeds, PyObj
         PyErr_SetString(PyExc_TypeError, "gan_call: the generator's image buffer is not C-contiguous float32 of 4 dims");
         goto end;
     }
-    times[0] = t1 - t0, times[1] = t2 - t1, times[2] = t3 - t2, times[3] = clock_ns() - t3;
+    laps(times, t);
     status = 1;
 end:
     Py_XDECREF(rows);
@@ -738,10 +748,8 @@ static PyObject *gan_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
         Py_RETURN_NONE;
     }
     /* the pipeline's lock, as Python's `with self._lock` takes it (acquire waits without the GIL) */
-    PyObject *locked = PyObject_CallMethodNoArgs(lock, str_acquire);
-    if (locked == NULL)
+    if (ok(PyObject_CallMethodNoArgs(lock, str_acquire)) < 0)
         goto end;
-    Py_DECREF(locked);
     long long checked = clock_ns(), times[4] = {0};
     Py_ssize_t length = 0, batch = PyList_GET_SIZE(prompts), cached = 0;
     int served = 0;
@@ -756,12 +764,10 @@ static PyObject *gan_call(PyObject *self, PyObject *const *args, Py_ssize_t narg
         served = (cached == batch ? from_cache : fused)(state, prompts, seeds, &pixels, &length, times);
     PyObject *type, *value, *trace;
     PyErr_Fetch(&type, &value, &trace);  /* release the lock whatever happened */
-    PyObject *released = PyObject_CallMethodNoArgs(lock, str_release);
-    if (released == NULL) {
+    if (ok(PyObject_CallMethodNoArgs(lock, str_release)) < 0) {
         Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(trace);
         goto end;
     }
-    Py_DECREF(released);
     PyErr_Restore(type, value, trace);
     if (served == 1)  /* (pixels, (path, seeds, length, ns of checks, its four stages, the whole call)) */
         result = Py_BuildValue("(O(OOnLLLLLL))", pixels, path, seeds, length, checked - start, times[0], times[1], times[2],
