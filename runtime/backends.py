@@ -250,8 +250,8 @@ class OrtGraph:
 
     @property
     def bound(self) -> dict:
-        """(batch, sequence) -> (inputs, outputs, IO binding) of every shape bound so far (the native host
-        path's fused call runs a binding itself)."""
+        """(batch, sequence) -> (inputs, outputs, IO binding) of every shape bound so far (the native whole
+        call, `_hostpath.gan_call`, fills and runs them itself)."""
         return self._sets
 
     def outputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:

@@ -51,12 +51,13 @@ class GanPipeline(Pipeline):
         tok.pad_to_longest = main.dynamic_sequence
         # the native whole call (_hostpath.gan_call) runs ONNX Runtime CPU sessions itself (the GPU graphs move
         # buffers around theirs) and reads prompts through the word cache
-        if hostpath is not None and mode != "split" and isinstance(main, OrtGraph) and tok.native and tok.by_words:
-            gen = self.graph("generator") if mode == "auto" else None  # the cached path's (shares the weights file)
+        if hostpath is not None and mode != "split" and isinstance(main, OrtGraph) and tok.by_words:
+            # the cached path's generator (auto mode), opened now: it shares the weights file
+            gen = (self.graph("generator").bound, self.graph("generator").session.run_with_iobinding) \
+                if mode == "auto" else (None, None)
             self._native_state = (self._lock, self.max_batch, self._cache if mode == "auto" else None, self.cache_size,
                                   tok, tok._first, tok._later, tok.max_length, tok.pad_to_longest, tok.pad_id,
-                                  main.bound, main.session.run_with_iobinding,
-                                  gen and gen.bound, gen and gen.session.run_with_iobinding, secrets.randbelow)
+                                  main.bound, main.session.run_with_iobinding, *gen, secrets.randbelow)
             self._native = functools.partial(hostpath.gan_call, self._native_state)
 
     def _generate(self, prompts, seeds, noise=None):

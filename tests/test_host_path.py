@@ -231,13 +231,14 @@ def test_doctor_says_which_host_path_runs(tmp_path, monkeypatch):
 
 def test_edgegen_pure_python_at_run_time_leaves_the_module_unloaded():
     import importlib.util
+    import os
     import subprocess
     import sys
     built = importlib.util.find_spec("edgegen.runtime._hostpath") is not None
     code = "from edgegen.runtime.native import hostpath, PURE_PYTHON; print(hostpath is None, PURE_PYTHON)"
     for value, want in (("1", "True True"), ("0", f"{not built} False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**__import__("os").environ, "EDGEGEN_PURE_PYTHON": value}).stdout.split()
+                             env={**os.environ, "EDGEGEN_PURE_PYTHON": value}).stdout.split()
         assert " ".join(out) == want
 
 
