@@ -52,12 +52,11 @@ class GanPipeline(Pipeline):
         # the native whole call (_hostpath.gan_call) runs ONNX Runtime CPU sessions itself (the GPU graphs move
         # buffers around theirs) and reads prompts through the word cache
         if hostpath is not None and mode != "split" and isinstance(main, OrtGraph) and tok.by_words:
-            # the cached path's generator (auto mode), opened now: it shares the weights file
-            gen = (self.graph("generator").bound, self.graph("generator").session.run_with_iobinding) \
-                if mode == "auto" else (None, None)
+            gen = self.graph("generator") if mode == "auto" else None  # the cached path's, now (it shares the weights)
             self._native_state = (self._lock, self.max_batch, self._cache if mode == "auto" else None, self.cache_size,
                                   tok, tok._first, tok._later, tok.max_length, tok.pad_to_longest, tok.pad_id,
-                                  main.bound, main.session.run_with_iobinding, *gen, secrets.randbelow)
+                                  main.bound, main.session.run_with_iobinding,
+                                  *((gen.bound, gen.session.run_with_iobinding) if gen else (None, None)), secrets.randbelow)
             self._native = functools.partial(hostpath.gan_call, self._native_state)
 
     def _generate(self, prompts, seeds, noise=None):
