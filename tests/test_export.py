@@ -106,6 +106,24 @@ def test_pickle_checkpoint_refused(tiny_checkpoints, tmp_path):
         export_checkpoint(ckpt, tmp_path / "out", progress=False)
 
 
+def test_checkpoint_hash_follows_links(tiny_checkpoints, tmp_path):
+    """The default model's checkpoint is a directory of symbolic links: its hash is its files', not the empty one."""
+    import hashlib
+    import shutil
+    from edgegen.export.exporter import checkpoint_hash
+    real = tiny_checkpoints["bert"]
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for part in real.iterdir():
+        (linked / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
+    (linked / "loop").symlink_to(linked, target_is_directory=True)  # a loop is not followed
+    copied = shutil.copytree(real, tmp_path / "copied")
+    assert checkpoint_hash(linked) != hashlib.sha256().hexdigest()
+    assert checkpoint_hash(linked) == checkpoint_hash(real) == checkpoint_hash(copied)
+    (copied / "generator" / "config.json").write_text((copied / "generator" / "config.json").read_text() + " ")
+    assert checkpoint_hash(copied) != checkpoint_hash(real)
+
+
 def test_unknown_checkpoint(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(CheckpointError, match="no known family"):
