@@ -15,17 +15,17 @@ import numpy as np
 import torch
 
 from edgegen.runtime import __version__
-from edgegen.runtime.bundle import FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, OutputRef, file_entry, sha256_file
-from edgegen.runtime.check import (REFERENCE, check_bundle, failures, pooled_cosine, psnr_db,
-                                   save_reference)
+from edgegen.runtime.bundle import (FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, OutputRef, file_entry,
+                                    sha256_file)
+from edgegen.runtime.check import REFERENCE, check_bundle, failures, pooled_cosine, psnr_db, save_reference
 from edgegen.runtime.errors import BadInputError, ValidationFailedError
 from edgegen.runtime.tokenize import PromptTokenizer
 
 from . import int8
 from .families import ComponentDef, Family, load_family
 from .onnx_export import EXTERNAL_SUFFIX, OPSET, export_component
-from .weights import share_weights
 from .progress import Steps
+from .weights import share_weights
 
 DEFAULT_MAX_BATCH = 16
 
@@ -62,8 +62,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     _check_request(out, overwrite, max_batch, engines, compute_capability, workspace_mb)
     forms = [f for p in precisions[1:] for f in FORMS[p]]
     gates = {f: dict(g) for f, g in {**GATES, **(gates or {})}.items() if f in ["fp32", *forms]}
-    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions", "validate parity",
-                   "write bundle", *(["build engines"] if engines else [])], progress)
+    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions",
+                   "validate parity", "write bundle", *(["build engines"] if engines else [])], progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)
     try:
@@ -107,7 +107,8 @@ class _Work:
 def _check_request(out: Path, overwrite: bool, max_batch, engines, compute_capability, workspace_mb) -> None:
     """Refuse bad options now, not after the long steps."""
     if out.exists() and not overwrite:
-        raise BadInputError(f"output {out}", "already exists", "choose another path or pass --force to replace it")
+        raise BadInputError(f"output {out}", "already exists",
+                            "choose another path or pass --force to replace it")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +178,8 @@ def _quantize(work: _Work, form: str, gate: dict) -> dict:
     scanned = work.tmp / work.files[refs["pixels"].component]["fp32"]
     kept, alone = int8.keep_back(scanned, form, calibration, lambda path: score_graph(path, work.cases, refs),
                                  gate, wrappers)
-    _write_form(work, form, lambda src, dst: int8.quantize(src, dst, form, calibration, kept, wrappers=wrappers))
+    _write_form(work, form,
+                lambda src, dst: int8.quantize(src, dst, form, calibration, kept, wrappers=wrappers))
     return {"calibration_prompts": sum(len(c["input_ids"]) for c in calibration),
             "kept_back": {b: "activations kept in float, weights int8: when it alone was quantized "
                              + ", ".join(f"{m} {v:g}" for m, v in alone[b].items())
@@ -186,7 +188,7 @@ def _quantize(work: _Work, form: str, gate: dict) -> dict:
 
 
 def _write_form(work: _Work, form: str, convert) -> None:
-    """Write every component in ``form``; components that are not quantized (the judge) share the fp32 file."""
+    """Write every component in ``form``; components not quantized (the judge) share the fp32 file."""
     for comp in work.components:
         rel = work.files[comp.name]["fp32"]
         if comp.quantize:
@@ -216,13 +218,14 @@ def _validate(work: _Work, manifest: dict, precisions: list[str], quantization: 
 
 
 def _accept(report: dict, manifest: dict, checkpoint: Path, allow_degraded: bool) -> None:
-    """A parity failure is a bug and always fails; a missed quality gate fails unless ``allow_degraded``, which
-    keeps the bundle marked degraded."""
+    """A parity failure is a bug and always fails; a missed quality gate fails unless ``allow_degraded``,
+    which keeps the bundle marked degraded."""
     parity_ok = report["tokenizer"]["ok"] and all(
         p["ok"] for e in report["precisions"].values() for p in e["parity"].values())
     if not parity_ok:
         lines = failures(report) or [f"tokenizer: {report['tokenizer']}"]
-        raise ValidationFailedError(f"export {checkpoint}", "ONNX disagrees with PyTorch: " + "; ".join(lines),
+        raise ValidationFailedError(f"export {checkpoint}",
+                                    "ONNX disagrees with PyTorch: " + "; ".join(lines),
                                     "this is a bug in the export of this model; "
                                     "report it with the checkpoint's config")
     if not report["ok"]:
@@ -310,8 +313,10 @@ def _manifest(work: _Work, precisions: list[str], gates: dict, max_batch: int, c
     return {
         "schema": SCHEMA,
         "family": family.name,
-        "components": {c.name: {"inputs": [t.to_json() for t in c.inputs], "outputs": [t.to_json() for t in c.outputs],
-                                "files": files[c.name], "tolerance": {"fp32": c.tolerance}} for c in work.components},
+        "components": {c.name: {"inputs": [t.to_json() for t in c.inputs],
+                                "outputs": [t.to_json() for t in c.outputs],
+                                "files": files[c.name], "tolerance": {"fp32": c.tolerance}}
+                       for c in work.components},
         "reference_outputs": {role: ref.to_json() for role, ref in family.reference_outputs().items()},
         "tokenizer": family.tokenizer_settings(),
         "generation": family.generation(max_batch),

@@ -62,9 +62,10 @@ def with_fused_attention(fp32_path: Path, out_path: Path, calibration: list[dict
 
 
 def block_of(name: str, wrappers: tuple[str, ...] = ()) -> str:
-    """The layer group a node belongs to, named the same in every graph: e.g. 'blocks.1', 'model/encoder/layer.3'.
-    ``wrappers``: the bundle's component names; a graph that runs other components inside it (a fused graph)
-    names their nodes under them ('/generator/blocks.1/...'), which the component's own graph lacks."""
+    """The layer group a node belongs to, named the same in every graph: e.g. 'blocks.1',
+    'model/encoder/layer.3'. ``wrappers``: the bundle's component names; a graph that runs other components
+    inside it (a fused graph) names their nodes under them ('/generator/blocks.1/...'), which the
+    component's own graph lacks."""
     parts = [p for p in name.split("/") if p]
     if parts and parts[0] in wrappers:
         parts = parts[1:]
@@ -90,10 +91,10 @@ class _Reader:
 def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[str, np.ndarray]],
              keep_blocks: set[str] = frozenset(), ranges: Path | None = None,
              wrappers: tuple[str, ...] = ()) -> list[str]:
-    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups kept back (float activations, int8 weights;
-    in the ``int8`` form a kept-back layer's fused attention keeps fp32 weights too; ``wrappers``: see block_of).
+    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups kept back (float activations, int8
+    weights; in the ``int8`` form a kept-back layer's fused attention keeps fp32 weights too).
     Returns the fully quantized nodes. ``ranges``: a calibration cache file of this graph; written by the
-    first call, reused by the next."""
+    first call, reused by the next. ``wrappers``: as for block_of."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     quiet = logging.getLogger()  # the quantizer logs advice at WARNING on the root logger
     level, quiet.level = quiet.level, logging.ERROR
@@ -182,9 +183,10 @@ def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict,
               wrappers: tuple[str, ...] = ()) -> tuple[set[str], dict]:
     """Per-layer sensitivity, then keep the worst layer groups back until the gate passes.
 
-    ``score(model_path) -> quality dict`` with the ``gate``'s metrics (minimums; ``wrappers``: see block_of). A group's sensitivity is
+    ``score(model_path) -> quality dict`` with the ``gate``'s metrics (minimums). A group's sensitivity is
     each metric when it alone is quantized; while a metric misses its minimum, the group that alone lowers
-    that metric most is kept back next. Returns (groups kept, {group: {metric: value}}).
+    that metric most is kept back next. Returns (groups kept, {group: {metric: value}}). ``wrappers``: as
+    for block_of.
     """
     def failing(q):
         return [m for m, least in gate.items() if m in q and q[m] < least]
@@ -194,7 +196,7 @@ def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict,
         if form == "int8":  # fuse and check once: quantize() then finds nothing left to fuse in this graph
             fp32_path = with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration)
         names = blocks(fp32_path, wrappers)
-        quantize(fp32_path, trial, form, calibration, ranges=ranges, wrappers=wrappers)  # calibrates every range once
+        quantize(fp32_path, trial, form, calibration, ranges=ranges, wrappers=wrappers)  # calibrates once
         quality = score(trial)
         alone = {}
         for block in names:

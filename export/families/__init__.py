@@ -59,11 +59,11 @@ class Family:
         raise NotImplementedError
 
     def tokenizer_settings(self) -> dict:
-        """The manifest's ``tokenizer`` entry: file, max_length, padding, pad id and token (text_encoders.py)."""
+        """The manifest's ``tokenizer`` entry: file, max_length, padding, pad id and token."""
         raise NotImplementedError
 
     def generation(self, max_batch: int) -> dict:
-        """The manifest's ``generation`` entry: image size, noise shapes and how noise is drawn, call defaults."""
+        """The manifest's ``generation`` entry: image size, noise shapes and draws, call defaults."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -75,14 +75,14 @@ class Family:
         return {}
 
     def manifest_extras(self) -> dict:
-        """Further top-level manifest entries the family's runtime reads (e.g. the gan judge's ``quality``)."""
+        """Further top-level manifest entries the family's runtime reads (e.g. the gan's ``quality``)."""
         return {}
 
     def reference_outputs(self) -> dict[str, OutputRef]:
-        """The manifest's ``reference_outputs``: the component output that stands for ``"pixels"`` (what a call
-        with the bundle's default options returns for a reference case's prompts and seeds; the int8 layer scan
-        quantizes and scores that component's graph) and ``"text_states"`` (the text conditioning the quality
-        gates score, pooled over the attention mask)."""
+        """The manifest's ``reference_outputs``: the component output that stands for ``"pixels"`` (what a
+        call with the bundle's default options returns for a reference case's prompts and seeds; the int8
+        layer scan quantizes and scores that component's graph) and ``"text_states"`` (the text conditioning
+        the quality gates score, pooled over the attention mask)."""
         raise NotImplementedError
 
     # --- what gets traced and validated ---
@@ -90,7 +90,7 @@ class Family:
         """Refuse (BadInputError) precisions this family cannot export."""
 
     def components(self) -> list[ComponentDef]:
-        """The graphs to export, in order (an ``assemble``d component comes after the ones it is built from)."""
+        """The graphs to export, in order (an ``assemble``d one after those it is built from)."""
         raise NotImplementedError
 
     def tracing(self):
