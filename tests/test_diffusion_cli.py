@@ -77,6 +77,7 @@ def test_int8_is_refused_and_leaves_nothing(diffusion_checkpoint, tmp_path):
 def test_unsupported_components_are_refused(diffusion_checkpoint, tmp_path, entry, refusal):
     """Never dropped (a ControlNet) nor an internal error (a tiny VAE): a CheckpointError before any loading."""
     import shutil
+
     from edgegen.export import export_checkpoint
     from edgegen.runtime.errors import CheckpointError
     ckpt = shutil.copytree(diffusion_checkpoint, tmp_path / "ckpt")

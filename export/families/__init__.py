@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from torch import nn
@@ -12,7 +14,7 @@ from torch import nn
 from edgegen.runtime.bundle import OutputRef, TensorSpec
 from edgegen.runtime.errors import BadInputError, CheckpointError
 
-FAMILIES: dict[str, type["Family"]] = {}
+FAMILIES: dict[str, type[Family]] = {}
 
 
 @dataclass
@@ -113,9 +115,15 @@ class Family:
         raise NotImplementedError
 
 
+def _register_all() -> None:
+    """Import every module of this package: each family registers itself by subclassing Family."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
 def load_family(checkpoint: Path, **options) -> Family:
     """The family that matches ``checkpoint``, loaded; ``options`` (None values ignored) go to its constructor."""
-    from . import diffusion, gan  # noqa: F401  (registers)
+    _register_all()
     checkpoint = Path(checkpoint)
     options = {k: v for k, v in options.items() if v is not None}
     if not checkpoint.is_dir():
