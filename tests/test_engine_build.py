@@ -47,7 +47,7 @@ def fake_builder(monkeypatch, fail_at=None, error=None):
     grows by one byte per build); with ``fail_at``, the build of that engine (1-based) raises ``error``."""
     built = []
 
-    def build_one(trt, logger, onnx_path, what, *args):
+    def build_one(trt, logger, onnx_path, what, *args, **kwargs):
         cache = args[-1]
         if fail_at is not None and len(built) + 1 == fail_at:
             raise error
