@@ -1,18 +1,20 @@
 """What the GPU backends find out about a machine before any engine runs, checked without a GPU by faking the
 machine: TensorRT-RTX targets (Hopper is none), TensorRT's version, libnvinfer's name, libcudart on Windows."""
+
 import ctypes
 import os
 import sys
 from types import SimpleNamespace
 
 import pytest
-
 from edgegen.runtime import BackendUnavailableError, backends, cudart, engines, ort_gpu
+from gpu_emulation import HostCuda
+from gpu_emulation import trt as real_trt_rtx
 
-from gpu_emulation import HostCuda, trt as real_trt_rtx
-
-FAKE_RTX = SimpleNamespace(__version__="1.7.1.116", ComputeCapability=SimpleNamespace(
-    SM75=75, SM80=80, SM86=86, SM89=89, SM120=120, SM121=121))
+FAKE_RTX = SimpleNamespace(
+    __version__="1.7.1.116",
+    ComputeCapability=SimpleNamespace(SM75=75, SM80=80, SM86=86, SM89=89, SM120=120, SM121=121),
+)
 
 
 @pytest.fixture
@@ -24,6 +26,7 @@ def machine_with(monkeypatch):
         previous.append(cudart.set_runtime(HostCuda(cc)))
         monkeypatch.setattr(engines, "import_flavour", lambda flavour: module)
         backends.backend_loads.cache_clear()
+
     yield setup
     if previous:
         cudart.set_runtime(previous[0])
@@ -33,8 +36,10 @@ def machine_with(monkeypatch):
 def test_trt_rtx_does_not_load_on_a_gpu_it_does_not_target(machine_with):
     machine_with("9.0", FAKE_RTX)  # an H100 / H200
     ok, why = backends.backend_loads("trt-rtx")
-    assert not ok and why == ("this GPU (compute capability 9.0) is not a target of TensorRT for RTX 1.7.1.116 "
-                              "(targets: 7.5, 8.0, 8.6, 8.9, 12.0, 12.1)")
+    assert not ok and why == (
+        "this GPU (compute capability 9.0) is not a target of TensorRT for RTX 1.7.1.116 "
+        "(targets: 7.5, 8.0, 8.6, 8.9, 12.0, 12.1)"
+    )
 
 
 def test_trt_rtx_loads_on_a_gpu_it_targets(machine_with):
@@ -52,7 +57,11 @@ def test_the_installed_trt_rtx_does_not_target_hopper():
 def test_tensorrt_older_than_10_is_refused_by_name(machine_with):
     machine_with("8.7", SimpleNamespace(__version__="8.6.2.3"))  # JetPack 6.0
     ok, why = backends.backend_loads("trt")
-    assert not ok and why == "TensorRT 8.6.2.3 is too old: edgegen's engines need TensorRT >= 10 (strongly typed networks)"
+    assert (
+        not ok
+        and why
+        == "TensorRT 8.6.2.3 is too old: edgegen's engines need TensorRT >= 10 (strongly typed networks)"
+    )
     machine_with("8.7", SimpleNamespace(__version__="10.3.0.30"))
     assert backends.backend_loads("trt") == (True, "")
 
@@ -67,6 +76,7 @@ def test_tensorrt_version_finds_libnvinfer_11(monkeypatch):
             if name != "libnvinfer.so.11":
                 raise OSError(f"{name}: cannot open shared object file")
             self.getInferLibVersion = lambda: 110003
+
     monkeypatch.setattr(ort_gpu.os, "name", "posix")
     monkeypatch.setattr(ort_gpu.ctypes, "CDLL", Lib)
     monkeypatch.setattr(ort_gpu.Path, "read_text", lambda self, *a, **k: "")  # nothing mapped yet
@@ -96,9 +106,13 @@ def windows(monkeypatch, tmp_path):
 
 def test_libcudart_on_windows_is_looked_for_in_cuda_path_and_pip_folders(windows):
     toolkit, site = windows
-    assert cudart._candidates() == [str(toolkit / "bin" / "x64" / "cudart64_13.dll"),
-                                    str(site / "nvidia" / "cuda_runtime" / "bin" / "cudart64_12.dll"),
-                                    "cudart64_13.dll", "cudart64_12.dll", "cudart64_110.dll"]
+    assert cudart._candidates() == [
+        str(toolkit / "bin" / "x64" / "cudart64_13.dll"),
+        str(site / "nvidia" / "cuda_runtime" / "bin" / "cudart64_12.dll"),
+        "cudart64_13.dll",
+        "cudart64_12.dll",
+        "cudart64_110.dll",
+    ]
 
 
 def test_libcudart_on_windows_is_opened_with_its_folder_on_the_dll_path(windows, monkeypatch):
@@ -108,11 +122,14 @@ def test_libcudart_on_windows_is_opened_with_its_folder_on_the_dll_path(windows,
     def cdll(path):
         opened.append(path)
         raise OSError("not a real DLL")
+
     monkeypatch.setattr(os, "add_dll_directory", lambda folder: added.append(folder) or folder, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", cdll)
     monkeypatch.setattr(cudart, "_dll_dirs", [])
     with pytest.raises(BackendUnavailableError, match="no CUDA runtime library"):
         cudart._load()
-    assert opened[:2] == [str(toolkit / "bin" / "x64" / "cudart64_13.dll"),
-                          str(site / "nvidia" / "cuda_runtime" / "bin" / "cudart64_12.dll")]
+    assert opened[:2] == [
+        str(toolkit / "bin" / "x64" / "cudart64_13.dll"),
+        str(site / "nvidia" / "cuda_runtime" / "bin" / "cudart64_12.dll"),
+    ]
     assert added == [str(toolkit / "bin" / "x64"), str(site / "nvidia" / "cuda_runtime" / "bin")]
