@@ -94,7 +94,8 @@ class OutputRef:
 
 
 # What bundles written before the manifest had ``reference_outputs`` used (gan and diffusion alike).
-_LEGACY_REFERENCE_OUTPUTS = {"pixels": OutputRef("fused", "pixels"), "text_states": OutputRef("fused", "text_states")}
+_LEGACY_REFERENCE_OUTPUTS = {"pixels": OutputRef("fused", "pixels"),
+                             "text_states": OutputRef("fused", "text_states")}
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,8 @@ class Bundle:
 
     def reference_output(self, role: str) -> OutputRef | None:
         """The component output that stands for ``role`` in the checks, as the family named it at export:
-        ``"pixels"`` (what a call with the bundle's default options returns for a reference case's prompts and
-        seeds) or ``"text_states"`` (the text conditioning the quality gates score); None where there is none."""
+        ``"pixels"`` (what a call with the bundle's default options returns for a reference case's prompts
+        and seeds) or ``"text_states"`` (the text conditioning the quality gates score); None if none."""
         named = self.manifest.get("reference_outputs")
         if named is None:
             ref = _LEGACY_REFERENCE_OUTPUTS.get(role)
@@ -293,13 +294,15 @@ def _check_structure(subject: str, m: Any) -> None:
 
 
 def _check_reference_outputs(subject: str, m: dict) -> None:
-    """Each entry of ``reference_outputs`` (optional: older bundles lack it) names an output of a component."""
+    """Each entry of ``reference_outputs`` (older bundles lack it) names an output of a component."""
     named = m.get("reference_outputs", {})
     if not isinstance(named, dict):
-        raise BadBundleError(subject, "manifest field 'reference_outputs' is not an object", "re-export the bundle")
+        raise BadBundleError(subject, "manifest field 'reference_outputs' is not an object",
+                             "re-export the bundle")
     for role, entry in named.items():
         comp = m["components"].get(entry.get("component")) if isinstance(entry, dict) else None
         outputs = [t.get("name") for t in comp["outputs"]] if comp else []
         if comp is None or entry.get("output") not in outputs:
-            raise BadBundleError(subject, f"reference_outputs[{role!r}] names no output of a component: {entry!r}",
+            raise BadBundleError(subject,
+                                 f"reference_outputs[{role!r}] names no output of a component: {entry!r}",
                                  "the manifest is damaged; re-export the bundle")

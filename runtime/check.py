@@ -66,7 +66,7 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
     fp32_from = "this run" if "fp32" in forms else "report.json (export)"
     fp32_adherence = (None if "fp32" in forms or not scored else
                       bundle.report().get("precisions", {}).get("fp32", {}).get("quality", {}).get("adherence"))
-    text_source = bundle.reference_output("text_states")  # the text states the gate scores, as the family said
+    text_source = bundle.reference_output("text_states")  # the text states the gate scores, named at export
     for precision in forms:
         parity, pixels, cosines = {}, [], []
         for name, comp in bundle.components.items():
@@ -194,7 +194,8 @@ def pipeline_parity(pipe) -> float:
     ref = pipe.bundle.reference_output("pixels")
     if ref is None:
         raise BadBundleError(f"bundle {pipe.bundle.root}", "names no reference pixels of a whole call",
-                             "its default call has no PyTorch reference: compare components with `edgegen validate`")
+                             "its default call has no PyTorch reference: compare the components with "
+                             "`edgegen validate`")
     worst = 0.0
     for case in load_reference(pipe.bundle):
         prompts = [str(p) for p in case["meta"]["prompts"]]

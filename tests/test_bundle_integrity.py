@@ -102,7 +102,8 @@ def test_not_a_bundle(tmp_path):
 
 
 def test_reference_outputs_name_an_output(bundle_copy, no_sessions):
-    edit_manifest(bundle_copy, lambda m: m["reference_outputs"].update(pixels={"component": "fused", "output": "x"}))
+    wrong = {"component": "fused", "output": "x"}
+    edit_manifest(bundle_copy, lambda m: m["reference_outputs"].update(pixels=wrong))
     refused(bundle_copy, "reference_outputs['pixels']")
 
 

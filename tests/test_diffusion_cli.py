@@ -75,7 +75,7 @@ def test_int8_is_refused_and_leaves_nothing(diffusion_checkpoint, tmp_path):
     ({"vae": ["diffusers", "AutoencoderTiny"]}, r"its vae is a AutoencoderTiny.*Note: .*AutoencoderKL"),
 ])
 def test_unsupported_components_are_refused(diffusion_checkpoint, tmp_path, entry, refusal):
-    """Never dropped (a ControlNet) nor an internal error (a tiny VAE): a CheckpointError before any loading."""
+    """Never dropped (a ControlNet) nor an internal error (a tiny VAE): a CheckpointError before loading."""
     import shutil
 
     from edgegen.export import export_checkpoint

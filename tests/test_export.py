@@ -107,7 +107,7 @@ def test_pickle_checkpoint_refused(tiny_checkpoints, tmp_path):
 
 
 def test_family_base_declares_what_the_exporter_and_checks_call():
-    """Every member called on a family in export/ outside export/families is declared, documented, in Family."""
+    """Every member export/ (outside export/families) calls on a family is declared, documented, in Family."""
     import inspect
     import re
     from pathlib import Path
@@ -127,7 +127,7 @@ def test_family_base_declares_what_the_exporter_and_checks_call():
 
 
 def test_checkpoint_hash_follows_links(tiny_checkpoints, tmp_path):
-    """The default model's checkpoint is a directory of symbolic links: its hash is its files', not the empty one."""
+    """The default model's checkpoint is a directory of links: its hash is its files', not the empty one."""
     import hashlib
     import shutil
 
@@ -141,7 +141,8 @@ def test_checkpoint_hash_follows_links(tiny_checkpoints, tmp_path):
     copied = shutil.copytree(real, tmp_path / "copied")
     assert checkpoint_hash(linked) != hashlib.sha256().hexdigest()
     assert checkpoint_hash(linked) == checkpoint_hash(real) == checkpoint_hash(copied)
-    (copied / "generator" / "config.json").write_text((copied / "generator" / "config.json").read_text() + " ")
+    config = copied / "generator" / "config.json"
+    config.write_text(config.read_text() + " ")
     assert checkpoint_hash(copied) != checkpoint_hash(real)
 
 

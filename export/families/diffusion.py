@@ -221,25 +221,27 @@ def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, Ten
 
 # The model_index.json components export reads, and the classes it can load for each (None: any class; the
 # tokenizer is checked for a fast one and the scheduler is re-implemented by name in the runtime).
-SUPPORTED_COMPONENTS = {"text_encoder": ("CLIPTextModel",), "tokenizer": None, "unet": ("UNet2DConditionModel",),
-                        "vae": ("AutoencoderKL",), "scheduler": None}
+SUPPORTED_COMPONENTS = {"text_encoder": ("CLIPTextModel",), "tokenizer": None,
+                        "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "scheduler": None}
 
 
 def _check_components(root: Path, index: dict) -> None:
-    """Refuse a pipeline with a component export would drop (ControlNet, an image encoder, a safety checker...)
-    or could not load (an AutoencoderTiny VAE): a bundle without it would silently compute something else."""
+    """Refuse a pipeline with a component export would drop (ControlNet, an image encoder, a safety
+    checker...) or could not load (an AutoencoderTiny VAE): without it a bundle computes something else."""
     for part, entry in index.items():
         if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             continue  # a pipeline setting (requires_safety_checker) or a component saved as None
         cls = entry[1]
         if part not in SUPPORTED_COMPONENTS:
-            raise CheckpointError(f"diffusion checkpoint {root}", f"has a {part} component ({cls}), which export "
-                                  "does not support yet", "export it without that component: save the pipeline "
-                                  f"with {part}=None, or remove the {part!r} entry from model_index.json")
+            raise CheckpointError(f"diffusion checkpoint {root}",
+                                  f"has a {part} component ({cls}), which export does not support yet",
+                                  f"export it without that component: save the pipeline with {part}=None, "
+                                  f"or remove the {part!r} entry from model_index.json")
         classes = SUPPORTED_COMPONENTS[part]
         if classes is not None and cls not in classes:
-            raise CheckpointError(f"diffusion checkpoint {root}", f"its {part} is a {cls}, which export does not "
-                                  "support yet", f"use a pipeline whose {part} is a {' or '.join(classes)}")
+            raise CheckpointError(f"diffusion checkpoint {root}",
+                                  f"its {part} is a {cls}, which export does not support yet",
+                                  f"use a pipeline whose {part} is a {' or '.join(classes)}")
 
 
 def _check_weights(path: Path, what: str) -> None:
@@ -275,7 +277,8 @@ class DiffusionFamily(Family):
         except (OSError, ValueError) as e:
             raise CheckpointError(f"diffusion checkpoint {root}", f"model_index.json unreadable: {e}", "re-save the pipeline") from None
         if not isinstance(index, dict):
-            raise CheckpointError(f"diffusion checkpoint {root}", "model_index.json is not a JSON object", "re-save the pipeline")
+            raise CheckpointError(f"diffusion checkpoint {root}", "model_index.json is not a JSON object",
+                                  "re-save the pipeline")
         _check_components(root, index)
         for part, what in (("text_encoder", "the CLIP text encoder"), ("unet", "the UNet"), ("vae", "the VAE")):
             _check_weights(root / part, what)
