@@ -54,8 +54,9 @@ class Job:
 
 
 class Generator:
-    """One pipeline per replica. Requests with equal options are batched into calls of at most the bundle's
-    maximum batch of images; the call runs in a worker thread so the next batch fills meanwhile."""
+    """One pipeline per replica. Requests with equal options and prompt length are batched into calls of at
+    most the bundle's maximum batch of images; the call runs in a worker thread so the next batch fills
+    meanwhile (the pipeline and its tokenizer are only ever used from that thread)."""
 
     def __init__(self, config: ServeConfig):
         self.pipe = Pipeline.from_bundle(config.bundle, backend=config.backend, precision=config.precision)
@@ -83,8 +84,9 @@ class Generator:
         return answers
 
     def _run_jobs(self, jobs: list[Job]) -> list[dict]:
+        keys = [(job.generation.options_key(), sequence_of(self.pipe, job.generation.prompt)) for job in jobs]
         answers: dict[int, dict] = {}
-        for call in plan_calls(jobs, self.pipe.max_batch):
+        for call in plan_calls(keys, [job.generation.n for job in jobs], self.pipe.max_batch):
             for index, answer in zip(call, self._run_call([jobs[i] for i in call])):
                 answers[index] = answer
         return [answers[i] for i in range(len(jobs))]
@@ -114,19 +116,26 @@ class Generator:
         return answers
 
 
-def plan_calls(jobs: list[Job], max_images: int) -> list[list[int]]:
-    """Job indexes grouped into pipeline calls: equal options, at most ``max_images`` images per call."""
+def plan_calls(keys: list, images: list[int], max_images: int) -> list[list[int]]:
+    """Job indexes grouped into pipeline calls: equal keys, at most ``max_images`` images per call."""
     calls: list[list[int]] = []
-    open_call: dict[str, tuple[list[int], int]] = {}  # options key -> (call being filled, its image count)
-    for index, job in enumerate(jobs):
-        key = job.generation.options_key()
-        call, images = open_call.get(key, (None, 0))
-        if call is None or images + job.generation.n > max_images:
-            call, images = [], 0
+    open_call: dict = {}  # key -> (the call being filled, its image count)
+    for index, (key, count) in enumerate(zip(keys, images)):
+        call, filled = open_call.get(key, (None, 0))
+        if call is None or filled + count > max_images:
+            call, filled = [], 0
             calls.append(call)
         call.append(index)
-        open_call[key] = (call, images + job.generation.n)
+        open_call[key] = (call, filled + count)
     return calls
+
+
+def sequence_of(pipe: Pipeline, prompt: str) -> int:
+    """The token positions ``prompt`` runs at in a call of its own. A call runs at its longest prompt's length;
+    the padding is masked, yet it changes float rounding (a pixel by 1 now and then), so only prompts of one
+    length share a call: batching then never changes an image. (Fixed-shape paths: always max_length.)"""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    return tokenizer.encode([prompt]).length if tokenizer is not None else 0
 
 
 def failure_answer(error: Exception) -> dict:

@@ -61,6 +61,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# ---------------------------------------------------------------- without a cluster
+
+def test_parse_generation_defaults_seed_and_options():
+    from edgegen.serve.api import parse_generation
+    g = parse_generation(b'{"prompt": "a cat", "n": 3, "guidance_scale": 0.0, "model": "x", "size": "64x64"}', 16, 64)
+    assert (g.prompt, g.n, g.response_format, g.options) == ("a cat", 3, "b64_json", {"guidance_scale": 0.0})
+    assert g.seeds == [g.seed, g.seed + 1, g.seed + 2] and 0 <= g.seed < 2**64 - 3  # chosen, so it is reported
+    assert parse_generation(b'{"prompt": "a cat", "seed": 7}', 16).seed == 7
+
+
+def test_plan_calls_groups_equal_keys_up_to_the_image_limit():
+    from edgegen.serve.app import plan_calls
+    keys = ["a", "b", "a", "a", "b", "a"]
+    assert plan_calls(keys, [1, 1, 2, 1, 1, 4], 4) == [[0, 2, 3], [1, 4], [5]]
+    assert plan_calls(["a"] * 3, [4, 4, 4], 4) == [[0], [1], [2]]
+
+
+def test_prompts_batch_only_with_prompts_of_their_length(bert_pipe):
+    """A call runs at its longest prompt's length; padding changes float rounding, so the planner's key holds
+    the length each prompt runs at alone."""
+    from edgegen.serve.app import sequence_of
+    short, long = "a cat", "a cat with stripes with stripes with stripes"
+    assert sequence_of(bert_pipe, short) < sequence_of(bert_pipe, long)
+    assert sequence_of(bert_pipe, short) == sequence_of(bert_pipe, "a dog")
+
+
 # ---------------------------------------------------------------- the cluster and the deployed app
 
 @pytest.fixture(scope="module")
