@@ -5,9 +5,10 @@ batching on and off, on the default model; and what HTTP + Ray cost per request 
 
 Starts its own local Ray cluster and Serve on a free loopback port, deploys each configuration in turn, and
 drives it with a thread pool of keep-alive HTTP connections (the load generator shares the machine's cores
-with the service: on a small machine it is part of what is measured). Writes benchmarks/results/serve_load.json
-and serve_load.png.
+with the service: on a small machine it is part of what is measured). Writes
+benchmarks/results/serve_load.json and serve_load.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPTS = [f"a {c} on a {b} background" for c in ("rocket", "cat", "apple", "star", "heart", "tree")
-           for b in ("red", "blue", "green", "yellow")]
+PROMPTS = [
+    f"a {c} on a {b} background"
+    for c in ("rocket", "cat", "apple", "star", "heart", "tree")
+    for b in ("red", "blue", "green", "yellow")
+]
 BATCHING = {"on": {"max_batch": 16, "batch_wait_ms": 5.0}, "off": {"max_batch": 1, "batch_wait_ms": 0.0}}
 
 
@@ -60,7 +64,9 @@ class Client:
         if conn is None:
             conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
-            conn.request("POST", "/v1/images/generations", json.dumps(payload), {"Content-Type": "application/json"})
+            conn.request(
+                "POST", "/v1/images/generations", json.dumps(payload), {"Content-Type": "application/json"}
+            )
             response = conn.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException):
@@ -70,7 +76,9 @@ class Client:
         return response.status, (json.loads(body) if response.status == 200 else {})
 
 
-def run_level(client: Client, concurrency: int, seconds: float, min_requests: int) -> tuple[list, list, int, float]:
+def run_level(
+    client: Client, concurrency: int, seconds: float, min_requests: int
+) -> tuple[list, list, int, float]:
     """Closed loop: ``concurrency`` clients each send their next request when the last is answered."""
     latencies, batches, busy = [], [], [0]
     lock = threading.Lock()
@@ -105,6 +113,7 @@ def in_process_ms(bundle: str, calls: int) -> dict:
     from edgegen.runtime import Pipeline
     from edgegen.serve import generate_pixels
     from edgegen.serve.api import png_bytes
+
     pipe = Pipeline.from_bundle(bundle)
     call, with_png = [], []
     for i in range(calls + 10):
@@ -116,8 +125,12 @@ def in_process_ms(bundle: str, calls: int) -> dict:
         if i >= 10:
             call.append((t1 - t0) * 1000)
             with_png.append((t2 - t0) * 1000)
-    return {"call_p50_ms": statistics.median(call), "call_and_png_p50_ms": statistics.median(with_png),
-            "backend": pipe.backend, "precision": pipe.precision}
+    return {
+        "call_p50_ms": statistics.median(call),
+        "call_and_png_p50_ms": statistics.median(with_png),
+        "backend": pipe.backend,
+        "precision": pipe.precision,
+    }
 
 
 def free_port() -> int:
@@ -128,8 +141,10 @@ def free_port() -> int:
 
 def plot(levels: list[Level], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key in sorted({(lv.replicas, lv.batching) for lv in levels}):
         rows = [lv for lv in levels if (lv.replicas, lv.batching) == key]
@@ -149,12 +164,19 @@ def plot(levels: list[Level], path: Path) -> None:
 
 
 def table(levels: list[Level], base: dict) -> str:
-    lines = ["| replicas | batching | clients | req/s | p50 ms | p99 ms | mean batch | 503s |",
-             "|---:|:---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {lv.replicas} | {lv.batching} | {lv.concurrency} | {lv.rps:.1f} | {lv.p50_ms:.1f} | "
-              f"{lv.p99_ms:.1f} | {lv.mean_batch_images:.2f} | {lv.busy} |" for lv in levels]
-    lines.append(f"\nin-process call p50 {base['call_p50_ms']:.2f} ms (+ PNG encoding: "
-                 f"{base['call_and_png_p50_ms']:.2f} ms), {base['backend']} {base['precision']}")
+    lines = [
+        "| replicas | batching | clients | req/s | p50 ms | p99 ms | mean batch | 503s |",
+        "|---:|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {lv.replicas} | {lv.batching} | {lv.concurrency} | {lv.rps:.1f} | {lv.p50_ms:.1f} | "
+        f"{lv.p99_ms:.1f} | {lv.mean_batch_images:.2f} | {lv.busy} |"
+        for lv in levels
+    ]
+    lines.append(
+        f"\nin-process call p50 {base['call_p50_ms']:.2f} ms (+ PNG encoding: "
+        f"{base['call_and_png_p50_ms']:.2f} ms), {base['backend']} {base['precision']}"
+    )
     return "\n".join(lines)
 
 
@@ -169,12 +191,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "serve_load"), help="path stem of the .json and .png")
     args = ap.parse_args()
     import ray
+    from edgegen.serve import APP_NAME, ServeConfig, build_app
     from ray import serve
 
-    from edgegen.serve import APP_NAME, ServeConfig, build_app
     bundle = args.bundle
     if bundle is None:
         from edgegen.export import default_bundle
+
         bundle = str(default_bundle())
     base = in_process_ms(bundle, 200)
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -185,39 +208,69 @@ def main() -> None:
     try:
         for replicas in map(int, args.replicas.split(",")):
             for batching in args.batching.split(","):
-                config = ServeConfig(bundle=bundle, port=port, replicas=replicas, max_queued=256, timeout_s=60,
-                                     **BATCHING[batching])
+                config = ServeConfig(
+                    bundle=bundle,
+                    port=port,
+                    replicas=replicas,
+                    max_queued=256,
+                    timeout_s=60,
+                    **BATCHING[batching],
+                )
                 serve.run(build_app(config), name=APP_NAME, route_prefix="/")
                 run_level(client, 4, 1.0, 20)  # warm-up: sessions, buffers, connections
                 for concurrency in map(int, args.concurrency.split(",")):
-                    latencies, batches, busy, seconds = run_level(client, concurrency, args.seconds,
-                                                                  args.min_requests)
-                    level = Level(replicas, batching, concurrency, len(latencies) + busy, len(latencies), busy,
-                                  round(seconds, 2), len(latencies) / seconds, percentile(latencies, 50),
-                                  percentile(latencies, 99), float(np.mean(batches)) if batches else 0.0)
+                    latencies, batches, busy, seconds = run_level(
+                        client, concurrency, args.seconds, args.min_requests
+                    )
+                    level = Level(
+                        replicas,
+                        batching,
+                        concurrency,
+                        len(latencies) + busy,
+                        len(latencies),
+                        busy,
+                        round(seconds, 2),
+                        len(latencies) / seconds,
+                        percentile(latencies, 50),
+                        percentile(latencies, 99),
+                        float(np.mean(batches)) if batches else 0.0,
+                    )
                     levels.append(level)
-                    print(f"replicas {replicas}, batching {batching}, {concurrency:3d} clients: "
-                          f"{level.rps:7.1f} req/s, p50 {level.p50_ms:7.1f} ms, p99 {level.p99_ms:7.1f} ms, "
-                          f"mean batch {level.mean_batch_images:.2f}, 503s {busy}", flush=True)
+                    print(
+                        f"replicas {replicas}, batching {batching}, {concurrency:3d} clients: "
+                        f"{level.rps:7.1f} req/s, p50 {level.p50_ms:7.1f} ms, p99 {level.p99_ms:7.1f} ms, "
+                        f"mean batch {level.mean_batch_images:.2f}, 503s {busy}",
+                        flush=True,
+                    )
     finally:
         serve.shutdown()
         ray.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"bundle": bundle, "in_process": base,
-                                                    "levels": [asdict(lv) for lv in levels]}, indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps({"bundle": bundle, "in_process": base, "levels": [asdict(lv) for lv in levels]}, indent=2)
+    )
     plot(levels, out.with_suffix(".png"))
     print(table(levels, base))
     one = next((lv for lv in levels if (lv.replicas, lv.batching, lv.concurrency) == (1, "off", 1)), None)
     if one is not None:
-        print(f"HTTP + Ray per request at 1 client: {one.p50_ms - base['call_and_png_p50_ms']:.2f} ms "
-              f"(served p50 {one.p50_ms:.2f} ms - in-process call with PNG {base['call_and_png_p50_ms']:.2f} ms)")
+        local = base["call_and_png_p50_ms"]
+        print(
+            f"HTTP + Ray per request at 1 client: {one.p50_ms - local:.2f} ms "
+            f"(served p50 {one.p50_ms:.2f} ms - in-process call with PNG {local:.2f} ms)"
+        )
     for replicas in sorted({lv.replicas for lv in levels}):
-        on = next((lv for lv in levels if (lv.replicas, lv.batching, lv.concurrency) == (replicas, "on", 16)), None)
-        off = next((lv for lv in levels if (lv.replicas, lv.batching, lv.concurrency) == (replicas, "off", 16)), None)
+        on = next(
+            (lv for lv in levels if (lv.replicas, lv.batching, lv.concurrency) == (replicas, "on", 16)), None
+        )
+        off = next(
+            (lv for lv in levels if (lv.replicas, lv.batching, lv.concurrency) == (replicas, "off", 16)), None
+        )
         if on and off:
-            print(f"batching at 16 clients, {replicas} replica(s): {on.rps / off.rps:.2f}x req/s, "
-                  f"p99 {off.p99_ms:.0f} -> {on.p99_ms:.0f} ms")
+            print(
+                f"batching at 16 clients, {replicas} replica(s): {on.rps / off.rps:.2f}x req/s, "
+                f"p99 {off.p99_ms:.0f} -> {on.p99_ms:.0f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 
 The lean runtime never imports this package (nor ray); the CLI's ``serve`` command does, lazily.
 """
+
 from .app import APP_NAME, build_app, generate_pixels
 from .config import ServeConfig
 from .runner import serve_forever, start, stop

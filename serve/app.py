@@ -4,6 +4,7 @@ replicas that gather concurrent requests into one pipeline call (``@serve.batch`
 Ray Serve does the distributed part (replicas, routing, restarts, bounded queues, multi-node clusters); this
 module only says what a request is and how the pipeline runs it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,26 +14,38 @@ from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+from edgegen.runtime.errors import BadInputError, EdgegenError
+from edgegen.runtime.pipeline import Pipeline
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from edgegen.runtime.errors import BadInputError, EdgegenError
-from edgegen.runtime.pipeline import Pipeline
-
-from .api import (MAX_BODY_BYTES, BodyTooLargeError, Generation, NoSuchRouteError, ServiceBusyError, error_body,
-                  error_status, generation_answer, internal_error_body, parse_generation, png_bytes)
-from .config import ServeConfig
+from .api import (
+    MAX_BODY_BYTES,
+    BodyTooLargeError,
+    Generation,
+    NoSuchRouteError,
+    ServiceBusyError,
+    error_body,
+    error_status,
+    generation_answer,
+    internal_error_body,
+    parse_generation,
+    png_bytes,
+)
+from .config import ServeConfig, config_from_args
 from .metrics import Metrics
 
 APP_NAME = "edgegen"
 RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 5.0
-STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
-                "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
-                "/static/style.css": ("style.css", "text/css; charset=utf-8")}
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
 REPLICA_LOST = (RayActorError,)  # a replica died or is unreachable (ActorDiedError, ActorUnavailableError)
 
 
@@ -46,9 +59,11 @@ def generate_pixels(pipe: Pipeline, prompts: list[str], seeds: list[int], option
 
 # ---------------------------------------------------------------- generator replicas
 
+
 @dataclass(slots=True)
 class Job:
     """A request as a generator replica sees it, with the time it arrived there (for the queue timing)."""
+
     generation: Generation
     arrived: float = 0.0
 
@@ -66,8 +81,14 @@ class Generator:
 
     def describe(self) -> dict:
         bundle = self.pipe.bundle
-        return {"bundle": str(bundle.root), "family": bundle.family, "image_size": bundle.generation["image_size"],
-                "max_images_per_call": self.pipe.max_batch, "pid": os.getpid(), **self.served_by}
+        return {
+            "bundle": str(bundle.root),
+            "family": bundle.family,
+            "image_size": bundle.generation["image_size"],
+            "max_images_per_call": self.pipe.max_batch,
+            "pid": os.getpid(),
+            **self.served_by,
+        }
 
     def health(self) -> bool:
         return True
@@ -108,11 +129,21 @@ class Generator:
         answers, first = [], 0
         for i, g in enumerate(generations):
             t1 = time.perf_counter()
-            pngs = [png_bytes(p) for p in pixels[first:first + g.n]]
+            pngs = [png_bytes(p) for p in pixels[first : first + g.n]]
             first += g.n
-            timings = {"generate": round(generated_ms, 3), "encode": round((time.perf_counter() - t1) * 1000, 3)}
-            answers.append({"pngs": pngs, "seeds": g.seeds, "timings_ms": timings, "served_by": self.served_by,
-                            "batch": {"images": len(prompts), "requests": len(jobs), "first": i == 0}})
+            timings = {
+                "generate": round(generated_ms, 3),
+                "encode": round((time.perf_counter() - t1) * 1000, 3),
+            }
+            answers.append(
+                {
+                    "pngs": pngs,
+                    "seeds": g.seeds,
+                    "timings_ms": timings,
+                    "served_by": self.served_by,
+                    "batch": {"images": len(prompts), "requests": len(jobs), "first": i == 0},
+                }
+            )
         return answers
 
 
@@ -131,16 +162,18 @@ def plan_calls(keys: list, images: list[int], max_images: int) -> list[list[int]
 
 
 def sequence_of(pipe: Pipeline, prompt: str) -> int:
-    """The token positions ``prompt`` runs at in a call of its own. A call runs at its longest prompt's length;
-    the padding is masked, yet it changes float rounding (a pixel by 1 now and then), so only prompts of one
-    length share a call: batching then never changes an image. (Fixed-shape paths: always max_length.)"""
+    """The token positions ``prompt`` runs at in a call of its own. A call runs at its longest prompt's
+    length; the padding is masked, yet it changes float rounding (a pixel by 1 now and then), so only prompts
+    of one length share a call: batching then never changes an image. (Fixed-shape paths: always max_length.)
+    """
     tokenizer = getattr(pipe, "tokenizer", None)
     return tokenizer.encode([prompt]).length if tokenizer is not None else 0
 
 
 def failure_answer(error: Exception) -> dict:
     if isinstance(error, TypeError) and "unexpected keyword argument" in str(error):
-        # until the runtime names its accepted options itself (BadInputError), an unknown option is a TypeError
+        # until the runtime names its accepted options itself (BadInputError), an unknown option is a
+        # TypeError
         name = str(error).rsplit(" ", 1)[-1].strip("'")
         error = BadInputError(name, "is not an option of this model", "leave it out")
     if isinstance(error, EdgegenError):
@@ -149,6 +182,7 @@ def failure_answer(error: Exception) -> dict:
 
 
 # ---------------------------------------------------------------- HTTP gateway
+
 
 class Gateway:
     """Every HTTP route. Checks each request before it reaches a replica, holds the metrics, and turns a full
@@ -159,16 +193,25 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self._model: dict | None = None  # a replica's describe(), asked once
-        self.routes = {("POST", "/v1/images/generations"): self.generations, ("GET", "/v1/health"): self.health,
-                       ("GET", "/v1/info"): self.info, ("GET", "/metrics"): self.metrics_text}
+        self.routes = {
+            ("POST", "/v1/images/generations"): self.generations,
+            ("GET", "/v1/health"): self.health,
+            ("GET", "/v1/info"): self.info,
+            ("GET", "/metrics"): self.metrics_text,
+        }
 
     async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
         path = request.url.path
         if request.method == "OPTIONS" and self.config.cors:
-            response = Response(status_code=204, headers={"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                                                          "Access-Control-Allow-Headers": "Content-Type",
-                                                          "Access-Control-Max-Age": "600"})
+            response = Response(
+                status_code=204,
+                headers={
+                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": "Content-Type",
+                    "Access-Control-Max-Age": "600",
+                },
+            )
         else:
             handler = self.routes.get((request.method, path))
             try:
@@ -177,8 +220,11 @@ class Gateway:
                 elif request.method == "GET" and path in STATIC_FILES:
                     response = static_file(path)
                 else:
-                    raise NoSuchRouteError(f"{request.method} {path}", "no such route",
-                                           "see GET /v1/info; the API is POST /v1/images/generations")
+                    raise NoSuchRouteError(
+                        f"{request.method} {path}",
+                        "no such route",
+                        "see GET /v1/info; the API is POST /v1/images/generations",
+                    )
             except EdgegenError as e:
                 response = error_response(e)
             except Exception as e:  # noqa: BLE001 - a bug: one line of JSON, the log has the rest
@@ -193,7 +239,9 @@ class Gateway:
     async def generations(self, request: Request) -> Response:
         deadline = time.monotonic() + self.config.timeout_s
         model = await self.model()
-        generation = parse_generation(await read_body(request), model["max_images_per_call"], model["image_size"])
+        generation = parse_generation(
+            await read_body(request), model["max_images_per_call"], model["image_size"]
+        )
         self.metrics.queue_depth.inc()
         try:
             answer = await self.call_generator(generation, deadline)
@@ -204,12 +252,17 @@ class Gateway:
         if answer["batch"]["first"]:
             self.metrics.batch(answer["batch"]["images"], answer["batch"]["requests"])
         self.metrics.images.inc(len(answer["pngs"]))
-        timings = {**answer["timings_ms"], "total": round((time.monotonic() - deadline + self.config.timeout_s)
-                                                          * 1000, 3)}
+        timings = {
+            **answer["timings_ms"],
+            "total": round((time.monotonic() - deadline + self.config.timeout_s) * 1000, 3),
+        }
         served_by = {**answer["served_by"], "batch_images": answer["batch"]["images"]}
         if generation.response_format == "png":
-            return Response(answer["pngs"][0], media_type="image/png",
-                            headers={"X-Edgegen-Seed": str(generation.seed), "X-Edgegen-Backend": served_by["backend"]})
+            return Response(
+                answer["pngs"][0],
+                media_type="image/png",
+                headers={"X-Edgegen-Seed": str(generation.seed), "X-Edgegen-Backend": served_by["backend"]},
+            )
         return JSONResponse(generation_answer(answer["pngs"], answer["seeds"], timings, served_by))
 
     async def call_generator(self, generation: Generation, deadline: float) -> dict:
@@ -220,11 +273,17 @@ class Gateway:
             raise ServiceBusyError("service", "the queue is full", f"retry after {RETRY_AFTER_S} s") from None
         except asyncio.TimeoutError:
             response.cancel()
-            raise ServiceBusyError("service", f"no answer within the deadline of {self.config.timeout_s:g} s",
-                                   f"retry after {RETRY_AFTER_S} s, or start more replicas") from None
+            raise ServiceBusyError(
+                "service",
+                f"no answer within the deadline of {self.config.timeout_s:g} s",
+                f"retry after {RETRY_AFTER_S} s, or start more replicas",
+            ) from None
         except REPLICA_LOST:
-            raise ServiceBusyError("service", "the replica serving this request was lost (it restarts by itself)",
-                                   f"retry after {RETRY_AFTER_S} s") from None
+            raise ServiceBusyError(
+                "service",
+                "the replica serving this request was lost (it restarts by itself)",
+                f"retry after {RETRY_AFTER_S} s",
+            ) from None
 
     async def model(self) -> dict:
         if self._model is None:
@@ -235,15 +294,24 @@ class Gateway:
         try:
             await asyncio.wait_for(awaited(self.generator.health.remote()), HEALTH_TIMEOUT_S)
         except (asyncio.TimeoutError, BackPressureError, *REPLICA_LOST):
-            return error_response(ServiceBusyError("service", "no generator replica answers", "retry shortly"))
+            return error_response(
+                ServiceBusyError("service", "no generator replica answers", "retry shortly")
+            )
         return JSONResponse({"ok": True})
 
     async def info(self, request: Request) -> Response:
         model = dict(await self.model())
         model.pop("pid", None)  # one replica's; says nothing about the service
-        return JSONResponse({**model, "replicas": self.config.replicas, "max_batch": self.config.max_batch,
-                             "batch_wait_ms": self.config.batch_wait_ms, "timeout_s": self.config.timeout_s,
-                             "max_body_bytes": MAX_BODY_BYTES})
+        return JSONResponse(
+            {
+                **model,
+                "replicas": self.config.replicas,
+                "max_batch": self.config.max_batch,
+                "batch_wait_ms": self.config.batch_wait_ms,
+                "timeout_s": self.config.timeout_s,
+                "max_body_bytes": MAX_BODY_BYTES,
+            }
+        )
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.text(), media_type=self.metrics.content_type)
@@ -267,8 +335,9 @@ async def read_body(request: Request) -> bytes:
 
 
 def too_large(size: int) -> BodyTooLargeError:
-    return BodyTooLargeError("request body", f"too large: {size} bytes or more",
-                             f"send at most {MAX_BODY_BYTES // 1024} KiB")
+    return BodyTooLargeError(
+        "request body", f"too large: {size} bytes or more", f"send at most {MAX_BODY_BYTES // 1024} KiB"
+    )
 
 
 def error_response(error: EdgegenError) -> Response:
@@ -284,16 +353,33 @@ def static_file(path: str) -> Response:
 
 # ---------------------------------------------------------------- the application
 
+
 def build_app(config: ServeConfig):
     """The bound application (gateway -> generator replicas), ready for ``serve.run``."""
-    generator = serve.deployment(Generator).options(
-        name="Generator", num_replicas=config.replicas, max_ongoing_requests=config.max_ongoing,
-        max_queued_requests=config.max_queued,
-        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
-    ).bind(config)
+    generator = (
+        serve.deployment(Generator)
+        .options(
+            name="Generator",
+            num_replicas=config.replicas,
+            max_ongoing_requests=config.max_ongoing,
+            max_queued_requests=config.max_queued,
+            ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        )
+        .bind(config)
+    )
     # The gateway only awaits: cheap, so it takes no CPU share, and its limit is far above the generators'
     # (their bounded queues answer 503 first).
     gateway = serve.deployment(Gateway).options(
-        name="Gateway", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
+        name="Gateway",
+        num_replicas=1,
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
     )
     return gateway.bind(generator, config)
+
+
+def app_builder(args: dict):
+    """The application for ``serve run edgegen.serve.app:app_builder bundle=DIR replicas=2`` and for Serve
+    config files (KubeRay's RayService): its arguments are ServeConfig's fields. Host and port are Serve's own
+    there (``http_options``), not these."""
+    return build_app(config_from_args(args))

@@ -1,4 +1,5 @@
 """Starting and stopping the application: a local Ray cluster by itself, or the one at ``address``."""
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,10 @@ def stop() -> None:
 
 def serve_forever(config: ServeConfig, address: str | None = None) -> None:
     url = start(config, address)
-    print(f"edgegen serve: {url}/ (API: POST {url}/v1/images/generations; ready: GET {url}/v1/health)",
-          flush=True)
+    print(
+        f"edgegen serve: {url}/ (API: POST {url}/v1/images/generations; ready: GET {url}/v1/health)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

