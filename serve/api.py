@@ -53,8 +53,11 @@ class Generation:
         return json.dumps(self.options, sort_keys=True)
 
 
-def parse_generation(body: bytes, max_images: int, image_size: int | None = None) -> Generation:
-    """The body of POST /v1/images/generations, checked before it reaches a replica."""
+def parse_generation(
+    body: bytes, max_images: int, image_size: int | None = None, options: tuple[str, ...] | None = None
+) -> Generation:
+    """The body of POST /v1/images/generations, checked before it reaches a replica. ``options``: the
+    pipeline's own keywords (None: any name, left to the pipeline to refuse)."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -97,7 +100,13 @@ def parse_generation(body: bytes, max_images: int, image_size: int | None = None
     _check_size(data.pop("size", None), image_size)
     for name in IGNORED_FIELDS:
         data.pop(name, None)
-    for name, value in data.items():  # the rest are the pipeline's options; it refuses names it does not know
+    for name, value in data.items():  # the rest are the pipeline's options
+        if options is not None and name not in options:
+            raise BadInputError(
+                name,
+                "is not a field of this API nor an option of this model",
+                f"fields: prompt, n, seed, response_format, size; options: {', '.join(options) or 'none'}",
+            )
         if value is not None and not isinstance(value, OPTION_TYPES):
             raise BadInputError(
                 name,

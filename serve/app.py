@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
-from edgegen.runtime.errors import BadInputError, EdgegenError
+from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.pipeline import Pipeline
 from ray import serve
 from ray.exceptions import RayActorError
@@ -54,7 +54,7 @@ def generate_pixels(pipe: Pipeline, prompts: list[str], seeds: list[int], option
 
     Each image's noise comes from its own seed, so the image does not depend on which requests share the call.
     """
-    return pipe(prompts, seed=seeds, output_type="np", **options)
+    return pipe(prompts, seed=seeds, output_type="uint8", **options)
 
 
 # ---------------------------------------------------------------- generator replicas
@@ -86,6 +86,7 @@ class Generator:
             "family": bundle.family,
             "image_size": bundle.generation["image_size"],
             "max_images_per_call": self.pipe.max_batch,
+            "options": list(self.pipe.options),
             "pid": os.getpid(),
             **self.served_by,
         }
@@ -171,11 +172,6 @@ def sequence_of(pipe: Pipeline, prompt: str) -> int:
 
 
 def failure_answer(error: Exception) -> dict:
-    if isinstance(error, TypeError) and "unexpected keyword argument" in str(error):
-        # until the runtime names its accepted options itself (BadInputError), an unknown option is a
-        # TypeError
-        name = str(error).rsplit(" ", 1)[-1].strip("'")
-        error = BadInputError(name, "is not an option of this model", "leave it out")
     if isinstance(error, EdgegenError):
         return {"error": error_body(error), "status": error_status(error)}
     return {"error": internal_error_body(error), "status": 500}
@@ -239,8 +235,9 @@ class Gateway:
     async def generations(self, request: Request) -> Response:
         deadline = time.monotonic() + self.config.timeout_s
         model = await self.model()
+        body = await read_body(request)
         generation = parse_generation(
-            await read_body(request), model["max_images_per_call"], model["image_size"]
+            body, model["max_images_per_call"], model["image_size"], model["options"]
         )
         self.metrics.queue_depth.inc()
         try:
