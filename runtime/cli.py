@@ -246,6 +246,8 @@ def cmd_serve(args) -> int:
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, backend=args.backend,
         precision=args.precision, cors=args.cors, timeout_s=args.timeout_s, max_queued=args.max_queued,
         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
+    from .bundle import Bundle
+    Bundle.open(config.bundle)  # a bad bundle is refused here, not by each replica inside Ray
     serving.serve_forever(config, address=args.address)
     return 0
 

@@ -463,3 +463,5 @@ def test_serve_command_checks_its_options_before_starting_ray(bert_bundle, capsy
     assert main(["serve", str(bert_bundle), "--replicas", "0"]) == 2
     assert "--replicas | expected a positive integer" in capsys.readouterr().err
     assert main(["serve", str(bert_bundle), "--cors", "elsewhere"]) == 2
+    assert main(["serve", str(bert_bundle.parent / "no-such-bundle")]) == 1
+    assert "no-such-bundle" in capsys.readouterr().err
