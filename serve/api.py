@@ -80,7 +80,7 @@ def parse_generation(
         raise BadInputError(
             "n",
             f"expected an integer from 1 to {max_images}, got {n!r}"[:200],
-            "ask for fewer images per request, or send several requests",
+            f"use 1 to {max_images}; for more, send several requests",
         )
     seed = data.pop("seed", None)
     if seed is None:

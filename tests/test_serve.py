@@ -27,7 +27,6 @@ from edgegen.runtime.pipeline import Pipeline
 from edgegen.serve import APP_NAME, ServeConfig, build_app
 from edgegen.serve.api import MAX_BODY_BYTES, png_pixels
 
-REPO = Path(__file__).resolve().parent.parent
 HTTP_TIMEOUT_S = 60  # no single HTTP exchange in these tests may take longer
 
 
@@ -343,7 +342,9 @@ def chromium_driver():
 
 
 @pytest.mark.slow
-def test_page_updates_images_as_the_prompt_changes(bert_url):
+def test_page_updates_images_as_the_prompt_changes(bert_url, tmp_path):
+    """docs/serve.png is this page on the default model (see docs/serving.md); here a screenshot is kept
+    under tmp_path, so a test run never rewrites the repository."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -367,7 +368,8 @@ def test_page_updates_images_as_the_prompt_changes(bert_url):
         assert second != first
         assert "ort-cpu" in browser.find_element(By.ID, "status").text
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 2)
-        browser.save_screenshot(str(REPO / "docs" / "serve.png"))
+        assert browser.save_screenshot(str(tmp_path / "serve.png"))
+        assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         browser.quit()
 
