@@ -71,7 +71,7 @@ class Job:
 class Generator:
     """One pipeline per replica. Requests with equal options and prompt length are batched into calls of at
     most the bundle's maximum batch of images; the call runs in a worker thread so the next batch fills
-    meanwhile (the pipeline and its tokenizer are only ever used from that thread)."""
+    meanwhile (one batch at a time: the pipeline and its tokenizer are never used by two threads at once)."""
 
     def __init__(self, config: ServeConfig):
         self.pipe = Pipeline.from_bundle(config.bundle, backend=config.backend, precision=config.precision)
@@ -115,7 +115,7 @@ class Generator:
 
     def _run_call(self, jobs: list[Job]) -> list[dict]:
         """One pipeline call for jobs with equal options. If it fails, each job runs alone: one bad request
-        (an option the family refuses) gets its own error and never spoils the requests batched with it."""
+        (a value only the pipeline refuses) gets its own error and never spoils the requests batched with it."""
         generations = [job.generation for job in jobs]
         prompts = [g.prompt for g in generations for _ in range(g.n)]
         seeds = [s for g in generations for s in g.seeds]
@@ -233,7 +233,8 @@ class Gateway:
         return response
 
     async def generations(self, request: Request) -> Response:
-        deadline = time.monotonic() + self.config.timeout_s
+        arrived = time.monotonic()
+        deadline = arrived + self.config.timeout_s
         model = await self.model()
         body = await read_body(request)
         generation = parse_generation(
@@ -249,10 +250,7 @@ class Gateway:
         if answer["batch"]["first"]:
             self.metrics.batch(answer["batch"]["images"], answer["batch"]["requests"])
         self.metrics.images.inc(len(answer["pngs"]))
-        timings = {
-            **answer["timings_ms"],
-            "total": round((time.monotonic() - deadline + self.config.timeout_s) * 1000, 3),
-        }
+        timings = {**answer["timings_ms"], "total": round((time.monotonic() - arrived) * 1000, 3)}
         served_by = {**answer["served_by"], "batch_images": answer["batch"]["images"]}
         if generation.response_format == "png":
             return Response(
