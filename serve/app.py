@@ -115,7 +115,8 @@ class Generator:
 
     def _run_call(self, jobs: list[Job]) -> list[dict]:
         """One pipeline call for jobs with equal options. If it fails, each job runs alone: one bad request
-        (a value only the pipeline refuses) gets its own error and never spoils the requests batched with it."""
+        (a value only the pipeline refuses) gets its own error and never spoils the requests batched with
+        it."""
         generations = [job.generation for job in jobs]
         prompts = [g.prompt for g in generations for _ in range(g.n)]
         seeds = [s for g in generations for s in g.seeds]
