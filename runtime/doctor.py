@@ -16,7 +16,7 @@ from .check import pipeline_parity
 from .cudart import gpu_status
 from .errors import BackendUnavailableError, EngineMismatchError
 from .jetson import describe, detect_jetson, jetson_notes, tensorrt_status
-from .native import PURE_PYTHON, hostpath
+from . import native
 
 PIXEL_TOLERANCE = 1  # uint8 levels, fp32
 # TensorRT runs fp32 with TF32 and its own fusions: allow one more level (not yet measured on a GPU)
@@ -30,8 +30,8 @@ def run_doctor(bundle=None, root="/") -> dict:
     versions = {"edgegen": __version__, "python": platform.python_version(), "machine": platform.machine(),
                 "numpy": np.__version__, "onnxruntime": f"{ort.__version__} ({ort.get_device()})",
                 "tokenizers": tokenizers.__version__,
-                "host_path": "native" if hostpath is not None else "pure Python (EDGEGEN_PURE_PYTHON is set)"
-                             if PURE_PYTHON else "pure Python (the native module was not built: no C compiler at install?)"}
+                "host_path": "native" if native.hostpath is not None else "pure Python (EDGEGEN_PURE_PYTHON is set)"
+                             if native.PURE_PYTHON else "pure Python (the native module was not built: no C compiler at install?)"}
     for extra in ("torch", "tensorrt", "tensorrt_rtx"):
         try:
             versions[extra] = __import__(extra).__version__
