@@ -310,8 +310,8 @@ def _given_bundle(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import DEFAULT_PROMPT as DEFAULT_BENCH_PROMPT
     from .backends import BACKENDS
+    from .bench import DEFAULT_PROMPT as DEFAULT_BENCH_PROMPT
     from .bundle import PRECISIONS
     from .diffusion import MODES as DIFFUSION_MODES
     from .gan import MODES as GAN_MODES
