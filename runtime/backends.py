@@ -172,11 +172,25 @@ def make_session(path: Path, backend: str, options: ort.SessionOptions | None = 
         providers[0] = (providers[0], provider_options)
     if backend == "ort-trt":  # what TensorRT cannot take runs on CUDA, not on the CPU
         providers.insert(1, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), options or session_options(), providers=providers)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # where ONNX Runtime reports a provider that failed ("EP Error")
+        session = ort.InferenceSession(str(path), options or session_options(), providers=providers)
     if ORT_PROVIDERS[backend] not in session.get_providers():
-        raise BackendUnavailableError(f"backend {backend}", f"{Path(path).name} did not get {ORT_PROVIDERS[backend]}",
-                                      "run `edgegen doctor` to see which backends load")
+        ep_error = _ep_error(printed.getvalue())
+        error = BackendUnavailableError(f"backend {backend}", f"{Path(path).name} did not get {ORT_PROVIDERS[backend]}"
+                                        + (f": ONNX Runtime fell back to the CPU after {ep_error}" if ep_error else ""),
+                                        "run `edgegen doctor` to see which backends load")
+        error.ep_error = ep_error  # callers that asked for something optional (CUDA graphs) retry without it
+        raise error
     return session
+
+
+def _ep_error(printed: str) -> str | None:
+    """The error ONNX Runtime's InferenceSession printed before retrying on the CPU, or None."""
+    for line in printed.splitlines():
+        if line.startswith("EP Error "):
+            return line[len("EP Error "):][:400]
+    return None
 
 
 def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool | None = None):
