@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "/v1/info, /metrics, and a live page at /. Concurrent requests are batched; a full "
                        "queue answers 503 with Retry-After. Starts a local Ray cluster, or joins one with "
                        "--address. docs/serving.md has the details.")
-    s.add_argument("bundle", nargs="?", help="bundle directory (default: the shipped default model)")
+    _add_bundle(s, positional=True, required=False)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; the service has no "
                    "authentication)")

@@ -467,3 +467,5 @@ def test_serve_command_checks_its_options_before_starting_ray(bert_bundle, capsy
     assert main(["serve", str(bert_bundle), "--cors", "elsewhere"]) == 2
     assert main(["serve", str(bert_bundle.parent / "no-such-bundle")]) == 1
     assert "no-such-bundle" in capsys.readouterr().err
+    assert main(["serve", "--bundle", str(bert_bundle.parent / "no-such-bundle")]) == 1  # the same as BUNDLE
+    assert "no-such-bundle" in capsys.readouterr().err
