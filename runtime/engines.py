@@ -15,16 +15,15 @@ import os
 import shlex
 from pathlib import Path
 
+from .backends import BACKEND_SPECS
 from .errors import BackendUnavailableError, BadBundleError, EngineMismatchError
-
-FLAVOURS = {"trt": ("tensorrt",), "trt-rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
-FLAVOUR_NAMES = {"trt": "TensorRT", "trt-rtx": "TensorRT for RTX"}
 
 
 def import_flavour(flavour: str):
     """The TensorRT Python module of ``flavour``, or BackendUnavailableError saying how to install it."""
+    engines = BACKEND_SPECS[flavour].engines
     errors = []
-    for name in FLAVOURS[flavour]:
+    for name in engines.modules:
         try:
             return importlib.import_module(name)
         except ImportError as e:
@@ -32,12 +31,11 @@ def import_flavour(flavour: str):
             continue
         except Exception as e:  # a binding whose native libraries fail to load raises other errors too
             errors.append(f"{name}: {type(e).__name__}: {e}")
-    hint = ("pip install 'edgegen[tensorrt-rtx]'" if flavour == "trt-rtx" else
-            "install TensorRT 10 (on Jetson it comes with JetPack: python3-libnvinfer)")
     loaded = [e for e in errors if "No module named" not in e]
     raise BackendUnavailableError(f"backend {flavour}",
-                                  f"its Python module ({' or '.join(FLAVOURS[flavour])}) "
-                                  + (f"fails to load: {loaded[0]}" if loaded else "is not installed"), hint)
+                                  f"its Python module ({' or '.join(engines.modules)}) "
+                                  + (f"fails to load: {loaded[0]}" if loaded else "is not installed"),
+                                  engines.install)
 
 
 def engine_dir(flavour: str, version: str, compute_capability: str) -> str:
@@ -225,6 +223,6 @@ def load_engine(bundle, flavour: str, component: str, form: str, trt=None, versi
     check_validity(trt, runtime, blob, subject, hint, logger)
     engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
-        raise BadBundleError(subject, f"{FLAVOUR_NAMES[flavour]} {trt.__version__} could not deserialize it: "
+        raise BadBundleError(subject, f"{BACKEND_SPECS[flavour].engines.title} {trt.__version__} could not deserialize it: "
                              f"{logger.errors()}", f"the file is damaged or does not suit this machine; rebuild: {hint}")
     return engine, runtime, logger, entry
