@@ -82,7 +82,7 @@ def runtime_candidate(bundle: Path, mode: str, latents: np.ndarray):
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32", mode=mode, cache_size=0)
 
     def call():
-        return pipe(PROMPT, seed=0, latents=latents, output_type="np")
+        return pipe(PROMPT, seed=0, latents=latents, output_type="uint8")
 
     def stages():
         return {k: v / 1e6 for k, v in pipe.last_call.stages.items()}

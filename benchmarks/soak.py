@@ -39,7 +39,7 @@ def main() -> None:
     samples = []
     start = time.monotonic()
     for i in range(args.warmup + args.calls):
-        pipe(prompts[i % len(prompts)], seed=i, num_images=1 + i % 4, output_type="np")
+        pipe(prompts[i % len(prompts)], seed=i, num_images_per_prompt=1 + i % 4, output_type="uint8")
         if i == args.warmup:
             after_warmup = rss_mb()
         if i % 500 == 0:

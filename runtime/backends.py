@@ -351,12 +351,6 @@ class OrtGraph:
     def inputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
         return self._buffers(batch, sequence)[0]
 
-    @property
-    def bound(self) -> dict:
-        """(batch, sequence) -> (inputs, outputs, IO binding) of every shape bound so far (the native whole
-        call, `_hostpath.gan_call`, fills and runs them itself)."""
-        return self._sets
-
     def outputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
         return self._buffers(batch, sequence)[1]
 

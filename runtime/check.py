@@ -197,7 +197,7 @@ def pipeline_parity(pipe) -> float:
     for case in load_reference(pipe.bundle):
         prompts = [str(p) for p in case["meta"]["prompts"]]
         seeds = [int(s) for s in case["meta"]["seeds"]]
-        got = pipe(prompts, seed=seeds, output_type="np")
+        got = pipe(prompts, seed=seeds, output_type="uint8")
         want = case["out"]["fused"]["pixels"]
         worst = max(worst, float(np.abs(got.astype(np.int16) - want.astype(np.int16)).max()))
     return worst

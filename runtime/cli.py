@@ -57,7 +57,7 @@ def cmd_generate(args) -> int:
     options = _diffusion_options(args, pipe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
-        images = pipe(args.prompt, seed=args.seed, num_images=args.n, **options)
+        images = pipe(args.prompt, seed=args.seed, num_images_per_prompt=args.n, **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths):
@@ -74,7 +74,7 @@ def cmd_generate(args) -> int:
 
 def _diffusion_options(args, pipe) -> dict:
     """generate's diffusion-only options, given only when set; refused for other families."""
-    given = {k: v for k, v in (("num_steps", args.steps), ("guidance_scale", args.guidance_scale),
+    given = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale),
                                ("scheduler", args.scheduler), ("strength", args.strength)) if v is not None}
     if args.image is not None:
         from PIL import Image, UnidentifiedImageError

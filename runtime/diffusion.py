@@ -8,11 +8,11 @@ A call runs one of two paths:
 """
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
+from . import native
 from .errors import BadBundleError, BadInputError
 from .pipeline import CallInfo, Pipeline
 from .schedulers import NAMES, guidance_embedding, make_scheduler
@@ -27,6 +27,16 @@ def fused_name(steps: int) -> str:
     return "fused" if steps == 1 else f"fused_k{steps}"
 
 
+@dataclass(slots=True)
+class CallPlan:
+    """A call's options resolved: what the loop or a fused graph runs."""
+    plan: object          # the scheduler's plan (schedulers.py): timesteps, sigmas, steps
+    scheduler: str
+    guidance: float
+    cfg: bool             # classifier-free guidance: negative rows run beside the prompts'
+    negatives: list[str]  # the negative prompts (empty without cfg)
+
+
 class NoiseStreams:
     """One numpy PCG64 stream per image, seeded by that image's seed alone; ``draw`` takes the next
     standard-normal array from each. The first draw equals the gan family's noise for the same seed."""
@@ -38,24 +48,21 @@ class NoiseStreams:
         return np.stack([r.standard_normal(shape, dtype=np.float32) for r in self.rngs])
 
 
-def to_pixels(image: np.ndarray) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC, with diffusers' arithmetic (the fused graphs do the same)."""
-    return np.rint(np.clip(image / 2 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
 class DiffusionPipeline(Pipeline):
-    """``pipe(prompt, seed=, num_steps=, guidance_scale=, latents=, image=, strength=, scheduler=,
-    negative_prompt=)``. ``mode``: ``auto`` (fused graph when one fits the call, else the loop),
-    ``fused`` (refuse calls no fused graph serves) or ``loop`` (always per step).
+    """``pipe(prompt, seed=, num_inference_steps=, guidance_scale=, negative_prompt=, latents=, image=,
+    strength=, scheduler=)``, each with diffusers' meaning. ``mode``: ``auto`` (fused graph when one fits the
+    call, else the loop), ``fused`` (refuse calls no fused graph serves) or ``loop`` (always per step).
 
     Text states of recent prompts are cached (``cache_size``); a call whose prompts are all cached
     skips the text encoder and runs the loop."""
 
     family = "diffusion"
+    options = ("num_inference_steps", "guidance_scale", "negative_prompt", "latents", "image", "strength",
+               "scheduler")
 
     def __init__(self, bundle, backend, precision, notes, mode: str = "auto", cache_size: int = 128,
                  form: str | None = None):
-        super().__init__(bundle, backend, precision, notes, form)
+        super().__init__(bundle, backend, precision, notes, form, cache_size)
         if mode not in MODES:
             raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -75,8 +82,6 @@ class DiffusionPipeline(Pipeline):
         self.tokenizer = PromptTokenizer.of_bundle(bundle)
         self._schedulers = {}
         self.scheduler(self.scheduler_name)  # a config this runtime cannot run fails at load
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
         # fail at load, not at the first call
         self.graph("unet" if mode == "loop" or not self.fused else self.fused[min(self.fused)])
 
@@ -87,138 +92,150 @@ class DiffusionPipeline(Pipeline):
             self._schedulers[name] = make_scheduler(name, self.scheduler_config)
         return self._schedulers[name]
 
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-
     # ------------------------------------------------------------ one call
 
-    def _generate(self, prompts, seeds, num_steps=None, guidance_scale=None, latents=None, image=None,
+    def _generate(self, prompts, seeds, num_inference_steps=None, guidance_scale=None, latents=None, image=None,
                   strength=None, scheduler=None, negative_prompt=None):
         batch = len(prompts)
         info = CallInfo(seeds=seeds, engine_stages=("fused", "text_encoder", "vae_encoder", "vae_decoder"))
-        t = time.perf_counter_ns()
+        with info.stage("noise"):
+            call = self._plan(batch, num_inference_steps, guidance_scale, image, strength, scheduler, negative_prompt)
+            streams = NoiseStreams(seeds)
+            noise = streams.draw(self.latent_shape)  # always drawn, so later draws do not depend on latents=
+            if latents is not None:
+                noise = self._check_latents(latents, batch)
+            pixels_in = self._images(image, batch) if image is not None else None
+            cond = None
+            if self.time_cond_dim:  # LCM-distilled UNets take guidance as an input
+                cond = guidance_embedding(np.full(batch, call.guidance - 1.0, np.float32), self.time_cond_dim)
+        use_cache = self.mode != "fused" and self.text_cache.holds(prompts + call.negatives)
+        fused = self.fused.get(len(call.plan)) if (image is None and not call.cfg and call.scheduler == self.scheduler_name
+                                                   and call.plan.begin == 0) else None
+        if self.mode == "fused" and fused is None:
+            raise BadInputError("mode fused", f"no fused graph serves this call ({len(call.plan)} steps, scheduler "
+                                f"{call.scheduler}, guidance {call.guidance}, image {'yes' if image is not None else 'no'})",
+                                f"fused graphs run {sorted(self.fused)} steps with {self.scheduler_name}, no guidance, "
+                                "text-to-image; use mode='loop' or 'auto'")
+        if fused is not None and self.mode != "loop" and not use_cache:
+            return self._run_fused(fused, prompts, noise, call.plan, streams, cond, info)
+        return self._run_loop(prompts, noise, pixels_in, call, streams, cond, use_cache, info)
+
+    def _plan(self, batch, steps, guidance_scale, image, strength, scheduler, negative_prompt) -> "CallPlan":
+        """The call's options checked, with the bundle's defaults, as the steps to run."""
         name = self.scheduler_name if scheduler is None else scheduler
         sched = self.scheduler(name)
         guidance = self.default_guidance if guidance_scale is None else _number("guidance_scale", guidance_scale, 0.0)
         if image is not None:
             strength = DEFAULT_STRENGTH if strength is None else _number("strength", strength, 0.0, 1.0)
-            if num_steps is None:  # the full schedule; int(num_steps * strength) of its steps run
-                num_steps = max(self.default_steps, int(np.ceil(1.0 / max(strength, 1e-6) - 1e-9)))
+            if steps is None:  # the full schedule; int(num_inference_steps * strength) of its steps run
+                steps = max(self.default_steps, int(np.ceil(1.0 / max(strength, 1e-6) - 1e-9)))
         elif strength is not None:
             raise BadInputError("strength", "given without image=", "strength applies to image-to-image only")
-        steps = self.default_steps if num_steps is None else num_steps
+        steps = self.default_steps if steps is None else steps
         plan = sched.plan(steps, strength if image is not None else 1.0)
         cfg = guidance > 1.0 and self.time_cond_dim is None  # LCM-distilled UNets take guidance as an input
         negatives = self._negatives(negative_prompt, batch) if cfg else []
-        streams = NoiseStreams(seeds)
-        noise = streams.draw(self.latent_shape)  # always drawn, so later draws do not depend on latents=
-        if latents is not None:
-            noise = self._check_latents(latents, batch)
-        pixels_in = self._images(image, batch) if image is not None else None
-        t = info.lap("noise", t)
-        cond = None
-        if self.time_cond_dim:
-            cond = guidance_embedding(np.full(batch, guidance - 1.0, np.float32), self.time_cond_dim)
-        use_cache = self.mode != "fused" and self.cache_size > 0 and all(p in self._cache for p in prompts + negatives)
-        fused = self.fused.get(len(plan)) if (image is None and not cfg and name == self.scheduler_name
-                                              and plan.begin == 0) else None
-        if self.mode == "fused" and fused is None:
-            raise BadInputError("mode fused", f"no fused graph serves this call ({len(plan)} steps, scheduler {name}, "
-                                f"guidance {guidance}, image {'yes' if image is not None else 'no'})",
-                                f"fused graphs run {sorted(self.fused)} steps with {self.scheduler_name}, no guidance, "
-                                "text-to-image; use mode='loop' or 'auto'")
-        if fused is not None and self.mode != "loop" and not use_cache:
-            return self._run_fused(fused, prompts, noise, plan, streams, cond, info, t)
-        info.path = "loop"
-        states = self._text_states(negatives + prompts, info, t, use_cache)
-        info.truncated = info.truncated[-batch:]  # the prompts', not the negative prompts'
-        t = time.perf_counter_ns()
-        if pixels_in is not None:
-            enc = self.graph("vae_encoder")
-            ins = enc.inputs(batch)
-            ins["image"][...] = pixels_in
-            ins["encoder_noise"][...] = streams.draw(self.latent_shape)
-            t = info.lap("noise", t)
-            x = plan.add_noise(enc.run(batch)["latents"], noise)
-            t = info.lap("vae_encoder", t)
-        else:
-            x = noise * plan.init_sigma
-        unet = self.graph("unet")
-        rows = 2 * batch if cfg else batch
-        ins = unet.inputs(rows)
-        ins["text_states"][...] = states
-        if cond is not None:
-            ins["timestep_cond"][...] = cond
-        stages = []
-        for i, step_t in enumerate(plan.timesteps):
-            scaled = plan.scale_input(i, x)
-            ins["sample"][:batch] = scaled
-            if cfg:
-                ins["sample"][batch:] = scaled
-            ins["timestep"][...] = step_t
-            t = info.lap("scheduler", t)
-            out = unet.run(rows)["model_output"]
-            stages.append(f"unet_{i + 1}")
-            t = info.lap(stages[-1], t)
-            if cfg:  # rows are [negative..., positive...], as diffusers orders them
-                uncond, text = out[:batch], out[batch:]
-                out = uncond + guidance * (text - uncond)
-            x = plan.step(i, x, out, streams.draw(self.latent_shape) if plan.needs_noise(i) else None)
-        t = info.lap("scheduler", t)
-        dec = self.graph("vae_decoder")
-        dec.inputs(batch)["latents"][...] = x
-        image_out = dec.run(batch)["image"]
-        t = info.lap("vae_decoder", t)
-        pixels = to_pixels(image_out)
-        info.lap("output", t)
-        info.engine_stages = info.engine_stages + tuple(stages)
-        return pixels, info
+        return CallPlan(plan, name, guidance, cfg, negatives)
 
-    def _run_fused(self, name, prompts, noise, plan, streams, cond, info, t):
+    def _run_fused(self, name, prompts, noise, plan, streams, cond, info):
+        """One run of a fused graph: token ids + noise -> pixels, every step unrolled inside."""
         batch = len(prompts)
         info.path = name
         g = self.graph(name)
         ins = g.inputs(batch)
-        ins["noise"][...] = noise
-        for i in range(len(plan)):
-            if plan.needs_noise(i):
-                ins[f"noise_{i + 1}"][...] = streams.draw(self.latent_shape)
+        with info.stage("noise"):
+            ins["noise"][...] = noise
+            for i in range(len(plan)):
+                if plan.needs_noise(i):
+                    ins[f"noise_{i + 1}"][...] = streams.draw(self.latent_shape)
+            if cond is not None:
+                ins["timestep_cond"][...] = cond
+        with info.stage("tokenize"):
+            tokens = self.tokenizer(prompts)
+            ins["input_ids"][...] = tokens.input_ids
+            self._report_truncation(prompts, tokens.truncated, info)
+        with info.stage("fused"):
+            outs = g.run(batch)
+        with info.stage("output"):
+            self._remember(prompts, outs["text_states"], tokens.truncated)
+            pixels = native.copy(outs["pixels"])
+        return pixels, info
+
+    def _run_loop(self, prompts, noise, pixels_in, call, streams, cond, use_cache, info):
+        """Text states, initial latents, one UNet run per step with the scheduler in numpy, the VAE decoder."""
+        batch, plan = len(prompts), call.plan
+        info.path = "loop"
+        states = self._text_states(call.negatives + prompts, info, use_cache)
+        info.truncated = info.truncated[-batch:]  # the prompts', not the negative prompts'
+        if pixels_in is not None:
+            enc = self.graph("vae_encoder")
+            ins = enc.inputs(batch)
+            with info.stage("noise"):
+                ins["image"][...] = pixels_in
+                ins["encoder_noise"][...] = streams.draw(self.latent_shape)
+            with info.stage("vae_encoder"):
+                x = plan.add_noise(enc.run(batch)["latents"], noise)
+        else:
+            x = noise * plan.init_sigma
+        x = self._denoise(x, states, batch, call, streams, cond, info)
+        dec = self.graph("vae_decoder")
+        with info.stage("vae_decoder"):
+            dec.inputs(batch)["latents"][...] = x
+            image_out = dec.run(batch)["image"]
+        with info.stage("output"):
+            pixels = native.to_pixels(image_out)
+        return pixels, info
+
+    def _denoise(self, x, states, batch, call, streams, cond, info):
+        """The UNet steps; with classifier-free guidance each runs the negative and positive rows together."""
+        plan, unet = call.plan, self.graph("unet")
+        rows = 2 * batch if call.cfg else batch
+        ins = unet.inputs(rows)
+        ins["text_states"][...] = states
         if cond is not None:
             ins["timestep_cond"][...] = cond
-        t = info.lap("noise", t)
-        tokens = self.tokenizer(prompts)
-        ins["input_ids"][...] = tokens.input_ids
-        self._report_truncation(prompts, tokens.truncated, info)
-        t = info.lap("tokenize", t)
-        outs = g.run(batch)
-        t = info.lap("fused", t)
-        self._remember(prompts, outs["text_states"], tokens.truncated)
-        pixels = outs["pixels"].copy()
-        info.lap("output", t)
-        return pixels, info
+        steps = []
+        for i, step_t in enumerate(plan.timesteps):
+            with info.stage("scheduler"):
+                scaled = plan.scale_input(i, x)
+                ins["sample"][:batch] = scaled
+                if call.cfg:
+                    ins["sample"][batch:] = scaled
+                ins["timestep"][...] = step_t
+            steps.append(f"unet_{i + 1}")
+            with info.stage(steps[-1]):
+                out = unet.run(rows)["model_output"]
+            with info.stage("scheduler"):
+                if call.cfg:  # rows are [negative..., positive...], as diffusers orders them
+                    uncond, text = out[:batch], out[batch:]
+                    out = uncond + call.guidance * (text - uncond)
+                x = plan.step(i, x, out, streams.draw(self.latent_shape) if plan.needs_noise(i) else None)
+        info.engine_stages = info.engine_stages + tuple(steps)
+        return x
 
     # ------------------------------------------------------------ text
 
-    def _text_states(self, prompts, info, t, use_cache) -> np.ndarray:
+    def _text_states(self, prompts, info, use_cache) -> np.ndarray:
         """(len(prompts), L, D) text states, from the cache or one text-encoder run."""
         if use_cache:
-            for p in prompts:
-                self._cache.move_to_end(p)
-            states = np.stack([self._cache[p][0] for p in prompts])
-            self._report_truncation(prompts, [self._cache[p][1] for p in prompts], info)
-            info.lap("cache", t)
-            return states
+            with info.stage("cache"):
+                entries = self.text_cache.take(prompts)
+                self._report_truncation(prompts, [e.truncated for e in entries], info)
+                return np.stack([e.states for e in entries])
         enc = self.graph("text_encoder")
         ins = enc.inputs(len(prompts))
-        tokens = self.tokenizer(prompts)
-        ins["input_ids"][...] = tokens.input_ids
-        self._report_truncation(prompts, tokens.truncated, info)
-        t = info.lap("tokenize", t)
-        states = enc.run(len(prompts))["text_states"].copy()
-        info.lap("text_encoder", t)
-        self._remember(prompts, states, tokens.truncated)
-        return states
+        with info.stage("tokenize"):
+            tokens = self.tokenizer(prompts)
+            ins["input_ids"][...] = tokens.input_ids
+            self._report_truncation(prompts, tokens.truncated, info)
+        with info.stage("text_encoder"):
+            states = enc.run(len(prompts))["text_states"]
+            self._remember(prompts, states, tokens.truncated)
+            return states.copy()
+
+    def _remember(self, prompts, states, truncated):
+        """Every row of the fixed-length text states (padding included: the UNet reads them whole)."""
+        self.text_cache.remember(prompts, states, [states.shape[1]] * len(prompts), truncated)
 
     def _negatives(self, negative_prompt, batch) -> list[str]:
         if negative_prompt is None:
@@ -228,23 +245,6 @@ class DiffusionPipeline(Pipeline):
             raise BadInputError("negative_prompt", f"expected a string or {batch} strings (one per image)",
                                 "pass one negative prompt, or one per image")
         return list(items)
-
-    def _report_truncation(self, prompts, truncated, info):
-        info.truncated = list(truncated)
-        for p, cut in zip(prompts, truncated):
-            if cut:
-                info.warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens: {p[:60]!r}...")
-
-    def _remember(self, prompts, states, truncated):
-        if self.cache_size <= 0:
-            return
-        for i, p in enumerate(prompts):
-            if p in self._cache:
-                self._cache.move_to_end(p)
-                continue
-            self._cache[p] = (states[i].copy(), bool(truncated[i]))
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
 
     # ------------------------------------------------------------ inputs
 

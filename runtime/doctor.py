@@ -16,7 +16,7 @@ from .check import pipeline_parity
 from .cudart import gpu_status
 from .errors import BackendUnavailableError, EngineMismatchError
 from .jetson import describe, detect_jetson, jetson_notes, tensorrt_status
-from .native import PURE_PYTHON, hostpath
+from . import native
 
 
 def run_doctor(bundle=None, root="/") -> dict:
@@ -26,8 +26,8 @@ def run_doctor(bundle=None, root="/") -> dict:
     versions = {"edgegen": __version__, "python": platform.python_version(), "machine": platform.machine(),
                 "numpy": np.__version__, "onnxruntime": f"{ort.__version__} ({ort.get_device()})",
                 "tokenizers": tokenizers.__version__,
-                "host_path": "native" if hostpath is not None else "pure Python (EDGEGEN_PURE_PYTHON is set)"
-                             if PURE_PYTHON else "pure Python (the native module was not built: no C compiler at install?)"}
+                "host_path": "native" if native.hostpath is not None else "pure Python (EDGEGEN_PURE_PYTHON is set)"
+                             if native.PURE_PYTHON else "pure Python (the native module was not built: no C compiler at install?)"}
     try:
         versions["torch"] = __import__("torch").__version__
     except ImportError:

@@ -1,4 +1,8 @@
-"""Pipeline: the runtime's public entry point. ``Pipeline.from_bundle`` picks the family's class."""
+"""Pipeline: the runtime's public entry point. ``Pipeline.from_bundle`` picks the family's class.
+
+A call reads top-down: ``_check`` the arguments, then the family's ``_generate`` (text states from the cache
+or the text encoder, noise, the graphs' runs, pixels), then ``_to_output``. One path for every backend.
+"""
 from __future__ import annotations
 
 import os
@@ -10,13 +14,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import native
 from .backends import candidates, engine_forms, open_graph, require_backend, skip_note
 from .bundle import Bundle
 from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
-from .native import hostpath
 from .precision import choose_precision, form_for
+from .text_cache import TextCache
 
 SEED_LIMIT = 2**64
+# output_type as diffusers means it ("pil": PIL images; "np": float32 NHWC in [0, 1]), and "uint8": the pixels
+# as the graphs make them, uint8 NHWC, with no conversion
+OUTPUT_TYPES = ("pil", "np", "uint8")
+CALL_ARGUMENTS = ("prompt", "seed", "num_images_per_prompt", "output_type")
 
 
 class TruncationWarning(UserWarning):
@@ -35,26 +44,42 @@ class CallInfo:
     stages: dict[str, int] = field(default_factory=dict)
     engine_stages: tuple[str, ...] = ()  # the stages that are engine (session) runs
     total_ns: int = 0  # the whole call: the argument checks ("checks", with any wait for the pipeline's
-    # lock), then the stages; not the conversion to PIL images
+    # lock), then the stages; not the conversion to the output type
 
-    def lap(self, stage: str, since: int) -> int:
-        now = time.perf_counter_ns()
-        self.stages[stage] = self.stages.get(stage, 0) + now - since
-        return now
+    def stage(self, name: str) -> "StageTimer":
+        """``with info.stage("noise"): ...`` adds the block's time to ``stages["noise"]``."""
+        return StageTimer(self.stages, name)
 
     @property
     def engine_ns(self) -> int:
         return sum(self.stages.get(s, 0) for s in self.engine_stages)
 
 
+class StageTimer:
+    """Adds the time spent inside a ``with`` block to ``stages[name]`` (a stage may run more than once)."""
+    __slots__ = ("stages", "name", "start")
+
+    def __init__(self, stages: dict[str, int], name: str):
+        self.stages, self.name = stages, name
+
+    def __enter__(self) -> "StageTimer":
+        self.start = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stages[self.name] = self.stages.get(self.name, 0) + time.perf_counter_ns() - self.start
+
+
 class Pipeline:
-    """Base class. Subclasses implement ``_generate`` for one model family.
+    """Base class. Subclasses implement ``_generate`` for one model family and list the keyword options
+    it takes in ``options`` (diffusers' names where diffusers has one).
 
     A pipeline owns reusable buffers, so calls are serialised by a lock: calling one
     pipeline from many threads is safe and gives the same images as serial calls.
     """
 
     family = ""
+    options: tuple[str, ...] = ()
     _families: dict[str, type] = {}
 
     def __init_subclass__(cls, **kw):
@@ -62,18 +87,17 @@ class Pipeline:
         if cls.family:
             Pipeline._families[cls.family] = cls
 
-    def __init__(self, bundle: Bundle, backend: str, precision: str, notes: list[str], form: str | None = None):
+    def __init__(self, bundle: Bundle, backend: str, precision: str, notes: list[str], form: str | None = None,
+                 cache_size: int = 128):
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
         # which file of that precision runs: the backend's form, unless validation asks for the other one
         self.form = form or form_for(precision, backend)
         self.notes = notes  # what `auto` skipped and why
-        self._last_call = CallInfo()
-        self._record = None  # the last call's record where a native call served it (see last_call)
-        self._native = None  # a family's whole call in native code: callable(prompt, seed, num_images,
-        # output_type, start) -> (pixels, record), or None where Python must serve the call
+        self.last_call = CallInfo()
         self.max_batch = int(bundle.generation["max_batch"])
+        self.text_cache = TextCache(cache_size)  # recent prompts' text states
         self._lock = threading.Lock()
         self._graphs: dict = {}
 
@@ -83,6 +107,20 @@ class Pipeline:
         if g is None:
             g = self._graphs[component] = open_graph(self.bundle, component, self.form, self.backend)
         return g
+
+    @property
+    def cache_size(self) -> int:
+        """How many prompts' text states are kept (0: none); may be changed at any time."""
+        return self.text_cache.size
+
+    @cache_size.setter
+    def cache_size(self, value: int) -> None:
+        with self._lock:
+            self.text_cache.size = value
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self.text_cache.clear()
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
@@ -110,53 +148,55 @@ class Pipeline:
                                 f"this edgegen runs {sorted(Pipeline._families)}")
         return family_cls
 
-    def __call__(self, prompt, seed=None, num_images: int = 1, output_type: str = "pil", **kw):
-        start = time.perf_counter_ns()  # end to end: the argument checks count too (all but the PIL conversion)
-        done = self._native(prompt, seed, num_images, output_type, start) if self._native is not None and not kw else None
-        if done is not None:
-            pixels, self._record = done
-        else:
-            pixels = self._call(prompt, seed, num_images, output_type, start, kw)
-        if output_type == "np":
-            return pixels
-        from PIL import Image
-        return [Image.fromarray(p) for p in pixels]
-
-    def _call(self, prompt, seed, num_images, output_type, start, kw) -> np.ndarray:
-        prompts = normalize_prompts(prompt)
-        num_images = check_count(num_images)
-        total = len(prompts) * num_images
-        if total > self.max_batch:
-            raise BadInputError("num_images", f"{len(prompts)} prompt(s) x {num_images} image(s) = {total} "
-                                f"exceeds this bundle's maximum batch of {self.max_batch}",
-                                "split the request into smaller calls")
-        if output_type not in ("pil", "np"):
-            raise BadInputError("output_type", f"unknown value {output_type!r}", "use 'pil' or 'np'")
-        if num_images > 1:
-            prompts = [p for p in prompts for _ in range(num_images)]
-        seeds = expand_seeds(seed, total)
+    def __call__(self, prompt, seed=None, num_images_per_prompt: int = 1, output_type: str = "pil", **options):
+        start = time.perf_counter_ns()  # end to end: the argument checks count too (not the output conversion)
+        prompts, seeds = self._check(prompt, seed, num_images_per_prompt, output_type, options)
         with self._lock:
             checked = time.perf_counter_ns()
-            pixels, info = self._generate(prompts, seeds, **kw)
+            pixels, info = self._generate(prompts, seeds, **options)
             info.stages = {"checks": checked - start, **info.stages}
             info.total_ns = time.perf_counter_ns() - start
-            self._last_call, self._record = info, None
+            self.last_call = info
         for message in info.warnings:
-            warnings.warn(message, TruncationWarning, stacklevel=3)
+            warnings.warn(message, TruncationWarning, stacklevel=2)
+        return _to_output(pixels, output_type)
+
+    def _check(self, prompt, seed, num_images_per_prompt, output_type, options) -> tuple[list[str], list[int]]:
+        """The call's prompts (each repeated num_images_per_prompt times) and one seed per image."""
+        unknown = [k for k in options if k not in self.options]
+        if unknown:
+            raise BadInputError(unknown[0], f"unknown keyword for a {self.family} pipeline",
+                                f"it accepts {', '.join(CALL_ARGUMENTS + self.options)}")
+        prompts = normalize_prompts(prompt)
+        count = check_count(num_images_per_prompt, "num_images_per_prompt")
+        total = len(prompts) * count
+        if total > self.max_batch:
+            raise BadInputError("num_images_per_prompt", f"{len(prompts)} prompt(s) x {count} image(s) = {total} "
+                                f"exceeds this bundle's maximum batch of {self.max_batch}",
+                                "split the request into smaller calls")
+        if output_type not in OUTPUT_TYPES:
+            raise BadInputError("output_type", f"unknown value {output_type!r}", f"use one of {', '.join(OUTPUT_TYPES)}")
+        if count > 1:
+            prompts = [p for p in prompts for _ in range(count)]
+        return prompts, expand_seeds(seed, total)
+
+    def _generate(self, prompts: list[str], seeds: list[int], **options) -> tuple[np.ndarray, CallInfo]:
+        raise NotImplementedError
+
+    def _report_truncation(self, prompts: list[str], truncated: list[bool], info: CallInfo) -> None:
+        info.truncated = list(truncated)
+        for p, cut in zip(prompts, truncated):
+            if cut:
+                info.warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens: {p[:60]!r}...")
+
+
+def _to_output(pixels: np.ndarray, output_type: str):
+    if output_type == "uint8":
         return pixels
-
-    @property
-    def last_call(self) -> CallInfo:
-        """What the last call did. A native call leaves a bare record, made into its CallInfo when first read."""
-        if self._record is not None:
-            self._last_call, self._record = self._info_of(self._record), None
-        return self._last_call
-
-    def _info_of(self, record) -> CallInfo:
-        raise NotImplementedError
-
-    def _generate(self, prompts: list[str], seeds: list[int], **kw) -> tuple[np.ndarray, CallInfo]:
-        raise NotImplementedError
+    if output_type == "np":
+        return pixels.astype(np.float32) / 255.0
+    from PIL import Image
+    return [Image.fromarray(p) for p in pixels]
 
 
 def normalize_prompts(prompt) -> list[str]:
@@ -175,10 +215,10 @@ def normalize_prompts(prompt) -> list[str]:
     return list(prompts)
 
 
-def check_count(num_images) -> int:
-    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-        raise BadInputError("num_images", f"expected a positive integer, got {num_images!r}", "use 1 or more")
-    return int(num_images)
+def check_count(count, name: str = "num_images_per_prompt") -> int:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise BadInputError(name, f"expected a positive integer, got {count!r}", "use 1 or more")
+    return int(count)
 
 
 def check_seed(seed) -> int:
@@ -206,37 +246,6 @@ def expand_seeds(seed, total: int) -> list[int]:
     return [first + i for i in range(total)]
 
 
-class SeedNoise:
-    """Standard normal noise, each image's slice the values of ``np.random.default_rng(seed)`` alone.
-
-    Drawn natively where edgegen's host path is built (``_hostpath.noise``: numpy's seeding redone in C,
-    then numpy's own sampler, with no SeedSequence, PCG64 and Generator objects built per seed: right after
-    an engine run has evicted the CPU caches, building them is the costly part of a draw), else by numpy.
-    ``native=False`` forces numpy (tests and `benchmarks.host_steps` compare the two).
-    """
-
-    def __init__(self, native: bool = True):
-        self.native = native and hostpath is not None
-
-    def fill(self, seeds: list[int], out: np.ndarray) -> np.ndarray:
-        """``out[i]`` gets seed ``seeds[i]``'s noise; ``out`` is C-contiguous float32 (a bound buffer)."""
-        if self.native:
-            hostpath.noise(seeds, out)  # checks out's layout itself
-            return out
-        for i, s in enumerate(seeds):  # drawn straight into the (bound) buffer: no temporary, no copy
-            np.random.default_rng(s).standard_normal(dtype=np.float32, out=out[i])
-        return out
-
-
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed alone."""
-    seeds = [int(s) for s in seeds]
-    return SeedNoise().fill(seeds, np.empty((len(seeds), *shape), np.float32))
-
-
-def to_pixels(image: np.ndarray, native: bool = True) -> np.ndarray:
-    """NCHW float32 in [-1, 1] -> NHWC uint8; the same arithmetic as the fused graph's post-processing."""
-    pixels = hostpath.pixels(image) if native and hostpath is not None else None
-    if pixels is not None:
-        return pixels
-    return np.rint(np.clip((image + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8).transpose(0, 2, 3, 1)
+    return native.fill_noise([int(s) for s in seeds], np.empty((len(seeds), *shape), np.float32))

@@ -58,7 +58,7 @@ def evaluate(pipe, limit: int | None = None) -> dict:
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start:start + per_call]
         pixels = pipe([p["prompt"] for p in chunk for _ in EVAL_SEEDS], seed=list(EVAL_SEEDS) * len(chunk),
-                      output_type="np")
+                      output_type="uint8")
         got = dict(zip(outputs, judge.run(None, {"image": _judge_inputs(pixels)})))
         emoji, background = got["emoji_logits"].argmax(1), got["background_logits"].argmax(1)
         features.append(got["features"].astype(np.float64))

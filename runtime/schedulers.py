@@ -148,9 +148,9 @@ class Scheduler:
         """The schedule for ``num_steps`` steps; ``strength`` < 1 skips the first steps as diffusers'
         image-to-image pipeline does (``int(num_steps * strength)`` steps run)."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-            raise BadInputError("num_steps", f"expected a positive integer, got {num_steps!r}", "use e.g. 1, 2 or 4")
+            raise BadInputError("num_inference_steps", f"expected a positive integer, got {num_steps!r}", "use e.g. 1, 2 or 4")
         if num_steps > self.config["num_train_timesteps"]:
-            raise BadInputError("num_steps", f"{num_steps} exceeds the {self.config['num_train_timesteps']} training timesteps",
+            raise BadInputError("num_inference_steps", f"{num_steps} exceeds the {self.config['num_train_timesteps']} training timesteps",
                                 "use fewer steps")
         runs = min(int(num_steps * strength), num_steps)
         if runs < 1:
@@ -326,7 +326,7 @@ class LCM(Scheduler):
         """LCM's schedule: evenly spaced picks from the distillation schedule of ``original_inference_steps``."""
         original = int(self.config["original_inference_steps"])
         if num_steps > original:
-            raise BadInputError("num_steps", f"{num_steps} exceeds LCM's original_inference_steps {original}",
+            raise BadInputError("num_inference_steps", f"{num_steps} exceeds LCM's original_inference_steps {original}",
                                 f"use at most {original} steps")
         k = int(self.config["num_train_timesteps"]) // original
         origin = (np.arange(1, original + 1) * k - 1)[::-1]

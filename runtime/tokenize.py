@@ -9,7 +9,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import BadBundleError
-from .native import hostpath
+from . import native
+from .native import PLAIN
 
 
 @dataclass
@@ -27,7 +28,6 @@ class Encoded:
     truncated: list[bool]
     length: int
     pad_id: int
-    native: bool = True  # False: numpy writes the rows, not the native host path
 
     def pad(self) -> Tokens:
         """Right-padded (B, length) arrays, new ones."""
@@ -39,20 +39,12 @@ class Encoded:
     def write(self, ids: np.ndarray, mask: np.ndarray) -> None:
         """The rows, right-padded, into ``ids`` and ``mask`` (B, length): a pipeline's bound input buffers, so
         nothing is allocated or copied on the way."""
-        if self.native and hostpath is not None:
-            hostpath.tokens(self.rows, ids, mask, self.length, self.pad_id)  # checks the buffers' layout itself
-            return
-        ids.fill(self.pad_id)
-        mask.fill(0)
-        for i, (row, n) in enumerate(zip(self.rows, self.lengths)):
-            ids[i, :n] = row
-            mask[i, :n] = 1
+        native.write_tokens(self.rows, ids, mask, self.length, self.pad_id)
 
 
-# A plain prompt: ASCII words (letters, digits) one space apart. Every pre-tokenizer the families use splits
-# text at spaces, so a plain prompt's ids are its special tokens around its words' ids, each word's ids
-# depending only on the word and on whether it comes first (GPT-2 marks a word's leading space).
-PLAIN = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
+# A plain prompt (native.PLAIN): ASCII words (letters, digits) one space apart. Every pre-tokenizer the families
+# use splits text at spaces, so a plain prompt's ids are its special tokens around its words' ids, each word's
+# ids depending only on the word and on whether it comes first (GPT-2 marks a word's leading space).
 PROBE = "a Ab 1 a1 1a ab12 A"  # checks at load that the bundle's pre-tokenizer does split at spaces
 WORD_CACHE_SIZE = 8192
 
@@ -86,7 +78,6 @@ class PromptTokenizer:
         self._later: dict[str, list[int]] = {}
         self._ends: tuple[list[int], list[int]] | None = None  # special ids before and after the words
         self.by_words = self._splits_at_spaces()
-        self.native = hostpath is not None  # False: the Python word lookups and numpy padding (tests compare)
 
     def _splits_at_spaces(self) -> bool:
         """Whether plain prompts may be tokenized word by word: no added token could occur in one, and the
@@ -131,24 +122,13 @@ class PromptTokenizer:
                 if not truncated[i] and self.by_words and PLAIN.fullmatch(prompts[i]):
                     self._learn(prompts[i], e)
         lengths = list(map(len, rows))
-        return Encoded(rows, lengths, truncated, self.length_for(lengths), self.pad_id, self.native)
+        return Encoded(rows, lengths, truncated, self.length_for(lengths), self.pad_id)
 
     def _from_words(self, prompt: str) -> list[int] | None:
         """A plain prompt's ids from the word cache; None when the library has to tokenize it."""
         if not self.by_words or self._ends is None:
             return None
-        if self.native:
-            return hostpath.words(prompt, self._first, self._later, *self._ends, self.max_length)
-        if not PLAIN.fullmatch(prompt):
-            return None
-        ids = list(self._ends[0])
-        for k, word in enumerate(prompt.split(" ")):
-            known = (self._later if k else self._first).get(word)
-            if known is None:
-                return None
-            ids += known
-        ids += self._ends[1]
-        return ids if len(ids) <= self.max_length else None  # truncation: the library's rules and report
+        return native.words(prompt, self._first, self._later, *self._ends, self.max_length)
 
     def _learn(self, prompt: str, encoding) -> None:
         """Cache each word's ids from the library's encoding of a plain prompt, if every token lies within

@@ -64,3 +64,17 @@ def lcm_bundle(lcm_checkpoint, tmp_path_factory) -> Path:
     return export_checkpoint(lcm_checkpoint, tmp_path_factory.mktemp("lcm_bundle") / "b", progress=False,
                              precisions="fp32,fp16",
                              family_options={"fused_steps": [2], "num_steps": 2})
+
+
+# ---------------------------------------------------------------- the host path: C helpers or their numpy twins
+
+@pytest.fixture(params=["native", "python"])
+def host_path(request, monkeypatch) -> str:
+    """Runs a test once with the native host steps (runtime/_hostpath.c) and once with their numpy twins
+    (as on a machine without a C compiler): the one switch is ``native.hostpath``."""
+    from edgegen.runtime import native
+    if request.param == "native" and native.hostpath is None:
+        pytest.skip("the native host path is not built")
+    if request.param == "python":
+        monkeypatch.setattr(native, "hostpath", None)
+    return request.param

@@ -50,7 +50,7 @@ def test_cpu_int8_form_runs_quantized_attention_and_passes_its_gate(bert_int8):
     assert qdq["QAttention"] == qdq["Attention"] == 0  # the TensorRT form stays standard ONNX
     pipe = Pipeline.from_bundle(bert_int8, backend="ort-cpu", precision="int8")
     assert pipe.bundle.report()["precisions"]["int8"]["gate"]["ok"]
-    assert pipe(["a red apple"], seed=[0], output_type="np").shape == (1, 16, 16, 3)
+    assert pipe(["a red apple"], seed=[0], output_type="uint8").shape == (1, 16, 16, 3)
 
 
 def test_a_fusion_that_changes_the_outputs_is_refused(bert_bundle, tmp_path, monkeypatch):

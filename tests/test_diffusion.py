@@ -116,7 +116,7 @@ def test_scheduler_refuses_what_it_does_not_implement():
         make_scheduler("euler", {"use_karras_sigmas": True})
     with pytest.raises(BadInputError, match="strength"):
         make_scheduler("euler", {}).plan(2, strength=0.2)
-    with pytest.raises(BadInputError, match="num_steps"):
+    with pytest.raises(BadInputError, match="num_inference_steps"):
         make_scheduler("lcm", {}).plan(51)
 
 
@@ -127,19 +127,19 @@ def test_scheduler_refuses_what_it_does_not_implement():
 def test_txt2img_matches_diffusers(runtime, reference, monkeypatch, name, steps):
     want, latents = diffusers_txt2img(reference, monkeypatch, name, steps, guidance=0.0)
     runtime.clear_cache()  # a new prompt: the fused graph serves the bundle's own scheduler
-    got = runtime(PROMPTS, seed=SEEDS, num_steps=steps, scheduler=name, latents=latents, output_type="np")
+    got = runtime(PROMPTS, seed=SEEDS, num_inference_steps=steps, scheduler=name, latents=latents, output_type="uint8")
     assert levels(got, want) <= LEVELS
     assert runtime.last_call.path == (("fused" if steps == 1 else f"fused_k{steps}") if name == "euler" else "loop")
     # seeds alone give the same latents as latents= (the first draw of each image's stream)
     runtime.clear_cache()
-    assert levels(runtime(PROMPTS, seed=SEEDS, num_steps=steps, scheduler=name, output_type="np"), want) <= LEVELS
+    assert levels(runtime(PROMPTS, seed=SEEDS, num_inference_steps=steps, scheduler=name, output_type="uint8"), want) <= LEVELS
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_classifier_free_guidance_matches_diffusers(runtime, reference, monkeypatch, name):
     want, latents = diffusers_txt2img(reference, monkeypatch, name, 2, guidance=4.0)
     unet = runtime.graph("unet")
-    got = runtime(PROMPTS, seed=SEEDS, num_steps=2, scheduler=name, guidance_scale=4.0, output_type="np")
+    got = runtime(PROMPTS, seed=SEEDS, num_inference_steps=2, scheduler=name, guidance_scale=4.0, output_type="uint8")
     assert levels(got, want) <= LEVELS
     assert runtime.last_call.path == "loop"
     assert 2 * len(PROMPTS) in {b for b, _ in unet._sets}  # one UNet run over [negative, positive] rows
@@ -147,7 +147,7 @@ def test_classifier_free_guidance_matches_diffusers(runtime, reference, monkeypa
 
 def test_guidance_zero_runs_the_unet_on_the_images_alone(diffusion_bundle):
     pipe = Pipeline.from_bundle(diffusion_bundle, backend="ort-cpu", precision="fp32", mode="loop")
-    pipe(PROMPTS, seed=SEEDS, num_steps=2, guidance_scale=0.0)
+    pipe(PROMPTS, seed=SEEDS, num_inference_steps=2, guidance_scale=0.0)
     assert sorted(b for b, _ in pipe.graph("unet")._sets) == [len(PROMPTS)]
     assert [s for s in pipe.last_call.stages if s.startswith("unet")] == ["unet_1", "unet_2"]
 
@@ -158,10 +158,10 @@ def test_comparison_is_sensitive(runtime, reference, monkeypatch):
     want, _ = diffusers_txt2img(reference, monkeypatch, "euler", 2, guidance=0.0)
     assert want.std() > 40 and np.mean((want == 0) | (want == 255)) < 0.25
     # (not DDIM against Euler: on the same timesteps, deterministic DDIM is the Euler method, same numbers)
-    for kw in ({"seed": [7, 8]}, {"num_steps": 4}, {"scheduler": "lcm"}, {"guidance_scale": 3.0}):
-        call = {"seed": SEEDS, "num_steps": 2, **kw}
-        assert levels(runtime(PROMPTS, output_type="np", **call), want) > 5 * LEVELS, kw
-    assert levels(runtime(["a green house", "a dog"], seed=SEEDS, num_steps=2, output_type="np"), want) > 5 * LEVELS
+    for kw in ({"seed": [7, 8]}, {"num_inference_steps": 4}, {"scheduler": "lcm"}, {"guidance_scale": 3.0}):
+        call = {"seed": SEEDS, "num_inference_steps": 2, **kw}
+        assert levels(runtime(PROMPTS, output_type="uint8", **call), want) > 5 * LEVELS, kw
+    assert levels(runtime(["a green house", "a dog"], seed=SEEDS, num_inference_steps=2, output_type="uint8"), want) > 5 * LEVELS
 
 
 # ---------------------------------------------------------------- image-to-image
@@ -188,14 +188,14 @@ def test_img2img_matches_diffusers(runtime, reference, monkeypatch, name, steps,
     from PIL import Image
     want = as_uint8(img2img(PROMPTS, image=[Image.fromarray(x) for x in init], strength=strength,
                             num_inference_steps=steps, guidance_scale=0.0, output_type="np").images)
-    got = runtime(PROMPTS, seed=SEEDS, image=list(init), strength=strength, num_steps=steps, scheduler=name,
-                  output_type="np")
+    got = runtime(PROMPTS, seed=SEEDS, image=list(init), strength=strength, num_inference_steps=steps, scheduler=name,
+                  output_type="uint8")
     assert levels(got, want) <= LEVELS
     assert [s for s in runtime.last_call.stages if s.startswith("unet")] == [f"unet_{i + 1}" for i in range(runs)]
     assert "vae_encoder" in runtime.last_call.stages
     # the input image matters: another one gives another result
-    assert levels(runtime(PROMPTS, seed=SEEDS, image=255 - init[0], strength=strength, num_steps=steps,
-                          scheduler=name, output_type="np"), want) > 3 * LEVELS
+    assert levels(runtime(PROMPTS, seed=SEEDS, image=255 - init[0], strength=strength, num_inference_steps=steps,
+                          scheduler=name, output_type="uint8"), want) > 3 * LEVELS
 
 
 # ---------------------------------------------------------------- fused graphs and the loop
@@ -204,8 +204,8 @@ def test_img2img_matches_diffusers(runtime, reference, monkeypatch, name, steps,
 def test_fused_and_loop_agree(diffusion_bundle, steps):
     fused = Pipeline.from_bundle(diffusion_bundle, backend="ort-cpu", precision="fp32", mode="fused")
     loop = Pipeline.from_bundle(diffusion_bundle, backend="ort-cpu", precision="fp32", mode="loop")
-    a = fused(PROMPTS, seed=SEEDS, num_steps=steps, output_type="np")
-    b = loop(PROMPTS, seed=SEEDS, num_steps=steps, output_type="np")
+    a = fused(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
+    b = loop(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
     assert fused.last_call.path == ("fused" if steps == 1 else f"fused_k{steps}") and loop.last_call.path == "loop"
     assert levels(a, b) <= 1
     assert set(fused.last_call.stages) >= {"fused"} and "unet_1" in loop.last_call.stages
@@ -213,24 +213,24 @@ def test_fused_and_loop_agree(diffusion_bundle, steps):
 
 def test_fused_mode_refuses_calls_no_graph_serves(diffusion_bundle):
     fused = Pipeline.from_bundle(diffusion_bundle, backend="ort-cpu", precision="fp32", mode="fused")
-    for kw in ({"num_steps": 3}, {"scheduler": "ddim"}, {"guidance_scale": 5.0}):
+    for kw in ({"num_inference_steps": 3}, {"scheduler": "ddim"}, {"guidance_scale": 5.0}):
         with pytest.raises(BadInputError, match="no fused graph"):
             fused("a cat", seed=0, **kw)
 
 
 def test_repeated_prompt_skips_the_text_encoder(runtime):
     runtime.clear_cache()
-    first = runtime("a red apple", seed=3, output_type="np")
+    first = runtime("a red apple", seed=3, output_type="uint8")
     assert "text_encoder" not in runtime.last_call.stages and runtime.last_call.path == "fused"
-    again = runtime("a red apple", seed=3, output_type="np")
+    again = runtime("a red apple", seed=3, output_type="uint8")
     assert runtime.last_call.path == "loop" and "cache" in runtime.last_call.stages
     assert "text_encoder" not in runtime.last_call.stages
     assert levels(first, again) <= 1
 
 
 def test_seed_is_per_image(runtime):
-    both = runtime(PROMPTS, seed=[11, 12], num_steps=2, scheduler="euler_a", output_type="np")
-    alone = runtime(PROMPTS[1], seed=12, num_steps=2, scheduler="euler_a", output_type="np")
+    both = runtime(PROMPTS, seed=[11, 12], num_inference_steps=2, scheduler="euler_a", output_type="uint8")
+    alone = runtime(PROMPTS[1], seed=12, num_inference_steps=2, scheduler="euler_a", output_type="uint8")
     assert levels(both[1:], alone) <= 1
 
 
@@ -244,22 +244,22 @@ def test_lcm_distilled_unet_fused_loop_and_diffusers_agree(lcm_bundle, lcm_check
         ["input_ids", "noise", "noise_1", "timestep_cond"]
     fused = Pipeline.from_bundle(lcm_bundle, backend="ort-cpu", precision="fp32", mode="fused")
     loop = Pipeline.from_bundle(lcm_bundle, backend="ort-cpu", precision="fp32", mode="loop")
-    a = fused(PROMPTS, seed=SEEDS, num_steps=2, guidance_scale=6.0, output_type="np")
-    b = loop(PROMPTS, seed=SEEDS, num_steps=2, guidance_scale=6.0, output_type="np")
+    a = fused(PROMPTS, seed=SEEDS, num_inference_steps=2, guidance_scale=6.0, output_type="uint8")
+    b = loop(PROMPTS, seed=SEEDS, num_inference_steps=2, guidance_scale=6.0, output_type="uint8")
     assert levels(a, b) <= 1
     reference = diffusers.StableDiffusionPipeline.from_pretrained(lcm_checkpoint, local_files_only=True)
     reference.set_progress_bar_config(disable=True)
     want, _ = diffusers_txt2img(reference, monkeypatch, "lcm", 2, guidance=6.0)
     assert levels(a, want) <= LEVELS
-    assert levels(fused(PROMPTS, seed=SEEDS, num_steps=2, guidance_scale=1.5, output_type="np"), want) > 5
+    assert levels(fused(PROMPTS, seed=SEEDS, num_inference_steps=2, guidance_scale=1.5, output_type="uint8"), want) > 5
 
 
 # ---------------------------------------------------------------- inputs
 
 def test_bad_inputs_are_refused(runtime):
-    cases = [({"num_steps": 0}, "num_steps"), ({"strength": 0.5}, "strength"), ({"scheduler": "pndm"}, "scheduler"),
+    cases = [({"num_inference_steps": 0}, "num_inference_steps"), ({"strength": 0.5}, "strength"), ({"scheduler": "pndm"}, "scheduler"),
              ({"latents": np.zeros((1, 4, 2, 2), np.float32)}, "latents"), ({"guidance_scale": -1}, "guidance_scale"),
-             ({"image": "photo.png"}, "image"), ({"image": np.zeros((8, 8, 3), np.uint8), "strength": 0.1, "num_steps": 4}, "strength"),
+             ({"image": "photo.png"}, "image"), ({"image": np.zeros((8, 8, 3), np.uint8), "strength": 0.1, "num_inference_steps": 4}, "strength"),
              ({"image": np.zeros((8, 8), np.uint8)}, "image"), ({"negative_prompt": ["a", "b"], "guidance_scale": 3}, "negative_prompt"),
              ({"latents": np.full((1, *runtime.latent_shape), np.nan, np.float32)}, "latents")]
     for kw, subject in cases:

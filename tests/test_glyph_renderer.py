@@ -74,7 +74,7 @@ def test_glyph_generator_exports_in_every_precision_and_matches_pytorch(glyph_bu
     for p in ("fp16", "int8"):
         assert bundle.report()["precisions"][p]["gate"]["ok"], p
     prompts, seeds = ["a red apple", "a small cat on a blue background"], [0, 7]
-    got = Pipeline.from_bundle(path, backend="ort-cpu", precision="fp32")(prompts, seed=seeds, output_type="np")
+    got = Pipeline.from_bundle(path, backend="ort-cpu", precision="fp32")(prompts, seed=seeds, output_type="uint8")
     # PyTorch: the same tokens, noise and weights
     tok = AutoTokenizer.from_pretrained(ckpt / "text_encoder")
     enc = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
@@ -88,7 +88,7 @@ def test_glyph_generator_exports_in_every_precision_and_matches_pytorch(glyph_bu
     want = np.rint(np.clip((want + 1) * 127.5, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     for p in ("fp16", "int8"):
-        out = Pipeline.from_bundle(path, backend="ort-cpu", precision=p)(prompts, seed=seeds, output_type="np")
+        out = Pipeline.from_bundle(path, backend="ort-cpu", precision=p)(prompts, seed=seeds, output_type="uint8")
         assert np.abs(out.astype(int) - got.astype(int)).mean() < 3.0, p
 
 

@@ -28,7 +28,7 @@ def compare(pipe, ref, tolerance, batches=(1, 3), seeds=(0, 5, 9)):
     worst = 0
     for batch in batches:
         for seed in seeds:
-            args = dict(seed=list(range(seed, seed + batch)), output_type="np")
+            args = dict(seed=list(range(seed, seed + batch)), output_type="uint8")
             got, want = pipe(PROMPTS[:batch], **args), ref(PROMPTS[:batch], **args)
             worst = max(worst, int(np.abs(got.astype(int) - want).max()))
     assert worst <= tolerance, f"{pipe.backend}: pixels differ from ort-cpu by {worst} > {tolerance}"

@@ -63,8 +63,8 @@ def emulated_trt(monkeypatch, bundle, cuda, graphs=True):
 
 def calls(pipe, ref, batch, seed, tolerance=0):
     """Same prompts and seeds through both pipelines; pixels equal (within ``tolerance`` levels)."""
-    got = pipe(PROMPTS[:batch], seed=list(range(seed, seed + batch)), output_type="np")
-    want = ref(PROMPTS[:batch], seed=list(range(seed, seed + batch)), output_type="np")
+    got = pipe(PROMPTS[:batch], seed=list(range(seed, seed + batch)), output_type="uint8")
+    want = ref(PROMPTS[:batch], seed=list(range(seed, seed + batch)), output_type="uint8")
     assert got.shape == (batch, 16, 16, 3)
     diff = np.abs(got.astype(int) - want).max()
     assert diff <= tolerance, f"batch {batch} seed {seed}: max diff {diff}"

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, trainers
 
-from edgegen.runtime.native import hostpath
-from edgegen.runtime.pipeline import SeedNoise, noise_for_seeds
-from edgegen.runtime.tokenize import PLAIN, Encoded, PromptTokenizer
+from edgegen.runtime import native
+from edgegen.runtime.native import PLAIN, hostpath
+from edgegen.runtime.pipeline import noise_for_seeds
+from edgegen.runtime.tokenize import Encoded, PromptTokenizer
 
 CORPUS = ["a rocket on a blue background", "the quick brown fox jumps over 12 lazy dogs",
           "cat2 dog3 abc123 xyz", "a small yellow star on a red background"] * 20
@@ -60,13 +61,11 @@ NOT_PLAIN = [lambda p: p + "!", lambda p: " " + p, lambda p: p + " ", lambda p: 
              lambda p: p + " é", lambda p: p.replace(" ", "\t", 1), lambda p: p.replace(" ", "-", 1), lambda p: ""]
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("make", [gpt2_like, t5_like, clip_like, bert_like])
-def test_word_cache_gives_the_librarys_ids(make, native, tmp_path):
+def test_word_cache_gives_the_librarys_ids(make, host_path, tmp_path):
     path = make(tmp_path / "tokenizer.json")
     cached, library = PromptTokenizer(path, 20, 0), PromptTokenizer(path, 20, 0)
     library.by_words = False
-    cached.native = native and hostpath is not None
     assert cached.by_words
     rng, from_cache = random.Random(0), 0
     for _ in range(1500):
@@ -120,18 +119,15 @@ def test_the_native_host_path_is_built():
     assert hostpath is not None, "edgegen.runtime._hostpath is missing although a C compiler is here: reinstall"
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
-def test_seed_noise_is_numpys_default_rng(native):
+def test_seed_noise_is_numpys_default_rng(host_path):
     seeds = SEEDS + [int(s) for s in np.random.default_rng(7).integers(0, 2**64, 300, dtype=np.uint64)]
     want = np.stack([np.random.default_rng(s).standard_normal((2, 5), dtype=np.float32) for s in seeds])
-    noise = SeedNoise(native=native)
-    assert noise.native == (native and hostpath is not None)
-    got = noise.fill(seeds, np.empty((len(seeds), 2, 5), np.float32))
+    got = native.fill_noise(seeds, np.empty((len(seeds), 2, 5), np.float32))
     assert np.array_equal(got, want)
-    assert np.array_equal(noise.fill(seeds[::-1], np.empty_like(got)), want[::-1])  # no state carried over
+    assert np.array_equal(native.fill_noise(seeds[::-1], np.empty_like(got)), want[::-1])  # no state carried over
     assert np.array_equal(noise_for_seeds(seeds[:3], (2, 5)), want[:3])
     # long draws reach the sampler's rare branches (the ziggurat's wedges and its tail beyond 3.44)
-    long = noise.fill([5, 2**64 - 1], np.empty((2, 200_001), np.float32))
+    long = native.fill_noise([5, 2**64 - 1], np.empty((2, 200_001), np.float32))
     assert np.abs(long).max() > 3.5
     assert np.array_equal(long, [np.random.default_rng(s).standard_normal(200_001, dtype=np.float32) for s in (5, 2**64 - 1)])
 
@@ -181,37 +177,39 @@ def test_native_copies_are_numpys():
 
 
 def test_a_call_is_the_same_on_the_native_and_the_python_host_path(bert_bundle, monkeypatch):
-    """Every step of a call (word ids, padding, noise, the copies out of the bound outputs) natively and in
-    Python: the same pixels, fused and from the cache, and the same cached text states."""
-    from edgegen.runtime import Pipeline, gan, pipeline
+    """Every step of a call (word ids, padding, noise, the copies out of the bound outputs, pixels) natively
+    and in numpy: the same pixels, fused and from the cache, and the same cached text states."""
+    if hostpath is None:
+        pytest.skip("the native host path is not built")
+    from edgegen.runtime import Pipeline
     prompts, seeds = ["a red apple", "cat", "a very small yellow star"], [3, 2**64 - 1, 0]
     got = {}
-    for native in (True, False):
-        if not native:
-            monkeypatch.setattr(gan, "hostpath", None)
-            monkeypatch.setattr(pipeline, "hostpath", None)  # to_pixels on the cached path
+    for path in ("native", "python"):
+        if path == "python":
+            monkeypatch.setattr(native, "hostpath", None)
         pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
-        pipe.tokenizer.native = pipe.seed_noise.native = native and hostpath is not None
-        pipe(prompts, seed=seeds, output_type="np")  # the library's ids teach the word cache
+        pipe(prompts, seed=seeds, output_type="uint8")  # the library's ids teach the word cache
         pipe.clear_cache()
-        fused = pipe(prompts, seed=seeds, output_type="np")
-        cached = pipe(prompts, seed=seeds, output_type="np")
+        fused = pipe(prompts, seed=seeds, output_type="uint8")
+        cached = pipe(prompts, seed=seeds, output_type="uint8")
         assert pipe.last_call.path == "cached"
-        got[native] = fused, cached, [pipe._cache[p] for p in prompts]
-    assert np.array_equal(got[True][0], got[False][0]) and np.array_equal(got[True][1], got[False][1])
-    for (a, n, cut), (b, m, cut2) in zip(got[True][2], got[False][2]):
-        assert np.array_equal(a, b) and a.shape == (n, a.shape[1]) and (n, cut) == (m, cut2)
-    assert np.abs(got[True][0].astype(int) - got[True][1].astype(int)).max() <= 1
+        got[path] = fused, cached, [pipe.text_cache.get(p) for p in prompts]
+    assert np.array_equal(got["native"][0], got["python"][0]) and np.array_equal(got["native"][1], got["python"][1])
+    for a, b in zip(got["native"][2], got["python"][2]):
+        assert np.array_equal(a.states, b.states) and a.states.shape == (a.length, a.states.shape[1])
+        assert (a.length, a.truncated) == (b.length, b.truncated)
+    assert np.abs(got["native"][0].astype(int) - got["native"][1].astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 @pytest.mark.parametrize("lengths,length", [([3], 3), ([3, 1, 0], 5), ([2, 2], 2), ([0], 4)])
-def test_padding_is_the_same_natively_and_in_numpy(lengths, length, dtype):
+def test_padding_is_the_same_natively_and_in_numpy(lengths, length, dtype, monkeypatch):
     rows = [list(range(100 + 10 * i, 100 + 10 * i + n)) for i, n in enumerate(lengths)]
     got = []
-    for native in (True, False):
+    for module in (hostpath, None):
+        monkeypatch.setattr(native, "hostpath", module)
         ids, mask = np.full((len(rows), length), -1, dtype), np.full((len(rows), length), -1, dtype)
-        Encoded(rows, lengths, [False] * len(rows), length, 7, native=native).write(ids, mask)
+        Encoded(rows, lengths, [False] * len(rows), length, 7).write(ids, mask)
         got.append((ids, mask))
     assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
     assert got[1][0][0, :lengths[0]].tolist() == rows[0] and (got[1][0][0, lengths[0]:] == 7).all()
@@ -223,9 +221,9 @@ def test_padding_is_the_same_natively_and_in_numpy(lengths, length, dtype):
 def test_doctor_says_which_host_path_runs(tmp_path, monkeypatch):
     from edgegen.runtime import doctor
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("native" if hostpath else "pure Python")
-    monkeypatch.setattr(doctor, "hostpath", None)
+    monkeypatch.setattr(native, "hostpath", None)
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"].startswith("pure Python")
-    monkeypatch.setattr(doctor, "PURE_PYTHON", True)
+    monkeypatch.setattr(native, "PURE_PYTHON", True)
     assert doctor.run_doctor(None, root=tmp_path)["versions"]["host_path"] == "pure Python (EDGEGEN_PURE_PYTHON is set)"
 
 
@@ -243,20 +241,22 @@ def test_edgegen_pure_python_at_run_time_leaves_the_module_unloaded():
 
 
 @pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
-def test_native_pixels_are_numpys():
-    from edgegen.runtime.pipeline import to_pixels
+def test_native_pixels_are_numpys(monkeypatch):
+    def to_pixels(image, native_path=True):
+        monkeypatch.setattr(native, "hostpath", hostpath if native_path else None)
+        return native.to_pixels(image)
     rng = np.random.default_rng(0)
     image = rng.uniform(-1.2, 1.2, (2, 3, 5, 7)).astype(np.float32)
     # exact halves (..., 0.5 after scaling) round to even, as np.rint does; values out of range clip
     image.flat[:6] = np.array([k / 127.5 - 1 for k in (0.5, 1.5, 2.5, 253.5, 254.5, 255.5)], np.float32)
-    got, want = to_pixels(image), to_pixels(image, native=False)
+    got, want = to_pixels(image), to_pixels(image, native_path=False)
     assert got.dtype == np.uint8 and got.shape == (2, 5, 7, 3) and got.flags.c_contiguous
     assert np.array_equal(got, want)
     # every half step from -1 to 256.5 after scaling, and the floats either side of each (the rounding's edges)
     x = (np.arange(-2, 514) / 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
     sweep = np.concatenate([x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf)), [np.inf, -np.inf, 0, 0.5, -0.5, 2]])
     sweep = sweep.astype(np.float32).reshape(1, 3, 2, -1)
-    assert np.array_equal(to_pixels(sweep), to_pixels(sweep, native=False))
+    assert np.array_equal(to_pixels(sweep), to_pixels(sweep, native_path=False))
     assert hostpath.pixels(image.astype(np.float16)) is None and hostpath.pixels(image[:, :, ::2]) is None
     assert np.array_equal(to_pixels(image[:, :, ::2]), want[:, ::2])  # what the native loop declines, numpy does
 
@@ -282,128 +282,39 @@ def test_native_cached_states_are_numpys(mask_dtype):
         hostpath.states_into(rows, states.astype(np.float64), mask)
 
 
-class _Counting:
-    """The native module, counting the whole calls it served (not None)."""
-
-    def __init__(self, module):
-        self._module, self.served, self.paths = module, 0, set()
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-    def gan_call(self, *args):
-        done = self._module.gan_call(*args)
-        if done is not None:
-            self.served += 1
-            self.paths.add(done[1][0])
-        return done
-
-
-def _same_calls(pipes, prompts, seeds, **kw):
-    """Both pipelines' images, call records and text caches are the same."""
-    got = [pipe(prompts, seed=seeds, output_type="np", **kw) for pipe in pipes]
-    assert np.array_equal(got[0], got[1]), prompts
-    a, b = (pipe.last_call for pipe in pipes)
-    assert (a.path, a.sequence, a.truncated, a.seeds, list(a.stages), a.engine_stages, a.warnings) == \
-        (b.path, b.sequence, b.truncated, b.seeds, list(b.stages), b.engine_stages, b.warnings)
-    assert list(pipes[0]._cache) == list(pipes[1]._cache)
-    for (x, n, cut), (y, m, cut2) in zip(pipes[0]._cache.values(), pipes[1]._cache.values()):
-        assert np.array_equal(x, y) and (n, cut) == (m, cut2)
-    return a
-
-
-@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
-@pytest.mark.parametrize("mode,cache_size", [("auto", 128), ("auto", 2), ("fused", 128)])
-def test_the_native_whole_call_is_the_python_one(bert_bundle, monkeypatch, mode, cache_size):
-    """Calls served by `_hostpath.gan_call` give the Python path's pixels, text cache (order and eviction
-    included) and call record; arguments and prompts it cannot serve go to Python."""
-    from collections import OrderedDict
-    from edgegen.runtime import Pipeline, gan
-    counting = _Counting(hostpath)
-    monkeypatch.setattr(gan, "hostpath", counting)
-    pipes = [Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode=mode, cache_size=cache_size) for _ in range(2)]
-    assert pipes[0]._native is not None
-    pipes[1]._native = None  # the Python path throughout (its steps native where they may be)
-    calls = [(["a red apple", "cat", "a red apple"], [3, 4, 5]), (["cat"], [2**64 - 1]), (["a dog", "cat", "a red apple"], [0, 1, 2]),
-             (["a dog!", "cat", "cat"], [7, 8, 9]), (["a very small yellow star"], [0]), (("a dog", "cat"), (11, 12)),
-             ("a red apple", 2**64 - 1), ("cat", np.int64(5)), (["cat"], np.array([6], np.uint64))]
-    # round 1 teaches the word cache and makes the buffers; round 2 meets a warm text cache (cached, partly
-    # cached and new prompts); rounds 3 and 4 empty it before each call, so every call runs fused
-    for clear, (prompts, seeds) in [(False, c) for c in calls * 2] + [(True, c) for c in calls * 2]:
-        for pipe in pipes:
-            if clear:
-                pipe.clear_cache()
-        _same_calls(pipes, prompts, seeds)
-    # round 4's calls natively at least, but for "a dog!" (not plain) and the numpy seeds (round 3 made the
-    # buffers that auto mode's earlier cached calls did not need)
-    assert counting.served >= 6 and counting.paths == ({"fused", "cached"} if mode == "auto" else {"fused"})
-    assert isinstance(pipes[0]._cache, OrderedDict) and len(pipes[0]._cache) <= cache_size
-    # several images per prompt, and a random first seed (each pipeline's own: compared through the seeds drawn)
-    prompts = ["a red apple", "a dog"]
-    served = counting.served
-    for _ in range(2):  # the first call makes the buffers for four images
-        for pipe in pipes:
-            pipe.clear_cache()
-        _same_calls(pipes, prompts, 40, num_images=2)
-    pipes[0].clear_cache()
-    got = pipes[0](prompts, num_images=2, output_type="np")
-    seeds = pipes[0].last_call.seeds
-    assert counting.served == served + 2
-    assert all(0 <= s < 2**64 for s in seeds) and seeds == [seeds[0] + i for i in range(4)]
-    pipes[1].clear_cache()
-    assert np.array_equal(got, pipes[1](prompts, seed=seeds[0], num_images=2, output_type="np"))
-
-
-@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
-def test_the_native_whole_call_leaves_bad_arguments_to_python(bert_bundle):
-    """Every argument the C checks do not accept reaches Python's checks, with their messages; a native call's
-    timing lies within the call, on Python's perf_counter_ns clock."""
+def test_a_calls_record_lies_within_the_call(bert_bundle, host_path):
     import time
-    from edgegen.runtime import BadInputError, Pipeline
+    from edgegen.runtime import Pipeline
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="fused")
-    pipe("a red apple", seed=1, output_type="np")  # teaches the word cache, makes the buffers
-    bad = [(dict(prompt="a red apple", seed=-1), "out of range"), (dict(prompt="a red apple", seed=2**64), "out of range"),
-           (dict(prompt="a red apple", seed=2**64 - 1, num_images=2), "runs past"),
-           (dict(prompt="a red apple", seed=[1, 2]), "2 seeds for 1 images"), (dict(prompt="a red apple", seed=(1, -1)), "out of range"),
-           (dict(prompt="a red apple", seed=[1.0]), "expected an integer"), (dict(prompt="a red apple", seed=True), "expected an integer"),
-           (dict(prompt="a red apple", num_images=True), "positive integer"), (dict(prompt="a red apple", num_images=0), "positive integer"),
-           (dict(prompt="a red apple", num_images=2**70), "positive integer|maximum batch"),
-           (dict(prompt=["a red apple"] * 9, num_images=2), "maximum batch"), (dict(prompt="a red apple", output_type="NP"), "output_type"),
-           (dict(prompt=[]), "non-empty"), (dict(prompt=("a red apple", b"x")), "item 1"), (dict(prompt="a \ud800"), "not valid Unicode")]
-    for kwargs, fragment in bad:
-        with pytest.raises(BadInputError, match=fragment):
-            pipe(kwargs.pop("prompt"), **kwargs)
+    pipe("a red apple", seed=1, output_type="uint8")
     before = time.perf_counter_ns()
-    pipe("a red apple", seed=1, output_type="np")
+    pipe("a red apple", seed=1, output_type="uint8")
     after = time.perf_counter_ns()
     info = pipe.last_call
-    assert pipe._record is None and info.path == "fused" and info.seeds == [1]  # made from the record when read
+    assert info.path == "fused" and info.seeds == [1] and list(info.stages) == ["checks", "tokenize", "noise", "fused",
+                                                                                  "output"]
     assert 0 <= info.stages["checks"] and 0 < sum(info.stages.values()) <= info.total_ns <= after - before
+    assert 0 < info.engine_ns == info.stages["fused"]
 
 
-@pytest.mark.skipif(hostpath is None, reason="the native host path is not built")
-def test_the_native_whole_call_holds_the_pipelines_lock(bert_bundle):
-    """It waits for a call in progress (the lock, taken without the GIL) and lets go of the lock when the
-    engine run fails."""
-    import functools
+def test_a_call_waits_for_the_lock_and_lets_go_of_it_when_the_engine_fails(bert_bundle, monkeypatch):
     import threading
     from edgegen.runtime import Pipeline
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="fused")
-    want = pipe("a red apple", seed=1, output_type="np")
+    want = pipe("a red apple", seed=1, output_type="uint8")
     done = []
     with pipe._lock:
-        worker = threading.Thread(target=lambda: done.append(pipe("a red apple", seed=1, output_type="np")))
+        worker = threading.Thread(target=lambda: done.append(pipe("a red apple", seed=1, output_type="uint8")))
         worker.start()
         worker.join(0.3)
         assert worker.is_alive() and not done
     worker.join(30)
     assert np.array_equal(done[0], want) and pipe.last_call.path == "fused"
 
-    def broken(binding):
+    def broken(*args, **kwargs):
         raise RuntimeError("the engine failed")
-    state = pipe._native_state
-    pipe._native = functools.partial(hostpath.gan_call, state[:11] + (broken,) + state[12:])
+    monkeypatch.setattr(pipe.graph("fused"), "run", broken)
     with pytest.raises(RuntimeError, match="the engine failed"):
-        pipe("a red apple", seed=1, output_type="np")
+        pipe("a red apple", seed=1, output_type="uint8")
     assert pipe._lock.acquire(blocking=False)
     pipe._lock.release()

@@ -31,7 +31,7 @@ def test_runtime_matches_pytorch(kind, prompts, seeds, tiny_checkpoints, tiny_bu
     assert want.std() > 5, "reference images are flat; the check would be too weak"
     for mode in ("fused", "split"):
         pipe = Pipeline.from_bundle(tiny_bundles[kind], backend="ort-cpu", mode=mode)
-        got = pipe(prompts, seed=seeds, output_type="np")
+        got = pipe(prompts, seed=seeds, output_type="uint8")
         assert got.shape == want.shape and got.dtype == np.uint8
         diff = np.abs(got.astype(int) - want.astype(int)).max()
         assert diff <= 1, f"{kind} {mode}: max pixel difference {diff}"
@@ -39,8 +39,8 @@ def test_runtime_matches_pytorch(kind, prompts, seeds, tiny_checkpoints, tiny_bu
 
 def test_cached_path_equals_fused(bert_bundle):
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
-    first = pipe(["a red apple", "cat"], seed=[4, 5], output_type="np")
+    first = pipe(["a red apple", "cat"], seed=[4, 5], output_type="uint8")
     assert pipe.last_call.path == "fused"
-    again = pipe(["a red apple", "cat"], seed=[4, 5], output_type="np")
+    again = pipe(["a red apple", "cat"], seed=[4, 5], output_type="uint8")
     assert pipe.last_call.path == "cached"
     assert np.abs(first.astype(int) - again.astype(int)).max() <= 1

@@ -11,36 +11,60 @@ def pipe(bert_bundle):
     return Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
 
 
-def test_pil_and_np_outputs(pipe):
-    images = pipe("a red apple", seed=3, num_images=2)
+def test_pil_np_and_uint8_outputs(pipe):
+    images = pipe("a red apple", seed=3, num_images_per_prompt=2)
     assert len(images) == 2 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in images)
-    arr = pipe("a red apple", seed=3, num_images=2, output_type="np")
+    arr = pipe("a red apple", seed=3, num_images_per_prompt=2, output_type="uint8")
     assert arr.shape == (2, 16, 16, 3) and arr.dtype == np.uint8
     assert np.array_equal(np.asarray(images[1]), arr[1])
     assert pipe.last_call.seeds == [3, 4]
+    floats = pipe("a red apple", seed=3, num_images_per_prompt=2, output_type="np")  # diffusers' meaning
+    assert floats.dtype == np.float32 and floats.shape == arr.shape and 0.0 <= floats.min() <= floats.max() <= 1.0
+    assert np.array_equal(np.rint(floats * 255).astype(np.uint8), arr)
+
+
+@pytest.mark.parametrize("keyword", ["num_images", "num_inference_steps", "latents", "negative_prompt", "seeds"])
+def test_an_unknown_keyword_is_bad_input_naming_the_accepted_ones(pipe, keyword):
+    with pytest.raises(BadInputError, match=f"{keyword} .*unknown keyword.*num_images_per_prompt, output_type, noise"):
+        pipe("a red apple", **{keyword: 1})
+
+
+def test_cache_size_can_be_changed_at_any_time(bert_bundle):
+    pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", cache_size=4)
+    for p in ["a", "b", "c"]:
+        pipe(p, seed=0)
+    pipe.cache_size = 1  # keeps the most recently used
+    assert pipe.text_cache.prompts() == ["c"]
+    pipe("c", seed=0)
+    assert pipe.last_call.path == "cached"
+    pipe.cache_size = 0
+    pipe("c", seed=0)
+    assert pipe.last_call.path == "fused" and len(pipe.text_cache) == 0
+    with pytest.raises(BadInputError, match="cache_size"):
+        pipe.cache_size = -1
 
 
 def test_seed_fixes_an_image_whatever_its_batch_position(pipe):
-    alone = pipe("cat", seed=11, output_type="np", ) [0]
+    alone = pipe("cat", seed=11, output_type="uint8", ) [0]
     pipe.clear_cache()
-    in_batch = pipe(["dog", "cat"], seed=[10, 11], output_type="np")[1]
+    in_batch = pipe(["dog", "cat"], seed=[10, 11], output_type="uint8")[1]
     assert np.abs(alone.astype(int) - in_batch.astype(int)).max() <= 1
-    other = pipe("cat", seed=12, output_type="np")[0]
+    other = pipe("cat", seed=12, output_type="uint8")[0]
     assert np.abs(alone.astype(int) - other.astype(int)).max() > 1
 
 
 def test_explicit_noise_equals_seeded_noise(pipe):
     noise = np.random.default_rng(5).standard_normal((1, *pipe.noise_shape), dtype=np.float32)
-    a = pipe("a red apple", noise=noise, output_type="np")
-    b = pipe("a red apple", seed=5, output_type="np")
+    a = pipe("a red apple", noise=noise, output_type="uint8")
+    b = pipe("a red apple", seed=5, output_type="uint8")
     assert np.array_equal(a, b)
 
 
 def test_buffers_are_reused(pipe):
-    pipe("cat", seed=1, num_images=2)
+    pipe("cat", seed=1, num_images_per_prompt=2)
     graph, length = pipe.graph("fused"), pipe.last_call.sequence
     before = graph.outputs(2, length)["pixels"]
-    out = pipe("dog", seed=2, num_images=2, output_type="np")
+    out = pipe("dog", seed=2, num_images_per_prompt=2, output_type="uint8")
     assert pipe.last_call.sequence == length and graph.outputs(2, length)["pixels"] is before
     assert not np.shares_memory(out, before), "returned images must not alias the reused buffer"
 
@@ -56,18 +80,18 @@ def test_short_prompts_run_at_their_length_with_the_same_images(bert_bundle):
     long = "a very small yellow star on a dark green background"
     for prompts, length in ((["cat"], 3), (["cat", long], 12), (["red apple", "a dog"], 4)):
         seeds = list(range(len(prompts)))
-        got = dynamic(prompts, seed=seeds, output_type="np")
+        got = dynamic(prompts, seed=seeds, output_type="uint8")
         assert (dynamic.last_call.path, dynamic.last_call.sequence) == ("fused", length)
-        want = fixed(prompts, seed=seeds, output_type="np")
+        want = fixed(prompts, seed=seeds, output_type="uint8")
         assert fixed.last_call.sequence == max_length
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     # cached text states of different lengths share one batch, zero-padded to the longest
-    cached = dynamic(["cat", long, "a dog"], seed=[0, 1, 2], output_type="np")
+    cached = dynamic(["cat", long, "a dog"], seed=[0, 1, 2], output_type="uint8")
     assert (dynamic.last_call.path, dynamic.last_call.sequence) == ("cached", 12)
-    want = fixed(["cat", long, "a dog"], seed=[0, 1, 2], output_type="np")
+    want = fixed(["cat", long, "a dog"], seed=[0, 1, 2], output_type="uint8")
     assert np.abs(cached.astype(int) - want.astype(int)).max() <= 1
     split = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", mode="split")
-    assert np.abs(split(["cat"], seed=[0], output_type="np").astype(int) - want[:1].astype(int)).max() <= 1
+    assert np.abs(split(["cat"], seed=[0], output_type="uint8").astype(int) - want[:1].astype(int)).max() <= 1
     assert split.last_call.sequence == 3
 
 
@@ -78,9 +102,9 @@ def test_a_prompt_without_tokens_gets_the_full_length(tiny_bundles):
     fixed = Pipeline.from_bundle(tiny_bundles["gpt2"], backend="ort-cpu")
     fixed.tokenizer.pad_to_longest = False
     for prompts in ([""], ["", "a red apple"]):
-        got = dynamic(prompts, seed=list(range(len(prompts))), output_type="np")
+        got = dynamic(prompts, seed=list(range(len(prompts))), output_type="uint8")
         assert dynamic.last_call.sequence == dynamic.tokenizer.max_length
-        want = fixed(prompts, seed=list(range(len(prompts))), output_type="np")
+        want = fixed(prompts, seed=list(range(len(prompts))), output_type="uint8")
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     dynamic("a red apple", seed=0)
     assert dynamic.last_call.sequence < dynamic.tokenizer.max_length
@@ -91,7 +115,7 @@ def test_token_lengths_share_one_allocation_per_batch_size(bert_bundle):
     graph = pipe.graph("fused")
     for prompt in ("cat", "a red apple", "a very small yellow star on a dark green background"):
         pipe.clear_cache()
-        pipe([prompt, prompt], seed=[0, 1], output_type="np")
+        pipe([prompt, prompt], seed=[0, 1], output_type="uint8")
     assert sorted(graph._sets) == [(2, 3), (2, 5), (2, 12)] and list(graph._storage) == [2]
     states = [graph.outputs(2, n)["text_states"] for n in (3, 5, 12)]
     assert all(s.flags.c_contiguous and np.shares_memory(s, states[0]) for s in states)
@@ -122,8 +146,8 @@ def test_lru_cache_is_bounded(bert_bundle):
     (dict(prompt=3), "expected a string"),
     (dict(prompt=[]), "non-empty list"),
     (dict(prompt=["ok", None]), "item 1"),
-    (dict(prompt="x", num_images=0), "positive integer"),
-    (dict(prompt="x", num_images=17), "maximum batch of 16"),
+    (dict(prompt="x", num_images_per_prompt=0), "positive integer"),
+    (dict(prompt="x", num_images_per_prompt=17), "maximum batch of 16"),
     (dict(prompt="x", seed=-1), "out of range"),
     (dict(prompt="x", seed=2**64), "out of range"),
     (dict(prompt="x", seed=1.5), "expected an integer"),
@@ -161,7 +185,7 @@ def test_edgegen_threads_caps_onnx_runtime_threads(monkeypatch, bert_bundle):
     monkeypatch.setenv("EDGEGEN_THREADS", "1")
     assert session_options().intra_op_num_threads == 1
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", precision="fp32")
-    assert pipe("a red apple", seed=1, output_type="np").shape[0] == 1
+    assert pipe("a red apple", seed=1, output_type="uint8").shape[0] == 1
     monkeypatch.setenv("EDGEGEN_THREADS", "two")
     with pytest.raises(BadInputError, match="EDGEGEN_THREADS .*positive integer"):
         session_options()

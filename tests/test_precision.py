@@ -46,7 +46,7 @@ def test_fp16_runs_without_nan(fp16_bundle):
     pipe = Pipeline.from_bundle(fp16_bundle, backend="ort-cpu", precision="fp16")
     ref = Pipeline.from_bundle(fp16_bundle, backend="ort-cpu", precision="fp32")
     prompts = ["a red apple", "cat", "a very small yellow star on a dark green background"]
-    got, want = pipe(prompts, seed=[1, 2, 3], output_type="np"), ref(prompts, seed=[1, 2, 3], output_type="np")
+    got, want = pipe(prompts, seed=[1, 2, 3], output_type="uint8"), ref(prompts, seed=[1, 2, 3], output_type="uint8")
     assert np.abs(got.astype(int) - want.astype(int)).mean() < 1.0
     assert pipe.precision == "fp16"
 
@@ -174,9 +174,9 @@ def test_weights_only_is_close_and_small():
 def test_auto_precision_picks_int8_on_cpu(int8_bundle):
     pipe = Pipeline.from_bundle(int8_bundle, backend="ort-cpu")
     assert pipe.precision == "int8" and pipe.form == "int8"
-    images = pipe(["a red apple", "cat"], seed=[1, 2], output_type="np")
+    images = pipe(["a red apple", "cat"], seed=[1, 2], output_type="uint8")
     ref = Pipeline.from_bundle(int8_bundle, backend="ort-cpu", precision="fp32")(["a red apple", "cat"], seed=[1, 2],
-                                                                                 output_type="np")
+                                                                                 output_type="uint8")
     assert np.abs(images.astype(int) - ref.astype(int)).mean() < 12
 
 

@@ -26,7 +26,7 @@ def pipe(bert_bundle):
 def test_odd_but_valid_prompts_generate(pipe, prompt):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncationWarning)
-        out = pipe(prompt, seed=1, output_type="np")
+        out = pipe(prompt, seed=1, output_type="uint8")
     assert out.shape == (1, 16, 16, 3)
 
 
@@ -49,7 +49,7 @@ def test_property_any_text_any_seed(pipe, prompts, seed, k):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)
-            out = pipe(prompts, seed=seed, num_images=k, output_type="np")
+            out = pipe(prompts, seed=seed, num_images_per_prompt=k, output_type="uint8")
     except BadInputError as e:
         assert "Note:" in str(e)
         return
@@ -60,14 +60,14 @@ def test_property_any_text_any_seed(pipe, prompts, seed, k):
 def test_eight_threads_match_serial(bert_bundle):
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu")
     jobs = [(f"prompt {i % 5}", i) for i in range(32)]
-    serial = {seed: pipe(p, seed=seed, output_type="np") for p, seed in jobs}
+    serial = {seed: pipe(p, seed=seed, output_type="uint8") for p, seed in jobs}
     pipe.clear_cache()
     results, errors = {}, []
 
     def worker(chunk):
         try:
             for p, seed in chunk:
-                results[seed] = pipe(p, seed=seed, output_type="np")
+                results[seed] = pipe(p, seed=seed, output_type="uint8")
         except Exception as e:  # surfaced below
             errors.append(e)
     threads = [threading.Thread(target=worker, args=(jobs[i::8],)) for i in range(8)]
@@ -84,7 +84,7 @@ GENERATE = """
 import hashlib, sys
 from edgegen.runtime import Pipeline
 pipe = Pipeline.from_bundle(sys.argv[1], backend="ort-cpu", precision="fp32")
-print(hashlib.sha256(pipe(["a red apple", "cat"], seed=[5, 9], output_type="np").tobytes()).hexdigest())
+print(hashlib.sha256(pipe(["a red apple", "cat"], seed=[5, 9], output_type="uint8").tobytes()).hexdigest())
 """
 
 
@@ -92,7 +92,7 @@ def test_bit_identical_across_processes(bert_bundle):
     digests = {subprocess.run([sys.executable, "-c", GENERATE, str(bert_bundle)], capture_output=True, text=True,
                               check=True).stdout.strip() for _ in range(2)}
     here = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", precision="fp32")
-    digests.add(hashlib.sha256(here(["a red apple", "cat"], seed=[5, 9], output_type="np").tobytes()).hexdigest())
+    digests.add(hashlib.sha256(here(["a red apple", "cat"], seed=[5, 9], output_type="uint8").tobytes()).hexdigest())
     assert len(digests) == 1
 
 

@@ -41,7 +41,7 @@ def main(argv=None):
     rows = ["| prompt | phrasing | seeds 0-3 |", "|---|---|---|"]
     from PIL import Image
     for i, (prompt, kind) in enumerate(PROMPTS):
-        images = pipe([prompt] * len(SEEDS), seed=SEEDS, output_type="np")
+        images = pipe([prompt] * len(SEEDS), seed=SEEDS, output_type="uint8")
         strip = np.concatenate(list(images), axis=1).repeat(2, 0).repeat(2, 1)
         name = f"{i:02d}.png"
         Image.fromarray(strip).save(a.out / name)
