@@ -13,6 +13,7 @@ Every graph satisfies ``Graph``: ``OrtGraph`` (here: host buffers), ``ort_gpu.Or
 buffers, pinned host arrays, CUDA graphs for the fused graph) and ``trt_graph.TrtGraph`` (the bundle's
 prebuilt engines). The GPU modules, and tensorrt / CUDA, are imported only when such a backend is used.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,7 @@ import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -34,7 +35,7 @@ CUDA_GRAPHS_ENV = "EDGEGEN_CUDA_GRAPHS"  # "0" turns CUDA graph capture off (ben
 THREADS_ENV = "EDGEGEN_THREADS"  # ONNX Runtime intra-op threads per session (unset: ONNX Runtime's choice)
 
 # A one-node model, Identity(float[1]) at opset 17, serialized by hand: the lean runtime has no onnx package.
-_PROBE_ONNX = b'\x08\x08\x12\x07edgegen:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11'
+_PROBE_ONNX = b'\x08\x08\x12\x07edgegen:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11'  # noqa: E501
 
 
 @runtime_checkable
@@ -58,8 +59,9 @@ class Graph(Protocol):
 
     def run(self, batch: int, fetch: bool = True, sequence: int | None = None) -> dict[str, np.ndarray]: ...
 
-    def take(self, batch: int, name: str, source: Graph, source_output: str,
-             sequence: int | None = None) -> None: ...
+    def take(
+        self, batch: int, name: str, source: Graph, source_output: str, sequence: int | None = None
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -67,24 +69,35 @@ class Graph(Protocol):
 # How a row's graph is made: (bundle, component, form, backend, cuda_graphs) -> Graph. Each imports its
 # module only when called, so the lean runtime never imports CUDA or TensorRT bindings it does not use.
 def _open_host_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool) -> Graph:
-    return OrtGraph(bundle.onnx_path(component, form), backend, bundle.components[component], bundle.max_length)
+    return OrtGraph(
+        bundle.onnx_path(component, form), backend, bundle.components[component], bundle.max_length
+    )
 
 
 def _open_device_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool) -> Graph:
     from .ort_gpu import OrtDeviceGraph
+
     # ONNX Runtime captures a CUDA graph only of a static-shape graph: the fused one has no dynamic axis left
-    return OrtDeviceGraph(bundle, component, form, backend, bundle.components[component],
-                          cuda_graph=cuda_graphs and component == "fused")
+    return OrtDeviceGraph(
+        bundle,
+        component,
+        form,
+        backend,
+        bundle.components[component],
+        cuda_graph=cuda_graphs and component == "fused",
+    )
 
 
 def _open_engine_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool) -> Graph:
     from .trt_graph import TrtGraph
+
     return TrtGraph(bundle, component, form, backend, bundle.components[component], cuda_graphs=cuda_graphs)
 
 
 @dataclass(frozen=True)
 class EngineFlavour:
     """A native TensorRT runtime: it runs the bundle's prebuilt engines, not ONNX files."""
+
     title: str  # its product name, for messages
     modules: tuple[str, ...]  # its Python module, the first that imports
     install: str  # how to get that module
@@ -99,6 +112,7 @@ GPU_SPEED_ORDER = ("int8", "fp16", "fp32")  # GPUs run int8 QDQ and fp16 fastest
 @dataclass(frozen=True)
 class BackendSpec:
     """Everything the runtime needs to know about one backend."""
+
     name: str
     auto_rank: int  # `auto` tries backends by this, lowest first: the fastest that runs wins
     gpu: bool
@@ -112,31 +126,32 @@ class BackendSpec:
 
     @property
     def provider(self) -> str | None:
-        """The ONNX Runtime provider that must be active for this backend to count (None: not ONNX Runtime)."""
+        """The ONNX Runtime provider that must be active for the backend to count (None: not ONNX Runtime)."""
         return self.providers[0] if self.providers else None
 
 
+# fmt: off
 CPU_EP, CUDA_EP, TENSORRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+TENSORRT = EngineFlavour("TensorRT", ("tensorrt",), builds_ahead=False, runtime_config=False,
+                         install="install TensorRT 10 (on Jetson it comes with JetPack: python3-libnvinfer)")
+TENSORRT_RTX = EngineFlavour("TensorRT for RTX", ("tensorrt_rtx", "tensorrt_rtx_bindings"), builds_ahead=True,
+                             runtime_config=True, install="pip install 'edgegen[tensorrt-rtx]'")
 _ENGINE_JUDGE = ("ort-cuda", "ort-cpu")  # engines have no judge: score with ONNX Runtime, the GPU if it loads
 
+# One row per backend. ort-trt: what TensorRT cannot take runs on CUDA, not on the CPU. TensorRT runs fp32
+# with TF32 and its own fusions: one more uint8 level is allowed there (not yet measured on a GPU).
 BACKEND_SPECS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("ort-cpu", auto_rank=5, gpu=False, opens=_open_host_graph, providers=(CPU_EP,),
                 int8_form="int8", speed_order=CPU_SPEED_ORDER),
     BackendSpec("ort-cuda", auto_rank=4, gpu=True, opens=_open_device_graph, providers=(CUDA_EP, CPU_EP)),
-    # what TensorRT cannot take runs on CUDA, not on the CPU; TensorRT runs fp32 with TF32 and its own
-    # fusions: one more uint8 level allowed (not yet measured on a GPU)
     BackendSpec("ort-trt", auto_rank=3, gpu=True, opens=_open_device_graph,
                 providers=(TENSORRT_EP, CUDA_EP, CPU_EP), pixel_tolerance=2),
-    BackendSpec("trt", auto_rank=1, gpu=True, opens=_open_engine_graph, pixel_tolerance=2, judge_on=_ENGINE_JUDGE,
-                engines=EngineFlavour("TensorRT", ("tensorrt",), builds_ahead=False, runtime_config=False,
-                                      install="install TensorRT 10 (on Jetson it comes with JetPack: "
-                                              "python3-libnvinfer)")),
-    BackendSpec("trt-rtx", auto_rank=2, gpu=True, opens=_open_engine_graph, pixel_tolerance=2,
-                judge_on=_ENGINE_JUDGE,
-                engines=EngineFlavour("TensorRT for RTX", ("tensorrt_rtx", "tensorrt_rtx_bindings"),
-                                      builds_ahead=True, runtime_config=True,
-                                      install="pip install 'edgegen[tensorrt-rtx]'")),
+    BackendSpec("trt", auto_rank=1, gpu=True, opens=_open_engine_graph, engines=TENSORRT,
+                pixel_tolerance=2, judge_on=_ENGINE_JUDGE),
+    BackendSpec("trt-rtx", auto_rank=2, gpu=True, opens=_open_engine_graph, engines=TENSORRT_RTX,
+                pixel_tolerance=2, judge_on=_ENGINE_JUDGE),
 )}
+# fmt: on
 BACKENDS = ("auto", *BACKEND_SPECS)  # what --backend accepts
 ENGINE_FLAVOURS = tuple(name for name, spec in BACKEND_SPECS.items() if spec.engines)  # --flavour choices
 
@@ -150,13 +165,17 @@ def backend_spec(name: str) -> BackendSpec:
     """The table's row for backend ``name``; BadInputError for a name it does not know (or `auto`)."""
     spec = BACKEND_SPECS.get(name)
     if spec is None:
-        raise BadInputError("backend", f"unknown backend: {name!r}", f"choose one of {', '.join(BACKEND_SPECS)}")
+        raise BadInputError(
+            "backend", f"unknown backend: {name!r}", f"choose one of {', '.join(BACKEND_SPECS)}"
+        )
     return spec
 
 
 def check_backend_name(name: str) -> str:
     if name != "auto" and name not in BACKEND_SPECS:
-        raise BadInputError("backend", f"unknown backend: {name!r}", f"choose one of auto, {', '.join(BACKEND_SPECS)}")
+        raise BadInputError(
+            "backend", f"unknown backend: {name!r}", f"choose one of auto, {', '.join(BACKEND_SPECS)}"
+        )
     return name
 
 
@@ -165,7 +184,7 @@ def auto_order() -> list[str]:
     return sorted(BACKEND_SPECS, key=lambda name: BACKEND_SPECS[name].auto_rank)
 
 
-@lru_cache(maxsize=None)
+@cache
 def backend_loads(backend: str) -> tuple[bool, str]:
     """(True, "") if ``backend`` really loads here, else (False, why). ONNX Runtime backends are probed
     with a one-node model; TensorRT ones need their Python module and a GPU (whether a bundle has engines
@@ -173,6 +192,7 @@ def backend_loads(backend: str) -> tuple[bool, str]:
     spec = backend_spec(backend)
     if spec.engines:
         from .engines import machine
+
         try:
             machine(backend)
         except BackendUnavailableError as e:
@@ -200,8 +220,11 @@ def require_backend(name: str) -> None:
     """BackendUnavailableError unless ``name`` loads here."""
     ok, why = backend_loads(name)
     if not ok:
-        raise BackendUnavailableError(f"backend {name}", f"cannot run here: {why}",
-                                      "run `edgegen doctor` to see which backends load, or use --backend auto")
+        raise BackendUnavailableError(
+            f"backend {name}",
+            f"cannot run here: {why}",
+            "run `edgegen doctor` to see which backends load, or use --backend auto",
+        )
 
 
 def candidates(requested: str, bundle=None) -> list[str]:
@@ -219,7 +242,9 @@ def engine_forms(bundle, backend: str) -> set[str] | None:
     when there are none). None for ONNX Runtime backends (every form runs)."""
     if not backend_spec(backend).engines:
         return None
-    from .engines import engine_forms as forms_of, engines_here, machine
+    from .engines import engine_forms as forms_of
+    from .engines import engines_here, machine
+
     trt, version, cc = machine(backend)
     entries = engines_here(bundle, backend, version, cc)
     return forms_of(entries, [c for c in bundle.components if c != "judge"])
@@ -247,7 +272,7 @@ def skip_note(name: str, error: Exception) -> str:
     """What `auto` says about a backend it passed over."""
     problem = getattr(error, "problem", str(error))
     if problem.startswith("cannot run here: "):
-        problem = problem[len("cannot run here: "):]
+        problem = problem[len("cannot run here: ") :]
     subject = getattr(error, "subject", "")
     where = f" ({subject})" if subject and not subject.startswith("backend") else ""
     return f"{name} skipped: {problem}{where}"
@@ -264,26 +289,37 @@ def session_options() -> ort.SessionOptions:
     threads = os.environ.get(THREADS_ENV, "").strip()
     if threads:  # an app sharing the CPU with other work caps edgegen's threads
         if not threads.isdigit() or int(threads) < 1:
-            raise BadInputError(THREADS_ENV, f"expected a positive integer, got {threads!r}", f"unset it or set e.g. {THREADS_ENV}=1")
+            raise BadInputError(
+                THREADS_ENV,
+                f"expected a positive integer, got {threads!r}",
+                f"unset it or set e.g. {THREADS_ENV}=1",
+            )
         opts.intra_op_num_threads = int(threads)
     return opts
 
 
-def make_session(path: Path, backend: str, options: ort.SessionOptions | None = None,
-                 provider_options: dict | None = None) -> ort.InferenceSession:
+def make_session(
+    path: Path, backend: str, options: ort.SessionOptions | None = None, provider_options: dict | None = None
+) -> ort.InferenceSession:
     """A session on exactly ``backend``; an error (not a silent CPU fallback) if its provider did not load."""
     spec = backend_spec(backend)
     if spec.provider is None:
-        raise BadInputError("backend", f"{backend} runs prebuilt TensorRT engines, not ONNX files",
-                            "run ONNX checks (validate, the judge) with an ONNX Runtime backend: "
-                            + ", ".join(ort_backends()))
+        raise BadInputError(
+            "backend",
+            f"{backend} runs prebuilt TensorRT engines, not ONNX files",
+            "run ONNX checks (validate, the judge) with an ONNX Runtime backend: "
+            + ", ".join(ort_backends()),
+        )
     providers: list = list(spec.providers)
     if provider_options is not None:
         providers[0] = (providers[0], provider_options)
     session = ort.InferenceSession(str(path), options or session_options(), providers=providers)
     if spec.provider not in session.get_providers():
-        raise BackendUnavailableError(f"backend {backend}", f"{Path(path).name} did not get {spec.provider}",
-                                      "run `edgegen doctor` to see which backends load")
+        raise BackendUnavailableError(
+            f"backend {backend}",
+            f"{Path(path).name} did not get {spec.provider}",
+            "run `edgegen doctor` to see which backends load",
+        )
     return session
 
 
@@ -299,8 +335,11 @@ def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: boo
     per batch size; ort-cuda / ort-trt capture the static-shape fused graph."""
     spec = bundle.components.get(component)
     if spec is None:  # a manifest that lists fewer components than its family runs
-        raise BadBundleError(f"bundle {bundle.root}", f"no {component!r} component in the manifest "
-                             f"(it lists {sorted(bundle.components) or 'none'})", "re-export the bundle")
+        raise BadBundleError(
+            f"bundle {bundle.root}",
+            f"no {component!r} component in the manifest (it lists {sorted(bundle.components) or 'none'})",
+            "re-export the bundle",
+        )
     graphs = cuda_graphs_enabled() if cuda_graphs is None else bool(cuda_graphs)
     return backend_spec(backend).opens(bundle, component, form, backend, graphs)
 
@@ -334,10 +373,15 @@ class OrtGraph:
             tensors = (*self.spec.inputs, *self.spec.outputs)
             store = self._storage.get(batch)
             if store is None:
-                store = self._storage[batch] = {t.name: np.zeros(int(np.prod(t.resolve(batch, self.max_length))),
-                                                                 NP_DTYPES[t.dtype]) for t in tensors}
-            view = {t.name: store[t.name][:int(np.prod(shape))].reshape(shape)
-                    for t in tensors for shape in [t.resolve(*key)]}
+                store = self._storage[batch] = {
+                    t.name: np.zeros(int(np.prod(t.resolve(batch, self.max_length))), NP_DTYPES[t.dtype])
+                    for t in tensors
+                }
+            view = {
+                t.name: store[t.name][: int(np.prod(shape))].reshape(shape)
+                for t in tensors
+                for shape in [t.resolve(*key)]
+            }
             binding = self.session.io_binding()
             ins = {t.name: view[t.name] for t in self.spec.inputs}
             outs = {t.name: view[t.name] for t in self.spec.outputs}

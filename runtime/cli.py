@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="bundle directory to create")
     e.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8 (fp32 is always included)")
     e.add_argument("--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)")
-    e.add_argument("--engines", choices=ENGINE_FLAVOURS, help="also build TensorRT engines from the fp16/int8 "
+    e.add_argument("--engines", choices=ENGINE_FLAVOURS,
+                   help="also build TensorRT engines from the fp16/int8 "
                    "files, as `edgegen engines` does (trt: on the target GPU; trt-rtx: TensorRT for RTX, may build "
                    "ahead of time). On a device without torch, export here and run `edgegen engines` there")
     e.add_argument("--compute-capability", help="GPU architecture to build engines for, e.g. 8.9 (default: the GPU "

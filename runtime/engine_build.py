@@ -199,7 +199,7 @@ def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: 
                                     "report it with the bundle's manifest")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if BACKEND_SPECS[flavour].engines.builds_ahead:  # ahead-of-time target; full TensorRT (Jetson) builds for the GPU present
+    if BACKEND_SPECS[flavour].engines.builds_ahead:  # a named target; full TensorRT builds for the GPU here
         config.num_compute_capabilities = 1
         config.set_compute_capability(_capability_enum(trt, cc), 0)
     config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False)

@@ -223,6 +223,7 @@ def load_engine(bundle, flavour: str, component: str, form: str, trt=None, versi
     check_validity(trt, runtime, blob, subject, hint, logger)
     engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
-        raise BadBundleError(subject, f"{BACKEND_SPECS[flavour].engines.title} {trt.__version__} could not deserialize it: "
+        title = BACKEND_SPECS[flavour].engines.title
+        raise BadBundleError(subject, f"{title} {trt.__version__} could not deserialize it: "
                              f"{logger.errors()}", f"the file is damaged or does not suit this machine; rebuild: {hint}")
     return engine, runtime, logger, entry

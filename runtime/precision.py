@@ -1,4 +1,5 @@
 """Which precision a pipeline runs, and which file form of it: both read from the backend table."""
+
 from __future__ import annotations
 
 from .backends import backend_spec
@@ -17,17 +18,24 @@ def choose_precision(bundle: Bundle, requested: str, backend: str, forms: set[st
     if requested == "auto":
         return _fastest_passed(bundle, backend, forms)
     if requested not in PRECISIONS:
-        raise BadInputError("precision", f"unknown precision {requested!r}",
-                            f"choose auto or one of {', '.join(PRECISIONS)}")
+        raise BadInputError(
+            "precision", f"unknown precision {requested!r}", f"choose auto or one of {', '.join(PRECISIONS)}"
+        )
     if requested not in bundle.precisions:
-        raise BadInputError("precision", f"bundle has no {requested} files",
-                            f"it has {', '.join(bundle.precisions)}; re-export with --precision {requested}")
+        raise BadInputError(
+            "precision",
+            f"bundle has no {requested} files",
+            f"it has {', '.join(bundle.precisions)}; re-export with --precision {requested}",
+        )
     if forms is not None and form_for(requested, backend) not in forms:
         have = sorted(p for p in PRECISIONS if form_for(p, backend) in forms)
-        raise BackendUnavailableError(f"bundle engines ({backend})", f"no {requested} engines for this machine",
-                                      f"engines exist for {', '.join(have) or 'no precision'}: pass --precision "
-                                      f"{have[0] if have else 'auto'}, or rebuild: edgegen engines {bundle.root} "
-                                      f"--flavour {backend}")
+        raise BackendUnavailableError(
+            f"bundle engines ({backend})",
+            f"no {requested} engines for this machine",
+            f"engines exist for {', '.join(have) or 'no precision'}: pass --precision "
+            f"{have[0] if have else 'auto'}, or rebuild: edgegen engines {bundle.root} "
+            f"--flavour {backend}",
+        )
     return requested
 
 
@@ -45,5 +53,8 @@ def _fastest_passed(bundle: Bundle, backend: str, forms: set[str] | None) -> str
     usable = [p for p in PRECISIONS if p in bundle.precisions and form_for(p, backend) in forms]
     if usable:
         return usable[0]
-    raise BackendUnavailableError(f"bundle engines ({backend})", "no engine set covers every component",
-                                  f"rebuild them: edgegen engines {bundle.root} --flavour {backend}")
+    raise BackendUnavailableError(
+        f"bundle engines ({backend})",
+        "no engine set covers every component",
+        f"rebuild them: edgegen engines {bundle.root} --flavour {backend}",
+    )

@@ -1,22 +1,27 @@
 """The backend table is the one place that knows backends: no other module tests a backend's name, and
 `auto`, doctor and precision="auto" follow the table's rows."""
+
 import ast
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 import edgegen.export
 import edgegen.runtime
+import pytest
 from edgegen.runtime import Pipeline, backends
 from edgegen.runtime.backends import BACKEND_SPECS, backend_spec, candidates
 from edgegen.runtime.errors import BadInputError
 from edgegen.runtime.precision import choose_precision, form_for
 
 TABLE = Path(backends.__file__)
-SOURCES = sorted({*Path(edgegen.runtime.__file__).parent.rglob("*.py"),
-                  *Path(edgegen.export.__file__).parent.rglob("*.py")} - {TABLE})
+SOURCES = sorted(
+    {
+        *Path(edgegen.runtime.__file__).parent.rglob("*.py"),
+        *Path(edgegen.export.__file__).parent.rglob("*.py"),
+    }
+    - {TABLE}
+)
 NAMES = set(BACKEND_SPECS)
 OLD_NAME_LISTS = {"TRT_BACKENDS", "GPU_BACKENDS", "ORT_PROVIDERS", "SPEED_ORDER", "FLAVOURS", "FLAVOUR_NAMES"}
 
@@ -44,29 +49,45 @@ def name_tests(tree: ast.AST) -> list[tuple[int, str]]:
             found.append((node.lineno, "a dict keyed by backend names"))
         elif isinstance(node, ast.MatchValue) and _is_name(node.value):
             found.append((node.lineno, "matches a backend name"))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr in ("startswith", "endswith")):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("startswith", "endswith")
+        ):
             for arg in node.args:
                 prefixes = arg.elts if isinstance(arg, ast.Tuple) else [arg]
-                if any(isinstance(p, ast.Constant) and isinstance(p.value, str) and p.value
-                       and any(n.startswith(p.value) or n.endswith(p.value) for n in NAMES) for p in prefixes):
+                if any(
+                    isinstance(p, ast.Constant)
+                    and isinstance(p.value, str)
+                    and p.value
+                    and any(n.startswith(p.value) or n.endswith(p.value) for n in NAMES)
+                    for p in prefixes
+                ):
                     found.append((node.lineno, f"{node.func.attr} on part of a backend name"))
-        elif isinstance(node, (ast.Name, ast.alias)) and (getattr(node, "id", None) or node.name) in OLD_NAME_LISTS:
+        elif (
+            isinstance(node, (ast.Name, ast.alias))
+            and (getattr(node, "id", None) or node.name) in OLD_NAME_LISTS
+        ):
             found.append((node.lineno, f"uses {getattr(node, 'id', None) or node.name}"))
     return found
 
 
 def test_the_scan_finds_what_it_looks_for():
-    code = ('if backend == "trt": pass\nif b not in ("x", "ort-cuda"): pass\nT = {"trt-rtx": 2}\n'
-            'ok = name.startswith("ort-")\nfrom .backends import TRT_BACKENDS\n'
-            'check(bundle, "ort-cpu")\nif backend_spec(backend).gpu: pass\n')
+    code = (
+        'if backend == "trt": pass\nif b not in ("x", "ort-cuda"): pass\nT = {"trt-rtx": 2}\n'
+        'ok = name.startswith("ort-")\nfrom .backends import TRT_BACKENDS\n'
+        'check(bundle, "ort-cpu")\nif backend_spec(backend).gpu: pass\n'
+    )
     assert [line for line, _ in name_tests(ast.parse(code))] == [1, 2, 3, 4, 5]
 
 
 def test_no_module_outside_the_table_tests_a_backend_name():
     assert len(SOURCES) > 30  # runtime/ and export/ were found
-    offences = [f"{path.relative_to(TABLE.parent.parent)}:{line}: {what}"
-                for path in SOURCES for line, what in name_tests(ast.parse(path.read_text(), str(path)))]
+    offences = [
+        f"{path.relative_to(TABLE.parent.parent)}:{line}: {what}"
+        for path in SOURCES
+        for line, what in name_tests(ast.parse(path.read_text(), str(path)))
+    ]
     assert not offences, "read the backend table (runtime/backends.py) instead:\n" + "\n".join(offences)
 
 
@@ -107,6 +128,7 @@ def test_the_table_drives_auto(monkeypatch, bert_bundle, cpu_row_ranked_first):
 
 def test_a_new_row_is_checked_by_doctor_like_the_others(bert_bundle, cpu_row_ranked_first):
     from edgegen.runtime.doctor import run_doctor
+
     report = run_doctor(bert_bundle)
     entry = report["backends"]["ort-cpu-first"]
     assert entry["loads"] and entry["checked"] and entry["ok"]
@@ -132,7 +154,10 @@ def test_precision_auto_follows_each_rows_speed_order_and_int8_form(monkeypatch)
     assert choose_precision(cpu_int8, "auto", "ort-trt") == "fp32"
     assert [form_for("int8", b) for b in ("ort-cpu", "ort-cuda", "trt")] == ["int8", "int8-qdq", "int8-qdq"]
     assert form_for("fp16", "ort-cpu") == "fp16"
-    monkeypatch.setitem(BACKEND_SPECS, "ort-cpu", replace(BACKEND_SPECS["ort-cpu"], speed_order=("fp16", "int8", "fp32"),
-                                                          int8_form="int8-qdq"))
+    monkeypatch.setitem(
+        BACKEND_SPECS,
+        "ort-cpu",
+        replace(BACKEND_SPECS["ort-cpu"], speed_order=("fp16", "int8", "fp32"), int8_form="int8-qdq"),
+    )
     assert choose_precision(every, "auto", "ort-cpu") == "fp16"
     assert form_for("int8", "ort-cpu") == "int8-qdq"
