@@ -101,8 +101,11 @@ class EngineFlavour:
     title: str  # its product name, for messages
     modules: tuple[str, ...]  # its Python module, the first that imports
     install: str  # how to get that module
-    builds_ahead: bool  # builds for a named compute capability on a machine without that GPU
+    # builds for any compute capability it names, with or without that GPU; a GPU it does not name cannot
+    # run its engines (TensorRT for RTX). Otherwise it builds for the GPU present.
+    builds_ahead: bool
     runtime_config: bool  # execution contexts are configured through an IRuntimeConfig (TensorRT for RTX)
+    min_major: int = 0  # older major versions lack strongly typed networks or calls edgegen makes
 
 
 CPU_SPEED_ORDER = ("int8", "fp32", "fp16")  # CPUs lack fast fp16 kernels
@@ -132,7 +135,7 @@ class BackendSpec:
 
 # fmt: off
 CPU_EP, CUDA_EP, TENSORRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-TENSORRT = EngineFlavour("TensorRT", ("tensorrt",), builds_ahead=False, runtime_config=False,
+TENSORRT = EngineFlavour("TensorRT", ("tensorrt",), builds_ahead=False, runtime_config=False, min_major=10,
                          install="install TensorRT 10 (on Jetson it comes with JetPack: python3-libnvinfer)")
 TENSORRT_RTX = EngineFlavour("TensorRT for RTX", ("tensorrt_rtx", "tensorrt_rtx_bindings"), builds_ahead=True,
                              runtime_config=True, install="pip install 'edgegen[tensorrt-rtx]'")
@@ -313,14 +316,28 @@ def make_session(
     providers: list = list(spec.providers)
     if provider_options is not None:
         providers[0] = (providers[0], provider_options)
-    session = ort.InferenceSession(str(path), options or session_options(), providers=providers)
+    printed = io.StringIO()  # where ONNX Runtime reports a provider that failed ("EP Error")
+    with contextlib.redirect_stdout(printed):
+        session = ort.InferenceSession(str(path), options or session_options(), providers=providers)
     if spec.provider not in session.get_providers():
-        raise BackendUnavailableError(
+        ep_error = _ep_error(printed.getvalue())
+        fell_back = f": ONNX Runtime fell back to the CPU after {ep_error}" if ep_error else ""
+        error = BackendUnavailableError(
             f"backend {backend}",
-            f"{Path(path).name} did not get {spec.provider}",
+            f"{Path(path).name} did not get {spec.provider}{fell_back}",
             "run `edgegen doctor` to see which backends load",
         )
+        error.ep_error = ep_error  # callers that asked for something optional (CUDA graphs) retry without it
+        raise error
     return session
+
+
+def _ep_error(printed: str) -> str | None:
+    """The error ONNX Runtime's InferenceSession printed before retrying on the CPU, or None."""
+    for line in printed.splitlines():
+        if line.startswith("EP Error "):
+            return line[len("EP Error ") :][:400]
+    return None
 
 
 def ort_backends() -> list[str]:

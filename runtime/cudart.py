@@ -28,6 +28,11 @@ CAPTURE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal: other threads' CUD
 ATTR_CC_MAJOR, ATTR_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor
 LIB_ENV = "EDGEGEN_CUDART"  # an explicit libcudart path wins over the search
 _SHUTTING_DOWN = False
+# Held while a GPU graph allocates, runs for the first times at a shape and captures: ONNX Runtime captures
+# in global mode, where another thread's cudaMalloc or synchronisation breaks the capture.
+SETUP_LOCK = threading.RLock()
+CUDART_DLLS = ["cudart64_13.dll", "cudart64_12.dll", "cudart64_110.dll"]
+_dll_dirs: list = []  # os.add_dll_directory handles: a directory stays on the search path while its handle lives
 
 
 @atexit.register
@@ -57,8 +62,32 @@ def _candidates() -> list[str]:
         dirs += sorted(glob.glob("/usr/local/cuda-*/lib*"), reverse=True)
         found += names + [os.path.join(d, n) for d in dirs for n in names if os.path.exists(os.path.join(d, n))]
     elif sys.platform == "win32":
-        found += ["cudart64_13.dll", "cudart64_12.dll", "cudart64_110.dll"]
+        found += _windows_candidates()
     return list(dict.fromkeys(found))
+
+
+def _windows_candidates() -> list[str]:
+    """Python >= 3.8 loads DLLs without searching PATH, so look where CUDA puts libcudart: the toolkit's
+    bin folder (%CUDA_PATH% and each %CUDA_PATH_Vxx_y%; CUDA 13 uses bin\\x64) and pip's nvidia/*/bin."""
+    roots = [os.environ[k] for k in sorted(os.environ) if k == "CUDA_PATH" or k.startswith("CUDA_PATH_V")]
+    dirs = [os.path.join(root, *sub) for root in roots for sub in (("bin",), ("bin", "x64"))]
+    for entry in sys.path:  # pip's nvidia-cuda-runtime wheels (nvidia/cuda_runtime/bin, nvidia/cu13/bin)
+        if entry:
+            dirs += sorted(glob.glob(os.path.join(glob.escape(entry), "nvidia", "*", "bin")))
+    paths = [os.path.join(d, n) for d in dirs for n in CUDART_DLLS if os.path.isfile(os.path.join(d, n))]
+    return paths + CUDART_DLLS  # bare names last: a DLL already loaded, or one in the system folders
+
+
+def _open_library(path: str) -> ctypes.CDLL:
+    """ctypes.CDLL; on Windows a full path's folder is added to the DLL search path first, so the DLLs it
+    needs beside it are found too."""
+    folder = os.path.dirname(path)
+    if sys.platform == "win32" and folder and hasattr(os, "add_dll_directory"):
+        try:
+            _dll_dirs.append(os.add_dll_directory(folder))
+        except OSError:
+            pass
+    return ctypes.CDLL(path)
 
 
 class CudaCallError(BackendUnavailableError):
@@ -195,11 +224,19 @@ class Cuda:
         output is ready for the next without a host round trip. Created on first use."""
         with self._lock:
             if self._stream is None:
-                s = ctypes.c_void_p()
-                self.check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(s), STREAM_NON_BLOCKING),
-                           "cudaStreamCreateWithFlags")
-                self._stream = s.value
+                self._stream = self.new_stream()
             return self._stream
+
+    def new_stream(self) -> int:
+        """Another non-blocking stream (a graph's private capture stream); ``destroy_stream`` ends it."""
+        s = ctypes.c_void_p()
+        self.check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(s), STREAM_NON_BLOCKING),
+                   "cudaStreamCreateWithFlags")
+        return s.value
+
+    def destroy_stream(self, stream: int) -> None:
+        if stream and not _SHUTTING_DOWN:
+            self.lib.cudaStreamDestroy(stream)
 
     def copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
         code = self._memcpy(dst, src, nbytes, kind, stream)
@@ -244,7 +281,7 @@ def _load() -> Cuda:
     tried = []
     for path in _candidates():
         try:
-            lib = ctypes.CDLL(path)
+            lib = _open_library(path)
         except OSError:
             continue
         try:

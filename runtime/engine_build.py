@@ -36,7 +36,14 @@ from pathlib import Path
 
 from .backends import BACKEND_SPECS, ENGINE_FLAVOURS, flavour_choices
 from .bundle import MANIFEST, Bundle, file_entry
-from .engines import collecting_logger, engine_dir, import_flavour, user_cache_dir
+from .engines import (
+    capability_targets,
+    check_tensorrt_version,
+    collecting_logger,
+    engine_dir,
+    import_flavour,
+    user_cache_dir,
+)
 from .errors import BadInputError, ValidationFailedError
 
 ENGINE_FORMS = ("fp16", "int8-qdq", "fp32")  # what engines are built from, when the bundle has it
@@ -63,9 +70,8 @@ def local_compute_capability() -> str | None:
 def _capability_enum(trt, cc: str):
     name = "SM" + cc.replace(".", "")
     if not hasattr(trt, "ComputeCapability") or not hasattr(trt.ComputeCapability, name):
-        known = [c for c in dir(getattr(trt, "ComputeCapability", object)) if c.startswith("SM")]
         raise BadInputError("--compute-capability", f"{cc} is not a target of this TensorRT",
-                            f"known: {', '.join(k[2:-1] + '.' + k[-1] for k in known) or 'only the GPU present'}")
+                            f"known: {', '.join(capability_targets(trt)) or 'only the GPU present'}")
     return getattr(trt.ComputeCapability, name)
 
 
@@ -116,6 +122,7 @@ def add_engines(bundle_root, flavour: str, compute_capability: str | None = None
     root = Path(bundle_root)
     bundle = Bundle.open(root)  # schema and every hash: engines are built from the files the manifest lists
     trt = import_flavour(flavour)
+    check_tensorrt_version(trt, flavour)  # before STRONGLY_TYPED is looked up: TensorRT 8.6 has none
     cc = target_capability(flavour, compute_capability)
     if BACKEND_SPECS[flavour].engines.builds_ahead:
         _capability_enum(trt, cc)  # a target this TensorRT for RTX knows, before anything is built
@@ -161,12 +168,12 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
         print(f"building {len(jobs)} {flavour} {trt.__version__} engines for compute capability {cc} "
               f"({'timing cache ' + where if where else 'new timing cache'})",
               file=sys.stderr, flush=True)
-    entries, build_start = [], time.perf_counter()
+    entries, notes, printed, build_start = [], build.setdefault("notes", []), 0, time.perf_counter()
     for i, (name, form) in enumerate(jobs, 1):
         start = time.perf_counter()
         onnx_rel = manifest["components"][name]["files"][form]
         blob, cache = _build_one(trt, logger, bundle.path(onnx_rel), f"{name}.{form}", onnx_rel, flavour, cc,
-                                 workspace_mb, max_batch, max_length, cache)
+                                 workspace_mb, max_batch, max_length, cache, notes=notes)
         _write(cache_path, cache)  # after every engine: an interrupted build keeps what it measured
         rel = f"{rel_dir}/{name}.{form}.engine"
         _write(out / Path(rel).name, blob)
@@ -177,6 +184,9 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
         seconds = time.perf_counter() - start
         build["engines"][rel] = {"bytes": len(blob), "seconds": round(seconds, 1)}
         if progress:
+            for note in notes[printed:]:
+                print(f"  note: {note}", file=sys.stderr, flush=True)
+            printed = len(notes)
             print(f"  engine {i}/{len(jobs)} {rel} ({len(blob) / 1e6:.1f} MB) in {seconds:.1f}s",
                   file=sys.stderr, flush=True)
     _write(out / "timing.cache", cache)
@@ -187,9 +197,10 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
 
 
 def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: str, cc: str, workspace_mb: int,
-               max_batch: int, max_length: int, cache: bytes) -> tuple[bytes, bytes]:
+               max_batch: int, max_length: int, cache: bytes, notes: list | None = None) -> tuple[bytes, bytes]:
     """One strongly typed engine (TensorRT 10.3 builder API; plus the target GPU for TensorRT for RTX).
-    Returns (serialized engine, the timing cache after the build)."""
+    Returns (serialized engine, the timing cache after the build); what it had to work around goes into
+    ``notes``."""
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -202,7 +213,7 @@ def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: 
     if BACKEND_SPECS[flavour].engines.builds_ahead:  # a named target; full TensorRT builds for the GPU here
         config.num_compute_capabilities = 1
         config.set_compute_capability(_capability_enum(trt, cc), 0)
-    config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False)
+    timing = _use_timing_cache(config, cache, what, notes if notes is not None else [])
     profile = builder.create_optimization_profile()
     for k in range(network.num_inputs):
         tensor = network.get_input(k)
@@ -214,7 +225,20 @@ def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: 
     if serialized is None:
         raise ValidationFailedError(f"engine {what}", "TensorRT failed to build it: " + logger.errors(),
                                     "rerun with a larger --workspace-mb, or report it")
-    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+    return bytes(serialized), bytes((config.get_timing_cache() or timing).serialize())
+
+
+def _use_timing_cache(config, cache: bytes, what: str, notes: list):
+    """Give the build ``cache``; TensorRT refuses (returns False) a cache written on another device or
+    version, and the build would then have none: start a fresh one instead, and say so. Returns the cache."""
+    timing = config.create_timing_cache(cache)
+    if config.set_timing_cache(timing, ignore_mismatch=False) or not cache:
+        return timing
+    notes.append(f"{what}: the timing cache ({len(cache)} bytes) was made on another GPU or TensorRT version; "
+                 "started a fresh one (this build measures every kernel again)")
+    timing = config.create_timing_cache(b"")
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    return timing
 
 
 def _updated_manifest(manifest: dict, rel_dir: str, entries: list[dict], staging: Path) -> tuple[dict, int]:

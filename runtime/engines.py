@@ -12,6 +12,7 @@ import collections
 import hashlib
 import importlib
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -90,12 +91,46 @@ def check_sources(manifest: dict, entries: list[dict], rebuild_hint: str = "edge
                                       f"rebuild the engines after changing the ONNX files: {rebuild_hint}")
 
 
+def check_tensorrt_version(trt, flavour: str) -> None:
+    """A release older than the flavour's ``min_major`` (full TensorRT before 10: JetPack 6.0 ships 8.6) has no
+    strongly typed networks nor the runtime calls edgegen makes: say so instead of failing later on a missing
+    attribute. TensorRT for RTX (1.x) has them from its first release."""
+    engines = BACKEND_SPECS[flavour].engines
+    major = str(trt.__version__).split(".")[0]
+    if major.isdigit() and int(major) < engines.min_major:
+        raise BackendUnavailableError(f"backend {flavour}", f"{engines.title} {trt.__version__} is too old: "
+                                      f"edgegen's engines need {engines.title} >= {engines.min_major} "
+                                      "(strongly typed networks)",
+                                      "upgrade TensorRT (JetPack >= 6.1 ships 10.3), or use --backend ort-cuda")
+
+
+def capability_targets(trt) -> list[str]:
+    """The compute capabilities this TensorRT for RTX builds for ('8.9', '12.0', ...), from its enum."""
+    names = [n for n in dir(getattr(trt, "ComputeCapability", object)) if re.fullmatch(r"SM\d{2,3}", n)]
+    return sorted((f"{n[2:-1]}.{n[-1]}" for n in names), key=lambda cc: tuple(map(int, cc.split("."))))
+
+
+def check_rtx_target(trt, compute_capability: str) -> None:
+    """TensorRT for RTX targets consumer/workstation GPUs (no Hopper sm90, for one): a GPU outside its targets
+    cannot run its engines, so the backend does not load there."""
+    targets = capability_targets(trt)
+    if targets and compute_capability not in targets:
+        raise BackendUnavailableError("backend trt-rtx", f"this GPU (compute capability {compute_capability}) is "
+                                      f"not a target of TensorRT for RTX {trt.__version__} "
+                                      f"(targets: {', '.join(targets)})",
+                                      "use --backend ort-cuda or ort-trt, or full TensorRT (--backend trt)")
+
+
 def machine(flavour: str) -> tuple[object, str, str]:
     """(module, TensorRT version, GPU compute capability) of this machine for ``flavour``; raises
-    BackendUnavailableError if the module does not import or there is no usable GPU."""
+    BackendUnavailableError if the module does not import, is too old, there is no usable GPU, or
+    (TensorRT for RTX) the GPU is not one of its targets."""
     from . import cudart
     trt = import_flavour(flavour)
+    check_tensorrt_version(trt, flavour)
     cc = cudart.runtime().compute_capability(0)
+    if BACKEND_SPECS[flavour].engines.builds_ahead:  # it names the GPUs it targets
+        check_rtx_target(trt, cc)
     return trt, trt.__version__, cc
 
 

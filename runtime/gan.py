@@ -54,8 +54,9 @@ class GanPipeline(Pipeline):
     def _run_fused(self, prompts, seeds, noise, info):
         """One run of the fused graph: token ids + noise -> pixels (and the text states, for the cache)."""
         info.path = "fused"
-        batch, g = len(prompts), self.graph("fused")
-        with info.stage("tokenize"):
+        batch = len(prompts)
+        with info.stage("tokenize"):  # with the graph's opening, on a first call
+            g = self.graph("fused")
             encoded = self._encode(prompts, info)
             ins = g.inputs(batch, encoded.length)
             encoded.write(ins["input_ids"], ins["attention_mask"])
@@ -72,33 +73,37 @@ class GanPipeline(Pipeline):
     def _run_cached(self, prompts, seeds, noise, info):
         """Every prompt's text states cached: the generator alone."""
         info.path = "cached"
-        batch, gen = len(prompts), self.graph("generator")
+        batch = len(prompts)
         with info.stage("cache"):
+            gen = self.graph("generator")
             entries = self.text_cache.take(prompts)
             info.sequence = length = self.tokenizer.length_for([e.length for e in entries])
             ins = gen.inputs(batch, length)
             native.states_into([e.states for e in entries], ins["text_states"], ins["attention_mask"])
             self._report_truncation(prompts, [e.truncated for e in entries], info)
-        return self._run_generator(gen, batch, length, seeds, noise, info)
+        return self._run_generator(gen, ins, batch, length, seeds, noise, info)
 
     def _run_split(self, prompts, seeds, noise, info):
         """The text encoder, then the generator: each its own run (stage timing)."""
         info.path = "split"
-        batch, enc, gen = len(prompts), self.graph("text_encoder"), self.graph("generator")
+        batch = len(prompts)
         with info.stage("tokenize"):
+            enc, gen = self.graph("text_encoder"), self.graph("generator")
             encoded = self._encode(prompts, info)
             length = encoded.length
-            enc_ins = enc.inputs(batch, length)
+            ins, enc_ins = gen.inputs(batch, length), enc.inputs(batch, length)
             encoded.write(enc_ins["input_ids"], enc_ins["attention_mask"])
         with info.stage("text_encoder"):
             enc.run(batch, fetch=False, sequence=length)  # on a GPU backend the text states stay on the device
             gen.take(batch, "text_states", enc, "text_states", sequence=length)
-            gen.inputs(batch, length)["attention_mask"][...] = enc_ins["attention_mask"]
-        return self._run_generator(gen, batch, length, seeds, noise, info)
+            ins["attention_mask"][...] = enc_ins["attention_mask"]
+        return self._run_generator(gen, ins, batch, length, seeds, noise, info)
 
-    def _run_generator(self, gen, batch, length, seeds, noise, info):
+    def _run_generator(self, gen, ins, batch, length, seeds, noise, info):
+        """Noise into the generator's inputs ``ins`` (taken once per call: on a GPU graph, taking them again
+        would upload every host array, over the text states fed on the device), then its run."""
         with info.stage("noise"):
-            self._fill_noise(gen.inputs(batch, length)["noise"], seeds, noise)
+            self._fill_noise(ins["noise"], seeds, noise)
         with info.stage("generator"):
             image = gen.run(batch, sequence=length)["image"]
         with info.stage("output"):

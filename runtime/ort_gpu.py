@@ -28,15 +28,20 @@ import onnxruntime as ort
 from . import cudart
 from .backends import TENSORRT_EP, backend_spec
 from .bundle import NP_DTYPES, SEQUENCE_AXIS, Component
-from .errors import BadInputError
+from .errors import BackendUnavailableError, BadInputError
 from .engines import bundle_key, user_cache_dir
 
 ORT_DEVICE = "cuda"
+# libnvinfer names, newest first: PyPI's tensorrt>=10 installs 11.x now
+NVINFER_LIBS = {"posix": ["libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so"],
+                "nt": ["nvinfer_11.dll", "nvinfer_10.dll", "nvinfer.dll"]}
+# ONNX Runtime's CUDA EP runs a graph once plainly (allocating), then captures it on the next run
+ORT_SETUP_RUNS = 2
 
 
 def tensorrt_version() -> str | None:
     """The TensorRT version ONNX Runtime's TensorRT EP will load (libnvinfer's own answer), or None."""
-    names = ["libnvinfer.so.10", "libnvinfer.so"] if os.name != "nt" else ["nvinfer_10.dll", "nvinfer.dll"]
+    names = NVINFER_LIBS["nt" if os.name == "nt" else "posix"]
     try:  # one already loaded by the EP
         names = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
                  if re.search(r"/libnvinfer\.so", line)][:1] + names
@@ -59,10 +64,11 @@ def ort_trt_cache_dir(bundle) -> Path:
 
 
 class _BatchSet:
-    __slots__ = ("session", "binding", "host_in", "host_out", "dev", "h2d", "d2h", "fed")
+    __slots__ = ("session", "binding", "host_in", "host_out", "dev", "h2d", "d2h", "fed", "runs")
 
     def __init__(self):
         self.host_in, self.host_out, self.dev, self.h2d, self.d2h, self.fed = {}, {}, {}, [], [], set()
+        self.runs = 0
 
 
 class OrtDeviceGraph:
@@ -71,7 +77,9 @@ class OrtDeviceGraph:
 
     ``cuda_graph``: one session per batch size with the batch dimension fixed (so shape computations fold
     away and every node stays on the GPU), created with CUDA graph capture on; ONNX Runtime captures it on
-    an early run and replays it afterwards. Otherwise one session serves every batch size.
+    an early run and replays it afterwards. Otherwise one session serves every batch size. ONNX Runtime
+    refuses the capture when a node would run on the CPU (or, on ort-trt, outside TensorRT): that batch
+    size then gets a session without capture, and ``notes`` says why.
     """
 
     kind = "onnxruntime"
@@ -87,21 +95,23 @@ class OrtDeviceGraph:
         self.provider = backend_spec(backend).provider
         self.cache_dir = ort_trt_cache_dir(bundle) if self.provider == TENSORRT_EP else None
         self.notes: list[str] = []
+        self._uncaptured: set[int] = set()  # batch sizes whose session runs without CUDA graph capture
         self._sets: dict[int, _BatchSet] = {}
         self._shared = None if self.cuda_graphs else self._session(None)
         if self.cuda_graphs:
             self._buffers(1)  # fail at load, not at the first call
 
-    def _provider_options(self, batch: int | None) -> dict:
+    def _provider_options(self, batch: int | None, capture: bool = True) -> dict:
+        capture = capture and batch is not None
         if self.provider != TENSORRT_EP:  # the CUDA provider's options
-            return {"device_id": "0", "enable_cuda_graph": "1" if batch is not None else "0"}
+            return {"device_id": "0", "enable_cuda_graph": "1" if capture else "0"}
         where = self.cache_dir / f"{self.component}.{self.form}" / ("dynamic" if batch is None else f"b{batch}")
         timing = self.cache_dir / "timing"
         for d in (where, timing):
             d.mkdir(parents=True, exist_ok=True)
         opts = {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(where),
                 "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(timing),
-                "trt_cuda_graph_enable": "True" if batch is not None else "False",
+                "trt_cuda_graph_enable": "True" if capture else "False",
                 # the EP builds weakly typed networks: let it use the precision this form was exported for
                 "trt_fp16_enable": "True" if self.form in ("fp16", "int8-qdq") else "False",
                 "trt_int8_enable": "True" if self.form == "int8-qdq" else "False"}
@@ -112,12 +122,25 @@ class OrtDeviceGraph:
         return opts
 
     def _session(self, batch: int | None) -> ort.InferenceSession:
-        from .backends import make_session, session_options
+        from .backends import make_session
+        try:
+            return make_session(self.path, self.backend, self._options(batch), self._provider_options(batch))
+        except BackendUnavailableError as e:
+            if batch is None or not getattr(e, "ep_error", None):
+                raise
+            refused = e.ep_error
+        self.notes.append(f"{self.path.name} batch {batch}: no CUDA graph (ONNX Runtime refused the capture: "
+                          f"{refused}); running without one")
+        self._uncaptured.add(batch)
+        return make_session(self.path, self.backend, self._options(batch), self._provider_options(batch, False))
+
+    def _options(self, batch: int | None) -> ort.SessionOptions:
+        from .backends import session_options
         opts = session_options()
         if batch is not None:
             for name in {d for t in self.spec.inputs for d in t.shape if isinstance(d, str)}:
                 opts.add_free_dimension_override_by_name(name, self.max_length if name == SEQUENCE_AXIS else batch)
-        return make_session(self.path, self.backend, opts, self._provider_options(batch))
+        return opts
 
     def _buffers(self, batch: int) -> _BatchSet:
         found = self._sets.get(batch)
@@ -125,6 +148,10 @@ class OrtDeviceGraph:
             return found
         if not 1 <= batch <= self.max_batch:
             raise BadInputError("batch", f"{batch} is outside 1..{self.max_batch}", "split the request")
+        with cudart.SETUP_LOCK:  # sessions and buffers: no other thread's capture meanwhile
+            return self._allocate(batch)
+
+    def _allocate(self, batch: int) -> _BatchSet:
         s = _BatchSet()
         s.session = self._shared or self._session(batch)
         s.binding = s.session.io_binding()
@@ -174,7 +201,12 @@ class OrtDeviceGraph:
             if name not in fed:
                 cuda.copy(dst, src, nbytes, cudart.HOST_TO_DEVICE, stream)
         cuda.sync(stream)  # ONNX Runtime runs on its own stream: the inputs must be there first
-        s.session.run_with_iobinding(s.binding)  # returns once the GPU work is done (ORT synchronises)
+        if s.runs < ORT_SETUP_RUNS:  # ONNX Runtime allocates, then captures (global mode): one thread at a time
+            with cudart.SETUP_LOCK:
+                s.session.run_with_iobinding(s.binding)
+            s.runs += 1
+        else:
+            s.session.run_with_iobinding(s.binding)  # returns once the GPU work is done (ORT synchronises)
         if fetch:
             for dst, src, nbytes in s.d2h:
                 cuda.copy(dst, src, nbytes, cudart.DEVICE_TO_HOST, stream)
@@ -183,7 +215,7 @@ class OrtDeviceGraph:
 
     @property
     def graphs_captured(self) -> list[int]:
-        return sorted(self._sets) if self.cuda_graphs else []
+        return sorted(set(self._sets) - self._uncaptured) if self.cuda_graphs else []
 
     def close(self) -> None:
         """Drop the sessions and their bound buffers (device memory and pinned arrays go with them)."""

@@ -11,6 +11,11 @@ Per batch size: one execution context (all contexts share one scratch allocation
 is serialised on one stream), pinned host arrays and device buffers, allocated on the first call at that
 size. The first call runs the engine plainly; it is then captured into CUDA graphs, and a later call is
 one graph launch (input copies, engine, output copies) and one synchronisation: two ctypes calls.
+
+Every graph enqueues on the process's stream, so other threads' pipelines share it: a capture made there
+would take in their work. So each graph captures on a private stream (the graph is then launched on the
+shared one), and allocations, first runs and captures hold ``cudart.SETUP_LOCK``: ONNX Runtime captures
+in global mode, where another thread's cudaMalloc breaks its capture.
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ class TrtGraph:
         if backend_spec(backend).engines.runtime_config and hasattr(self.engine, "create_runtime_config"):
             self._config = self._rtx_config(bundle)
         self._sets: dict[int, _BatchSet] = {}
+        self._capture_stream = 0  # created at the first capture
 
     # ------------------------------------------------------------------ setup
     def _check_io(self):
@@ -111,7 +117,7 @@ class TrtGraph:
                                           + self.logger.errors(), "free GPU memory, or use --backend ort-cuda")
         try:
             ctx.set_device_memory(self._scratch.ptr, self._scratch.nbytes)  # TensorRT >= 10.1 (setDeviceMemoryV2)
-        except TypeError:
+        except (AttributeError, TypeError):  # 10.0 lacks the method (AttributeError) or takes other arguments
             ctx.device_memory = self._scratch.ptr  # the 10.0 form
         return ctx
 
@@ -122,6 +128,10 @@ class TrtGraph:
         if not 1 <= batch <= self.max_batch:
             raise BadInputError("batch", f"{batch} is outside the engine's profile 1..{self.max_batch}",
                                 "split the request, or rebuild the engines with a larger --max-batch")
+        with cudart.SETUP_LOCK:
+            return self._allocate(batch)
+
+    def _allocate(self, batch: int) -> _BatchSet:
         s = _BatchSet()
         s.context = ctx = self._context()
         cuda, subject = self.cuda, f"engine {self.entry['file']}"
@@ -178,12 +188,19 @@ class TrtGraph:
 
     def run(self, batch: int, fetch: bool = True, sequence: int | None = None) -> dict[str, np.ndarray]:
         s = self._sets.get(batch) or self._buffers(batch)
-        cuda, stream = self.cuda, self.stream
-        fed = s.fed
-        if s.graph_io and fetch and not fed:  # the common call: one launch, one synchronisation
-            cuda.launch(s.graph_io, stream)
-            cuda.sync(stream)
+        if s.graph_io and fetch and not s.fed:  # the common call: one launch, one synchronisation
+            self.cuda.launch(s.graph_io, self.stream)
+            self.cuda.sync(self.stream)
             return s.host_out
+        if s.runs == 0:  # the first run and the captures after it: no other thread's setup meanwhile
+            with cudart.SETUP_LOCK:
+                return self._run_steps(s, batch, fetch)
+        return self._run_steps(s, batch, fetch)
+
+    def _run_steps(self, s: _BatchSet, batch: int, fetch: bool) -> dict[str, np.ndarray]:
+        """A call as separate steps: copies up (what was not fed on the device), the engine (or its graph),
+        copies down."""
+        cuda, stream, fed = self.cuda, self.stream, s.fed
         for name, dst, src, nbytes in s.h2d:
             if name not in fed:
                 cuda.copy(dst, src, nbytes, cudart.HOST_TO_DEVICE, stream)
@@ -212,7 +229,7 @@ class TrtGraph:
         if not self.cuda_graphs:
             return
         capturable = getattr(s.context, "is_stream_capturable", None)
-        if capturable is not None and not capturable(self.stream):
+        if capturable is not None and not capturable(self._capture_on()):
             s.capture_error = "the execution context says the stream is not capturable"
         else:
             try:
@@ -228,7 +245,9 @@ class TrtGraph:
                               "running the engine without one")
 
     def _capture(self, s: _BatchSet, with_copies: bool) -> int:
-        cuda, stream = self.cuda, self.stream
+        """Capture on this graph's private stream: work other threads enqueue on the shared stream meanwhile
+        stays out of the graph (the graph is launched on the shared stream)."""
+        cuda, stream = self.cuda, self._capture_on()
         cuda.begin_capture(stream)
         try:
             if with_copies:
@@ -245,6 +264,12 @@ class TrtGraph:
             raise BackendUnavailableError(f"engine {self.entry['file']}", "enqueue failed while capturing: "
                                           + self.logger.errors(), "it runs without a CUDA graph")
         return graph
+
+    def _capture_on(self) -> int:
+        """This graph's private capture stream, created at its first capture."""
+        if not self._capture_stream:
+            self._capture_stream = self.cuda.new_stream()
+        return self._capture_stream
 
     def _save_runtime_cache(self) -> None:
         if self._cache is None or self._cache_path is None:
@@ -271,6 +296,9 @@ class TrtGraph:
             for buf in s.dev.values():
                 buf.free()
         self._sets.clear()
+        if getattr(self, "_capture_stream", 0):
+            self.cuda.destroy_stream(self._capture_stream)
+            self._capture_stream = 0
         self.engine = None
         if getattr(self, "_scratch", None) is not None:
             self._scratch.free()

@@ -1,9 +1,10 @@
 """A host emulation of the CUDA runtime and of a TensorRT engine, so the GPU graphs' bookkeeping (buffers,
 addresses, copies, take/fetch, CUDA-graph capture and replay, no allocation per call) runs in CI.
 
-HostCuda has cudart.Cuda's methods: "device" memory is host memory, copies are memmove, work on the stream
-runs at once, except while capturing: then it is recorded, and launching the graph replays the record. So a
-graph that captured the wrong buffers, or a copy left out of the per-call path, gives wrong pixels here.
+HostCuda has cudart.Cuda's methods: "device" memory is host memory, copies are memmove, work on a stream
+runs at once, except on a stream that is capturing: there it is recorded (whichever thread enqueues it, as
+on a GPU), and launching the graph replays the record. So a graph that captured the wrong buffers, or a
+copy left out of the per-call path, gives wrong pixels here.
 
 FakeEngine runs a component's ONNX file with ONNX Runtime on the CPU, reading its inputs from and writing
 its outputs to the addresses bound with set_tensor_address, as a TensorRT engine would.
@@ -25,8 +26,9 @@ class HostCuda:
     def __init__(self, compute_capability: str = "8.9"):
         self.calls = collections.Counter()
         self.blocks: dict[int, ctypes.Array] = {}
-        self.capturing = False
+        self.capturing = None  # the stream being captured
         self.record: list | None = None
+        self.streams = [7]  # 7: the process's stream; new_stream adds others
         self.graphs: dict[int, list] = {}
         self.cc = compute_capability
         self.path = "host emulation"
@@ -55,39 +57,48 @@ class HostCuda:
     def device(self, nbytes: int):
         return cudart.DeviceBuffer(self, nbytes)
 
-    # stream
+    # streams
     def stream(self) -> int:
         return 7
 
-    def enqueue(self, op) -> None:
-        if self.capturing:
+    def new_stream(self) -> int:
+        self.streams.append(self.streams[-1] + 1)
+        return self.streams[-1]
+
+    def destroy_stream(self, stream) -> None:
+        assert stream in self.streams and stream != 7
+
+    def enqueue(self, op, stream) -> None:
+        assert stream in self.streams, f"no such stream {stream}"
+        if stream == self.capturing:
             self.record.append(op)
         else:
             op()
 
     def copy(self, dst, src, nbytes, kind, stream) -> None:
-        assert stream == 7
         self.calls[f"copy{kind}"] += 1
-        self.enqueue(lambda: ctypes.memmove(dst, src, nbytes))
+        self.enqueue(lambda: ctypes.memmove(dst, src, nbytes), stream)
 
     def sync(self, stream) -> None:
-        assert not self.capturing, "synchronising a capturing stream is an error on a GPU"
+        assert stream != self.capturing, "synchronising a capturing stream is an error on a GPU"
         self.calls["sync"] += 1
 
     # graphs
     def begin_capture(self, stream) -> None:
-        self.capturing, self.record = True, []
+        assert self.capturing is None, "one capture at a time in the emulation"
+        self.capturing, self.record = stream, []
 
     def end_capture(self, stream) -> int:
-        self.capturing = False
+        assert stream == self.capturing
+        self.capturing = None
         exe = len(self.graphs) + 100
         self.graphs[exe] = self.record
         return exe
 
     def launch(self, exe, stream) -> None:
         self.calls["launch"] += 1
-        for op in self.graphs[exe]:
-            op()
+        ops = self.graphs[exe]
+        self.enqueue(lambda: [op() for op in ops], stream)
 
     def destroy_graph(self, exe) -> None:
         self.graphs.pop(exe, None)
@@ -170,7 +181,7 @@ class FakeContext:
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def execute_async_v3(self, stream):
-        assert self.memory is not None and stream == 7
+        assert self.memory is not None
         self.engine.enqueues += 1
 
         def op():
@@ -179,7 +190,7 @@ class FakeContext:
             outs = self.engine.session.run([t.name for t in self.engine.spec.outputs], feeds)
             for t, value in zip(self.engine.spec.outputs, outs):
                 self._view(t)[...] = value
-        self.engine.cuda.enqueue(op)
+        self.engine.cuda.enqueue(op, stream)
         return True
 
 

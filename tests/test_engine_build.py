@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -47,7 +48,7 @@ def fake_builder(monkeypatch, fail_at=None, error=None):
     grows by one byte per build); with ``fail_at``, the build of that engine (1-based) raises ``error``."""
     built = []
 
-    def build_one(trt, logger, onnx_path, what, *args):
+    def build_one(trt, logger, onnx_path, what, *args, **kwargs):
         cache = args[-1]
         if fail_at is not None and len(built) + 1 == fail_at:
             raise error
@@ -270,3 +271,82 @@ def test_rebuild_commands_point_at_edgegen_engines(bert_bundle):
     from edgegen.runtime.engines import rebuild_hint
     hint = rebuild_hint(Bundle.open(bert_bundle, verify_hashes=False), "trt")
     assert hint.startswith(f"edgegen engines {bert_bundle} --flavour trt") and "export" not in hint
+
+
+# ---------------------------------------------------------------- the desk check's fixes (issue 24), fake TensorRT
+
+class FakeTimingCache:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self):
+        return self.data
+
+
+class FakeBuilderConfig:
+    """TensorRT's IBuilderConfig as far as _build_one uses it: a timing cache from "another device" (any
+    bytes but ``accepted``) is refused with False, and then get_timing_cache() returns None."""
+
+    def __init__(self, accepted: bytes):
+        self.accepted, self.cache = accepted, None
+
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def create_timing_cache(self, data):
+        return FakeTimingCache(bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.data not in (b"", self.accepted):
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+    def add_optimization_profile(self, profile):
+        pass
+
+
+def fake_tensorrt(accepted: bytes):
+    def build(network, config):
+        if config.cache is not None:
+            config.cache.data += b"+measured"  # the build adds its timings to the cache it was given
+        return b"engine"
+    builder = SimpleNamespace(create_network=lambda flags: SimpleNamespace(num_inputs=0),
+                              create_builder_config=lambda: FakeBuilderConfig(accepted),
+                              create_optimization_profile=lambda: None, build_serialized_network=build)
+    return SimpleNamespace(__version__="10.3.0.30", Builder=lambda logger: builder,
+                           NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
+                           OnnxParser=lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True),
+                           MemoryPoolType=SimpleNamespace(WORKSPACE=0))
+
+
+def build_with_cache(cache: bytes, accepted: bytes):
+    notes = []
+    blob, after = engine_build._build_one(fake_tensorrt(accepted), None, Path("fused.fp16.onnx"), "fused.fp16",
+                                          "onnx/fused.fp16.onnx", "trt", "9.0", 64, 4, 16, cache, notes=notes)
+    return blob, after, notes
+
+
+def test_a_timing_cache_from_another_gpu_is_replaced_by_a_fresh_one():
+    blob, after, notes = build_with_cache(b"from an RTX 4090", accepted=b"from this H200")
+    assert blob == b"engine" and after == b"+measured"  # a fresh cache, filled by this build
+    assert notes == ["fused.fp16: the timing cache (16 bytes) was made on another GPU or TensorRT version; "
+                     "started a fresh one (this build measures every kernel again)"]
+
+
+def test_a_timing_cache_from_this_gpu_is_reused():
+    assert build_with_cache(b"from this H200", accepted=b"from this H200")[1:] == (b"from this H200+measured", [])
+    assert build_with_cache(b"", accepted=b"from this H200")[1:] == (b"+measured", [])
+
+
+def test_engines_with_tensorrt_older_than_10_are_refused_before_building(bundle_copy, monkeypatch):
+    monkeypatch.setattr(engine_build, "import_flavour", lambda flavour: SimpleNamespace(__version__="8.6.2.3"))
+    monkeypatch.setattr(engine_build, "_build_one", lambda *a, **k: pytest.fail("built with TensorRT 8.6"))
+    before = snapshot(bundle_copy)
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT 8.6.2.3 is too old: edgegen's engines need "
+                       r"TensorRT >= 10 \(strongly typed networks\). Note: upgrade TensorRT"):
+        add_engines(bundle_copy, "trt", progress=False)
+    assert snapshot(bundle_copy) == before

@@ -16,6 +16,9 @@ PROMPTS = ["a red apple", "a cat on a blue background", "the moon", "a rocket ov
 # uint8 levels against ort-cpu fp32. ONNX Runtime's CUDA kernels: a rounding flip. TensorRT may use TF32
 # and its own fusions for fp32 math, so its pixels may move a little more.
 TOLERANCE = {"ort-cuda": 1, "ort-trt": 2, "trt": 2, "trt-rtx": 2}
+# uint8 levels between a CUDA-graph (fixed-batch) session and a dynamic-shape one: separate sessions (on
+# ort-trt, separate TensorRT engines) optimise differently, so a rounding flip is allowed, as in the emulation
+SEPARATE_BUILDS_TOLERANCE = 1
 
 
 def need(backend):
@@ -62,7 +65,7 @@ def test_ort_cuda_graph_replay_matches_runs_without_graphs(bert_bundle, cpu_pipe
     assert graphs.graph("fused").cuda_graphs and not plain.graph("fused").cuda_graphs
     for _ in range(2):  # the second round is served by replays
         compare(graphs, cpu_pipes["fused"], TOLERANCE[backend])
-        compare(graphs, plain, 0)
+        compare(graphs, plain, SEPARATE_BUILDS_TOLERANCE)
 
 
 # ---------------------------------------------------------------- native TensorRT: engines built on this GPU

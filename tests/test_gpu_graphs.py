@@ -352,3 +352,107 @@ def test_validate_on_a_tensorrt_backend_without_a_gpu_is_a_one_line_error(capsys
         code = main(["validate", str(bert_bundle), "--backend", backend])
         err = capsys.readouterr().err
         assert code == 1 and err.startswith(f"edgegen: backend {backend} | cannot run here") and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the desk check's fixes (issue 24)
+
+def test_a_capture_keeps_out_another_threads_work_on_the_shared_stream(monkeypatch, host_cuda, bundle, reference):
+    """Pipeline A captures while pipeline B, warmed up, is called from another thread on the process's
+    stream: B's launch must not land in A's graph, nor B's synchronisation hit a capturing stream."""
+    import threading
+    from gpu_emulation import FakeContext
+    emulated_trt(monkeypatch, bundle, host_cuda)
+    other = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
+    calls(other, reference["fused"], 1, 0)  # captured: a later call is one launch and one sync
+    errors, real = [], FakeContext.execute_async_v3
+
+    def other_thread_call():
+        try:
+            calls(other, reference["fused"], 1, 3)
+        except BaseException as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    def execute_async_v3(ctx, stream):
+        ok = real(ctx, stream)
+        if host_cuda.capturing is not None and not errors and not hasattr(host_cuda, "interleaved"):
+            host_cuda.interleaved = True
+            worker = threading.Thread(target=other_thread_call)
+            worker.start()
+            worker.join()
+        return ok
+    monkeypatch.setattr(FakeContext, "execute_async_v3", execute_async_v3)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
+    for seed in (0, 1, 2):
+        calls(pipe, reference["fused"], 1, seed)
+    assert host_cuda.interleaved and errors == []
+    assert pipe.graph("fused").graphs_captured == [1]
+    calls(other, reference["fused"], 1, 4)
+
+
+def test_tensorrt_10_0_context_gets_its_scratch_memory_by_attribute(monkeypatch, host_cuda, bundle, reference):
+    """TensorRT 10.0 has no set_device_memory (10.1+): the AttributeError falls back to ``device_memory``."""
+    from gpu_emulation import FakeContext
+    monkeypatch.delattr(FakeContext, "set_device_memory")
+    monkeypatch.setattr(FakeContext, "device_memory", property(lambda ctx: ctx.memory,
+                                                               lambda ctx, ptr: setattr(ctx, "memory", ptr)),
+                        raising=False)
+    emulated_trt(monkeypatch, bundle, host_cuda)
+    pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
+    calls(pipe, reference["fused"], 2, 0)
+    assert pipe.graph("fused").graphs_captured == [2]
+
+
+EP_ERROR = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature as requested by the "
+            "user as all compute graph nodes have not been partitioned to the CUDA EP.")
+
+
+def onnx_runtime_refusing_capture(monkeypatch):
+    """InferenceSession as onnxruntime-gpu's Python class behaves when a CUDA-graph session has a node on the
+    CPU: it prints "EP Error", retries on the CPU provider alone and returns that session."""
+    import onnxruntime as ort
+    real = ort.InferenceSession
+
+    class Session:
+        def __init__(self, path, options=None, providers=()):
+            name, opts = providers[0] if isinstance(providers[0], tuple) else (providers[0], {})
+            self._session = real(path, options, providers=["CPUExecutionProvider"])
+            self._providers = [name, "CPUExecutionProvider"]
+            if opts.get("enable_cuda_graph") == "1":
+                print("*************** EP Error ***************")
+                print(f"EP Error {EP_ERROR} when using {providers}")
+                print("Falling back to ['CPUExecutionProvider'] and retrying.")
+                self._providers = ["CPUExecutionProvider"]
+
+        def get_providers(self):
+            return self._providers
+
+        def __getattr__(self, name):
+            return getattr(self._session, name)
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+
+
+def test_ort_cuda_graph_refused_by_onnx_runtime_runs_without_capture(monkeypatch, host_cuda, bundle, reference,
+                                                                     tmp_path, capsys):
+    monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ort_gpu, "ORT_DEVICE", "cpu")
+    onnx_runtime_refusing_capture(monkeypatch)
+    monkeypatch.setattr(pipeline_module, "open_graph", lambda b, component, form, backend, cuda_graphs=None:
+                        ort_gpu.OrtDeviceGraph(b, component, form, backend, b.components[component], cuda_graph=True))
+    pipe = GanPipeline(bundle, "ort-cuda", "fp32", [], mode="fused")
+    for batch in (1, 2):
+        calls(pipe, reference["fused"], batch, 0, tolerance=1)
+    graph = pipe.graph("fused")
+    assert pipe.backend == "ort-cuda" and graph.cuda_graphs and graph.graphs_captured == []
+    assert graph.notes == [f"fused.fp32.onnx batch {b}: no CUDA graph (ONNX Runtime refused the capture: {EP_ERROR} "
+                           "when using [('CUDAExecutionProvider', {'device_id': '0', 'enable_cuda_graph': '1'}), "
+                           "'CPUExecutionProvider']); running without one" for b in (1, 2)]
+    assert "EP Error" not in capsys.readouterr().out  # kept in the note, not printed
+
+
+def test_a_provider_that_falls_back_says_why(monkeypatch, bundle):
+    """make_session's error carries ONNX Runtime's own reason instead of only 'did not get'."""
+    onnx_runtime_refusing_capture(monkeypatch)
+    with pytest.raises(BackendUnavailableError, match="did not get CUDAExecutionProvider: ONNX Runtime fell back "
+                       "to the CPU after .*all compute graph nodes have not been partitioned"):
+        backends.make_session(bundle.onnx_path("fused", "fp32"), "ort-cuda",
+                              provider_options={"device_id": "0", "enable_cuda_graph": "1"})
