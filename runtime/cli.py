@@ -254,6 +254,23 @@ def cmd_doctor(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_serve(args) -> int:
+    try:  # the serve extra: ray is imported here only, never by the runtime
+        import edgegen.serve as serving
+    except ImportError as e:
+        raise BadInputError("edgegen serve", f"needs the serve extra ({e.name} is not installed)",
+                            "pip install 'edgegen[serve]'") from None
+    config = serving.ServeConfig(
+        bundle=str(_bundle_path(args)), host=args.host, port=args.port, replicas=args.replicas,
+        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, backend=args.backend,
+        precision=args.precision, cors=args.cors, timeout_s=args.timeout_s, max_queued=args.max_queued,
+        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
+    from .bundle import Bundle
+    Bundle.open(config.bundle)  # a bad bundle is refused here, not by each replica inside Ray
+    serving.serve_forever(config, address=args.address)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 class UsageError(Exception):
@@ -429,6 +446,38 @@ def build_parser() -> argparse.ArgumentParser:
                 what="check with this bundle instead of a tiny export (no torch needed)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("serve", help="HTTP service + live web page on Ray Serve (extra serve)",
+                       description="Serve a bundle over HTTP on Ray Serve: POST /v1/images/generations (the "
+                       "OpenAI images API shape plus the pipeline's options), GET /v1/health, "
+                       "/v1/info, /metrics, and a live page at /. Concurrent requests are batched; a full "
+                       "queue answers 503 with Retry-After. Starts a local Ray cluster, or joins one with "
+                       "--address. docs/serving.md has the details.")
+    s.add_argument("bundle", nargs="?", help="bundle directory (default: the shipped default model)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; the service has no "
+                   "authentication)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--replicas", type=int, default=1, help="generator replicas, each with its own pipeline")
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="requests gathered into one pipeline call (default 8; 1: no batching)")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits to fill (default 5)")
+    s.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
+    s.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8")
+    s.add_argument("--cors", metavar="ORIGIN", default=None,
+                   help="allow browser pages from ORIGIN to call the API (default: no CORS headers)")
+    s.add_argument("--timeout-s", type=float, default=30.0, help="each request's deadline (default 30)")
+    s.add_argument("--max-queued", type=int, default=64,
+                   help="requests waiting beyond the running ones; more get 503 with Retry-After at once "
+                   "(default 64)")
+    s.add_argument("--cpus-per-replica", type=float, default=0.5,
+                   help="Ray's CPU share of a replica (default 0.5)")
+    s.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPU backends: 1 gives each replica a GPU")
+    s.add_argument("--address", default=None,
+                   help="a running Ray cluster to join (e.g. auto, or HEAD:6379); default: start a local one")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
