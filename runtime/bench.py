@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .backends import GPU_BACKENDS
+from .backends import backend_spec
 from .errors import BackendUnavailableError
 
 PERCENTILES = (50, 95, 99)
@@ -126,7 +126,7 @@ def gpu_memory_mb(backend: str) -> dict | None:
     """GPU backends: the device memory in use after the timed calls, MiB (cudaMemGetInfo: device-wide, other
     processes included; ONNX Runtime's arena and TensorRT's buffers persist between calls, so it includes
     the calls' peak). None on the CPU or where the CUDA runtime cannot be asked."""
-    if backend not in GPU_BACKENDS:
+    if not backend_spec(backend).gpu:
         return None
     from .cudart import runtime
     try:

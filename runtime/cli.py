@@ -215,10 +215,10 @@ def cmd_doctor(args) -> int:
             import tempfile
             tmp = tempfile.TemporaryDirectory(prefix="edgegen-doctor-")
             from edgegen.export.testing import make_tiny_checkpoint
-            from .backends import TRT_BACKENDS, backend_loads
+            from .backends import ENGINE_FLAVOURS, backend_loads
             ckpt = make_tiny_checkpoint(Path(tmp.name) / "ckpt")
             # engines too, for a TensorRT flavour that loads here, so its parity is checked as well
-            flavour = next((f for f in TRT_BACKENDS if backend_loads(f)[0]), None)
+            flavour = next((f for f in ENGINE_FLAVOURS if backend_loads(f)[0]), None)
             try:
                 bundle = export.export_checkpoint(ckpt, Path(tmp.name) / "bundle", progress=False, engines=flavour)
             except EdgegenError as e:
@@ -327,7 +327,7 @@ def _given_bundle(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .backends import BACKENDS
+    from .backends import BACKENDS, ENGINE_FLAVOURS
     from .bench import DEFAULT_PROMPT as DEFAULT_BENCH_PROMPT
     from .bundle import PRECISIONS
     from .diffusion import MODES as DIFFUSION_MODES
@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", type=_precision_list(PRECISIONS),
                    help="comma-separated: fp32,fp16,int8 (fp32 is always included)")
     e.add_argument("--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)")
-    e.add_argument("--engines", choices=["trt", "trt-rtx"], help="also build TensorRT engines from the fp16/int8 "
+    e.add_argument("--engines", choices=ENGINE_FLAVOURS,
+                   help="also build TensorRT engines from the fp16/int8 "
                    "files, as `edgegen engines` does (trt: on the target GPU; trt-rtx: TensorRT for RTX, may build "
                    "ahead of time). On a device without torch, export here and run `edgegen engines` there")
     e.add_argument("--compute-capability", help="GPU architecture to build engines for, e.g. 8.9 (default: the GPU "
@@ -388,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "one GPU. The bundle is updated atomically: a failed or interrupted build leaves it as it was; "
                        "engines of the same flavour, version and GPU are replaced.")
     _add_bundle(n, positional=True, required=True)
-    n.add_argument("--flavour", required=True, choices=["trt", "trt-rtx"],
+    n.add_argument("--flavour", required=True, choices=ENGINE_FLAVOURS,
                    help="trt: TensorRT (e.g. JetPack's, on a Jetson); trt-rtx: TensorRT for RTX")
     n.add_argument("--compute-capability", help="GPU architecture to build for, e.g. 8.9 (default: the GPU present; "
                    "only trt-rtx can target one that is absent)")
