@@ -53,7 +53,7 @@ def runtime_candidate(pipe, cached: bool):
         if not cached:
             pipe.clear_cache()
         start = time.perf_counter()
-        out = pipe(prompts, seed=seeds, output_type="uint8")
+        out = pipe(prompts, seed=seeds, output_type="uint8")  # the raw pixels, as PyTorch's row gives
         return out, time.perf_counter() - start
     return call
 
@@ -110,14 +110,14 @@ def main(argv=None) -> dict:
         args.checkpoint, args.bundle = default_checkpoint(), default_bundle()
 
     from edgegen.runtime import Bundle, Pipeline
-    from edgegen.runtime.backends import ORT_PROVIDERS, backend_loads
-    from edgegen.runtime.bundle import form_for
+    from edgegen.runtime.backends import backend_loads, backend_spec, ort_backends
+    from edgegen.runtime.precision import form_for
     bundle = Bundle.open(args.bundle)
     candidates = {"pytorch eager fp32": (torch_candidate(args.checkpoint, bundle, False), None)}
     if args.compile:
         candidates["pytorch compile fp32"] = (torch_candidate(args.checkpoint, bundle, True), None)
     pipes = {}
-    for backend in ORT_PROVIDERS:
+    for backend in ort_backends():
         if not backend_loads(backend)[0]:
             continue
         for precision in bundle.precisions:
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     add_fp32_ratios(rows, list(pipes))
     roofline = {}
     for (backend, precision), pipe in pipes.items():
-        if backend != "ort-cpu":
+        if backend_spec(backend).gpu:  # the roofline is the CPU's
             continue
         c = count(bundle.onnx_path("fused", form_for(precision, backend)), batch=args.batch,
                   sequence=pipe.last_call.sequence or bundle.max_length)

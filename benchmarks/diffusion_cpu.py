@@ -125,7 +125,7 @@ def variants(bundle: Path, rounds: int, baseline: Path | None = None) -> dict:
     that bundle's fused graph and this one's are timed in turn (A B A B ...) under the default settings."""
     import onnxruntime as ort
     from edgegen.runtime.bundle import Bundle
-    from edgegen.runtime.backends import NP_DTYPES
+    from edgegen.runtime.bundle import NP_DTYPES
     b = Bundle.open(bundle)
     path = b.onnx_path("fused", "fp32")
     comp = b.components["fused"]

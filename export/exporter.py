@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from edgegen.runtime import __version__
+from edgegen.runtime.backends import ENGINE_FLAVOURS, flavour_choices
 from edgegen.runtime.bundle import (FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, OutputRef, file_entry,
                                     sha256_file)
 from edgegen.runtime.check import REFERENCE, check_bundle, failures, pooled_cosine, psnr_db, save_reference
@@ -112,9 +113,8 @@ def _check_request(out: Path, overwrite: bool, max_batch, engines, compute_capab
     if not isinstance(max_batch, int) or max_batch < 1:
         raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if engines not in (None, "trt", "trt-rtx"):
-        raise BadInputError("--engines", f"unknown engine flavour {engines!r}",
-                            "use trt (TensorRT) or trt-rtx (TensorRT for RTX)")
+    if engines is not None and engines not in ENGINE_FLAVOURS:
+        raise BadInputError("--engines", f"unknown engine flavour {engines!r}", f"use {flavour_choices()}")
     if engines:
         from edgegen.runtime.engine_build import check_options, target_capability
         from edgegen.runtime.engines import import_flavour

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .backends import GPU_BACKENDS
+from .backends import backend_spec
 from .errors import BackendUnavailableError
 
 PERCENTILES = (50, 95, 99)
@@ -40,16 +40,18 @@ BLOCK = 20  # calls per turn when several pipelines are timed interleaved
 
 def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, seconds: float | None = None,
               prompt: str = DEFAULT_PROMPT) -> dict:
-    """Time ``iterations`` calls (or as many as fit in ``seconds``) after ``warmup`` untimed ones."""
-    return run_benches({"one": pipe}, batch, iterations, warmup, seconds, prompt)["runs"]["one"]
+    """Time ``iterations`` calls (or as many as fit in ``seconds``) after ``warmup`` untimed ones: one run."""
+    return run_benches({"one": pipe}, batch, iterations, warmup, seconds, prompt)["runs"][0]
 
 
 def run_benches(pipes: dict, batch: int = 1, iterations: int = 100, warmup: int = 10,
                 seconds: float | None = None, prompt: str = DEFAULT_PROMPT, block: int = BLOCK) -> dict:
     """Pipelines (one per precision) timed in one process, taking turns in blocks of ``block`` calls
     (A B C, B C A, ...), so the machine's drift reaches them alike: ``iterations`` calls each (or rounds until
-    ``seconds`` have passed), after ``warmup`` untimed ones each. ``runs``: each one's result;
-    ``speedup_vs_fp32``: fp32's end-to-end p50 over each one's, from this same run."""
+    ``seconds`` have passed), after ``warmup`` untimed ones each. The result has one shape however many
+    pipelines are timed (DESIGN.md's bench JSON): ``runs``, a list of each one's result in the order given,
+    and, with several pipelines one of which is "fp32", ``speedup_vs_fp32`` {name: fp32's end-to-end p50
+    over that one's}, from this same run."""
     prompts, seeds = [prompt] * batch, list(range(batch))
     for pipe in pipes.values():
         new_prompt_calls(pipe, prompts, seeds, warmup)
@@ -63,11 +65,16 @@ def run_benches(pipes: dict, batch: int = 1, iterations: int = 100, warmup: int 
             calls[name] += new_prompt_calls(pipes[name], prompts, seeds, wanted)
         rounds += 1
     runs = {name: summarize_calls(pipes[name], calls[name], prompts, seeds, warmup) for name in names}
-    result = {"interleaved": {"block": block, "rounds": rounds}, "runs": runs}
-    if "fp32" in runs:
-        base = runs["fp32"]["end_to_end_ms"]["p50"]
-        result["speedup_vs_fp32"] = {name: base / r["end_to_end_ms"]["p50"] for name, r in runs.items()}
+    result = {"runs": list(runs.values()), "interleaved": {"block": block, "rounds": rounds}}
+    if len(runs) > 1 and "fp32" in runs:
+        result["speedup_vs_fp32"] = speedups(runs, "fp32")
     return result
+
+
+def speedups(runs: dict, base: str) -> dict:
+    """{name: the base run's end-to-end p50 over that run's}."""
+    base_ms = runs[base]["end_to_end_ms"]["p50"]
+    return {name: base_ms / r["end_to_end_ms"]["p50"] for name, r in runs.items()}
 
 
 def new_prompt_calls(pipe, prompts, seeds, count: int) -> list:
@@ -75,7 +82,7 @@ def new_prompt_calls(pipe, prompts, seeds, count: int) -> list:
     calls = []
     for _ in range(count):
         pipe.clear_cache()
-        pipe(prompts, seed=seeds, output_type="uint8")
+        pipe(prompts, seed=seeds, output_type="uint8")  # the raw pixels: no float conversion timed
         calls.append(pipe.last_call)
     return calls
 
@@ -119,7 +126,7 @@ def gpu_memory_mb(backend: str) -> dict | None:
     """GPU backends: the device memory in use after the timed calls, MiB (cudaMemGetInfo: device-wide, other
     processes included; ONNX Runtime's arena and TensorRT's buffers persist between calls, so it includes
     the calls' peak). None on the CPU or where the CUDA runtime cannot be asked."""
-    if backend not in GPU_BACKENDS:
+    if not backend_spec(backend).gpu:
         return None
     from .cudart import runtime
     try:
@@ -152,8 +159,11 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def format_interleaved(r: dict) -> str:
-    lines = [format_table(run) for run in r["runs"].values()]
+def format_runs(r: dict) -> str:
+    """run_benches' result as text: one table per run; with several, how they took turns and their ratios."""
+    lines = [format_table(run) for run in r["runs"]]
+    if len(r["runs"]) == 1:
+        return lines[0]
     i = r["interleaved"]
     lines.append(f"interleaved in one process: blocks of {i['block']} calls taking turns, {i['rounds']} rounds")
     if "speedup_vs_fp32" in r:

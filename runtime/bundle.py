@@ -13,20 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import BadBundleError
 
 SCHEMA = "edgegen.bundle/1"
-_DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
+# The tensor dtypes a manifest may name, and the numpy type each is held in by every graph.
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+             "uint8": np.uint8, "bool": np.bool_}
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 # The files a precision is stored as. int8 has two forms: "int8" for CPUs (dynamically quantized text
 # encoder, static QDQ generator) and "int8-qdq" (static QDQ throughout) for GPU providers and TensorRT.
 FORMS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "int8-qdq")}
-
-
-def form_for(precision: str, backend: str) -> str:
-    """Which file form of ``precision`` a backend runs."""
-    return "int8-qdq" if precision == "int8" and backend != "ort-cpu" else precision
 
 
 def sha256_file(path: Path) -> str:
@@ -280,7 +279,7 @@ def _check_structure(subject: str, m: Any) -> None:
             try:
                 for t in c["inputs"] + c["outputs"]:
                     spec = TensorSpec.from_json(t)
-                    ok = ok and isinstance(spec.name, str) and spec.dtype in _DTYPES and all(
+                    ok = ok and isinstance(spec.name, str) and spec.dtype in NP_DTYPES and all(
                         (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d)
                         for d in spec.shape)
                 ok = ok and all(isinstance(f, str) and isinstance(r, str) for f, r in c["files"].items())

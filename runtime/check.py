@@ -11,9 +11,10 @@ import math
 
 import numpy as np
 
-from .backends import TRT_BACKENDS, engine_forms, make_session, open_graph
-from .bundle import FORMS, PRECISIONS, Bundle, OutputRef, form_for
+from .backends import backend_spec, engine_forms, make_session, open_graph
+from .bundle import FORMS, PRECISIONS, Bundle, OutputRef
 from .errors import BackendUnavailableError, BadBundleError
+from .precision import form_for
 
 REFERENCE = "reference.npz"
 PSNR_CAP_DB = 100.0  # identical images: reported as this instead of infinity (JSON has no inf)
@@ -122,7 +123,7 @@ def forms_to_check(bundle: Bundle, backend: str, precisions: list[str] | None) -
     trt / trt-rtx the form each precision runs as, for the precisions that have engines for this machine
     (all of them when ``precisions`` is None; a precision asked for by name must have its engines)."""
     wanted = precisions or bundle.precisions
-    if backend not in TRT_BACKENDS:
+    if not backend_spec(backend).engines:
         return [f for p in wanted for f in FORMS[p]]
     from .engines import rebuild_hint
     have = engine_forms(bundle, backend)  # version, GPU and source checks; raises when none fit this machine
@@ -140,10 +141,10 @@ def component_runner(bundle: Bundle, name: str, form: str, backend: str):
     """A function {input: array} -> [outputs in the manifest's order] for component ``name`` in ``form``:
     an ONNX Runtime session, or on trt / trt-rtx the component's engine through ``open_graph``, as the
     pipelines run it (the judge has no engine: it runs on ONNX Runtime, as the pipelines score with it)."""
-    if backend in TRT_BACKENDS and name == "judge":
+    if name == "judge":
         from .quality import judge_backend
         backend = judge_backend(backend)
-    if backend not in TRT_BACKENDS:
+    if not backend_spec(backend).engines:
         session = make_session(bundle.onnx_path(name, form), backend)
         return lambda feeds: session.run(None, feeds)
     graph = open_graph(bundle, name, form, backend)

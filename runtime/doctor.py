@@ -11,16 +11,12 @@ import platform
 import numpy as np
 import onnxruntime as ort
 
-from .backends import ORT_PROVIDERS, TRT_BACKENDS, backend_loads
+from .backends import BACKEND_SPECS, backend_loads, backend_spec
 from .check import pipeline_parity
 from .cudart import gpu_status
 from .errors import BackendUnavailableError, EngineMismatchError
 from .jetson import describe, detect_jetson, jetson_notes, tensorrt_status
 from . import native
-
-PIXEL_TOLERANCE = 1  # uint8 levels, fp32
-# TensorRT runs fp32 with TF32 and its own fusions: allow one more level (not yet measured on a GPU)
-TOLERANCES = {"trt": 2, "trt-rtx": 2, "ort-trt": 2}
 
 
 def run_doctor(bundle=None, root="/") -> dict:
@@ -32,11 +28,10 @@ def run_doctor(bundle=None, root="/") -> dict:
                 "tokenizers": tokenizers.__version__,
                 "host_path": "native" if native.hostpath is not None else "pure Python (EDGEGEN_PURE_PYTHON is set)"
                              if native.PURE_PYTHON else "pure Python (the native module was not built: no C compiler at install?)"}
-    for extra in ("torch", "tensorrt", "tensorrt_rtx"):
-        try:
-            versions[extra] = __import__(extra).__version__
-        except ImportError:
-            versions[extra] = None
+    try:
+        versions["torch"] = __import__("torch").__version__
+    except ImportError:
+        versions["torch"] = None
     notes = []
     if bundle is None:
         notes.append("no bundle and no export extra: backends were only probed, not compared with PyTorch "
@@ -47,10 +42,10 @@ def run_doctor(bundle=None, root="/") -> dict:
         notes += jetson_notes(jetson, ort.__version__, ort.get_available_providers(), *tensorrt_status())
     gpu = gpu_status()
     tensorrt = tensorrt_flavours()
-    for flavour, module in (("trt", "tensorrt"), ("trt-rtx", "tensorrt_rtx")):
-        versions[module] = versions.get(module) or tensorrt[flavour]["version"]  # the RTX wheel's module name differs
+    for flavour, entry in tensorrt.items():  # under the module's usual name, whichever of its names imported
+        versions[BACKEND_SPECS[flavour].engines.modules[0]] = entry["version"]
     backends = {}
-    for name in (*ORT_PROVIDERS, *TRT_BACKENDS):
+    for name in BACKEND_SPECS:
         loads, why = backend_loads(name)
         entry = {"ok": False, "loads": loads, "max_abs_pixel_diff": None, "error": why or None, "checked": False}
         skip = _no_engines(bundle, name) if loads and bundle is not None else None
@@ -61,7 +56,7 @@ def run_doctor(bundle=None, root="/") -> dict:
                 from .pipeline import Pipeline
                 pipe = Pipeline.from_bundle(bundle, backend=name, precision="fp32")
                 diff = pipeline_parity(pipe)
-                limit = TOLERANCES.get(name, PIXEL_TOLERANCE)
+                limit = backend_spec(name).pixel_tolerance
                 entry.update(max_abs_pixel_diff=diff, ok=diff <= limit, checked=True,
                              cuda_graphs=any(getattr(g, "cuda_graphs", False) for g in pipe._graphs.values()),
                              error=None if diff <= limit else f"pixels differ by {diff:g} > {limit}")
@@ -73,13 +68,14 @@ def run_doctor(bundle=None, root="/") -> dict:
     usable = [b for b in backends.values() if b["loads"]]
     return {"ok": bool(usable) and all(b["ok"] for b in usable), "versions": versions,
             "providers_listed": ort.get_available_providers(),
-            "providers_loaded": {ORT_PROVIDERS[b]: backends[b]["loads"] for b in ORT_PROVIDERS},
+            "providers_loaded": {spec.provider: backends[name]["loads"]
+                                 for name, spec in BACKEND_SPECS.items() if spec.provider},
             "gpu": gpu, "tensorrt": tensorrt, "backends": backends, "notes": notes, "jetson": jetson}
 
 
 def _no_engines(bundle, backend: str) -> str | None:
     """Why ``bundle`` cannot be compared on TensorRT ``backend`` (no fp32 engines for this machine), or None."""
-    if backend not in TRT_BACKENDS:
+    if not backend_spec(backend).engines:
         return None
     from .backends import engine_forms
     from .bundle import Bundle
@@ -92,9 +88,10 @@ def _no_engines(bundle, backend: str) -> str | None:
 
 def tensorrt_flavours() -> dict:
     """{flavour: {"module", "version", "error"}}: which TensorRT Python modules really import here."""
-    from .engines import FLAVOURS, import_flavour
+    from .backends import ENGINE_FLAVOURS
+    from .engines import import_flavour
     out = {}
-    for flavour in FLAVOURS:
+    for flavour in ENGINE_FLAVOURS:
         try:
             module = import_flavour(flavour)
             out[flavour] = {"module": module.__name__, "version": module.__version__, "error": None}

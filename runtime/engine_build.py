@@ -34,9 +34,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .backends import BACKEND_SPECS, ENGINE_FLAVOURS, flavour_choices
 from .bundle import MANIFEST, Bundle, file_entry
 from .engines import (
-    FLAVOURS,
     capability_targets,
     check_tensorrt_version,
     collecting_logger,
@@ -77,9 +77,9 @@ def _capability_enum(trt, cc: str):
 
 def check_options(flavour: str, compute_capability: str | None, workspace_mb) -> None:
     """Refuse bad options before anything is imported or built."""
-    if flavour not in FLAVOURS:
+    if flavour not in ENGINE_FLAVOURS:
         raise BadInputError("--flavour", f"unknown engine flavour {flavour!r}",
-                            "use trt (TensorRT) or trt-rtx (TensorRT for RTX)")
+                            f"use {flavour_choices()}")
     if compute_capability is not None and not re.fullmatch(r"\d{1,2}\.\d", str(compute_capability)):
         raise BadInputError("--compute-capability", f"expected MAJOR.MINOR, got {compute_capability!r}",
                             "e.g. 8.7 (Jetson Orin), 8.9 (RTX 40xx)")
@@ -90,7 +90,8 @@ def check_options(flavour: str, compute_capability: str | None, workspace_mb) ->
 def target_capability(flavour: str, compute_capability: str | None) -> str:
     """The compute capability to build for: the one asked for (trt-rtx), or the GPU present's."""
     local = local_compute_capability()
-    if flavour == "trt" and compute_capability and compute_capability != local:
+    ahead = BACKEND_SPECS[flavour].engines.builds_ahead
+    if not ahead and compute_capability and compute_capability != local:
         raise BadInputError("--compute-capability", f"full TensorRT builds only for the GPU present "
                             f"({local or 'none here'}), not for {compute_capability}",
                             "build on the target device (e.g. the Jetson itself), without --compute-capability")
@@ -99,7 +100,7 @@ def target_capability(flavour: str, compute_capability: str | None) -> str:
         raise BadInputError(f"engines {flavour}", "no CUDA GPU here to build for",
                             "build on the target device"
                             + ("; or pass --compute-capability (e.g. 8.9): TensorRT for RTX builds ahead of time "
-                               "without a GPU" if flavour == "trt-rtx" else ""))
+                               "without a GPU" if ahead else ""))
     return cc
 
 
@@ -123,7 +124,7 @@ def add_engines(bundle_root, flavour: str, compute_capability: str | None = None
     trt = import_flavour(flavour)
     check_tensorrt_version(trt, flavour)  # before STRONGLY_TYPED is looked up: TensorRT 8.6 has none
     cc = target_capability(flavour, compute_capability)
-    if flavour == "trt-rtx":
+    if BACKEND_SPECS[flavour].engines.builds_ahead:
         _capability_enum(trt, cc)  # a target this TensorRT for RTX knows, before anything is built
     rel_dir = engine_dir(flavour, trt.__version__, cc)
     jobs = engine_jobs(bundle.manifest)
@@ -209,7 +210,7 @@ def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: 
                                     "report it with the bundle's manifest")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if flavour == "trt-rtx":  # ahead-of-time target; full TensorRT (Jetson) builds for the GPU present
+    if BACKEND_SPECS[flavour].engines.builds_ahead:  # a named target; full TensorRT builds for the GPU here
         config.num_compute_capabilities = 1
         config.set_compute_capability(_capability_enum(trt, cc), 0)
     timing = _use_timing_cache(config, cache, what, notes if notes is not None else [])

@@ -16,16 +16,15 @@ import re
 import shlex
 from pathlib import Path
 
+from .backends import BACKEND_SPECS
 from .errors import BackendUnavailableError, BadBundleError, EngineMismatchError
-
-FLAVOURS = {"trt": ("tensorrt",), "trt-rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
-FLAVOUR_NAMES = {"trt": "TensorRT", "trt-rtx": "TensorRT for RTX"}
 
 
 def import_flavour(flavour: str):
     """The TensorRT Python module of ``flavour``, or BackendUnavailableError saying how to install it."""
+    engines = BACKEND_SPECS[flavour].engines
     errors = []
-    for name in FLAVOURS[flavour]:
+    for name in engines.modules:
         try:
             return importlib.import_module(name)
         except ImportError as e:
@@ -33,12 +32,11 @@ def import_flavour(flavour: str):
             continue
         except Exception as e:  # a binding whose native libraries fail to load raises other errors too
             errors.append(f"{name}: {type(e).__name__}: {e}")
-    hint = ("pip install 'edgegen[tensorrt-rtx]'" if flavour == "trt-rtx" else
-            "install TensorRT 10 (on Jetson it comes with JetPack: python3-libnvinfer)")
     loaded = [e for e in errors if "No module named" not in e]
     raise BackendUnavailableError(f"backend {flavour}",
-                                  f"its Python module ({' or '.join(FLAVOURS[flavour])}) "
-                                  + (f"fails to load: {loaded[0]}" if loaded else "is not installed"), hint)
+                                  f"its Python module ({' or '.join(engines.modules)}) "
+                                  + (f"fails to load: {loaded[0]}" if loaded else "is not installed"),
+                                  engines.install)
 
 
 def engine_dir(flavour: str, version: str, compute_capability: str) -> str:
@@ -93,18 +91,16 @@ def check_sources(manifest: dict, entries: list[dict], rebuild_hint: str = "edge
                                       f"rebuild the engines after changing the ONNX files: {rebuild_hint}")
 
 
-MIN_TENSORRT_MAJOR = 10  # strongly typed networks, the 10.x runtime API (JetPack 6.0 ships 8.6)
-
-
 def check_tensorrt_version(trt, flavour: str) -> None:
-    """Full TensorRT older than 10 has no strongly typed networks nor the runtime calls edgegen makes: say so
-    instead of failing later on a missing attribute. TensorRT for RTX (1.x) has them from its first release."""
-    if flavour != "trt":
-        return
+    """A release older than the flavour's ``min_major`` (full TensorRT before 10: JetPack 6.0 ships 8.6) has no
+    strongly typed networks nor the runtime calls edgegen makes: say so instead of failing later on a missing
+    attribute. TensorRT for RTX (1.x) has them from its first release."""
+    engines = BACKEND_SPECS[flavour].engines
     major = str(trt.__version__).split(".")[0]
-    if major.isdigit() and int(major) < MIN_TENSORRT_MAJOR:
-        raise BackendUnavailableError(f"backend {flavour}", f"TensorRT {trt.__version__} is too old: edgegen's "
-                                      f"engines need TensorRT >= {MIN_TENSORRT_MAJOR} (strongly typed networks)",
+    if major.isdigit() and int(major) < engines.min_major:
+        raise BackendUnavailableError(f"backend {flavour}", f"{engines.title} {trt.__version__} is too old: "
+                                      f"edgegen's engines need {engines.title} >= {engines.min_major} "
+                                      "(strongly typed networks)",
                                       "upgrade TensorRT (JetPack >= 6.1 ships 10.3), or use --backend ort-cuda")
 
 
@@ -133,7 +129,7 @@ def machine(flavour: str) -> tuple[object, str, str]:
     trt = import_flavour(flavour)
     check_tensorrt_version(trt, flavour)
     cc = cudart.runtime().compute_capability(0)
-    if flavour == "trt-rtx":
+    if BACKEND_SPECS[flavour].engines.builds_ahead:  # it names the GPUs it targets
         check_rtx_target(trt, cc)
     return trt, trt.__version__, cc
 
@@ -262,6 +258,7 @@ def load_engine(bundle, flavour: str, component: str, form: str, trt=None, versi
     check_validity(trt, runtime, blob, subject, hint, logger)
     engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
-        raise BadBundleError(subject, f"{FLAVOUR_NAMES[flavour]} {trt.__version__} could not deserialize it: "
+        title = BACKEND_SPECS[flavour].engines.title
+        raise BadBundleError(subject, f"{title} {trt.__version__} could not deserialize it: "
                              f"{logger.errors()}", f"the file is damaged or does not suit this machine; rebuild: {hint}")
     return engine, runtime, logger, entry

@@ -26,12 +26,11 @@ import numpy as np
 import onnxruntime as ort
 
 from . import cudart
-from .bundle import SEQUENCE_AXIS, Component
+from .backends import TENSORRT_EP, backend_spec
+from .bundle import NP_DTYPES, SEQUENCE_AXIS, Component
 from .errors import BackendUnavailableError, BadInputError
 from .engines import bundle_key, user_cache_dir
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-             "uint8": np.uint8, "bool": np.bool_}
 ORT_DEVICE = "cuda"
 # libnvinfer names, newest first: PyPI's tensorrt>=10 installs 11.x now
 NVINFER_LIBS = {"posix": ["libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so"],
@@ -93,7 +92,8 @@ class OrtDeviceGraph:
         self.cuda_graphs = bool(cuda_graph)
         self.max_batch = int(bundle.generation["max_batch"])
         self.max_length = bundle.max_length  # fixed shapes: the sequence axis always at max_length
-        self.cache_dir = ort_trt_cache_dir(bundle) if backend == "ort-trt" else None
+        self.provider = backend_spec(backend).provider
+        self.cache_dir = ort_trt_cache_dir(bundle) if self.provider == TENSORRT_EP else None
         self.notes: list[str] = []
         self._uncaptured: set[int] = set()  # batch sizes whose session runs without CUDA graph capture
         self._sets: dict[int, _BatchSet] = {}
@@ -103,7 +103,7 @@ class OrtDeviceGraph:
 
     def _provider_options(self, batch: int | None, capture: bool = True) -> dict:
         capture = capture and batch is not None
-        if self.backend == "ort-cuda":
+        if self.provider != TENSORRT_EP:  # the CUDA provider's options
             return {"device_id": "0", "enable_cuda_graph": "1" if capture else "0"}
         where = self.cache_dir / f"{self.component}.{self.form}" / ("dynamic" if batch is None else f"b{batch}")
         timing = self.cache_dir / "timing"
@@ -216,6 +216,11 @@ class OrtDeviceGraph:
     @property
     def graphs_captured(self) -> list[int]:
         return sorted(set(self._sets) - self._uncaptured) if self.cuda_graphs else []
+
+    def close(self) -> None:
+        """Drop the sessions and their bound buffers (device memory and pinned arrays go with them)."""
+        self._sets.clear()
+        self._shared = None
 
 
 def _dtype_of(spec: Component, name: str) -> str:

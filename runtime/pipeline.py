@@ -16,8 +16,9 @@ import numpy as np
 
 from . import native
 from .backends import candidates, engine_forms, open_graph, require_backend, skip_note
-from .bundle import PRECISIONS, Bundle, form_for
+from .bundle import Bundle
 from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
+from .precision import choose_precision, form_for
 from .text_cache import TextCache
 
 SEED_LIMIT = 2**64
@@ -196,43 +197,6 @@ def _to_output(pixels: np.ndarray, output_type: str):
         return pixels.astype(np.float32) / 255.0
     from PIL import Image
     return [Image.fromarray(p) for p in pixels]
-
-
-# Fastest first, per kind of backend: CPUs lack fast fp16 kernels; GPUs run int8 QDQ and fp16 fastest.
-SPEED_ORDER = {"ort-cpu": ("int8", "fp32", "fp16")}
-GPU_SPEED_ORDER = ("int8", "fp16", "fp32")
-
-
-def choose_precision(bundle: Bundle, requested: str, backend: str = "ort-cpu", forms: set[str] | None = None) -> str:
-    """``auto``: the fastest precision on ``backend`` whose quality gate passed at export. ``forms``: for
-    TensorRT backends, the forms that have engines for this machine (a precision without one cannot run)."""
-    if requested == "auto":
-        passed = bundle.report().get("precisions", {})
-        for precision in SPEED_ORDER.get(backend, GPU_SPEED_ORDER):
-            form = form_for(precision, backend)
-            entry = passed.get(form)
-            if forms is not None and form not in forms:
-                continue
-            if precision in bundle.precisions and (precision == "fp32" or (entry and entry.get("ok"))):
-                return precision
-        if forms is None:
-            return bundle.precisions[0]
-        usable = [p for p in PRECISIONS if p in bundle.precisions and form_for(p, backend) in forms]
-        if usable:
-            return usable[0]
-        raise BackendUnavailableError(f"bundle engines ({backend})", "no engine set covers every component",
-                                      f"rebuild them: edgegen engines {bundle.root} --flavour {backend}")
-    if requested not in PRECISIONS:
-        raise BadInputError("precision", f"unknown precision {requested!r}", f"choose auto or one of {', '.join(PRECISIONS)}")
-    if requested not in bundle.precisions:
-        raise BadInputError("precision", f"bundle has no {requested} files",
-                            f"it has {', '.join(bundle.precisions)}; re-export with --precision {requested}")
-    if forms is not None and form_for(requested, backend) not in forms:
-        have = sorted(p for p in PRECISIONS if form_for(p, backend) in forms)
-        raise BackendUnavailableError(f"bundle engines ({backend})", f"no {requested} engines for this machine",
-                                      f"engines exist for {', '.join(have) or 'no precision'}: pass --precision "
-                                      f"{have[0] if have else 'auto'}, or rebuild: edgegen engines {bundle.root} --flavour {backend}")
-    return requested
 
 
 def normalize_prompts(prompt) -> list[str]:

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from .backends import ORT_PROVIDERS, backend_loads, make_session
+from .backends import backend_loads, backend_spec, make_session
 
 EVAL_SEEDS = (0, 1, 2, 3)  # every eval prompt is generated with each of these seeds (as training/evaluate.py)
 
@@ -35,10 +35,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def judge_backend(backend: str) -> str:
-    """The judge is an fp32 ONNX file (no engine): native TensorRT pipelines score with ONNX Runtime."""
-    if backend in ORT_PROVIDERS:
+    """The judge is an fp32 ONNX file (no engine): a backend that runs no ONNX file scores with the first
+    of its row's ``judge_on`` that loads (the last one is the fallback that always runs)."""
+    spec = backend_spec(backend)
+    if spec.provider:
         return backend
-    return "ort-cuda" if backend_loads("ort-cuda")[0] else "ort-cpu"
+    *preferred, fallback = spec.judge_on
+    return next((b for b in preferred if backend_loads(b)[0]), fallback)
 
 
 def evaluate(pipe, limit: int | None = None) -> dict:

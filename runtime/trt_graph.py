@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from . import cudart
-from .bundle import Component
+from .backends import backend_spec
+from .bundle import NP_DTYPES, Component
 from .errors import BadBundleError, BadInputError, BackendUnavailableError
 from .engines import bundle_key, load_engine, user_cache_dir
-
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-             "uint8": np.uint8, "bool": np.bool_}
 
 
 class _BatchSet:
@@ -64,7 +62,7 @@ class TrtGraph:
         self._check_io()
         self._scratch = self.cuda.device(_scratch_size(self.engine))
         self._config, self._cache, self._cache_path = None, None, None
-        if self.flavour == "trt-rtx" and hasattr(self.engine, "create_runtime_config"):
+        if backend_spec(backend).engines.runtime_config and hasattr(self.engine, "create_runtime_config"):
             self._config = self._rtx_config(bundle)
         self._sets: dict[int, _BatchSet] = {}
         self._capture_stream = 0  # created at the first capture

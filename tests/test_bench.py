@@ -36,9 +36,16 @@ def test_each_call_is_accounted_for(bert_bundle):
     assert info.total_ns - sum(info.stages.values()) < 0.2 * info.total_ns  # the clock reads between stages
 
 
+def one_run(capsys) -> dict:
+    """bench --json's one run, checking the shape of one precision's output: a list of one, no ratio."""
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is True and len(data["runs"]) == 1 and "speedup_vs_fp32" not in data
+    return data["runs"][0]
+
+
 def test_bench_cli_json(bert_bundle, capsys):
     assert main(["bench", str(bert_bundle), "--iterations", "5", "--warmup", "1", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    data = one_run(capsys)
     for key in ("backend", "precision", "batch", "iterations", "end_to_end_ms", "stages_ms", "engine_ms", "overhead_ms"):
         assert key in data
     assert set(data["end_to_end_ms"]) >= {"p50", "p95", "p99", "mean"} and "p50" in data["overhead_ms"]
@@ -46,7 +53,7 @@ def test_bench_cli_json(bert_bundle, capsys):
     assert "overhead" in capsys.readouterr().out
     # the prompt sets the work: "cat" is 3 tokens with the tiny bert tokenizer, the default prompt more
     assert main(["bench", str(bert_bundle), "--iterations", "3", "--warmup", "0", "--json", "--prompt", "cat"]) == 0
-    short = json.loads(capsys.readouterr().out)
+    short = one_run(capsys)
     assert short["prompt"] == "cat" and short["sequence"] == 3 and data["sequence"] > 3
     assert main(["bench", str(bert_bundle), "--prompt", " "]) == 2 and "--prompt" in capsys.readouterr().err
 
@@ -65,19 +72,23 @@ def test_several_precisions_take_turns_in_one_run(two_precisions):
     for name, pipe in pipes.items():  # record which pipeline each call went to
         pipe._generate = (lambda inner, name: lambda *a, **k: (order.append(name), inner(*a, **k))[1])(pipe._generate, name)
     r = run_benches(pipes, iterations=7, warmup=1, block=3)
-    assert [run["iterations"] for run in r["runs"].values()] == [7, 7] and r["interleaved"] == {"block": 3, "rounds": 3}
-    assert [run["precision"] for run in r["runs"].values()] == ["fp16", "fp32"]
+    assert [run["iterations"] for run in r["runs"]] == [7, 7]
+    assert r["interleaved"] == {"block": 3, "rounds": 3}
+    assert [run["precision"] for run in r["runs"]] == ["fp16", "fp32"]
     timed = order[2:2 + 14]  # after one warm-up call each; then blocks of 3, the order rotating each round
     assert timed == ["fp16"] * 3 + ["fp32"] * 3 + ["fp32"] * 3 + ["fp16"] * 3 + ["fp16"] + ["fp32"]
-    want = r["runs"]["fp32"]["end_to_end_ms"]["p50"] / r["runs"]["fp16"]["end_to_end_ms"]["p50"]
+    fp16, fp32 = r["runs"]
+    want = fp32["end_to_end_ms"]["p50"] / fp16["end_to_end_ms"]["p50"]
     assert r["speedup_vs_fp32"] == {"fp16": want, "fp32": 1.0}
 
 
 def test_bench_cli_several_precisions(two_precisions, bert_bundle, capsys):
     assert main(["bench", str(two_precisions), "--precision", "fp16,fp32", "--iterations", "4", "--warmup", "0", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert list(data["runs"]) == ["fp16", "fp32"] and set(data["speedup_vs_fp32"]) == {"fp16", "fp32"}
-    assert all("overhead_ms" in run for run in data["runs"].values())
+    assert data["ok"] is True and [run["precision"] for run in data["runs"]] == ["fp16", "fp32"]
+    assert data["speedup_vs_fp32"]["fp32"] == 1.0 and data["speedup_vs_fp32"]["fp16"] > 0
+    assert set(data["speedup_vs_fp32"]) == {"fp16", "fp32"}
+    assert all("overhead_ms" in run and "end_to_end_ms" in run for run in data["runs"])
     assert main(["bench", str(two_precisions), "--precision", "fp16,fp32", "--iterations", "2", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("edgegen bench") == 2 and "interleaved in one process" in out and "fp16 " in out.splitlines()[-1]

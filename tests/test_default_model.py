@@ -65,7 +65,7 @@ def test_validate_reports_adherence_matching_training(default, capsys):
 def test_bench_without_bundle(default, capsys):
     from edgegen.runtime.cli import main
     assert main(["bench", "--iterations", "5", "--warmup", "1", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = json.loads(capsys.readouterr().out)["runs"][0]
     assert result["bundle"] == str(default) and result["family"] == "gan"
 
 

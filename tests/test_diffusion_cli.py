@@ -32,15 +32,30 @@ def test_generate_and_img2img(diffusion_bundle, tmp_path, capsys):
                         "--strength", "0.5", "--scheduler", "euler_a", "-o", str(edited))
     assert code == 0 and edited.is_file()
     assert not np.array_equal(np.asarray(Image.open(edited)), first)
+    guided = tmp_path / "guided.png"
+    code, _, _ = run(capsys, "generate", "a cat", "--bundle", str(diffusion_bundle), "--seed", "4",
+                     "--steps", "2", "--guidance-scale", "3", "--negative-prompt", "a dog", "-o", str(guided))
+    assert code == 0 and not np.array_equal(np.asarray(Image.open(guided)), first)
     code, _, err = run(capsys, "generate", "a cat", "--bundle", str(diffusion_bundle), "--image", str(tmp_path / "none.png"),
                        "-o", str(tmp_path / "x.png"))
     assert code == 2 and "--image" in err
 
 
 def test_diffusion_options_are_refused_for_other_families():
-    args = SimpleNamespace(steps=2, guidance_scale=None, scheduler=None, strength=None, image=None)
-    with pytest.raises(BadInputError, match="only for diffusion bundles"):
+    args = SimpleNamespace(steps=2, negative_prompt=None, guidance_scale=None, scheduler=None, strength=None,
+                           image="no-such-file.png")
+    # refused before --image is read
+    with pytest.raises(BadInputError, match="only for diffusion bundles") as refused:
         _diffusion_options(args, SimpleNamespace(bundle=SimpleNamespace(family="gan")))
+    assert refused.value.subject == "--steps, --image"
+
+
+def test_diffusion_options_are_passed_by_diffusers_names():
+    args = SimpleNamespace(steps=2, negative_prompt="a dog", guidance_scale=1.5, scheduler="lcm",
+                           strength=None, image=None)
+    options = _diffusion_options(args, SimpleNamespace(bundle=SimpleNamespace(family="diffusion")))
+    assert options == {"num_inference_steps": 2, "negative_prompt": "a dog", "guidance_scale": 1.5,
+                       "scheduler": "lcm"}
 
 
 def test_inspect_validate_bench(diffusion_bundle, capsys):
@@ -55,7 +70,7 @@ def test_inspect_validate_bench(diffusion_bundle, capsys):
     assert report["precisions"]["fp32"]["parity"]["unet"]["max_abs"] <= 1e-3
     code, text, _ = run(capsys, "bench", str(diffusion_bundle), "--backend", "ort-cpu", "--iterations", "3", "--warmup", "1",
                         "--mode", "loop", "--json")
-    result = json.loads(text)
+    result = json.loads(text)["runs"][0]
     assert code == 0 and result["path"] == "loop"
     assert {"text_encoder", "unet_1", "vae_decoder"} <= set(result["stages_ms"])
     assert result["stages_ms"]["unet_1"]["engine"] and 0 < result["engine_ms"]["p50"] <= result["end_to_end_ms"]["p50"]

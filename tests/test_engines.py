@@ -294,7 +294,7 @@ def test_named_precision_without_engines_is_an_error(engine_bundle, pretend_gpu)
 @needs_trt_rtx
 def test_auto_precision_on_trt_rtx_picks_a_precision_that_has_engines(engine_bundle, pretend_gpu):
     from edgegen.runtime.backends import engine_forms
-    from edgegen.runtime.pipeline import choose_precision
+    from edgegen.runtime.precision import choose_precision
     pretend_gpu(cc="8.9")
     bundle = Bundle.open(engine_bundle)
     forms = engine_forms(bundle, "trt-rtx")

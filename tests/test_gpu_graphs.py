@@ -97,6 +97,7 @@ def test_bench_reports_gpu_memory_on_gpu_backends(monkeypatch, host_cuda, bundle
     held = sum(len(b) for b in host_cuda.blocks.values())  # the pipeline's device buffers
     assert held > 0 and r["gpu_memory_mb"] == {"device_used": held / 2**20, "device_total": 8192.0}
     assert "GPU memory in use after the calls" in format_table(r)
+    monkeypatch.undo()  # the ort-cpu pipeline below opens its real graphs, not emulated engines
     assert "gpu_memory_mb" not in run_bench(Pipeline.from_bundle(bert_bundle, backend="ort-cpu"), iterations=2, warmup=1)
 
 
@@ -214,6 +215,30 @@ def test_ort_trt_caches_live_in_the_user_cache_keyed_by_bundle_version_and_gpu(e
     assert not any(p.is_relative_to(bundle.root) for p in (tmp_path / "cache").rglob("*"))
 
 
+def test_every_graph_satisfies_the_graph_protocol_and_gives_the_same_pixels(emulated_ort, host_cuda, bundle):
+    """Each backend family's graph, driven through the Graph protocol's members alone."""
+    spec = bundle.components["fused"]
+    graphs = {"ort-cpu": backends.open_graph(bundle, "fused", "fp32", "ort-cpu"),
+              "ort-cuda": ort_gpu.OrtDeviceGraph(bundle, "fused", "fp32", "ort-cuda", spec, cuda_graph=True),
+              "trt": trt_factory(host_cuda, {})(bundle, "fused", "fp32", "trt")}
+    rng = np.random.default_rng(0)
+    feeds = None
+    pixels = {}
+    for name, graph in graphs.items():
+        assert isinstance(graph, backends.Graph), f"{type(graph).__name__} lacks a Graph member"
+        inputs = graph.inputs(2)
+        if feeds is None:  # one set of inputs for all three, at max_length (the GPU graphs' fixed shape)
+            feeds = {k: rng.integers(1, 50, v.shape) if v.dtype.kind == "i" else rng.standard_normal(v.shape)
+                     for k, v in inputs.items()}
+            feeds["attention_mask"][...] = 1
+        for key, value in feeds.items():
+            inputs[key][...] = value
+        pixels[name] = graph.run(2)["pixels"].copy()
+        graph.close()
+    for name in ("ort-cuda", "trt"):  # a fixed-batch session may round one level differently
+        assert np.abs(pixels[name].astype(int) - pixels["ort-cpu"]).max() <= 1, name
+
+
 # ---------------------------------------------------------------- backend selection without a GPU
 
 def test_open_graph_picks_the_implementation_per_backend(bundle):
@@ -247,7 +272,8 @@ def test_doctor_tells_listed_providers_from_loaded_ones(bert_bundle):
     report = run_doctor(bert_bundle)
     assert report["providers_listed"] == ort.get_available_providers()
     assert report["providers_loaded"]["CPUExecutionProvider"] is True
-    for backend, provider in backends.ORT_PROVIDERS.items():
+    for backend in backends.ort_backends():
+        provider = backends.backend_spec(backend).provider
         entry = report["backends"][backend]
         assert report["providers_loaded"][provider] == entry["loads"]
         if provider in report["providers_listed"] and not entry["loads"]:
@@ -274,7 +300,7 @@ def validate_on_emulated_trt(monkeypatch, host_cuda):
     real = check.make_session
 
     def make_session(path, backend, *args, **kwargs):
-        assert backend in backends.ORT_PROVIDERS, f"an ONNX Runtime session on {backend}"
+        assert backends.backend_spec(backend).provider, f"an ONNX Runtime session on {backend}"
         return real(path, backend, *args, **kwargs)
     monkeypatch.setattr(check, "make_session", make_session)
     return engines
