@@ -73,7 +73,8 @@ class CheckFailed(Exception):
 
 
 def generate_images(bundle: str, precisions, out: str) -> None:
-    """Generate PROMPTS x SEEDS on ort-cpu for each precision (one batch, then one prompt alone) into ``out``."""
+    """Generate PROMPTS x SEEDS on ort-cpu for each precision (one batch, then one prompt alone)
+    into ``out``."""
     import numpy as np
     from edgegen.runtime import Pipeline
 
@@ -120,7 +121,8 @@ def ensure_binfmt() -> None:
 
 
 def share_network(root: Path) -> None:
-    """The host's DNS settings and trusted certificates (a TLS-inspecting proxy's CA included) for pip there."""
+    """The host's DNS settings and trusted certificates (a TLS-inspecting proxy's CA included) for pip
+    there."""
     shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
     host_ca = Path(os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt")
     if host_ca.is_file():

@@ -69,7 +69,7 @@ def measure(candidates: dict, batch: int, rounds: int, iterations: int, warmup: 
     samples = {name: [] for name in candidates}
     stages = {name: [] for name in candidates}
     overheads = {name: [] for name in candidates}  # runtime calls: end to end minus engine time, ms
-    for name, (call, _) in candidates.items():
+    for _name, (call, _) in candidates.items():
         for _ in range(warmup):
             call(prompts, seeds)
     names = list(candidates)
@@ -237,7 +237,8 @@ def targets(rows: dict) -> list[dict]:
             out.append(
                 {
                     "target": f"{name[len('edgegen ') :]}: overhead p50 <= {limit * 1e3:.0f} us",
-                    "value": f"{row['overhead_p50_ms'] * 1e3:.1f} us ({100 * row['overhead_p50_ms'] / row['p50_ms']:.1f} %)",
+                    "value": f"{row['overhead_p50_ms'] * 1e3:.1f} us "
+                    f"({100 * row['overhead_p50_ms'] / row['p50_ms']:.1f} %)",
                     "met": row["overhead_p50_ms"] <= limit,
                 }
             )
@@ -258,8 +259,9 @@ def targets(rows: dict) -> list[dict]:
 def markdown(r: dict) -> str:
     tokens = f" ({r['sequence']} token positions, PyTorch the same)" if r.get("sequence") else ""
     lines = [
-        f"Prompt {r['prompt']!r}{tokens}, batch {r['batch']}, {r['rounds']} rounds x {r['iterations']} interleaved calls, {r['date']}; "
-        f"torch {r['versions']['torch']}, onnxruntime {r['versions']['onnxruntime']}; {r['machine']['platform']}.",
+        f"Prompt {r['prompt']!r}{tokens}, batch {r['batch']}, {r['rounds']} rounds x {r['iterations']} "
+        f"interleaved calls, {r['date']}; torch {r['versions']['torch']}, "
+        f"onnxruntime {r['versions']['onnxruntime']}; {r['machine']['platform']}.",
         "",
         "| candidate | p50 ms | p95 ms | vs PyTorch eager | vs the backend's fp32 | overhead p50 us |",
         "|---|---:|---:|---:|---:|---:|",
@@ -268,7 +270,8 @@ def markdown(r: dict) -> str:
         vs_fp32 = f"{row['speedup_vs_fp32']:.2f}x" if "speedup_vs_fp32" in row else ""
         overhead = f"{row['overhead_p50_ms'] * 1e3:.1f}" if "overhead_p50_ms" in row else ""
         lines.append(
-            f"| {name} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | {row['speedup_vs_pytorch']:.2f}x | {vs_fp32} | {overhead} |"
+            f"| {name} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | {row['speedup_vs_pytorch']:.2f}x "
+            f"| {vs_fp32} | {overhead} |"
         )
     if r.get("targets"):
         lines += [
@@ -291,8 +294,8 @@ def markdown(r: dict) -> str:
         ]
         for p, x in r["roofline"].items():
             lines.append(
-                f"| {p} | {x['flops'] / 1e9:.3f} | {x.get('int8_ops', 0) / 1e9:.3f} | {x['bytes'] / 1e6:.1f} | {x['bound_ms']:.2f} | "
-                f"{x['engine_ms']:.2f} | {x['fraction_of_limit']:.2f} |"
+                f"| {p} | {x['flops'] / 1e9:.3f} | {x.get('int8_ops', 0) / 1e9:.3f} | {x['bytes'] / 1e6:.1f} "
+                f"| {x['bound_ms']:.2f} | {x['engine_ms']:.2f} | {x['fraction_of_limit']:.2f} |"
             )
     lines += ["", f"Command: `{r['command']}`"]
     return "\n".join(lines) + "\n"

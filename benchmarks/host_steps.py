@@ -9,8 +9,8 @@ bound outputs), timed in a loop of its own (warm caches) and alternated with a r
 caches a real call sees). Medians in microseconds.
 
 Beside them, the other ways: ``*_python`` is the pure-Python host path (what runs where the native module
-``runtime/_hostpath.c`` could not be built; for the noise, a new numpy Generator per seed), ``tokenize_library``
-the tokenizers library on every call (no word cache).
+``runtime/_hostpath.c`` could not be built; for the noise, a new numpy Generator per seed),
+``tokenize_library`` the tokenizers library on every call (no word cache).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     )
     for name, r in result.items():
         print(
-            f"  {name:16s} warm {r['warm_us']:7.1f} us   right after an engine run {r['after_engine_run_us']:7.1f} us"
+            f"  {name:16s} warm {r['warm_us']:7.1f} us   "
+            f"right after an engine run {r['after_engine_run_us']:7.1f} us"
         )
     return result
 

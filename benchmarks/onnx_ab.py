@@ -5,7 +5,8 @@
 
 Engine time alone (``InferenceSession.run``, no tokenizing or noise): for comparing two exports of the same
 model (before / after a graph change) or one component at a thread count. Inputs: the prompt tokenized
-with the file's bundle's tokenizer (padded as the CPU runtime pads it), the noise of seed 0, batch 1; files need only those inputs.
+with the file's bundle's tokenizer (padded as the CPU runtime pads it), the noise of seed 0, batch 1;
+files need only those inputs.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "purple",
 
 
 def prompts(count: int) -> list[str]:
-    """``count`` different prompts, all of known words (so each is new to the text cache, not to the words)."""
+    """``count`` different prompts, all of known words (so each is new to the text cache, not to the
+    words)."""
     every = [
         f"a {size} {subject} on a {colour} background"
         for size, subject, colour in itertools.product(SIZES, SUBJECTS, COLOURS)

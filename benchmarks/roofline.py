@@ -3,8 +3,9 @@
 FLOPs count the multiply-adds of Conv, ConvTranspose, MatMul and Gemm (2 per MAC) at batch 1; other ops
 are memory-bound and counted only as bytes. Integer products (MatMulInteger, QLinear*, the dynamic-quantized
 MatMuls, and a MatMul/Conv/Gemm whose two inputs both come out of DequantizeLinear: ONNX Runtime runs
-that QDQ pattern as an integer kernel) are counted apart, as int8 ops, against the integer peak. Bytes = weights read once (lookup tables at the rows read)
-+ every node's output written once and read once (an upper bound; fusion lowers it). Nodes whose inputs are
+that QDQ pattern as an integer kernel) are counted apart, as int8 ops, against the integer peak.
+Bytes = weights read once (lookup tables at the rows read) + every node's output written once and read
+once (an upper bound; fusion lowers it). Nodes whose inputs are
 all constant (a weight's DequantizeLinear, weights concatenated) cost nothing per run: ONNX Runtime folds or
 fuses them when the session loads. Peak FLOP/s is derived from the CPU (cores x
 clock x FMA lanes), peak bytes/s is measured (numpy copy); both are stated with the derivation.
@@ -130,7 +131,8 @@ def count(path: Path, batch: int = 1, sequence: int | None = None) -> dict:
 
 
 def cpu_peak() -> dict:
-    """Peak fp32 FLOP/s and int8 op/s from the CPU's flags and clock; memory bandwidth measured with a numpy copy.
+    """Peak fp32 FLOP/s and int8 op/s from the CPU's flags and clock; memory bandwidth measured with a numpy
+    copy.
 
     int8: a VNNI dot-product instruction does 4 u8 x s8 multiply-adds per 32-bit lane where an FMA does one
     fp32 multiply-add, so 4x the fp32 rate; without VNNI (vpmaddubsw + vpmaddwd) 2x."""

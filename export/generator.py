@@ -56,11 +56,13 @@ class GeneratorConfig:
         if self.renderer == "glyph":
             if len(self.concepts) != 3 or self.concepts[2] != 3:
                 raise ValueError(
-                    "the glyph renderer needs concepts [subjects, backgrounds, 3 sizes (not said, small, large)]"
+                    "the glyph renderer needs concepts "
+                    "[subjects, backgrounds, 3 sizes (not said, small, large)]"
                 )
             if max(self.glyph_boxes) + 2 * self.jitter > self.image_size or len(self.glyph_boxes) != 2:
                 raise ValueError(
-                    f"glyph_boxes {self.glyph_boxes} (two sides) plus jitter {self.jitter} must fit in {self.image_size} px"
+                    f"glyph_boxes {self.glyph_boxes} (two sides) plus jitter {self.jitter} "
+                    f"must fit in {self.image_size} px"
                 )
             if self.noise_dim < 3:
                 raise ValueError("the glyph renderer reads noise[0:3] (shift x, shift y, size when not said)")
@@ -108,8 +110,8 @@ class GlyphRenderer(nn.Module):
     ``side`` px), resampled into a box of one of two sides and shifted by the noise, over the background
     memory's flat colour. The size memory's value is (a, b): P(large) = a + b * [noise[2] > 0], so
     "small" / "large" learn a fixed answer (b = 0) and "not said" lets the noise pick (a = 0, b = 1),
-    as the training targets do. Placement is two bilinear resampling matrices per image (MatMuls, no data-dependent
-    shapes): exact for the box that matches ``side``, smooth upsampling for the other."""
+    as the training targets do. Placement is two bilinear resampling matrices per image (MatMuls, no
+    data-dependent shapes): exact for the box that matches ``side``, smooth upsampling for the other."""
 
     def __init__(self, c: GeneratorConfig):
         super().__init__()
@@ -234,7 +236,8 @@ class ConditionalGenerator(nn.Module):
         self.to_rgb = nn.Sequential(nn.GroupNorm(1, cin), nn.LeakyReLU(0.2), nn.Conv2d(cin, 3, 3, padding=1))
 
     def forward(self, noise, text_states, attention_mask, concept_labels=None):
-        """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int -> image (B, 3, H, W) in [-1, 1].
+        """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int
+        -> image (B, 3, H, W) in [-1, 1].
         ``concept_labels`` (training only): one label tensor per memory, looked up instead of the text."""
         pooled = masked_mean(text_states, attention_mask)
         labels = concept_labels or [None] * len(self.memories)

@@ -188,7 +188,8 @@ def quantize(
 
 def weights_only(model: onnx.ModelProto, node_names: list[str]) -> None:
     """Give these nodes int8 weights (symmetric, one scale per output channel) dequantized in the graph
-    (DequantizeLinear -> the op, the weight-only pattern ONNX Runtime and TensorRT read), activations untouched."""
+    (DequantizeLinear -> the op, the weight-only pattern ONNX Runtime and TensorRT read), activations
+    untouched."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     wanted, dq_nodes, done = set(node_names), [], {}

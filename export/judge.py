@@ -49,7 +49,8 @@ class Judge(nn.Module):
         self.background_head = nn.Linear(c.feature_dim, c.n_backgrounds)
 
     def forward(self, image):
-        """image (B, 3, 64, 64) in [-1, 1] -> emoji logits (B, n_emoji), background logits (B, n_bg), features (B, F)."""
+        """image (B, 3, 64, 64) in [-1, 1] -> emoji logits (B, n_emoji), background logits (B, n_bg),
+        features (B, F)."""
         f = self.features(self.body(image).mean(dim=(2, 3)))
         return self.emoji_head(f), self.background_head(f), f
 

@@ -85,7 +85,8 @@ def quantize_embeddings(model: onnx.ModelProto, qdq: bool = False) -> list[str]:
 
 
 def share_weights(root: Path, model_rels: list[str], blob_rel: str) -> int:
-    """Move the large initializers of these models into one file, each distinct tensor once. Returns its size."""
+    """Move the large initializers of these models into one file, each distinct tensor once. Returns its
+    size."""
     blob_path = root / blob_rel
     offsets: dict[str, tuple[int, int]] = {}
     with open(blob_path, "wb") as blob:

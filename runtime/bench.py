@@ -174,10 +174,11 @@ def format_table(r: dict) -> str:
     graphs = ", CUDA graphs" if r.get("cuda_graphs") else ""
     tokens = f", {r['sequence']} token positions" if r.get("sequence") else ""
     lines = [
-        f"edgegen bench  {r['bundle']}  ({r['family']}, {r['backend']}{graphs}, {r['precision']}, batch {r['batch']}, "
-        f"{r['iterations']} iterations after {r['warmup']} warm-up)",
+        f"edgegen bench  {r['bundle']}  ({r['family']}, {r['backend']}{graphs}, {r['precision']}, "
+        f"batch {r['batch']}, {r['iterations']} iterations after {r['warmup']} warm-up)",
         f"  prompt {r['prompt']!r}{tokens}",
-        f"  end to end      p50 {e['p50']:8.3f} ms   p95 {e['p95']:8.3f}   p99 {e['p99']:8.3f}   mean {e['mean']:8.3f}",
+        f"  end to end      p50 {e['p50']:8.3f} ms   p95 {e['p95']:8.3f}   p99 {e['p99']:8.3f}   "
+        f"mean {e['mean']:8.3f}",
     ]
     for name, s in r["stages_ms"].items():
         lines.append(f"    {name:13s} p50 {s['p50']:8.3f} ms{'   (engine)' if s['engine'] else ''}")
@@ -195,7 +196,8 @@ def format_table(r: dict) -> str:
     if "gpu_memory_mb" in r:
         g = r["gpu_memory_mb"]
         lines.append(
-            f"  GPU memory in use after the calls {g['device_used']:.0f} of {g['device_total']:.0f} MiB (whole device)"
+            f"  GPU memory in use after the calls {g['device_used']:.0f} of {g['device_total']:.0f} MiB "
+            "(whole device)"
         )
     return "\n".join(lines)
 

@@ -251,7 +251,7 @@ class Bundle:
                 )
         listed = set(manifest["files"])
         for comp in manifest["components"].values():
-            for precision, rel in comp["files"].items():
+            for _precision, rel in comp["files"].items():
                 if rel not in listed:
                     raise BadBundleError(
                         subject,
@@ -269,7 +269,8 @@ class Bundle:
 
 
 def _check_external_data(root: Path, rel: str, listed: set[str]) -> None:
-    """An ONNX file's external weights must be files of this bundle, listed (and so hashed) in the manifest."""
+    """An ONNX file's external weights must be files of this bundle, listed (and so hashed) in the
+    manifest."""
     from .onnx_scan import external_data_locations
 
     try:

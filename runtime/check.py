@@ -69,7 +69,8 @@ def check_bundle(
         "precisions": {},
     }
     forms = forms_to_check(bundle, backend, precisions)
-    # the adherence gate's fp32 figure: this run's, or where fp32 is not checked (--precision int8) the export's
+    # the adherence gate's fp32 figure: this run's, or where fp32 is not checked (--precision int8) the
+    # export's
     fp32_from = "this run" if "fp32" in forms else "report.json (export)"
     fp32_adherence = (
         None
@@ -81,7 +82,8 @@ def check_bundle(
         parity, pixels, cosines = {}, [], []
         for name, comp in bundle.components.items():
             run = component_runner(bundle, name, precision, backend)
-            # fp32 is held to PyTorch within the family's tolerances; fp16/int8 are judged by the quality gate.
+            # fp32 is held to PyTorch within the family's tolerances; fp16/int8 are judged by the quality
+            # gate.
             tolerance = bundle.manifest["components"][name]["tolerance"].get(precision, {})
             errs = {o.name: [] for o in comp.outputs}
             for case in cases:
@@ -189,7 +191,8 @@ def component_runner(bundle: Bundle, name: str, form: str, backend: str):
 
 
 def pooled_cosine(got, want, mask) -> np.ndarray:
-    """Per prompt: cosine between mask-averaged text states (what the generator's pooled conditioning sees)."""
+    """Per prompt: cosine between mask-averaged text states (what the generator's pooled conditioning
+    sees)."""
     w = mask[..., None].astype(np.float64)
     a, b = ((x.astype(np.float64) * w).sum(1) / w.sum(1) for x in (got, want))
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
@@ -215,7 +218,8 @@ def failures(report: dict) -> list[str]:
             for out, o in p["outputs"].items():
                 if not o["ok"]:
                     lines.append(
-                        f"{precision} {comp}.{out}: max abs error {o['max_abs']:.3g} > tolerance {o['tolerance']:.3g}"
+                        f"{precision} {comp}.{out}: max abs error {o['max_abs']:.3g} "
+                        f"> tolerance {o['tolerance']:.3g}"
                     )
     return lines
 

@@ -35,7 +35,8 @@ _SHUTTING_DOWN = False
 # in global mode, where another thread's cudaMalloc or synchronisation breaks the capture.
 SETUP_LOCK = threading.RLock()
 CUDART_DLLS = ["cudart64_13.dll", "cudart64_12.dll", "cudart64_110.dll"]
-_dll_dirs: list = []  # os.add_dll_directory handles: a directory stays on the search path while its handle lives
+# os.add_dll_directory handles: a directory stays on the search path while its handle lives
+_dll_dirs: list = []
 
 
 @atexit.register

@@ -106,7 +106,8 @@ def run_doctor(bundle=None, root="/") -> dict:
 
 
 def _no_engines(bundle, backend: str) -> str | None:
-    """Why ``bundle`` cannot be compared on TensorRT ``backend`` (no fp32 engines for this machine), or None."""
+    """Why ``bundle`` cannot be compared on TensorRT ``backend`` (no fp32 engines for this machine), or
+    None."""
     if not backend_spec(backend).engines:
         return None
     from .backends import engine_forms

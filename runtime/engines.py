@@ -111,9 +111,9 @@ def check_sources(
 
 
 def check_tensorrt_version(trt, flavour: str) -> None:
-    """A release older than the flavour's ``min_major`` (full TensorRT before 10: JetPack 6.0 ships 8.6) has no
-    strongly typed networks nor the runtime calls edgegen makes: say so instead of failing later on a missing
-    attribute. TensorRT for RTX (1.x) has them from its first release."""
+    """A release older than the flavour's ``min_major`` (full TensorRT before 10: JetPack 6.0 ships 8.6) has
+    no strongly typed networks nor the runtime calls edgegen makes: say so instead of failing later on a
+    missing attribute. TensorRT for RTX (1.x) has them from its first release."""
     engines = BACKEND_SPECS[flavour].engines
     major = str(trt.__version__).split(".")[0]
     if major.isdigit() and int(major) < engines.min_major:

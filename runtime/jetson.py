@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 GUIDE = "docs/jetson.md"
-# L4T (Jetson Linux) release -> JetPack release, from NVIDIA's release notes. TensorRT 10 starts at JetPack 6.1.
+# L4T (Jetson Linux) release -> JetPack release, from NVIDIA's release notes. TensorRT 10 starts at
+# JetPack 6.1.
 JETPACK_OF_L4T = {
     "35.1.0": "5.0.2",
     "35.2.1": "5.1",
@@ -66,7 +67,8 @@ def _cuda_version(root: Path) -> str | None:
 
 
 def detect_jetson(root: str | Path = "/") -> dict | None:
-    """Facts about this Jetson, or None if this is not one (no /etc/nv_tegra_release, no Jetson device tree)."""
+    """Facts about this Jetson, or None if this is not one (no /etc/nv_tegra_release, no Jetson device
+    tree)."""
     root = Path(root)
     release_text = _read(root, "/etc/nv_tegra_release")
     model = (_read(root, "/proc/device-tree/model") or "").replace("\x00", "").strip()

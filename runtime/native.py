@@ -104,8 +104,8 @@ def states_into(rows: list[np.ndarray], states: np.ndarray, mask: np.ndarray) ->
 
 
 def to_pixels(image: np.ndarray) -> np.ndarray:
-    """NCHW float in [-1, 1] -> a new NHWC uint8 array: (x + 1) * 127.5, clipped, rounded half to even (numpy's
-    float32 steps; the fused graphs' post-processing does the same)."""
+    """NCHW float in [-1, 1] -> a new NHWC uint8 array: (x + 1) * 127.5, clipped, rounded half to even
+    (numpy's float32 steps; the fused graphs' post-processing does the same)."""
     pixels = hostpath.pixels(image) if hostpath is not None else None  # None: not float32 NCHW C-contiguous
     if pixels is not None:
         return pixels

@@ -290,5 +290,6 @@ def expand_seeds(seed, total: int) -> list[int]:
 
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
-    """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed alone."""
+    """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed
+    alone."""
     return native.fill_noise([int(s) for s in seeds], np.empty((len(seeds), *shape), np.float32))

@@ -134,7 +134,8 @@ def alphas_cumprod(c: dict) -> np.ndarray:
 
 
 def spaced_timesteps(c: dict, num_steps: int, integer: bool) -> np.ndarray:
-    """The inference timesteps for ``timestep_spacing`` (Table 2 of arXiv:2305.08891), as diffusers spaces them."""
+    """The inference timesteps for ``timestep_spacing`` (Table 2 of arXiv:2305.08891), as diffusers spaces
+    them."""
     n, spacing = int(c["num_train_timesteps"]), c["timestep_spacing"]
     if spacing == "linspace":
         t = np.linspace(0, n - 1, num_steps, dtype=np.float64 if integer else F32)[::-1]
@@ -406,7 +407,8 @@ class LCM(Scheduler):
     name = "lcm"
 
     def tables(self, num_steps: int) -> np.ndarray:
-        """LCM's schedule: evenly spaced picks from the distillation schedule of ``original_inference_steps``."""
+        """LCM's schedule: evenly spaced picks from the distillation schedule of
+        ``original_inference_steps``."""
         original = int(self.config["original_inference_steps"])
         if num_steps > original:
             raise BadInputError(

@@ -44,9 +44,10 @@ class Encoded:
         native.write_tokens(self.rows, ids, mask, self.length, self.pad_id)
 
 
-# A plain prompt (native.PLAIN): ASCII words (letters, digits) one space apart. Every pre-tokenizer the families
-# use splits text at spaces, so a plain prompt's ids are its special tokens around its words' ids, each word's
-# ids depending only on the word and on whether it comes first (GPT-2 marks a word's leading space).
+# A plain prompt (native.PLAIN): ASCII words (letters, digits) one space apart. Every pre-tokenizer the
+# families use splits text at spaces, so a plain prompt's ids are its special tokens around its words' ids,
+# each word's ids depending only on the word and on whether it comes first (GPT-2 marks a word's leading
+# space).
 PROBE = "a Ab 1 a1 1a ab12 A"  # checks at load that the bundle's pre-tokenizer does split at spaces
 WORD_CACHE_SIZE = 8192
 
@@ -77,7 +78,8 @@ class PromptTokenizer:
         self.pad_to_longest = pad_to_longest
         self._tok.no_padding()
         self._tok.enable_truncation(self.max_length)
-        # word -> its ids, for the first word of a prompt and for the words after it (GPT-2 marks a leading space)
+        # word -> its ids, for the first word of a prompt and for the words after it (GPT-2 marks a leading
+        # space)
         self._first: dict[str, list[int]] = {}
         self._later: dict[str, list[int]] = {}
         self._ends: tuple[list[int], list[int]] | None = None  # special ids before and after the words
@@ -85,7 +87,8 @@ class PromptTokenizer:
 
     def _splits_at_spaces(self) -> bool:
         """Whether plain prompts may be tokenized word by word: no added token could occur in one, and the
-        pre-tokenizer puts no space inside a piece (tokenizers with no pre-tokenizer may merge across words)."""
+        pre-tokenizer puts no space inside a piece (tokenizers with no pre-tokenizer may merge across
+        words)."""
         if any(
             re.fullmatch(r"[A-Za-z0-9 ]+", t.content) for t in self._tok.get_added_tokens_decoder().values()
         ):
@@ -121,7 +124,8 @@ class PromptTokenizer:
         if None in rows:
             missed = [i for i, r in enumerate(rows) if r is None]
             texts = [prompts[i] for i in missed]
-            # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
+            # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it
+            # does
             encodings = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(texts)
             for i, e in zip(missed, encodings):
                 rows[i], truncated[i] = e.ids, bool(e.overflowing)

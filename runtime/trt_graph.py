@@ -115,7 +115,8 @@ class TrtGraph:
                 raise BadBundleError(
                     subject,
                     f"{name} is {got}, the manifest says {t.dtype}",
-                    "engines must be built strongly typed from the bundle's ONNX (edgegen engines BUNDLE --flavour ...)",
+                    "engines must be built strongly typed from the bundle's ONNX "
+                    "(edgegen engines BUNDLE --flavour ...)",
                 )
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             if is_input != (t in self.spec.inputs):

@@ -200,7 +200,8 @@ class FakeContext:
         return True
 
 
-# The real TensorRT for RTX module where it is installed (its builder runs without a GPU), for the engine tests.
+# The real TensorRT for RTX module where it is installed (its builder runs without a GPU), for the engine
+# tests.
 def _trt_rtx():
     from edgegen.runtime.engines import import_flavour
     from edgegen.runtime.errors import BackendUnavailableError

@@ -89,10 +89,16 @@ def test_several_precisions_take_turns_in_one_run(two_precisions):
         p: Pipeline.from_bundle(two_precisions, backend="ort-cpu", precision=p) for p in ("fp16", "fp32")
     }
     order = []
-    for name, pipe in pipes.items():  # record which pipeline each call went to
-        pipe._generate = (lambda inner, name: lambda *a, **k: (order.append(name), inner(*a, **k))[1])(
-            pipe._generate, name
-        )
+
+    def recording(generate, name):  # record which pipeline each call went to
+        def call(*a, **k):
+            order.append(name)
+            return generate(*a, **k)
+
+        return call
+
+    for name, pipe in pipes.items():
+        pipe._generate = recording(pipe._generate, name)
     r = run_benches(pipes, iterations=7, warmup=1, block=3)
     assert [run["iterations"] for run in r["runs"]] == [7, 7]
     assert r["interleaved"] == {"block": 3, "rounds": 3}

@@ -165,7 +165,8 @@ def test_roofline_counts_integer_products_apart(tmp_path):
     assert peak["int8_ops_per_s"] >= peak["flops_per_s"] and "GOP/s" in peak["derivation"]
     float_only = dict(c, flops=c["flops"] + c["int8_ops"], int8_ops=0, bytes=0)
     assert bound_ms(dict(c, bytes=0), peak) <= bound_ms(float_only, peak)
-    # per run: the int8 weight read once; the weight's DequantizeLinear is folded at load (no bytes of its own)
+    # per run: the int8 weight read once; the weight's DequantizeLinear is folded at load (no bytes of its
+    # own)
     activations = {"xq": 8 * 1, "xd": 8 * 4, "y": 5 * 4, "yi": 5 * 4, "yf": 5 * 4}
     assert c["weight_bytes"] == 8 * 5 + 4 + 1
     assert c["bytes"] == c["weight_bytes"] + 2 * sum(activations.values())

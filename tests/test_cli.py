@@ -75,7 +75,8 @@ def test_validate_json(capsys, bert_bundle):
 
 
 def test_validate_fails_on_a_bad_graph(capsys, bundle_copy):
-    """Change one generator weight and re-hash it, as a faulty converter would: validation must fail, exit 1."""
+    """Change one generator weight and re-hash it, as a faulty converter would: validation must fail,
+    exit 1."""
     from edgegen.runtime.bundle import file_entry
 
     m = json.loads((bundle_copy / "manifest.json").read_text())

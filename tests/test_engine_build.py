@@ -360,7 +360,7 @@ def test_rebuild_commands_point_at_edgegen_engines(bert_bundle):
     assert hint.startswith(f"edgegen engines {bert_bundle} --flavour trt") and "export" not in hint
 
 
-# ---------------------------------------------------------------- the desk check's fixes (issue 24), fake TensorRT
+# -------------------------------------------------------- the desk check's fixes (issue 24), fake TensorRT
 
 
 class FakeTimingCache:

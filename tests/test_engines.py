@@ -145,7 +145,7 @@ def test_engine_from_another_onnx_refused():
         check_sources(m, select_engines(m, "trt-rtx", "1.7.1.116", "8.9", HINT))
 
 
-# ---------------------------------------------------------------- the runtime's checks, on a machine without a GPU
+# -------------------------------------------------------- the runtime's checks, on a machine without a GPU
 
 
 @pytest.mark.tensorrt

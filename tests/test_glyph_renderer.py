@@ -1,4 +1,5 @@
-"""The glyph renderer (emoji64's generator): draws what the training data draws, exports and runs in every precision."""
+"""The glyph renderer (emoji64's generator): draws what the training data draws, exports and runs in every
+precision."""
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ def glyph_config(**kw):
 
 
 def draw(glyph, colour, box, shift, size=16):
-    """Reference: the glyph pasted at its own size (box == glyph side), composited as training/dataset.py does."""
+    """Reference: the glyph pasted at its own size (box == glyph side), composited as training/dataset.py
+    does."""
     rgb = np.empty((3, size, size), np.float32)
     rgb[:] = np.asarray(colour, np.float32)[:, None, None]
     x0, y0 = (size - box) // 2 + shift[0], (size - box) // 2 + shift[1]

@@ -126,7 +126,8 @@ def test_split_path_keeps_text_states_on_the_device(monkeypatch, host_cuda, bund
     before = host_cuda.calls.copy()
     calls(pipe, reference["split"], 2, 6)
     delta = {k: host_cuda.calls[k] - before[k] for k in host_cuda.calls}
-    # up: input_ids + attention_mask (encoder), noise + attention_mask (generator); text_states device to device
+    # up: input_ids + attention_mask (encoder), noise + attention_mask (generator); text_states device to
+    # device
     assert delta.get("copy1") == 4
     assert delta.get("copy3") == 1
     assert delta.get("copy2") == 1  # down: the generator's image only (the encoder's output is not fetched)
@@ -323,13 +324,13 @@ def test_doctor_tells_listed_providers_from_loaded_ones(bert_bundle):
             assert report["backends"][backend]["loads"] is False and report["backends"][backend]["error"]
 
 
-# ---------------------------------------------------------------- validate on trt / trt-rtx: the engines, not ONNX sessions
+# ---------------------------------------- validate on trt / trt-rtx: the engines, not ONNX sessions
 
 
 @pytest.fixture
 def validate_on_emulated_trt(monkeypatch, host_cuda):
-    """`validate --backend trt` over emulated engines: trt loads, the bundle has fp32 engines for this machine,
-    and an ONNX Runtime session asked for on a TensorRT backend fails the test."""
+    """`validate --backend trt` over emulated engines: trt loads, the bundle has fp32 engines for this
+    machine, and an ONNX Runtime session asked for on a TensorRT backend fails the test."""
     from edgegen.runtime import check
 
     engines = {}
@@ -378,7 +379,8 @@ def test_validate_on_trt_refuses_a_precision_without_engines(validate_on_emulate
         with pytest.raises(
             BackendUnavailableError,
             match=rf"no fp32 engines for this machine. Note: engines exist for "
-            rf"fp16: validate with --precision fp16, build them \(edgegen engines {bundle.root} --flavour trt",
+            rf"fp16: validate with --precision fp16, "
+            rf"build them \(edgegen engines {bundle.root} --flavour trt",
         ):
             check.check_bundle(bundle, "trt", precisions)
     assert validate_on_emulated_trt == {}  # refused before any engine was opened

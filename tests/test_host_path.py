@@ -325,7 +325,8 @@ def test_native_pixels_are_numpys(monkeypatch):
     got, want = to_pixels(image), to_pixels(image, native_path=False)
     assert got.dtype == np.uint8 and got.shape == (2, 5, 7, 3) and got.flags.c_contiguous
     assert np.array_equal(got, want)
-    # every half step from -1 to 256.5 after scaling, and the floats either side of each (the rounding's edges)
+    # every half step from -1 to 256.5 after scaling, and the floats either side of each (the rounding's
+    # edges)
     x = (np.arange(-2, 514) / 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
     sweep = np.concatenate(
         [

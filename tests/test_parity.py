@@ -9,6 +9,7 @@ from edgegen.runtime import Pipeline
 
 SHORT = "cat"
 LONG = "a very small yellow star on a dark green background with a big red heart and a tiny blue moon"
+FAMILIES: dict = {}  # kind -> its GanFamily, loaded once for all the parametrized cases
 
 
 def torch_pixels(family: GanFamily, prompts, seeds):
@@ -32,8 +33,8 @@ def torch_pixels(family: GanFamily, prompts, seeds):
 @pytest.mark.parametrize(
     "prompts,seeds", [([SHORT], [7]), ([LONG], [8]), ([SHORT, LONG, "a red apple"], [1, 2, 3])]
 )
-def test_runtime_matches_pytorch(kind, prompts, seeds, tiny_checkpoints, tiny_bundles, family_cache={}):
-    family = family_cache.get(kind) or family_cache.setdefault(kind, GanFamily(tiny_checkpoints[kind]))
+def test_runtime_matches_pytorch(kind, prompts, seeds, tiny_checkpoints, tiny_bundles):
+    family = FAMILIES.get(kind) or FAMILIES.setdefault(kind, GanFamily(tiny_checkpoints[kind]))
     want = torch_pixels(family, prompts, seeds)
     assert want.std() > 5, "reference images are flat; the check would be too weak"
     for mode in ("fused", "split"):

@@ -1,4 +1,5 @@
-"""fp16 (and later int8) exports: every component written, gates measured and enforced, degraded bundles marked."""
+"""fp16 (and later int8) exports: every component written, gates measured and enforced, degraded bundles
+marked."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""What a device app may throw at the runtime: odd text, many threads, several processes, interrupted exports."""
+"""What a device app may throw at the runtime: odd text, many threads, several processes, interrupted
+exports."""
 
 import hashlib
 import json

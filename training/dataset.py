@@ -86,7 +86,8 @@ def font_available() -> bool:
 
 @cache
 def glyphs(side: int) -> tuple[np.ndarray, np.ndarray]:
-    """All emoji at ``side`` px: premultiplied RGB (N, side, side, 3) and alpha (N, side, side, 1), float32 0..1."""
+    """All emoji at ``side`` px: premultiplied RGB (N, side, side, 3) and alpha (N, side, side, 1), float32
+    0..1."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.truetype(str(FONT_PATH), 109)
@@ -190,7 +191,7 @@ def eval_captions(n_seen: int = 160, n_heldout: int = 160, seed: int = 1234) -> 
     rng = np.random.default_rng(seed)
     with_heldout_names = [e for e in EMOJI if e.heldout_names]
     out = []
-    for i in range(n_seen):
+    for _i in range(n_seen):
         e, b = EMOJI[rng.integers(len(EMOJI))], int(rng.integers(len(BACKGROUNDS)))
         out.append(_sample_caption(rng, e.train_names, TRAIN_TEMPLATES, e.id, b, BG_NAMES[b], "seen"))
     for i in range(n_heldout):

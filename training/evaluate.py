@@ -1,4 +1,5 @@
-"""Evaluate a generator with the judge: adherence (seen / held-out phrasings), seed diversity, Fréchet judge distance.
+"""Evaluate a generator with the judge: adherence (seen / held-out phrasings), seed diversity, Fréchet judge
+distance.
 
     python -m training.evaluate [--model export/emoji64] [--seeds 0 1 2 3]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Seen phrasings, held-out templates and held-out synonyms ("kitten", "cheeseburger", "spacecraft" never trained).
+# Seen phrasings, held-out templates and held-out synonyms ("kitten", "cheeseburger", "spacecraft" never
+# trained).
 PROMPTS = [
     ("a rocket on a blue background", "seen"),
     ("a large robot face on a yellow background", "seen"),

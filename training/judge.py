@@ -80,8 +80,8 @@ def train_judge(
     judge.eval()
     acc = judge_accuracy(judge)
     log(
-        f"judge: {steps}+{polish_steps} steps, this call {(time.time() - t0) / 60:.1f} min; held-out real renders: "
-        f"emoji {acc['emoji']:.4f}, background {acc['background']:.4f} (n={acc['n']})"
+        f"judge: {steps}+{polish_steps} steps, this call {(time.time() - t0) / 60:.1f} min; "
+        f"held-out real renders: emoji {acc['emoji']:.4f}, background {acc['background']:.4f} (n={acc['n']})"
     )
     (out / "judge").mkdir(parents=True, exist_ok=True)
     judge.config.save(out / "judge" / "config.json")

@@ -64,6 +64,13 @@ def model_card(cfg, evals, m) -> str:
     n_held = len(evals) - n_seen
     heldout_syn = sum(len(e.heldout_names) for e in EMOJI)
     t = lambda xs: "\n".join(f"- `{x}`" for x in xs)  # noqa: E731
+    # short names and table cells, for source lines that fit
+    side, small, large = cfg.glyph_side, cfg.glyph_boxes[0], cfg.glyph_boxes[1]
+    synonyms = m["adherence_heldout_synonyms"]
+    heldout_split = f"{m['adherence_heldout_templates']:.3f} / {synonyms:.3f}"
+    judge2 = m["second_judge"]
+    judge2_phrasing = f"{judge2['adherence_seen']:.3f} / {judge2['adherence_heldout']:.3f}"
+    judge2_split = f"{judge2['adherence_heldout_templates']:.3f} / {judge2['adherence_heldout_synonyms']:.3f}"
     return f"""# emoji64
 
 edgegen's small default text-to-image model: a {cfg.image_size}x{cfg.image_size} conditional generator
@@ -103,10 +110,10 @@ Seeds therefore move the emoji by a few pixels and, for size-less captions, chan
 The text reaches the image through three *concept memories* (emoji, background, size): each takes the
 L2-normalised mean of MiniLM's token states (the sentence embedding MiniLM was trained to produce),
 scores it against its learned keys and returns a sharpened softmax mix of its learned values. The
-values are what gets drawn: for the emoji a {cfg.glyph_side}x{cfg.glyph_side} RGBA glyph (premultiplied colour and
+values are what gets drawn: for the emoji a {side}x{side} RGBA glyph (premultiplied colour and
 alpha), for the background an RGB colour, for the size (P(large), share left to the noise). The
-renderer places the glyph into a {cfg.glyph_boxes[0]} or {cfg.glyph_boxes[1]} px box shifted by the noise (two bilinear
-resampling MatMuls: an exact copy at {cfg.glyph_boxes[0]} px, upsampling at {cfg.glyph_boxes[1]} px) and composites it on the colour.
+renderer places the glyph into a {small} or {large} px box shifted by the noise (two bilinear
+resampling MatMuls: an exact copy at {small} px, upsampling at {large} px) and composites it on the colour.
 Everything is learned from the renders with an L1 loss; no judge takes part in training. In training the
 renderer saw the caption's labelled concepts and the keys learned to read them from the text, so a
 paraphrase works as far as MiniLM's sentence space puts it near a trained phrasing. Why this design and
@@ -127,14 +134,14 @@ as a check, by a second judge of the same recipe with another seed (`python -m t
 | judge accuracy on held-out real renders, background | {m["judge_accuracy_real_heldout"]["background"]:.4f} |
 | adherence, seen phrasing (judge: emoji and background right) | {m["adherence_seen"]:.3f} |
 | adherence, held-out phrasing | {m["adherence_heldout"]:.3f} |
-| adherence, held-out templates / held-out synonyms | {m["adherence_heldout_templates"]:.3f} / {m["adherence_heldout_synonyms"]:.3f} |
+| adherence, held-out templates / held-out synonyms | {heldout_split} |
 | emoji / background accuracy, seen | {m["emoji_acc_seen"]:.3f} / {m["background_acc_seen"]:.3f} |
 | emoji / background accuracy, held-out | {m["emoji_acc_heldout"]:.3f} / {m["background_acc_heldout"]:.3f} |
 | diversity (mean pairwise L1 between seeds, 0..1) | {m["diversity"]:.4f} |
 | Fréchet judge distance (generated vs real) | {m["frechet_judge_distance"]:.2f} |
 | same, fresh real renders (floor at this sample size) | {m["frechet_judge_distance_real_reference"]:.2f} |
-| second judge (seed {m["second_judge"]["seed"]}): adherence seen / held-out | {m["second_judge"]["adherence_seen"]:.3f} / {m["second_judge"]["adherence_heldout"]:.3f} |
-| second judge: held-out templates / held-out synonyms | {m["second_judge"]["adherence_heldout_templates"]:.3f} / {m["second_judge"]["adherence_heldout_synonyms"]:.3f} |
+| second judge (seed {judge2["seed"]}): adherence seen / held-out | {judge2_phrasing} |
+| second judge: held-out templates / held-out synonyms | {judge2_split} |
 
 ## Training
 - Judge: {m["judge_training_minutes"]} min. Generator: {m["generator_steps"]} steps of batch {m["batch"]}
@@ -145,9 +152,9 @@ as a check, by a second judge of the same recipe with another seed (`python -m t
 
 ## Limitations
 - It knows 320 emoji, 10 colours and 2 sizes; other words reach it only as far as MiniLM's sentence
-  space puts them near a trained phrasing (held-out synonyms: {m["adherence_heldout_synonyms"]:.2f} adherence; the
+  space puts them near a trained phrasing (held-out synonyms: {synonyms:.2f} adherence; the
   emoji lookup reads about that share of them right, so this is the text side's limit, not the renderer's).
 - It stores one appearance per emoji: it cannot draw an emoji it was not trained on, nor blend two.
-- Large emoji are upsampled from the {cfg.glyph_side} px glyph, so they are a little softer than the real renders.
+- Large emoji are upsampled from the {side} px glyph, so they are a little softer than the real renders.
 - Seeds move the emoji by up to 3 px and pick its size when the prompt does not; nothing else varies.
 """

@@ -230,12 +230,13 @@ def main(argv=None):
             r = evaluate(ema, judge, ev_states, ev_mask, evals, real["mu"], real["sigma"], seeds=[0, 1])
             log(
                 f"check @ step {step + 1}: adherence seen {r.get('adherence_seen', 0):.3f} heldout "
-                f"{r.get('adherence_heldout', 0):.3f} (templates {r.get('adherence_heldout_templates', 0):.3f} "
+                f"{r.get('adherence_heldout', 0):.3f} "
+                f"(templates {r.get('adherence_heldout_templates', 0):.3f} "
                 f"synonyms {r.get('adherence_heldout_synonyms', 0):.3f}; emoji/background right: seen "
                 f"{r['emoji_acc_seen']:.2f}/{r['background_acc_seen']:.2f} templates "
-                f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} synonyms "
-                f"{r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) diversity {r['diversity']:.4f} "
-                f"FD {r['frechet_judge_distance']:.2f}"
+                f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} "
+                f"synonyms {r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) "
+                f"diversity {r['diversity']:.4f} FD {r['frechet_judge_distance']:.2f}"
             )
             if cfg.concepts:  # how well the emoji lookup alone reads the eval prompts (the text side's share)
                 with torch.no_grad():
@@ -282,8 +283,8 @@ def main(argv=None):
         "generator_training_minutes": round(train_minutes, 1),
         "judge_training_minutes": round(judge_metrics.get("minutes", 0), 1),
         "total_minutes": round((time.time() - t_start) / 60, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch thread(s), "
-        f"torch {torch.__version__}".replace("  ", " "),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}".replace("  ", " "),
         "command": "python -m training.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     log(json.dumps(metrics, indent=2))

@@ -123,7 +123,8 @@ def _register_all() -> None:
 
 
 def load_family(checkpoint: Path, **options) -> Family:
-    """The family that matches ``checkpoint``, loaded; ``options`` (None values ignored) go to its constructor."""
+    """The family that matches ``checkpoint``, loaded; ``options`` (None values ignored) go to its
+    constructor."""
     _register_all()
     checkpoint = Path(checkpoint)
     options = {k: v for k, v in options.items() if v is not None}

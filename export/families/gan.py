@@ -117,7 +117,8 @@ class GanFamily(Family):
         if self.text_encoder.hidden_size != self.config.text_dim:
             raise CheckpointError(
                 f"checkpoint {self.checkpoint}",
-                f"text encoder width {self.text_encoder.hidden_size} != generator text_dim {self.config.text_dim}",
+                f"text encoder width {self.text_encoder.hidden_size} "
+                f"!= generator text_dim {self.config.text_dim}",
                 "the generator was trained for another text encoder",
             )
         self.fused = FusedGan(self.text_encoder, self.generator).eval()
