@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +16,17 @@ import torch
 
 from edgegen.runtime import __version__
 from edgegen.runtime.backends import ENGINE_FLAVOURS, flavour_choices
-from edgegen.runtime.bundle import FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, file_entry
-from edgegen.runtime.check import (REFERENCE, check_bundle, failures, pooled_cosine, psnr_db,
-                                   save_reference)
+from edgegen.runtime.bundle import (FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, OutputRef, file_entry,
+                                    sha256_file)
+from edgegen.runtime.check import REFERENCE, check_bundle, failures, pooled_cosine, psnr_db, save_reference
 from edgegen.runtime.errors import BadInputError, ValidationFailedError
 from edgegen.runtime.tokenize import PromptTokenizer
 
 from . import int8
-from .families import load_family
-from .int8 import keep_back
-from .weights import share_weights
+from .families import ComponentDef, Family, load_family
 from .onnx_export import EXTERNAL_SUFFIX, OPSET, export_component
 from .progress import Steps
+from .weights import share_weights
 
 DEFAULT_MAX_BATCH = 16
 
@@ -59,107 +59,30 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     check passed: an interrupted or failed export leaves nothing at ``output``.
     """
     precisions = parse_precisions(precisions)
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise BadInputError(f"output {out}", "already exists", "choose another path or pass --force to replace it")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if engines is not None and engines not in ENGINE_FLAVOURS:
-        raise BadInputError("--engines", f"unknown engine flavour {engines!r}", f"use {flavour_choices()}")
-    if engines:  # fail now, not after the long steps
-        from edgegen.runtime.engine_build import check_options, target_capability
-        from edgegen.runtime.engines import import_flavour
-        check_options(engines, compute_capability, workspace_mb)
-        import_flavour(engines)
-        target_capability(engines, compute_capability)
-    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions", "validate parity",
-                   "write bundle", *(["build engines"] if engines else [])], progress)
+    out, checkpoint = Path(output), Path(checkpoint)
+    _check_request(out, overwrite, max_batch, engines, compute_capability, workspace_mb)
+    forms = [f for p in precisions[1:] for f in FORMS[p]]
+    gates = {f: dict(g) for f, g in {**GATES, **(gates or {})}.items() if f in ["fp32", *forms]}
+    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions",
+                   "validate parity", "write bundle", *(["build engines"] if engines else [])], progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)
     try:
         with steps.step("load checkpoint"):
-            family = load_family(Path(checkpoint), **(family_options or {}))
-            family.check_precisions(precisions)
-            (tmp / "onnx").mkdir()
-            settings = family.tokenizer_settings()
-            (tmp / settings["file"]).write_text(family.tokenizer_json(), encoding="utf-8")
-            for rel, source in family.extra_files().items():
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, tmp / rel)
-            tokenize = PromptTokenizer.from_settings(tmp / settings["file"], settings)
-            components = family.components()
+            work = _load(checkpoint, family_options or {}, precisions, tmp)
         with steps.step("PyTorch reference"):
-            cases = [{"in": inputs, "out": _torch_outputs(components, inputs), "meta": meta}
-                     for inputs, meta in family.reference_cases(tokenize)]
-            save_reference(tmp / REFERENCE, cases)
-        with steps.step("trace to ONNX", total=len(components)) as bar, family.tracing():
-            sample = max((c["in"] for c in cases), key=lambda c: len(c["input_ids"]))
-            files = {}
-            for comp in components:
-                rel = f"onnx/{comp.name}.fp32.onnx"
-                if comp.assemble is not None:
-                    comp.assemble({name: tmp / f["fp32"] for name, f in files.items()}, tmp / rel)
-                else:
-                    export_component(comp, sample, tmp / rel)
-                files[comp.name] = {"fp32": rel}
-                bar.update(1)
-        forms = [f for p in precisions[1:] for f in FORMS[p]]
-        all_gates = {**GATES, **(gates or {})}
-        quantization = {}
+            _reference(work)
+        with steps.step("trace to ONNX", total=len(work.components)) as bar, work.family.tracing():
+            _trace(work, bar.update)
         with steps.step("convert precisions", total=len(forms)) as bar:
-            for form in forms:
-                if form == "fp16":
-                    for comp in components:
-                        files[comp.name][form] = _write_form(tmp, files[comp.name]["fp32"], comp, form, _fp16)
-                else:
-                    calibration = [c for c, _ in family.calibration_cases(tokenize)]
-                    kept, alone = keep_back(tmp / files["fused"]["fp32"], form, calibration,
-                                           lambda path: score_fused(path, cases), all_gates[form])
-                    quantize_with = lambda src, dst, form=form, kept=kept: int8.quantize(src, dst, form, calibration, kept)
-                    for comp in components:
-                        files[comp.name][form] = _write_form(tmp, files[comp.name]["fp32"], comp, form, quantize_with)
-                    quantization[form] = {
-                        "calibration_prompts": sum(len(c["input_ids"]) for c in calibration),
-                        "kept_back": {b: "activations kept in float, weights int8: when it alone was quantized "
-                                         + ", ".join(f"{m} {v:g}" for m, v in alone[b].items())
-                                         + "; kept back, worst first, until the gate passed" for b in sorted(kept)},
-                        "when_quantized_alone": alone}
-                bar.update(1)
-        for precision in precisions:  # one weights file per precision, each distinct tensor stored once
-            rels = sorted({files[c.name][f] for c in components for f in FORMS[precision]})
-            share_weights(tmp, rels, f"onnx/weights.{precision}.bin")
-        for stale in (tmp / "onnx").glob(f"*{EXTERNAL_SUFFIX}"):  # a >2 GB graph's own weights, now in the shared file
-            stale.unlink()
-        manifest = _manifest(family, components, files, settings, max_batch, Path(checkpoint))
-        manifest["precisions"] = precisions
-        manifest["gates"] = {f: dict(g) for f, g in all_gates.items() if f in ["fp32", *forms]}
-        if "quality" in manifest:  # a judge ships with the model: prompt adherence is gated too
-            for form, gate in manifest["gates"].items():
-                gate.setdefault("adherence_vs_fp32", ADHERENCE_GATES[form.split("-")[0]])
-        manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
+            quantization = _convert(work, forms, gates, bar.update)
+        _store_weights(work, precisions)
+        manifest = _manifest(work, precisions, gates, max_batch, checkpoint)
         with steps.step("validate parity"):
-            report = check_bundle(Bundle(tmp, manifest), "ort-cpu", precisions)
-            report["tokenizer"] = _tokenizer_agreement(family, tokenize)
-            report["quantization"] = quantization
-            report["ok"] = report["ok"] and report["tokenizer"]["ok"]
-            report["created"] = manifest["provenance"]["export_date"]
-        parity_ok = report["tokenizer"]["ok"] and all(
-            p["ok"] for e in report["precisions"].values() for p in e["parity"].values())
-        if not parity_ok:
-            lines = failures(report) or [f"tokenizer: {report['tokenizer']}"]
-            raise ValidationFailedError(f"export {checkpoint}", "ONNX disagrees with PyTorch: " + "; ".join(lines),
-                                        "this is a bug in the export of this model; report it with the checkpoint's config")
-        if not report["ok"]:
-            lines = failures(report)
-            if not allow_degraded:
-                raise ValidationFailedError(f"export {checkpoint}", "failed: " + "; ".join(lines),
-                                            "drop that precision, or pass --allow-degraded to keep a bundle marked degraded")
-            report["degraded"] = manifest["degraded"] = lines
+            report = _validate(work, manifest, precisions, quantization)
+        _accept(report, manifest, checkpoint, allow_degraded)
         with steps.step("write bundle"):
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
-            manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _write(tmp, manifest, report)
         if engines:  # what `edgegen engines` does to a finished bundle, here before it is moved into place
             with steps.step("build engines"):
                 from edgegen.runtime.engine_build import add_engines
@@ -169,6 +92,155 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@dataclass
+class _Work:
+    """What the steps of one export share: the bundle directory being written and what is known so far."""
+    tmp: Path
+    family: Family
+    tokenize: PromptTokenizer
+    components: list[ComponentDef]
+    cases: list[dict] = field(default_factory=list)  # {"in", "out", "meta"} per reference case
+    files: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> {form: path in the bundle}
+
+
+def _check_request(out: Path, overwrite: bool, max_batch, engines, compute_capability, workspace_mb) -> None:
+    """Refuse bad options now, not after the long steps."""
+    if out.exists() and not overwrite:
+        raise BadInputError(f"output {out}", "already exists",
+                            "choose another path or pass --force to replace it")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if engines is not None and engines not in ENGINE_FLAVOURS:
+        raise BadInputError("--engines", f"unknown engine flavour {engines!r}", f"use {flavour_choices()}")
+    if engines:
+        from edgegen.runtime.engine_build import check_options, target_capability
+        from edgegen.runtime.engines import import_flavour
+        check_options(engines, compute_capability, workspace_mb)
+        import_flavour(engines)
+        target_capability(engines, compute_capability)
+
+
+def _load(checkpoint: Path, family_options: dict, precisions: list[str], tmp: Path) -> _Work:
+    """Load the family, write the files it ships as they are (tokenizer, extras); the runtime's tokenizer."""
+    family = load_family(checkpoint, **family_options)
+    family.check_precisions(precisions)
+    (tmp / "onnx").mkdir()
+    settings = family.tokenizer_settings()
+    (tmp / settings["file"]).write_text(family.tokenizer_json(), encoding="utf-8")
+    for rel, source in family.extra_files().items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp / rel)
+    tokenize = PromptTokenizer.from_settings(tmp / settings["file"], settings)
+    return _Work(tmp, family, tokenize, family.components())
+
+
+def _reference(work: _Work) -> None:
+    """PyTorch's outputs of every component on the family's reference cases, saved as reference.npz."""
+    work.cases = [{"in": inputs, "out": _torch_outputs(work.components, inputs), "meta": meta}
+                  for inputs, meta in work.family.reference_cases(work.tokenize)]
+    save_reference(work.tmp / REFERENCE, work.cases)
+
+
+def _trace(work: _Work, advance) -> None:
+    """Each component's fp32 ONNX file: traced on the longest case, or assembled from those traced before."""
+    sample = max((c["in"] for c in work.cases), key=lambda c: len(c["input_ids"]))
+    for comp in work.components:
+        rel = f"onnx/{comp.name}.fp32.onnx"
+        if comp.assemble is not None:
+            comp.assemble({name: work.tmp / f["fp32"] for name, f in work.files.items()}, work.tmp / rel)
+        else:
+            export_component(comp, sample, work.tmp / rel)
+        work.files[comp.name] = {"fp32": rel}
+        advance(1)
+
+
+def _convert(work: _Work, forms: list[str], gates: dict, advance) -> dict:
+    """Every component in every further form; returns the int8 forms' quantization reports."""
+    quantization = {}
+    for form in forms:
+        if form == "fp16":
+            _write_form(work, form, _fp16)
+        else:
+            quantization[form] = _quantize(work, form, gates[form])
+        advance(1)
+    return quantization
+
+
+def _quantize(work: _Work, form: str, gate: dict) -> dict:
+    """The int8 ``form`` of every component, with the layer groups kept back that the gate needs: scanned on
+    the graph of the family's reference pixels (a whole call), applied to every component alike."""
+    calibration = [inputs for inputs, _ in work.family.calibration_cases(work.tokenize)]
+    refs = work.family.reference_outputs()
+    wrappers = tuple(c.name for c in work.components)
+    scanned = work.tmp / work.files[refs["pixels"].component]["fp32"]
+    kept, alone = int8.keep_back(scanned, form, calibration, lambda path: score_graph(path, work.cases, refs),
+                                 gate, wrappers)
+    _write_form(work, form,
+                lambda src, dst: int8.quantize(src, dst, form, calibration, kept, wrappers=wrappers))
+    return {"calibration_prompts": sum(len(c["input_ids"]) for c in calibration),
+            "kept_back": {b: "activations kept in float, weights int8: when it alone was quantized "
+                             + ", ".join(f"{m} {v:g}" for m, v in alone[b].items())
+                             + "; kept back, worst first, until the gate passed" for b in sorted(kept)},
+            "when_quantized_alone": alone}
+
+
+def _write_form(work: _Work, form: str, convert) -> None:
+    """Write every component in ``form``; components not quantized (the judge) share the fp32 file."""
+    for comp in work.components:
+        rel = work.files[comp.name]["fp32"]
+        if comp.quantize:
+            rel = f"onnx/{comp.name}.{form}.onnx"
+            convert(work.tmp / work.files[comp.name]["fp32"], work.tmp / rel)
+        work.files[comp.name][form] = rel
+
+
+def _store_weights(work: _Work, precisions: list[str]) -> None:
+    """One weights file per precision, each distinct tensor stored once."""
+    for precision in precisions:
+        rels = sorted({work.files[c.name][f] for c in work.components for f in FORMS[precision]})
+        share_weights(work.tmp, rels, f"onnx/weights.{precision}.bin")
+    for stale in (work.tmp / "onnx").glob(f"*{EXTERNAL_SUFFIX}"):  # a >2 GB graph's own weights, now shared
+        stale.unlink()
+
+
+def _validate(work: _Work, manifest: dict, precisions: list[str], quantization: dict) -> dict:
+    """The report: the runtime's own check of the bundle (parity, gates) and the tokenizer's agreement."""
+    manifest["files"] = {rel: file_entry(work.tmp, rel) for rel in _listed(work.tmp)}
+    report = check_bundle(Bundle(work.tmp, manifest), "ort-cpu", precisions)
+    report["tokenizer"] = _tokenizer_agreement(work.family, work.tokenize)
+    report["quantization"] = quantization
+    report["ok"] = report["ok"] and report["tokenizer"]["ok"]
+    report["created"] = manifest["provenance"]["export_date"]
+    return report
+
+
+def _accept(report: dict, manifest: dict, checkpoint: Path, allow_degraded: bool) -> None:
+    """A parity failure is a bug and always fails; a missed quality gate fails unless ``allow_degraded``,
+    which keeps the bundle marked degraded."""
+    parity_ok = report["tokenizer"]["ok"] and all(
+        p["ok"] for e in report["precisions"].values() for p in e["parity"].values())
+    if not parity_ok:
+        lines = failures(report) or [f"tokenizer: {report['tokenizer']}"]
+        raise ValidationFailedError(f"export {checkpoint}",
+                                    "ONNX disagrees with PyTorch: " + "; ".join(lines),
+                                    "this is a bug in the export of this model; "
+                                    "report it with the checkpoint's config")
+    if not report["ok"]:
+        lines = failures(report)
+        if not allow_degraded:
+            raise ValidationFailedError(f"export {checkpoint}", "failed: " + "; ".join(lines),
+                                        "drop that precision, or pass --allow-degraded to keep a bundle "
+                                        "marked degraded")
+        report["degraded"] = manifest["degraded"] = lines
+
+
+def _write(tmp: Path, manifest: dict, report: dict) -> None:
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    manifest["files"] = {rel: file_entry(tmp, rel) for rel in _listed(tmp)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 # Quality gates against PyTorch fp32, on the family's validation prompts and seeds (minimums).
@@ -187,26 +259,26 @@ def _fp16(src: Path, dst: Path) -> None:
     onnx.save(convert_to_fp16(onnx.load(str(src))), str(dst))
 
 
-def _write_form(tmp: Path, fp32_rel: str, comp, form: str, convert) -> str:
-    """Write ``comp`` in ``form``; components that are not quantized (the judge) share the fp32 file."""
-    if not comp.quantize:
-        return fp32_rel
-    rel = f"onnx/{comp.name}.{form}.onnx"
-    convert(tmp / fp32_rel, tmp / rel)
-    return rel
-
-
-def score_fused(path: Path, cases: list[dict]) -> dict:
-    """Gate metrics of a candidate fused graph on the reference cases: pixel PSNR and pooled text cosine."""
+def score_graph(path: Path, cases: list[dict], refs: dict[str, OutputRef]) -> dict:
+    """Gate metrics of a candidate graph of the reference pixels' component on the reference cases: pixel PSNR
+    and, where the same graph gives the scored text states, their pooled cosine."""
     import onnxruntime as ort
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels, text = refs["pixels"], refs.get("text_states")
+    scores_text = text is not None and text.component == pixels.component
+    names = [pixels.output] + ([text.output] if scores_text else [])
     got, want, cosines = [], [], []
     for case in cases:
-        pixels, states = session.run(["pixels", "text_states"], {k: case["in"][k] for k in ("input_ids", "attention_mask", "noise")})
-        got.append(pixels.ravel())
-        want.append(case["out"]["fused"]["pixels"].ravel())
-        cosines.append(pooled_cosine(states, case["out"]["fused"]["text_states"], case["in"]["attention_mask"]))
-    return {"psnr_db": psnr_db(np.concatenate(got), np.concatenate(want)), "text_cosine": float(np.min(np.concatenate(cosines)))}
+        outs = session.run(names, {i.name: case["in"][i.name] for i in session.get_inputs()})
+        got.append(outs[0].ravel())
+        want.append(case["out"][pixels.component][pixels.output].ravel())
+        if scores_text:
+            expected = case["out"][text.component][text.output]
+            cosines.append(pooled_cosine(outs[1], expected, case["in"]["attention_mask"]))
+    scores = {"psnr_db": psnr_db(np.concatenate(got), np.concatenate(want))}
+    if cosines:
+        scores["text_cosine"] = float(np.min(np.concatenate(cosines)))
+    return scores
 
 
 @torch.no_grad()
@@ -230,20 +302,29 @@ def _tokenizer_agreement(family, tokenize) -> dict:
     return {"ok": same, "prompts": len(prompts), "truncation_reported": bool(ours.truncated[-1])}
 
 
-def _manifest(family, components, files, settings, max_batch, checkpoint: Path) -> dict:
+def _manifest(work: _Work, precisions: list[str], gates: dict, max_batch: int, checkpoint: Path) -> dict:
     import onnx
     import onnxruntime
     import transformers
+    family, files = work.family, work.files
+    if "quality" in family.manifest_extras():  # a judge ships with the model: prompt adherence is gated too
+        for form, gate in gates.items():
+            gate.setdefault("adherence_vs_fp32", ADHERENCE_GATES[form.split("-")[0]])
     return {
         "schema": SCHEMA,
         "family": family.name,
-        "components": {c.name: {"inputs": [t.to_json() for t in c.inputs], "outputs": [t.to_json() for t in c.outputs],
-                                "files": files[c.name], "tolerance": {"fp32": c.tolerance}} for c in components},
-        "tokenizer": settings,
+        "components": {c.name: {"inputs": [t.to_json() for t in c.inputs],
+                                "outputs": [t.to_json() for t in c.outputs],
+                                "files": files[c.name], "tolerance": {"fp32": c.tolerance}}
+                       for c in work.components},
+        "reference_outputs": {role: ref.to_json() for role, ref in family.reference_outputs().items()},
+        "tokenizer": family.tokenizer_settings(),
         "generation": family.generation(max_batch),
         "model": family.describe(),
         "engines": [],
         **family.manifest_extras(),
+        "precisions": precisions,
+        "gates": gates,
         "provenance": {
             "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint_hash(checkpoint),
             "edgegen": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
@@ -255,12 +336,28 @@ def _manifest(family, components, files, settings, max_batch, checkpoint: Path) 
 
 
 def checkpoint_hash(root: Path) -> str:
-    """sha256 over every file of the checkpoint (relative path + content), in a stable order."""
+    """sha256 over every file of the checkpoint (relative path + content), in a stable order. Symbolic links
+    are followed: the default model's checkpoint is a directory of links."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(file_entry(root, path.relative_to(root).as_posix())["sha256"].encode())
+    for rel in _checkpoint_files(root):
+        digest.update(rel.encode() + b"\0")
+        digest.update(sha256_file(root / rel).encode())
     return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path, rel: str = "", ancestors: frozenset[Path] = frozenset()) -> list[str]:
+    """Every file under ``folder``, relative to it, through links; a link into its own ancestors (a loop) is
+    not followed."""
+    real = folder.resolve()
+    if real in ancestors:
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            found += _checkpoint_files(entry, f"{rel}{entry.name}/", ancestors | {real})
+        elif entry.is_file():
+            found.append(f"{rel}{entry.name}")
+    return found
 
 
 def _listed(root: Path) -> list[str]:

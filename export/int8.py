@@ -61,11 +61,13 @@ def with_fused_attention(fp32_path: Path, out_path: Path, calibration: list[dict
     return out_path
 
 
-def block_of(name: str) -> str:
-    """The layer group a node belongs to, named the same in every graph (the fused graph's nodes carry a
-    '/text_encoder' or '/generator' prefix the split graphs lack): e.g. 'blocks.1', 'model/encoder/layer.3'."""
+def block_of(name: str, wrappers: tuple[str, ...] = ()) -> str:
+    """The layer group a node belongs to, named the same in every graph: e.g. 'blocks.1',
+    'model/encoder/layer.3'. ``wrappers``: the bundle's component names; a graph that runs other components
+    inside it (a fused graph) names their nodes under them ('/generator/blocks.1/...'), which the
+    component's own graph lacks."""
     parts = [p for p in name.split("/") if p]
-    if parts and parts[0] in ("text_encoder", "generator"):
+    if parts and parts[0] in wrappers:
         parts = parts[1:]
     for depth, part in enumerate(parts):
         if "." in part and part.split(".")[-1].isdigit():  # blocks.1, layer.3, attns.2
@@ -87,11 +89,12 @@ class _Reader:
 
 
 def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[str, np.ndarray]],
-             keep_blocks: set[str] = frozenset(), ranges: Path | None = None) -> list[str]:
-    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups kept back (float activations, int8 weights;
-    in the ``int8`` form a kept-back layer's fused attention keeps fp32 weights too).
+             keep_blocks: set[str] = frozenset(), ranges: Path | None = None,
+             wrappers: tuple[str, ...] = ()) -> list[str]:
+    """Write the ``form`` INT8 model; ``keep_blocks``: layer groups kept back (float activations, int8
+    weights; in the ``int8`` form a kept-back layer's fused attention keeps fp32 weights too).
     Returns the fully quantized nodes. ``ranges``: a calibration cache file of this graph; written by the
-    first call, reused by the next."""
+    first call, reused by the next. ``wrappers``: as for block_of."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     quiet = logging.getLogger()  # the quantizer logs advice at WARNING on the root logger
     level, quiet.level = quiet.level, logging.ERROR
@@ -103,8 +106,9 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
             names = {i.name for i in model.graph.input}
             feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
             every = weight_nodes(model)
-            nodes = [n for n in every if block_of(n) not in keep_blocks]
-            attention = [n.name for n in model.graph.node if n.op_type == "Attention" and block_of(n.name) not in keep_blocks]
+            nodes = [n for n in every if block_of(n, wrappers) not in keep_blocks]
+            attention = [n.name for n in model.graph.node
+                         if n.op_type == "Attention" and block_of(n.name, wrappers) not in keep_blocks]
             dynamic = [n for n in nodes if form == "int8" and is_text_node(n)] + attention
             static = [n for n in nodes if n not in dynamic]
             if static:
@@ -171,16 +175,18 @@ def weights_only(model: onnx.ModelProto, node_names: list[str]) -> None:
         g.node.extend(dq_nodes + rest)
 
 
-def blocks(fp32_path: Path) -> list[str]:
-    return sorted({block_of(n) for n in weight_nodes(onnx.load(str(fp32_path)))})
+def blocks(fp32_path: Path, wrappers: tuple[str, ...] = ()) -> list[str]:
+    return sorted({block_of(n, wrappers) for n in weight_nodes(onnx.load(str(fp32_path)))})
 
 
-def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict) -> tuple[set[str], dict]:
+def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict,
+              wrappers: tuple[str, ...] = ()) -> tuple[set[str], dict]:
     """Per-layer sensitivity, then keep the worst layer groups back until the gate passes.
 
     ``score(model_path) -> quality dict`` with the ``gate``'s metrics (minimums). A group's sensitivity is
     each metric when it alone is quantized; while a metric misses its minimum, the group that alone lowers
-    that metric most is kept back next. Returns (groups kept, {group: {metric: value}}).
+    that metric most is kept back next. Returns (groups kept, {group: {metric: value}}). ``wrappers``: as
+    for block_of.
     """
     def failing(q):
         return [m for m, least in gate.items() if m in q and q[m] < least]
@@ -189,17 +195,18 @@ def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict) -> tup
         trial, ranges = Path(tmp) / "trial.onnx", Path(tmp) / "ranges.json"
         if form == "int8":  # fuse and check once: quantize() then finds nothing left to fuse in this graph
             fp32_path = with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration)
-        names = blocks(fp32_path)
-        quantize(fp32_path, trial, form, calibration, ranges=ranges)  # calibrates every range once
+        names = blocks(fp32_path, wrappers)
+        quantize(fp32_path, trial, form, calibration, ranges=ranges, wrappers=wrappers)  # calibrates once
         quality = score(trial)
         alone = {}
         for block in names:
-            quantize(fp32_path, trial, form, calibration, keep_blocks=set(names) - {block}, ranges=ranges)
+            quantize(fp32_path, trial, form, calibration, keep_blocks=set(names) - {block}, ranges=ranges,
+                     wrappers=wrappers)
             alone[block] = {m: round(float(v), 5) for m, v in score(trial).items() if m in gate}
         kept: set[str] = set()
         while failing(quality) and len(kept) < len(names):
             metric = failing(quality)[0]
             kept.add(min((b for b in names if b not in kept), key=lambda b: alone[b][metric]))
-            quantize(fp32_path, trial, form, calibration, keep_blocks=kept, ranges=ranges)
+            quantize(fp32_path, trial, form, calibration, keep_blocks=kept, ranges=ranges, wrappers=wrappers)
             quality = score(trial)
     return kept, alone

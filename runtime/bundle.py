@@ -83,6 +83,21 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class OutputRef:
+    """One output of one component, as the manifest's ``reference_outputs`` names it."""
+    component: str
+    output: str
+
+    def to_json(self) -> dict:
+        return {"component": self.component, "output": self.output}
+
+
+# What bundles written before the manifest had ``reference_outputs`` used (gan and diffusion alike).
+_LEGACY_REFERENCE_OUTPUTS = {"pixels": OutputRef("fused", "pixels"),
+                             "text_states": OutputRef("fused", "text_states")}
+
+
+@dataclass(frozen=True)
 class Component:
     name: str
     inputs: tuple[TensorSpec, ...]
@@ -131,6 +146,19 @@ class Bundle:
     @property
     def generation(self) -> dict:
         return self.manifest["generation"]
+
+    def reference_output(self, role: str) -> OutputRef | None:
+        """The component output that stands for ``role`` in the checks, as the family named it at export:
+        ``"pixels"`` (what a call with the bundle's default options returns for a reference case's prompts
+        and seeds) or ``"text_states"`` (the text conditioning the quality gates score); None if none."""
+        named = self.manifest.get("reference_outputs")
+        if named is None:
+            ref = _LEGACY_REFERENCE_OUTPUTS.get(role)
+            if ref is not None and ref.component not in self.components:
+                ref = OutputRef("text_encoder", ref.output) if role == "text_states" else None
+            return ref
+        entry = named.get(role)
+        return OutputRef(entry["component"], entry["output"]) if entry else None
 
     def path(self, rel: str) -> Path:
         return safe_path(self.root, rel)
@@ -261,3 +289,19 @@ def _check_structure(subject: str, m: Any) -> None:
         if not ok:
             raise BadBundleError(subject, f"component {name!r} is malformed (needs files, inputs, outputs)",
                                  "re-export the bundle")
+    _check_reference_outputs(subject, m)
+
+
+def _check_reference_outputs(subject: str, m: dict) -> None:
+    """Each entry of ``reference_outputs`` (older bundles lack it) names an output of a component."""
+    named = m.get("reference_outputs", {})
+    if not isinstance(named, dict):
+        raise BadBundleError(subject, "manifest field 'reference_outputs' is not an object",
+                             "re-export the bundle")
+    for role, entry in named.items():
+        comp = m["components"].get(entry.get("component")) if isinstance(entry, dict) else None
+        outputs = [t.get("name") for t in comp["outputs"]] if comp else []
+        if comp is None or entry.get("output") not in outputs:
+            raise BadBundleError(subject,
+                                 f"reference_outputs[{role!r}] names no output of a component: {entry!r}",
+                                 "the manifest is damaged; re-export the bundle")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from .backends import backend_spec, engine_forms, make_session, open_graph
-from .bundle import FORMS, PRECISIONS, Bundle
+from .bundle import FORMS, PRECISIONS, Bundle, OutputRef
 from .errors import BackendUnavailableError, BadBundleError
 from .precision import form_for
 
@@ -67,8 +67,7 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
     fp32_from = "this run" if "fp32" in forms else "report.json (export)"
     fp32_adherence = (None if "fp32" in forms or not scored else
                       bundle.report().get("precisions", {}).get("fp32", {}).get("quality", {}).get("adherence"))
-    # the text states scored for the gate: the fused graph's, or the text encoder's where no 1-step fused graph exists
-    text_source = "fused" if "fused" in bundle.components else "text_encoder"
+    text_source = bundle.reference_output("text_states")  # the text states the gate scores, named at export
     for precision in forms:
         parity, pixels, cosines = {}, [], []
         for name, comp in bundle.components.items():
@@ -82,7 +81,7 @@ def check_bundle(bundle: Bundle, backend: str = "ort-cpu", precisions: list[str]
                     errs[spec.name].append(np.abs(value.astype(np.float64) - case["out"][name][spec.name]))
                     if spec.dtype == "uint8":  # final pixels: also scored as an image
                         pixels.append((value.ravel(), case["out"][name][spec.name].ravel()))
-                    if name == text_source and spec.name == "text_states":
+                    if text_source == OutputRef(name, spec.name):
                         cosines.append(pooled_cosine(value, case["out"][name][spec.name], case["in"]["attention_mask"]))
             outputs = {}
             for out, diffs in errs.items():
@@ -193,11 +192,16 @@ def failures(report: dict) -> list[str]:
 
 def pipeline_parity(pipe) -> float:
     """Largest pixel difference between the whole runtime path (tokenizer, noise, graphs) and PyTorch."""
+    ref = pipe.bundle.reference_output("pixels")
+    if ref is None:
+        raise BadBundleError(f"bundle {pipe.bundle.root}", "names no reference pixels of a whole call",
+                             "its default call has no PyTorch reference: compare the components with "
+                             "`edgegen validate`")
     worst = 0.0
     for case in load_reference(pipe.bundle):
         prompts = [str(p) for p in case["meta"]["prompts"]]
         seeds = [int(s) for s in case["meta"]["seeds"]]
         got = pipe(prompts, seed=seeds, output_type="uint8")
-        want = case["out"]["fused"]["pixels"]
+        want = case["out"][ref.component][ref.output]
         worst = max(worst, float(np.abs(got.astype(np.int16) - want.astype(np.int16)).max()))
     return worst

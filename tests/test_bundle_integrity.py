@@ -99,3 +99,26 @@ def test_malformed_manifest(bundle_copy, no_sessions, content):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BadBundleError, match="no manifest.json"):
         Bundle.open(tmp_path)
+
+
+def test_reference_outputs_name_an_output(bundle_copy, no_sessions):
+    wrong = {"component": "fused", "output": "x"}
+    edit_manifest(bundle_copy, lambda m: m["reference_outputs"].update(pixels=wrong))
+    refused(bundle_copy, "reference_outputs['pixels']")
+
+
+def test_reference_outputs_are_read_from_the_manifest(bundle_copy):
+    """The checks read what the family named; a bundle written before the manifest named them still reads."""
+    from edgegen.runtime.bundle import OutputRef
+    from edgegen.runtime.check import pipeline_parity
+    named = Bundle.open(bundle_copy).manifest["reference_outputs"]
+    assert named == {"pixels": {"component": "fused", "output": "pixels"},
+                     "text_states": {"component": "fused", "output": "text_states"}}
+    pipe = Pipeline.from_bundle(bundle_copy, backend="ort-cpu", precision="fp32")
+    assert pipeline_parity(pipe) <= 1
+    edit_manifest(bundle_copy, lambda m: m["reference_outputs"].pop("pixels"))
+    pipe = Pipeline.from_bundle(bundle_copy, backend="ort-cpu", precision="fp32")
+    with pytest.raises(BadBundleError, match="no reference pixels"):
+        pipeline_parity(pipe)
+    edit_manifest(bundle_copy, lambda m: m.pop("reference_outputs"))
+    assert Bundle.open(bundle_copy).reference_output("text_states") == OutputRef("fused", "text_states")

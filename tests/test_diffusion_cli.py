@@ -85,6 +85,24 @@ def test_int8_is_refused_and_leaves_nothing(diffusion_checkpoint, tmp_path):
         export_checkpoint(diffusion_checkpoint, tmp_path / "b", progress=False, family_options={"image_size": 20})
 
 
+@pytest.mark.parametrize("entry, refusal", [
+    ({"controlnet": ["diffusers", "ControlNetModel"]}, r"has a controlnet component \(ControlNetModel\)"),
+    ({"vae": ["diffusers", "AutoencoderTiny"]}, r"its vae is a AutoencoderTiny.*Note: .*AutoencoderKL"),
+])
+def test_unsupported_components_are_refused(diffusion_checkpoint, tmp_path, entry, refusal):
+    """Never dropped (a ControlNet) nor an internal error (a tiny VAE): a CheckpointError before loading."""
+    import shutil
+
+    from edgegen.export import export_checkpoint
+    from edgegen.runtime.errors import CheckpointError
+    ckpt = shutil.copytree(diffusion_checkpoint, tmp_path / "ckpt")
+    index = json.loads((ckpt / "model_index.json").read_text())
+    (ckpt / "model_index.json").write_text(json.dumps({**index, **entry}))
+    with pytest.raises(CheckpointError, match=refusal):
+        export_checkpoint(ckpt, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
+
+
 def test_subpixel_upsampling_equals_diffusers():
     """The traced graphs replace nearest-2x + 3x3 conv by a 2x2 conv + pixel shuffle: same values."""
     from diffusers.models.upsampling import Upsample2D

@@ -106,6 +106,46 @@ def test_pickle_checkpoint_refused(tiny_checkpoints, tmp_path):
         export_checkpoint(ckpt, tmp_path / "out", progress=False)
 
 
+def test_family_base_declares_what_the_exporter_and_checks_call():
+    """Every member export/ (outside export/families) calls on a family is declared, documented, in Family."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from edgegen.export import exporter
+    from edgegen.export.families import Family
+    export_dir = Path(exporter.__file__).parent
+    called = set()
+    for path in export_dir.glob("*.py"):
+        called |= set(re.findall(r"\bfamily\.(\w+)", path.read_text()))
+    assert {"tokenizer_json", "reference_outputs", "calibration_cases"} <= called  # the scan finds the calls
+    for member in sorted(called):
+        assert hasattr(Family, member), f"Family does not declare {member}"
+        value = inspect.getattr_static(Family, member)
+        if callable(value) or isinstance(value, classmethod):
+            assert inspect.getdoc(getattr(Family, member)), f"Family.{member} has no docstring"
+
+
+def test_checkpoint_hash_follows_links(tiny_checkpoints, tmp_path):
+    """The default model's checkpoint is a directory of links: its hash is its files', not the empty one."""
+    import hashlib
+    import shutil
+
+    from edgegen.export.exporter import checkpoint_hash
+    real = tiny_checkpoints["bert"]
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for part in real.iterdir():
+        (linked / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
+    (linked / "loop").symlink_to(linked, target_is_directory=True)  # a loop is not followed
+    copied = shutil.copytree(real, tmp_path / "copied")
+    assert checkpoint_hash(linked) != hashlib.sha256().hexdigest()
+    assert checkpoint_hash(linked) == checkpoint_hash(real) == checkpoint_hash(copied)
+    config = copied / "generator" / "config.json"
+    config.write_text(config.read_text() + " ")
+    assert checkpoint_hash(copied) != checkpoint_hash(real)
+
+
 def test_unknown_checkpoint(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(CheckpointError, match="no known family"):

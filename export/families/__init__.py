@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from torch import nn
 
-from edgegen.runtime.bundle import TensorSpec
+from edgegen.runtime.bundle import OutputRef, TensorSpec
 from edgegen.runtime.errors import BadInputError, CheckpointError
 
-FAMILIES: dict[str, type["Family"]] = {}
+FAMILIES: dict[str, type[Family]] = {}
 
 
 @dataclass
@@ -30,10 +32,18 @@ class ComponentDef:
 
 
 class Family:
-    """Base class; subclasses register themselves by ``name``."""
+    """A model family: everything the exporter and the checks ask of a checkpoint, declared once.
+
+    Subclasses register themselves by ``name``. The exporter is generic over these members and never
+    names a family's components or outputs: ``reference_outputs`` says which ones the quality gates and
+    the whole-call parity check read.
+    """
 
     name = ""
     options: tuple[str, ...] = ()  # keyword options the family's constructor takes (e.g. image_size)
+    hf_tokenizer = None
+    """The checkpoint's transformers tokenizer (set by the constructor): the runtime's tokenizer, built from
+    ``tokenizer_json``, must give the same ids for the same prompts (checked at export)."""
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -42,9 +52,24 @@ class Family:
 
     @classmethod
     def matches(cls, checkpoint: Path) -> bool:
+        """Whether ``checkpoint`` (a directory) is of this family: a cheap look at its files, no loading."""
         raise NotImplementedError
 
-    def components(self) -> list[ComponentDef]:
+    # --- what goes in the manifest ---
+    def tokenizer_json(self) -> str:
+        """The fast tokenizer (`tokenizers` library JSON) the runtime tokenizes with."""
+        raise NotImplementedError
+
+    def tokenizer_settings(self) -> dict:
+        """The manifest's ``tokenizer`` entry: file, max_length, padding, pad id and token."""
+        raise NotImplementedError
+
+    def generation(self, max_batch: int) -> dict:
+        """The manifest's ``generation`` entry: image size, noise shapes and draws, call defaults."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The manifest's ``model`` entry: the architecture, for people reading the manifest."""
         raise NotImplementedError
 
     def extra_files(self) -> dict[str, Path]:
@@ -52,10 +77,23 @@ class Family:
         return {}
 
     def manifest_extras(self) -> dict:
+        """Further top-level manifest entries the family's runtime reads (e.g. the gan's ``quality``)."""
         return {}
 
+    def reference_outputs(self) -> dict[str, OutputRef]:
+        """The manifest's ``reference_outputs``: the component output that stands for ``"pixels"`` (what a
+        call with the bundle's default options returns for a reference case's prompts and seeds; the int8
+        layer scan quantizes and scores that component's graph) and ``"text_states"`` (the text conditioning
+        the quality gates score, pooled over the attention mask)."""
+        raise NotImplementedError
+
+    # --- what gets traced and validated ---
     def check_precisions(self, precisions: list[str]) -> None:
         """Refuse (BadInputError) precisions this family cannot export."""
+
+    def components(self) -> list[ComponentDef]:
+        """The graphs to export, in order (an ``assemble``d one after those it is built from)."""
+        raise NotImplementedError
 
     def tracing(self):
         """Context in which components are traced: a family may swap in equivalent, faster layers here;
@@ -63,6 +101,7 @@ class Family:
         return contextlib.nullcontext()
 
     def validation_prompts(self) -> list[str]:
+        """Every prompt of ``reference_cases``, flat: the tokenizer agreement check runs on them."""
         raise NotImplementedError
 
     def reference_cases(self, tokenize) -> list[tuple[dict[str, np.ndarray], dict]]:
@@ -70,10 +109,21 @@ class Family:
         PyTorch-computed intermediates included) and the prompts and seeds they came from."""
         raise NotImplementedError
 
+    def calibration_cases(self, tokenize) -> list[tuple[dict[str, np.ndarray], dict]]:
+        """Like ``reference_cases`` but on other prompts and seeds: the INT8 calibration feeds. Needed only by
+        families that export int8 (``check_precisions`` refuses int8 for the others)."""
+        raise NotImplementedError
+
+
+def _register_all() -> None:
+    """Import every module of this package: each family registers itself by subclassing Family."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
 
 def load_family(checkpoint: Path, **options) -> Family:
     """The family that matches ``checkpoint``, loaded; ``options`` (None values ignored) go to its constructor."""
-    from . import diffusion, gan  # noqa: F401  (registers)
+    _register_all()
     checkpoint = Path(checkpoint)
     options = {k: v for k, v in options.items() if v is not None}
     if not checkpoint.is_dir():

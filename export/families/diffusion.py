@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgegen.runtime.bundle import TensorSpec
+from edgegen.runtime.bundle import OutputRef, TensorSpec
 from edgegen.runtime.diffusion import NoiseStreams, fused_name
 from edgegen.runtime.errors import BadInputError, CheckpointError
 from edgegen.runtime.schedulers import DIFFUSERS_NAMES, guidance_embedding, make_scheduler
@@ -219,6 +219,31 @@ def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, Ten
     save(c.model([info(t) for t in inputs], [info(specs["pixels"]), info(specs["states"])]), out)
 
 
+# The model_index.json components export reads, and the classes it can load for each (None: any class; the
+# tokenizer is checked for a fast one and the scheduler is re-implemented by name in the runtime).
+SUPPORTED_COMPONENTS = {"text_encoder": ("CLIPTextModel",), "tokenizer": None,
+                        "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "scheduler": None}
+
+
+def _check_components(root: Path, index: dict) -> None:
+    """Refuse a pipeline with a component export would drop (ControlNet, an image encoder, a safety
+    checker...) or could not load (an AutoencoderTiny VAE): without it a bundle computes something else."""
+    for part, entry in index.items():
+        if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue  # a pipeline setting (requires_safety_checker) or a component saved as None
+        cls = entry[1]
+        if part not in SUPPORTED_COMPONENTS:
+            raise CheckpointError(f"diffusion checkpoint {root}",
+                                  f"has a {part} component ({cls}), which export does not support yet",
+                                  f"export it without that component: save the pipeline with {part}=None, "
+                                  f"or remove the {part!r} entry from model_index.json")
+        classes = SUPPORTED_COMPONENTS[part]
+        if classes is not None and cls not in classes:
+            raise CheckpointError(f"diffusion checkpoint {root}",
+                                  f"its {part} is a {cls}, which export does not support yet",
+                                  f"use a pipeline whose {part} is a {' or '.join(classes)}")
+
+
 def _check_weights(path: Path, what: str) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise CheckpointError(f"diffusion checkpoint {path.parent}", f"no {path.name}/config.json",
@@ -251,6 +276,10 @@ class DiffusionFamily(Family):
             index = json.loads((root / "model_index.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"diffusion checkpoint {root}", f"model_index.json unreadable: {e}", "re-save the pipeline") from None
+        if not isinstance(index, dict):
+            raise CheckpointError(f"diffusion checkpoint {root}", "model_index.json is not a JSON object",
+                                  "re-save the pipeline")
+        _check_components(root, index)
         for part, what in (("text_encoder", "the CLIP text encoder"), ("unet", "the UNet"), ("vae", "the VAE")):
             _check_weights(root / part, what)
         if not (root / "tokenizer").is_dir() or not (root / "scheduler" / "scheduler_config.json").is_file():
@@ -338,6 +367,14 @@ class DiffusionFamily(Family):
                 "unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
                 "vae": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
                 "diffusers": diffusers.__version__}
+
+    def reference_outputs(self) -> dict[str, OutputRef]:
+        # a default call (num_steps, no guidance) runs the fused graph of that many steps, where there is one
+        text = fused_name(1) if 1 in self.fused_steps else "text_encoder"
+        named = {"text_states": OutputRef(text, "text_states")}
+        if self.num_steps in self.fused_steps:
+            named["pixels"] = OutputRef(fused_name(self.num_steps), "pixels")
+        return named
 
     def validation_prompts(self) -> list[str]:
         return [p for group in VALIDATION_PROMPTS for p in group]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from edgegen.runtime.bundle import SEQUENCE_AXIS, TensorSpec
+from edgegen.runtime.bundle import SEQUENCE_AXIS, OutputRef, TensorSpec
 from edgegen.runtime.errors import CheckpointError
 from edgegen.runtime.pipeline import noise_for_seeds
 
@@ -122,6 +122,10 @@ class GanFamily(Family):
 
     def describe(self) -> dict:
         return {"text_encoder": self.text_encoder.kind, "generator": self.config.__dict__}
+
+    def reference_outputs(self) -> dict[str, OutputRef]:
+        # a call runs the fused graph (a cached prompt: the generator on the same states)
+        return {"pixels": OutputRef("fused", "pixels"), "text_states": OutputRef("fused", "text_states")}
 
     def validation_prompts(self) -> list[str]:
         return [p for group in VALIDATION_PROMPTS for p in group]
