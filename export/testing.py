@@ -117,12 +117,18 @@ def _save_diffusion_pipeline(root: Path, text_encoder, tokenizer, unet, vae, sch
     return root
 
 
-def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 32, scheduler: str = "euler",
-                                   time_cond_proj_dim: int | None = None) -> Path:
-    """Write a tiny random-weight diffusers pipeline directory (CLIP text encoder, UNet2DConditionModel,
-    AutoencoderKL with a 2x latent scale, SD-Turbo's scheduler config); returns its path. Seconds, offline.
+VAES = ("kl", "tiny")
 
-    ``time_cond_proj_dim`` gives the UNet an LCM-style guidance-embedding input."""
+
+def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 32, scheduler: str = "euler",
+                                   time_cond_proj_dim: int | None = None, vae: str = "kl") -> Path:
+    """Write a tiny random-weight diffusers pipeline directory (CLIP text encoder, UNet2DConditionModel,
+    a VAE with a 2x latent scale, SD-Turbo's scheduler config); returns its path. Seconds, offline.
+
+    ``time_cond_proj_dim`` gives the UNet an LCM-style guidance-embedding input. ``vae``: ``kl``
+    (AutoencoderKL) or ``tiny`` (AutoencoderTiny, TAESD's architecture with small channels)."""
+    if vae not in VAES:
+        raise ValueError(f"vae must be one of {VAES}, got {vae!r}")
     import diffusers
     import transformers
     transformers.utils.logging.disable_progress_bar()
@@ -140,6 +146,8 @@ def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 3
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
         time_cond_proj_dim=time_cond_proj_dim).eval()
+    if vae == "tiny":
+        return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, _tiny_autoencoder_tiny(), scheduler)
     vae = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
@@ -153,6 +161,19 @@ def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 3
         vae.decoder.conv_out.weight.mul_(2.0)  # images over the pixel range, neither grey nor saturated
         vae.decoder.conv_out.bias.uniform_(-0.3, 0.3)
     return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler)
+
+
+def _tiny_autoencoder_tiny():
+    """AutoencoderTiny with two 16-channel blocks each way (a 2x latent scale, like the tiny KL VAE)."""
+    import diffusers
+    vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+    with torch.no_grad():  # as the KL VAE's: images over the pixel range, image latents of about unit variance
+        vae.decoder.layers[-1].weight.mul_(3.0)
+        vae.decoder.layers[-1].bias.uniform_(0.5, 0.9)
+        vae.encoder.layers[-1].weight.mul_(20.0)
+        vae.encoder.layers[-1].bias.zero_()
+    return vae
 
 
 # SD-Turbo's published architecture (stabilityai/sd-turbo: the SD 2.1 base UNet, the SD VAE and the

@@ -45,7 +45,8 @@ def cmd_export(args) -> int:
     out = export.export_checkpoint(args.checkpoint, args.output, precisions=args.precision, max_batch=args.max_batch,
                                    overwrite=args.force, progress=not args.quiet, allow_degraded=args.allow_degraded,
                                    engines=args.engines, compute_capability=args.compute_capability,
-                                   workspace_mb=args.workspace_mb, family_options={"image_size": args.image_size})
+                                   workspace_mb=args.workspace_mb,
+                                   family_options={"image_size": args.image_size, "vae": args.vae})
     from .bundle import Bundle
     report = Bundle.open(out).report()
     status = "validated: ok" if report.get("ok") else "DEGRADED: " + "; ".join(report.get("degraded", []))
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)")
     e.add_argument("--image-size", type=int, default=None, help="diffusion: image size the graphs are built for "
                    "(default: the UNet's sample size x the VAE factor, e.g. 512 for SD-Turbo)")
+    e.add_argument("--vae", default=None, help="diffusion: an autoencoder directory (AutoencoderTiny or "
+                   "AutoencoderKL, saved with save_pretrained) to use instead of the pipeline's own vae/, "
+                   "e.g. a TAESD for a faster decoder")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument("--allow-degraded", action="store_true",
                    help="keep a bundle whose fp16/int8 files fail their quality gate (marked degraded)")

@@ -20,6 +20,9 @@ from .tokenize import PromptTokenizer
 
 MODES = ("auto", "fused", "loop")
 DEFAULT_STRENGTH = 0.5
+# The VAE classes a bundle may hold (its manifest's generation.vae), and whether image-to-image samples the
+# encoder's latent distribution (one more noise draw per image): AutoencoderTiny's encoder is deterministic.
+VAE_SAMPLES_LATENTS = {"AutoencoderKL": True, "AutoencoderTiny": False}
 
 
 def fused_name(steps: int) -> str:
@@ -76,9 +79,13 @@ class DiffusionPipeline(Pipeline):
             self.scheduler_config = dict(gen["scheduler"]["config"])
             self.fused = {int(k): str(v) for k, v in gen["fused"].items()}
             self.time_cond_dim = int(gen["time_cond_dim"]) if gen.get("time_cond_dim") else None
+            self.vae = str(gen["vae"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadBundleError(f"bundle {bundle.root}", f"generation settings of a diffusion bundle are incomplete ({e!r})",
                                  "re-export the bundle") from None
+        if self.vae not in VAE_SAMPLES_LATENTS:
+            raise BadBundleError(f"bundle {bundle.root}", f"unknown VAE class {self.vae!r} in generation.vae",
+                                 f"this runtime runs {' or '.join(VAE_SAMPLES_LATENTS)}; upgrade edgegen")
         self.tokenizer = PromptTokenizer.of_bundle(bundle)
         self._schedulers = {}
         self.scheduler(self.scheduler_name)  # a config this runtime cannot run fails at load
@@ -172,7 +179,8 @@ class DiffusionPipeline(Pipeline):
             ins = enc.inputs(batch)
             with info.stage("noise"):
                 ins["image"][...] = pixels_in
-                ins["encoder_noise"][...] = streams.draw(self.latent_shape)
+                if VAE_SAMPLES_LATENTS[self.vae]:
+                    ins["encoder_noise"][...] = streams.draw(self.latent_shape)
             with info.stage("vae_encoder"):
                 x = plan.add_noise(enc.run(batch)["latents"], noise)
         else:

@@ -1,5 +1,5 @@
 """The diffusion family: a diffusers Stable-Diffusion-style pipeline directory (CLIP text encoder,
-UNet2DConditionModel, AutoencoderKL), aimed at one- and few-step models (SD-Turbo, LCM).
+UNet2DConditionModel, AutoencoderKL or AutoencoderTiny), aimed at one- and few-step models (SD-Turbo, LCM).
 
 Components: ``text_encoder``, ``unet`` (one denoising evaluation), ``vae_decoder``, ``vae_encoder``
 (image-to-image), and fused graphs from token ids + initial noise to uint8 pixels with the scheduler
@@ -55,7 +55,11 @@ class Denoiser(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents as the UNet sees them -> image in [-1, 1] (the VAE scaling factor applied inside)."""
+    """Latents as the UNet sees them -> image in [-1, 1] (the VAE scaling factor applied inside).
+
+    diffusers' pipelines divide by ``vae.config.scaling_factor`` whatever the VAE's class: 1.0 for
+    AutoencoderTiny (TAESD), whose ``scale_latents``/``unscale_latents`` only serve its own ``forward``
+    (a uint8 round trip of the latents) and are never called by a pipeline."""
 
     def __init__(self, vae):
         super().__init__()
@@ -66,8 +70,8 @@ class Decoder(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image in [-1, 1] + unit noise -> scaled latents, a sample of the VAE's latent distribution
-    (mean + std * noise, as diffusers' image-to-image pipeline draws it)."""
+    """AutoencoderKL: image in [-1, 1] + unit noise -> scaled latents, a sample of the VAE's latent
+    distribution (mean + std * noise, as diffusers' image-to-image pipeline draws it)."""
 
     def __init__(self, vae):
         super().__init__()
@@ -76,6 +80,18 @@ class Encoder(nn.Module):
     def forward(self, image, encoder_noise):
         dist = self.vae.encode(image).latent_dist
         return (dist.mean + dist.std * encoder_noise) * self.scale
+
+
+class TinyEncoder(nn.Module):
+    """AutoencoderTiny: image in [-1, 1] -> scaled latents. Deterministic: its encoder gives the latents
+    themselves (diffusers' retrieve_latents reads ``.latents``), so it takes no noise."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.scale = vae, float(vae.config.scaling_factor)
+
+    def forward(self, image):
+        return self.vae.encode(image).latents * self.scale
 
 
 class UpsampleConv(nn.Module):
@@ -221,13 +237,15 @@ def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, Ten
 
 # The model_index.json components export reads, and the classes it can load for each (None: any class; the
 # tokenizer is checked for a fast one and the scheduler is re-implemented by name in the runtime).
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 SUPPORTED_COMPONENTS = {"text_encoder": ("CLIPTextModel",), "tokenizer": None,
-                        "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "scheduler": None}
+                        "unet": ("UNet2DConditionModel",), "vae": VAE_CLASSES, "scheduler": None}
 
 
 def _check_components(root: Path, index: dict) -> None:
     """Refuse a pipeline with a component export would drop (ControlNet, an image encoder, a safety
-    checker...) or could not load (an AutoencoderTiny VAE): without it a bundle computes something else."""
+    checker...) or could not load (e.g. an AutoencoderKLTemporalDecoder): without it a bundle computes
+    something else."""
     for part, entry in index.items():
         if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             continue  # a pipeline setting (requires_safety_checker) or a component saved as None
@@ -255,16 +273,32 @@ def _check_weights(path: Path, what: str) -> None:
                               "save_pretrained(dir, safe_serialization=True)")
 
 
+def vae_class(path: Path, subject: str) -> str:
+    """The diffusers class a saved autoencoder directory holds (its config.json ``_class_name``), refused
+    unless export supports it and the weights are safetensors."""
+    try:
+        name = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name not in VAE_CLASSES:
+        found = f"a {name}" if isinstance(name, str) else "no diffusers autoencoder (no readable config.json " \
+                                                          "with _class_name)"
+        raise CheckpointError(subject, f"holds {found}",
+                              f"pass a directory written by {' or '.join(VAE_CLASSES)}.save_pretrained(dir)")
+    _check_weights(path, "the VAE")
+    return name
+
+
 class DiffusionFamily(Family):
     name = "diffusion"
-    options = ("image_size", "fused_steps", "num_steps", "guidance_scale")
+    options = ("image_size", "fused_steps", "num_steps", "guidance_scale", "vae")
 
     @classmethod
     def matches(cls, checkpoint: Path) -> bool:
         return (checkpoint / "model_index.json").is_file()
 
     def __init__(self, checkpoint: Path, image_size: int | None = None, fused_steps=FUSED_STEPS,
-                 num_steps: int = 1, guidance_scale: float | None = None):
+                 num_steps: int = 1, guidance_scale: float | None = None, vae: str | Path | None = None):
         try:
             import diffusers
         except ImportError:
@@ -280,8 +314,11 @@ class DiffusionFamily(Family):
             raise CheckpointError(f"diffusion checkpoint {root}", "model_index.json is not a JSON object",
                                   "re-save the pipeline")
         _check_components(root, index)
-        for part, what in (("text_encoder", "the CLIP text encoder"), ("unet", "the UNet"), ("vae", "the VAE")):
+        for part, what in (("text_encoder", "the CLIP text encoder"), ("unet", "the UNet")):
             _check_weights(root / part, what)
+        # --vae DIR: another saved autoencoder in place of the pipeline's own (e.g. a TAESD beside SD-Turbo)
+        vae_dir = root / "vae" if vae is None else Path(vae)
+        self.vae_class = vae_class(vae_dir, f"diffusion checkpoint {root}" if vae is None else f"--vae {vae_dir}")
         if not (root / "tokenizer").is_dir() or not (root / "scheduler" / "scheduler_config.json").is_file():
             raise CheckpointError(f"diffusion checkpoint {root}", "no tokenizer/ or scheduler/scheduler_config.json",
                                   "export a full diffusers pipeline directory (save_pretrained)")
@@ -294,8 +331,8 @@ class DiffusionFamily(Family):
             self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
             self.unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True,
                                                                         use_safetensors=True).eval()
-            self.vae = diffusers.AutoencoderKL.from_pretrained(root / "vae", local_files_only=True,
-                                                               use_safetensors=True).eval()
+            self.vae = getattr(diffusers, self.vae_class).from_pretrained(vae_dir, local_files_only=True,
+                                                                          use_safetensors=True).eval()
         if not getattr(self.hf_tokenizer, "is_fast", True) or not hasattr(self.hf_tokenizer, "backend_tokenizer"):
             raise CheckpointError(f"tokenizer {root / 'tokenizer'}", "has no fast tokenizer",
                                   "the runtime tokenizes with the `tokenizers` library; save a fast tokenizer")
@@ -307,6 +344,10 @@ class DiffusionFamily(Family):
         self.scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
         uc = self.unet.config
         self.time_cond_dim = uc.time_cond_proj_dim
+        if int(self.vae.config.latent_channels) != int(uc.in_channels):
+            raise CheckpointError(f"diffusion checkpoint {root}", f"VAE latent channels "
+                                  f"{self.vae.config.latent_channels} != UNet in_channels {uc.in_channels}",
+                                  "use a VAE made for this UNet (e.g. TAESD for SD 1.x/2.x, TAESDXL for SDXL)")
         if te.config.hidden_size != uc.cross_attention_dim:
             raise CheckpointError(f"diffusion checkpoint {root}", f"text encoder width {te.config.hidden_size} != "
                                   f"UNet cross_attention_dim {uc.cross_attention_dim}", "the parts come from different models")
@@ -329,7 +370,8 @@ class DiffusionFamily(Family):
         self.text_encoder = TextEncoder(te).eval()
         self.denoiser = Denoiser(self.unet).eval()
         self.decoder = Decoder(self.vae).eval()
-        self.encoder = Encoder(self.vae).eval()
+        self.encoder = (TinyEncoder if self.vae_class == "AutoencoderTiny" else Encoder)(self.vae).eval()
+        self.encoder_noise = self.vae_class == "AutoencoderKL"  # only its latents are a sampled distribution
 
     # --- precisions and gates ---
     precisions = ("fp32", "fp16")
@@ -355,17 +397,18 @@ class DiffusionFamily(Family):
                 "num_steps": self.num_steps, "guidance_scale": self.guidance_scale,
                 "scheduler": {"name": self.scheduler_name, "source": self.scheduler_source, "config": self.scheduler_config},
                 "fused": {str(k): fused_name(k) for k in self.fused_steps},
-                "time_cond_dim": self.time_cond_dim,
+                "time_cond_dim": self.time_cond_dim, "vae": self.vae_class,
                 "noise": "per image: numpy default_rng(seed).standard_normal(float32) draws, in order: the initial "
-                         "noise (latent_shape), the VAE encoder's sample noise (image-to-image), then one per "
-                         "step that adds noise"}
+                         "noise (latent_shape), the VAE encoder's sample noise (image-to-image, AutoencoderKL "
+                         "only), then one per step that adds noise"}
 
     def describe(self) -> dict:
         import diffusers
         te = self.text_encoder.model.config
         return {"text_encoder": {"kind": "clip", "hidden_size": te.hidden_size, "layers": te.num_hidden_layers},
                 "unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
-                "vae": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
+                "vae": {"class": self.vae_class,
+                        **{k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}},
                 "diffusers": diffusers.__version__}
 
     def reference_outputs(self) -> dict[str, OutputRef]:
@@ -398,7 +441,8 @@ class DiffusionFamily(Family):
             ComponentDef("unet", self.denoiser, [latent("sample"), TensorSpec("timestep", "float32", ("batch",)), states, *cond],
                          [latent("model_output")], {"model_output": 1e-3}),
             ComponentDef("vae_decoder", self.decoder, [latent("latents")], [image], {"image": 1e-3}),
-            ComponentDef("vae_encoder", self.encoder, [image, latent("encoder_noise")], [latent("latents")], {"latents": 1e-3}),
+            ComponentDef("vae_encoder", self.encoder, [image, *([latent("encoder_noise")] if self.encoder_noise else [])],
+                         [latent("latents")], {"latents": 1e-3}),
         ]
         for k in self.fused_steps:
             plan = self._plan(k)
