@@ -168,9 +168,10 @@ def _tiny_autoencoder_tiny():
     import diffusers
     vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
                                     num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
-    with torch.no_grad():  # as the KL VAE's: images over the pixel range, image latents of about unit variance
-        vae.decoder.layers[-1].weight.mul_(3.0)
-        vae.decoder.layers[-1].bias.uniform_(0.5, 0.9)
+    # as the KL VAE's: images over the pixel range (the decoder's output is in [0, 1] before its 2x - 1),
+    # neither grey nor saturated, and image latents of about unit variance
+    with torch.no_grad():
+        vae.decoder.layers[-1].bias.uniform_(0.2, 0.4)
         vae.encoder.layers[-1].weight.mul_(20.0)
         vae.encoder.layers[-1].bias.zero_()
     return vae

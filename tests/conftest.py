@@ -66,6 +66,20 @@ def lcm_bundle(lcm_checkpoint, tmp_path_factory) -> Path:
                              family_options={"fused_steps": [2], "num_steps": 2})
 
 
+@pytest.fixture(scope="session")
+def taesd_checkpoint(tmp_path_factory) -> Path:
+    """The tiny pipeline with an AutoencoderTiny (TAESD architecture) as its VAE."""
+    from edgegen.export.testing import make_tiny_diffusion_checkpoint
+    return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("taesd") / "ckpt", vae="tiny")
+
+
+@pytest.fixture(scope="session")
+def taesd_bundle(taesd_checkpoint, tmp_path_factory) -> Path:
+    """fp32, fused graphs for 1, 2 and 4 Euler steps, AutoencoderTiny decoder and encoder."""
+    from edgegen.export import export_checkpoint
+    return export_checkpoint(taesd_checkpoint, tmp_path_factory.mktemp("taesd_bundle") / "b", progress=False)
+
+
 # ---------------------------------------------------------------- the host path: C helpers or their numpy twins
 
 @pytest.fixture(params=["native", "python"])

@@ -166,36 +166,52 @@ def test_comparison_is_sensitive(runtime, reference, monkeypatch):
 
 # ---------------------------------------------------------------- image-to-image
 
-@pytest.mark.parametrize("name,steps,strength", [("euler", 2, 0.5), ("euler_a", 4, 0.75), ("lcm", 4, 0.5),
-                                                 ("ddim", 4, 0.6)])
-def test_img2img_matches_diffusers(runtime, reference, monkeypatch, name, steps, strength):
-    size = runtime.image_size
+IMG2IMG_CASES = [("euler", 2, 0.5), ("euler_a", 4, 0.75), ("lcm", 4, 0.5), ("ddim", 4, 0.6)]
+
+
+def img2img_init(size: int) -> np.ndarray:
     init = np.random.default_rng(0).integers(0, 256, (len(PROMPTS), size, size, 3), dtype=np.uint8)
     init[:, : size // 2] = 200  # some structure, not only noise
-    shape = runtime.latent_shape
+    return init
+
+
+def diffusers_img2img(reference, monkeypatch, name, steps, strength, init, shape, sampled_latents=True):
+    """diffusers' image-to-image with the runtime's draws: the initial noise, the VAE encoder's sample noise
+    (AutoencoderKL: ``sampled_latents``; AutoencoderTiny's encoder draws none), then the steps' noise."""
     streams = NoiseStreams(SEEDS)
     noise = streams.draw(shape)
-    encoder_noise = streams.draw(shape)
-    runs = int(steps * strength)
-    extra = step_noise(name, streams, shape, runs)
+    if sampled_latents:
+        patch_noise(monkeypatch, "diffusers.models.autoencoders.vae", [streams.draw(shape)])
+    extra = step_noise(name, streams, shape, int(steps * strength))
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**reference.components)
     img2img.set_progress_bar_config(disable=True)
     img2img.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(reference.scheduler.config)
-    patch_noise(monkeypatch, "diffusers.models.autoencoders.vae", [encoder_noise])
     patch_noise(monkeypatch, "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img", [noise])
     for module in ("diffusers.schedulers.scheduling_euler_ancestral_discrete", "diffusers.schedulers.scheduling_lcm"):
         patch_noise(monkeypatch, module, extra)
     from PIL import Image
-    want = as_uint8(img2img(PROMPTS, image=[Image.fromarray(x) for x in init], strength=strength,
+    return as_uint8(img2img(PROMPTS, image=[Image.fromarray(x) for x in init], strength=strength,
                             num_inference_steps=steps, guidance_scale=0.0, output_type="np").images)
+
+
+def check_img2img(runtime, reference, monkeypatch, name, steps, strength, sampled_latents=True):
+    init = img2img_init(runtime.image_size)
+    want = diffusers_img2img(reference, monkeypatch, name, steps, strength, init, runtime.latent_shape,
+                             sampled_latents)
     got = runtime(PROMPTS, seed=SEEDS, image=list(init), strength=strength, num_inference_steps=steps, scheduler=name,
                   output_type="uint8")
     assert levels(got, want) <= LEVELS
+    runs = int(steps * strength)
     assert [s for s in runtime.last_call.stages if s.startswith("unet")] == [f"unet_{i + 1}" for i in range(runs)]
     assert "vae_encoder" in runtime.last_call.stages
     # the input image matters: another one gives another result
     assert levels(runtime(PROMPTS, seed=SEEDS, image=255 - init[0], strength=strength, num_inference_steps=steps,
                           scheduler=name, output_type="uint8"), want) > 3 * LEVELS
+
+
+@pytest.mark.parametrize("name,steps,strength", IMG2IMG_CASES)
+def test_img2img_matches_diffusers(runtime, reference, monkeypatch, name, steps, strength):
+    check_img2img(runtime, reference, monkeypatch, name, steps, strength)
 
 
 # ---------------------------------------------------------------- fused graphs and the loop
