@@ -139,3 +139,23 @@ def test_vae_option_refuses_what_is_not_an_autoencoder(diffusion_checkpoint, tae
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(CheckpointError, match="no .safetensors"):
         load_family(diffusion_checkpoint, vae=pickled)
+
+
+def test_subpixel_upsampling_of_the_tiny_decoder_equals_diffusers():
+    """AutoencoderTiny's decoder upsamples with nn.Upsample + a 3x3 conv in a Sequential: traced as a 2x2 conv +
+    pixel shuffle, same values; the model is restored afterwards."""
+    from edgegen.export.families.diffusion import UpsampleConv, upsamplers_as_subpixel
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                                    num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).eval()
+    layers = list(vae.decoder.layers)
+    z = torch.randn(2, 4, 5, 7)
+    with torch.no_grad():
+        want = vae.decode(z).sample
+        with upsamplers_as_subpixel(vae) as swapped:
+            assert swapped == 2 and sum(isinstance(m, UpsampleConv) for m in vae.decoder.layers) == 2
+            assert not any(isinstance(m, torch.nn.Upsample) for m in vae.decoder.layers)
+            got = vae.decode(z).sample
+    assert got.shape == want.shape == (2, 3, 20, 28)
+    assert float((got - want).abs().max()) < 1e-5
+    assert list(vae.decoder.layers) == layers

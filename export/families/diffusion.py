@@ -120,24 +120,44 @@ class UpsampleConv(nn.Module):
         return F.pixel_shuffle(torch.stack(phases, 2).reshape(n, 4 * o, h, w), 2)
 
 
+def _plain_conv3x3(conv) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.stride == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1))
+
+
+def _nearest_2x(layer) -> bool:
+    return (isinstance(layer, nn.Upsample) and layer.mode == "nearest" and layer.size is None
+            and layer.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)))
+
+
 @contextlib.contextmanager
 def upsamplers_as_subpixel(*models):
-    """Swap every plain Upsample2D of ``models`` for UpsampleConv while the block runs."""
+    """Swap every plain Upsample2D of ``models`` for UpsampleConv while the block runs; in a Sequential
+    (AutoencoderTiny's decoder), a nearest-2x nn.Upsample followed by a plain 3x3 conv likewise (the
+    Upsample becomes an Identity, the conv an UpsampleConv)."""
     from diffusers.models.upsampling import Upsample2D
     swapped = []
+
+    def swap(parent, name, new):
+        swapped.append((parent, name, parent._modules[name]))
+        parent._modules[name] = new
+
     for model in models:
-        for parent in model.modules():
+        for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if (isinstance(child, Upsample2D) and child.use_conv and not child.use_conv_transpose and child.interpolate
-                        and child.norm is None and getattr(child, "conv", None) is not None
-                        and child.conv.kernel_size == (3, 3) and child.conv.padding == (1, 1) and child.conv.stride == (1, 1)
-                        and child.conv.groups == 1 and child.conv.dilation == (1, 1)):
-                    parent._modules[name] = UpsampleConv(child.conv)
-                    swapped.append((parent, name, child))
+                if (isinstance(child, Upsample2D) and child.use_conv and not child.use_conv_transpose
+                        and child.interpolate and child.norm is None and _plain_conv3x3(getattr(child, "conv", None))):
+                    swap(parent, name, UpsampleConv(child.conv))
+            if isinstance(parent, nn.Sequential):
+                names = list(parent._modules)
+                for up, conv in zip(names, names[1:]):
+                    if _nearest_2x(parent._modules[up]) and _plain_conv3x3(parent._modules[conv]):
+                        swap(parent, conv, UpsampleConv(parent._modules[conv]))
+                        swap(parent, up, nn.Identity())
     try:
-        yield len(swapped)
+        yield len([s for s in swapped if not isinstance(s[0]._modules[s[1]], nn.Identity)])
     finally:
-        for parent, name, child in swapped:
+        for parent, name, child in reversed(swapped):
             parent._modules[name] = child
 
 
