@@ -2,14 +2,17 @@
 call (1 step, no guidance), interleaved in one process so drifting machine load hits both alike.
 
     python -m benchmarks.diffusion_cpu [--work /tmp/edgegen-sdturbo] [--size 256] [--rounds 5] [--json OUT]
-                                       [--tiny-only] [--skip-tiny] [--variants]
+                                       [--tiny-only] [--skip-tiny] [--variants] [--taesd]
 
 Models: the SD-Turbo architecture with random weights (edgegen.export.testing.make_sd_turbo_checkpoint;
 latency does not depend on the weights' values), built and exported once into --work, and the tiny test
 model. Candidates: ``eager`` (StableDiffusionPipeline, output_type="np"), ``runtime fused`` (one ONNX
 graph: text encoder, UNet, Euler step, VAE decoder, uint8 pixels) and ``runtime loop`` (one session per
 stage, for the per-stage times). Every runtime call is a new-prompt call (text cache off).
-``--variants`` also times the fused graph alone under other ONNX Runtime session settings.
+``--variants`` also times the fused graph alone under other ONNX Runtime session settings. ``--taesd``
+also measures the SD-Turbo architecture with an AutoencoderTiny VAE (TAESD's published architecture,
+random weights; exported with ``vae=``, the same as ``edgegen export --vae``), diffusers eager with that
+same AutoencoderTiny, and the end-to-end time against the AutoencoderKL bundle, per stage.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import numpy as np
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
-def build(work: Path, size: int, tiny: bool) -> tuple[Path, Path]:
-    """(checkpoint, bundle), made once and reused."""
+def build(work: Path, size: int, tiny: bool, taesd: Path | None = None) -> tuple[Path, Path]:
+    """(checkpoint, bundle), made once and reused; ``taesd``: an AutoencoderTiny directory in place of the VAE."""
     from edgegen.export import export_checkpoint
     from edgegen.export.testing import make_sd_turbo_checkpoint, make_tiny_diffusion_checkpoint
     ckpt = work / ("tiny" if tiny else "sd-turbo-arch")
@@ -35,19 +38,29 @@ def build(work: Path, size: int, tiny: bool) -> tuple[Path, Path]:
         t = time.perf_counter()
         (make_tiny_diffusion_checkpoint if tiny else make_sd_turbo_checkpoint)(ckpt)
         print(f"built {ckpt} in {time.perf_counter() - t:.0f} s", flush=True)
-    bundle = work / ("bundle-tiny" if tiny else f"bundle-{size}")
+    bundle = work / ("bundle-tiny" if tiny else f"bundle-{size}{'-taesd' if taesd else ''}")
     if not (bundle / "manifest.json").is_file():
         t = time.perf_counter()
         export_checkpoint(ckpt, bundle, precisions="fp32", overwrite=True,
-                          family_options=None if tiny else {"image_size": size, "fused_steps": [1]})
+                          family_options=None if tiny else {"image_size": size, "fused_steps": [1],
+                                                            "vae": taesd})
         print(f"exported {bundle} in {time.perf_counter() - t:.0f} s", flush=True)
     return ckpt, bundle
 
 
-def eager_candidates(ckpt: Path, size: int, latents: np.ndarray):
+def taesd_dir(work: Path) -> Path:
+    from edgegen.export.testing import make_taesd_autoencoder
+    path = work / "taesd-arch"
+    if not (path / "config.json").is_file():
+        make_taesd_autoencoder(path)
+    return path
+
+
+def eager_candidates(ckpt: Path, size: int, latents: np.ndarray, vae: Path | None = None):
     import diffusers
     import torch
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(ckpt, local_files_only=True)
+    extra = {"vae": diffusers.AutoencoderTiny.from_pretrained(vae, local_files_only=True).eval()} if vae else {}
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(ckpt, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     lat = torch.from_numpy(latents)
 
@@ -89,13 +102,13 @@ def runtime_candidate(bundle: Path, mode: str, latents: np.ndarray):
     return call, stages, pipe
 
 
-def measure(bundle: Path, ckpt: Path, rounds: int, size: int) -> dict:
+def measure(bundle: Path, ckpt: Path, rounds: int, size: int, vae: Path | None = None) -> dict:
     import json as _json
     manifest = _json.loads((bundle / "manifest.json").read_text())
     shape = tuple(manifest["generation"]["latent_shape"])
     size = manifest["generation"]["image_size"]
     latents = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-    eager, eager_stages = eager_candidates(ckpt, size, latents)
+    eager, eager_stages = eager_candidates(ckpt, size, latents, vae)
     fused, _, _ = runtime_candidate(bundle, "fused", latents)
     loop, loop_stages, _ = runtime_candidate(bundle, "loop", latents)
     names = {"eager": eager, "runtime fused": fused, "runtime loop": loop}
@@ -112,7 +125,7 @@ def measure(bundle: Path, ckpt: Path, rounds: int, size: int) -> dict:
                 stage_samples[name].append(loop_stages())
         stage_samples["eager"].append(eager_stages())
     a = (images["eager"] * 255).round().astype(np.int16)
-    result = {"image_size": size, "rounds": rounds,
+    result = {"image_size": size, "rounds": rounds, "vae": manifest["generation"].get("vae"),
               "ms": {n: {"median": float(np.median(s)), "min": float(np.min(s)), "samples": s} for n, s in samples.items()},
               "stages_ms": {n: {k: float(np.median([s[k] for s in ss])) for k in ss[0]} for n, ss in stage_samples.items()},
               "max_pixel_diff_vs_eager": {n: int(np.abs(images[n].astype(np.int16) - a).max()) for n in names if n != "eager"}}
@@ -216,6 +229,26 @@ def report(name: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+def versus(taesd: dict, kl: dict) -> dict:
+    """End to end and per stage, the AutoencoderTiny bundle against the AutoencoderKL one (medians, ms).
+    Measured in separate runs, so the machine's load may differ between them."""
+    ms = lambda r, c: r["ms"][c]["median"]  # noqa: E731
+    return {"end_to_end_ms": {c: {"kl": ms(kl, c), "taesd": ms(taesd, c), "speedup": ms(kl, c) / ms(taesd, c)}
+                              for c in kl["ms"]},
+            "stages_ms": {c: {k: {"kl": kl["stages_ms"][c][k], "taesd": taesd["stages_ms"][c].get(k)}
+                              for k in kl["stages_ms"][c]} for c in kl["stages_ms"]}}
+
+
+def versus_report(v: dict) -> str:
+    lines = ["AutoencoderTiny against AutoencoderKL, end to end (median ms, KL -> TAESD):"]
+    for cand, m in v["end_to_end_ms"].items():
+        lines.append(f"  {cand:32s} {m['kl']:9.1f} -> {m['taesd']:9.1f}  ({m['speedup']:.2f}x)")
+    for cand, stages in v["stages_ms"].items():
+        lines.append(f"  stages {cand}: " + ", ".join(f"{k} {s['kl']:.1f} -> {s['taesd']:.1f}"
+                                                      for k, s in stages.items() if s["taesd"] is not None))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/edgegen-sdturbo", help="where the checkpoints and bundles are kept")
@@ -225,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny-only", action="store_true")
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--variants", action="store_true", help="also time the fused graph under other session settings")
+    p.add_argument("--taesd", action="store_true", help="also the SD-Turbo architecture with an AutoencoderTiny "
+                   "(TAESD architecture) VAE, against the AutoencoderKL one")
     p.add_argument("--baseline-bundle", help="with --variants: also time this bundle's fused graph (e.g. one "
                    "exported before a change), interleaved with this one's")
     p.add_argument("--threads", type=int, default=None, help="threads for both PyTorch and ONNX Runtime (default: "
@@ -246,6 +281,13 @@ def main(argv=None) -> int:
         ckpt, bundle = build(work, args.size, tiny=False)
         results["sd_turbo"] = measure(bundle, ckpt, args.rounds, args.size)
         print(report("SD-Turbo architecture", results["sd_turbo"]), flush=True)
+        if args.taesd:
+            taesd = taesd_dir(work)
+            ckpt, bundle = build(work, args.size, tiny=False, taesd=taesd)
+            results["sd_turbo_taesd"] = measure(bundle, ckpt, args.rounds, args.size, vae=taesd)
+            print(report("SD-Turbo architecture, AutoencoderTiny VAE", results["sd_turbo_taesd"]), flush=True)
+            results["taesd_vs_kl"] = versus(results["sd_turbo_taesd"], results["sd_turbo"])
+            print(versus_report(results["taesd_vs_kl"]), flush=True)
         if args.variants:
             results["sd_turbo"]["variants"] = variants(bundle, max(2, args.rounds // 2),
                                                        Path(args.baseline_bundle) if args.baseline_bundle else None)

@@ -209,3 +209,13 @@ def make_sd_turbo_checkpoint(directory, seed: int = 0) -> Path:
     unet = diffusers.UNet2DConditionModel(**SD_TURBO_UNET).eval()
     vae = diffusers.AutoencoderKL(**SD_TURBO_VAE).eval()
     return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, "euler")
+
+
+def make_taesd_autoencoder(directory, seed: int = 0) -> Path:
+    """Write an AutoencoderTiny directory with TAESD's published architecture (diffusers' AutoencoderTiny
+    defaults, as madebyollin/taesd's config) and random weights, for ``export --vae``; returns its path."""
+    import diffusers
+    root = Path(directory)
+    torch.manual_seed(seed)
+    diffusers.AutoencoderTiny().eval().save_pretrained(root, safe_serialization=True)
+    return root
