@@ -30,7 +30,8 @@ PROMPT = "a photo of a cat sitting on a wooden table"
 
 
 def build(work: Path, size: int, tiny: bool, taesd: Path | None = None) -> tuple[Path, Path]:
-    """(checkpoint, bundle), made once and reused; ``taesd``: an AutoencoderTiny directory in place of the VAE."""
+    """(checkpoint, bundle), made once and reused; ``taesd``: an AutoencoderTiny directory in place of
+    the VAE."""
     from edgegen.export import export_checkpoint
     from edgegen.export.testing import make_sd_turbo_checkpoint, make_tiny_diffusion_checkpoint
     ckpt = work / ("tiny" if tiny else "sd-turbo-arch")
@@ -59,7 +60,9 @@ def taesd_dir(work: Path) -> Path:
 def eager_candidates(ckpt: Path, size: int, latents: np.ndarray, vae: Path | None = None):
     import diffusers
     import torch
-    extra = {"vae": diffusers.AutoencoderTiny.from_pretrained(vae, local_files_only=True).eval()} if vae else {}
+    extra = {}
+    if vae:  # the same AutoencoderTiny the bundle was exported with
+        extra["vae"] = diffusers.AutoencoderTiny.from_pretrained(vae, local_files_only=True).eval()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(ckpt, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     lat = torch.from_numpy(latents)
@@ -258,8 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny-only", action="store_true")
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--variants", action="store_true", help="also time the fused graph under other session settings")
-    p.add_argument("--taesd", action="store_true", help="also the SD-Turbo architecture with an AutoencoderTiny "
-                   "(TAESD architecture) VAE, against the AutoencoderKL one")
+    p.add_argument("--taesd", action="store_true", help="also the SD-Turbo architecture with an "
+                   "AutoencoderTiny (TAESD architecture) VAE, against the AutoencoderKL one")
     p.add_argument("--baseline-bundle", help="with --variants: also time this bundle's fused graph (e.g. one "
                    "exported before a change), interleaved with this one's")
     p.add_argument("--threads", type=int, default=None, help="threads for both PyTorch and ONNX Runtime (default: "

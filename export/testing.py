@@ -147,7 +147,8 @@ def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 3
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
         time_cond_proj_dim=time_cond_proj_dim).eval()
     if vae == "tiny":
-        return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, _tiny_autoencoder_tiny(), scheduler)
+        vae = _tiny_autoencoder_tiny()
+        return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler)
     vae = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
@@ -167,7 +168,8 @@ def _tiny_autoencoder_tiny():
     """AutoencoderTiny with two 16-channel blocks each way (a 2x latent scale, like the tiny KL VAE)."""
     import diffusers
     vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
-                                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+                                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+                                    latent_channels=4).eval()
     # as the KL VAE's: images over the pixel range (the decoder's output is in [0, 1] before its 2x - 1),
     # neither grey nor saturated, and image latents of about unit variance
     with torch.no_grad():

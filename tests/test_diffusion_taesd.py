@@ -14,13 +14,12 @@ import pytest
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
-from test_diffusion import (IMG2IMG_CASES, LEVELS, PROMPTS, SCHEDULERS, SEEDS, check_img2img,  # noqa: E402
-                            diffusers_txt2img, levels)
-
 from edgegen.export.families import load_family  # noqa: E402
 from edgegen.runtime import Pipeline  # noqa: E402
 from edgegen.runtime.cli import main  # noqa: E402
 from edgegen.runtime.errors import BadBundleError, CheckpointError  # noqa: E402
+from test_diffusion import (IMG2IMG_CASES, LEVELS, PROMPTS, SCHEDULERS, SEEDS, check_img2img,  # noqa: E402
+                            diffusers_txt2img, levels)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +63,15 @@ def test_txt2img_matches_diffusers(runtime, reference, monkeypatch, name, steps)
     got = runtime(PROMPTS, seed=SEEDS, num_inference_steps=steps, scheduler=name, latents=latents,
                   output_type="uint8")
     assert levels(got, want) <= LEVELS
-    assert runtime.last_call.path == (("fused" if steps == 1 else f"fused_k{steps}") if name == "euler" else "loop")
+    fused = "fused" if steps == 1 else f"fused_k{steps}"
+    assert runtime.last_call.path == (fused if name == "euler" else "loop")
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_classifier_free_guidance_matches_diffusers(runtime, reference, monkeypatch, name):
     want, _ = diffusers_txt2img(reference, monkeypatch, name, 2, guidance=4.0)
-    got = runtime(PROMPTS, seed=SEEDS, num_inference_steps=2, scheduler=name, guidance_scale=4.0, output_type="uint8")
+    got = runtime(PROMPTS, seed=SEEDS, num_inference_steps=2, scheduler=name, guidance_scale=4.0,
+                  output_type="uint8")
     assert levels(got, want) <= LEVELS
     assert runtime.last_call.path == "loop"
 
@@ -104,7 +105,8 @@ def test_fused_and_loop_agree(taesd_bundle, steps):
     loop = Pipeline.from_bundle(taesd_bundle, backend="ort-cpu", precision="fp32", mode="loop")
     a = fused(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
     b = loop(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
-    assert fused.last_call.path == ("fused" if steps == 1 else f"fused_k{steps}") and loop.last_call.path == "loop"
+    assert fused.last_call.path == ("fused" if steps == 1 else f"fused_k{steps}")
+    assert loop.last_call.path == "loop"
     assert levels(a, b) <= 1
 
 
@@ -115,14 +117,16 @@ def test_vae_option_swaps_the_autoencoder(diffusion_checkpoint, taesd_checkpoint
     the ones the taesd bundle above went through)."""
     family = load_family(diffusion_checkpoint, vae=taesd_checkpoint / "vae")
     assert type(family.vae).__name__ == family.vae_class == "AutoencoderTiny"
-    assert family.generation(1)["vae"] == "AutoencoderTiny" and family.describe()["vae"]["class"] == "AutoencoderTiny"
+    assert family.generation(1)["vae"] == family.describe()["vae"]["class"] == "AutoencoderTiny"
     encoder = next(c for c in family.components() if c.name == "vae_encoder")
     assert [t.name for t in encoder.inputs] == ["image"]
-    own = load_family(taesd_checkpoint, vae=diffusion_checkpoint / "vae")  # and back: a KL VAE into a TAESD pipeline
+    # and back: a KL VAE into the TAESD pipeline
+    own = load_family(taesd_checkpoint, vae=diffusion_checkpoint / "vae")
     assert own.vae_class == "AutoencoderKL" and type(own.vae).__name__ == "AutoencoderKL"
 
 
-def test_vae_option_refuses_what_is_not_an_autoencoder(diffusion_checkpoint, taesd_checkpoint, tmp_path, capsys):
+def test_vae_option_refuses_what_is_not_an_autoencoder(diffusion_checkpoint, taesd_checkpoint, tmp_path,
+                                                       capsys):
     for bad, problem in ((taesd_checkpoint / "unet", "holds a UNet2DConditionModel"),
                          (tmp_path / "missing", "holds no diffusers autoencoder")):
         with pytest.raises(CheckpointError, match=problem):
@@ -142,11 +146,12 @@ def test_vae_option_refuses_what_is_not_an_autoencoder(diffusion_checkpoint, tae
 
 
 def test_subpixel_upsampling_of_the_tiny_decoder_equals_diffusers():
-    """AutoencoderTiny's decoder upsamples with nn.Upsample + a 3x3 conv in a Sequential: traced as a 2x2 conv +
-    pixel shuffle, same values; the model is restored afterwards."""
+    """AutoencoderTiny's decoder upsamples with nn.Upsample + a 3x3 conv in a Sequential: traced as a 2x2
+    conv + pixel shuffle, same values; the model is restored afterwards."""
     from edgegen.export.families.diffusion import UpsampleConv, upsamplers_as_subpixel
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+    vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8, 8),
+                                    decoder_block_out_channels=(8, 8, 8),
                                     num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).eval()
     layers = list(vae.decoder.layers)
     z = torch.randn(2, 4, 5, 7)

@@ -146,7 +146,8 @@ def upsamplers_as_subpixel(*models):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if (isinstance(child, Upsample2D) and child.use_conv and not child.use_conv_transpose
-                        and child.interpolate and child.norm is None and _plain_conv3x3(getattr(child, "conv", None))):
+                        and child.interpolate and child.norm is None
+                        and _plain_conv3x3(getattr(child, "conv", None))):
                     swap(parent, name, UpsampleConv(child.conv))
             if isinstance(parent, nn.Sequential):
                 names = list(parent._modules)
@@ -301,8 +302,8 @@ def vae_class(path: Path, subject: str) -> str:
     except (OSError, ValueError, AttributeError):
         name = None
     if name not in VAE_CLASSES:
-        found = f"a {name}" if isinstance(name, str) else "no diffusers autoencoder (no readable config.json " \
-                                                          "with _class_name)"
+        found = (f"a {name}" if isinstance(name, str)
+                 else "no diffusers autoencoder (no readable config.json with _class_name)")
         raise CheckpointError(subject, f"holds {found}",
                               f"pass a directory written by {' or '.join(VAE_CLASSES)}.save_pretrained(dir)")
     _check_weights(path, "the VAE")
@@ -338,7 +339,8 @@ class DiffusionFamily(Family):
             _check_weights(root / part, what)
         # --vae DIR: another saved autoencoder in place of the pipeline's own (e.g. a TAESD beside SD-Turbo)
         vae_dir = root / "vae" if vae is None else Path(vae)
-        self.vae_class = vae_class(vae_dir, f"diffusion checkpoint {root}" if vae is None else f"--vae {vae_dir}")
+        subject = f"diffusion checkpoint {root}" if vae is None else f"--vae {vae_dir}"
+        self.vae_class = vae_class(vae_dir, subject)
         if not (root / "tokenizer").is_dir() or not (root / "scheduler" / "scheduler_config.json").is_file():
             raise CheckpointError(f"diffusion checkpoint {root}", "no tokenizer/ or scheduler/scheduler_config.json",
                                   "export a full diffusers pipeline directory (save_pretrained)")
@@ -367,7 +369,7 @@ class DiffusionFamily(Family):
         if int(self.vae.config.latent_channels) != int(uc.in_channels):
             raise CheckpointError(f"diffusion checkpoint {root}", f"VAE latent channels "
                                   f"{self.vae.config.latent_channels} != UNet in_channels {uc.in_channels}",
-                                  "use a VAE made for this UNet (e.g. TAESD for SD 1.x/2.x, TAESDXL for SDXL)")
+                                  "use a VAE made for this UNet (TAESD for SD 1.x/2.x, TAESDXL for SDXL)")
         if te.config.hidden_size != uc.cross_attention_dim:
             raise CheckpointError(f"diffusion checkpoint {root}", f"text encoder width {te.config.hidden_size} != "
                                   f"UNet cross_attention_dim {uc.cross_attention_dim}", "the parts come from different models")
@@ -419,8 +421,8 @@ class DiffusionFamily(Family):
                 "fused": {str(k): fused_name(k) for k in self.fused_steps},
                 "time_cond_dim": self.time_cond_dim, "vae": self.vae_class,
                 "noise": "per image: numpy default_rng(seed).standard_normal(float32) draws, in order: the initial "
-                         "noise (latent_shape), the VAE encoder's sample noise (image-to-image, AutoencoderKL "
-                         "only), then one per step that adds noise"}
+                         "noise (latent_shape), the VAE encoder's sample noise (image-to-image, "
+                         "AutoencoderKL only), then one per step that adds noise"}
 
     def describe(self) -> dict:
         import diffusers
@@ -461,7 +463,8 @@ class DiffusionFamily(Family):
             ComponentDef("unet", self.denoiser, [latent("sample"), TensorSpec("timestep", "float32", ("batch",)), states, *cond],
                          [latent("model_output")], {"model_output": 1e-3}),
             ComponentDef("vae_decoder", self.decoder, [latent("latents")], [image], {"image": 1e-3}),
-            ComponentDef("vae_encoder", self.encoder, [image, *([latent("encoder_noise")] if self.encoder_noise else [])],
+            ComponentDef("vae_encoder", self.encoder,
+                         [image, *([latent("encoder_noise")] if self.encoder_noise else [])],
                          [latent("latents")], {"latents": 1e-3}),
         ]
         for k in self.fused_steps:
