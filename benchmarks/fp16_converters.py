@@ -6,6 +6,7 @@ bundle's reference inputs, and CPU latency (one thread, interleaved, median and 
 
 Why export/fp16.py keeps its own converter is written in its docstring; this is the measurement.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -26,9 +27,12 @@ ROUNDS = 200
 
 
 def converted(src: Path) -> dict[str, onnx.ModelProto]:
-    return {"edgegen": convert_to_fp16(onnx.load(str(src))),
-            "onnxruntime": convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
-                                                    op_block_list=sorted(FP32_OPS))}
+    return {
+        "edgegen": convert_to_fp16(onnx.load(str(src))),
+        "onnxruntime": convert_float_to_float16(
+            onnx.load(str(src)), keep_io_types=True, op_block_list=sorted(FP32_OPS)
+        ),
+    }
 
 
 def compare(bundle: Bundle, name: str, scratch: Path) -> None:
@@ -64,8 +68,10 @@ def compare(bundle: Bundle, name: str, scratch: Path) -> None:
             start = time.perf_counter()
             sessions[key].run(None, feed)
             times[key].append(time.perf_counter() - start)
-    print(f"{name} ms (1 thread, last reference case, {ROUNDS} interleaved; median | min): " + ", ".join(
-        f"{k} {statistics.median(v) * 1e3:.3f} | {min(v) * 1e3:.3f}" for k, v in times.items()))
+    print(
+        f"{name} ms (1 thread, last reference case, {ROUNDS} interleaved; median | min): "
+        + ", ".join(f"{k} {statistics.median(v) * 1e3:.3f} | {min(v) * 1e3:.3f}" for k, v in times.items())
+    )
 
 
 def main(argv: list[str]) -> None:

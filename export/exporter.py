@@ -1,4 +1,5 @@
 """``edgegen export``: checkpoint -> validated bundle, written atomically."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -13,11 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from edgegen.runtime import __version__
 from edgegen.runtime.backends import ENGINE_FLAVOURS, flavour_choices
-from edgegen.runtime.bundle import (FORMS, MANIFEST, PRECISIONS, SCHEMA, Bundle, OutputRef, file_entry,
-                                    sha256_file)
+from edgegen.runtime.bundle import (
+    FORMS,
+    MANIFEST,
+    PRECISIONS,
+    SCHEMA,
+    Bundle,
+    OutputRef,
+    file_entry,
+    sha256_file,
+)
 from edgegen.runtime.check import REFERENCE, check_bundle, failures, pooled_cosine, psnr_db, save_reference
 from edgegen.runtime.errors import BadInputError, ValidationFailedError
 from edgegen.runtime.tokenize import PromptTokenizer
@@ -35,18 +43,30 @@ def parse_precisions(text: str | list[str]) -> list[str]:
     items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     bad = [p for p in items if p not in PRECISIONS]
     if not items or bad:
-        raise BadInputError("--precision", f"unknown precision(s): {bad or text!r}",
-                            f"give a comma-separated list of {', '.join(PRECISIONS)}")
+        raise BadInputError(
+            "--precision",
+            f"unknown precision(s): {bad or text!r}",
+            f"give a comma-separated list of {', '.join(PRECISIONS)}",
+        )
     if "fp32" not in items:
         items.insert(0, "fp32")  # the reference every other precision is measured against
     return sorted(set(items), key=PRECISIONS.index)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, precisions="fp32",
-                      max_batch: int = DEFAULT_MAX_BATCH, overwrite: bool = False, progress: bool = True,
-                      allow_degraded: bool = False, gates: dict | None = None, engines: str | None = None,
-                      compute_capability: str | None = None, workspace_mb: int = 2048,
-                      family_options: dict | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    precisions="fp32",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_degraded: bool = False,
+    gates: dict | None = None,
+    engines: str | None = None,
+    compute_capability: str | None = None,
+    workspace_mb: int = 2048,
+    family_options: dict | None = None,
+) -> Path:
     """Export ``checkpoint`` to the bundle directory ``output``; returns its path.
 
     ``family_options`` go to the checkpoint's family (diffusion: ``image_size``, ``fused_steps``,
@@ -63,8 +83,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     _check_request(out, overwrite, max_batch, engines, compute_capability, workspace_mb)
     forms = [f for p in precisions[1:] for f in FORMS[p]]
     gates = {f: dict(g) for f, g in {**GATES, **(gates or {})}.items() if f in ["fp32", *forms]}
-    steps = Steps(["load checkpoint", "PyTorch reference", "trace to ONNX", "convert precisions",
-                   "validate parity", "write bundle", *(["build engines"] if engines else [])], progress)
+    steps = Steps(
+        [
+            "load checkpoint",
+            "PyTorch reference",
+            "trace to ONNX",
+            "convert precisions",
+            "validate parity",
+            "write bundle",
+            *(["build engines"] if engines else []),
+        ],
+        progress,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)
     try:
@@ -86,6 +116,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         if engines:  # what `edgegen engines` does to a finished bundle, here before it is moved into place
             with steps.step("build engines"):
                 from edgegen.runtime.engine_build import add_engines
+
                 add_engines(tmp, engines, compute_capability, workspace_mb, progress)
         _move_into_place(tmp, out)
         return out
@@ -97,6 +128,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
 @dataclass
 class _Work:
     """What the steps of one export share: the bundle directory being written and what is known so far."""
+
     tmp: Path
     family: Family
     tokenize: PromptTokenizer
@@ -108,8 +140,9 @@ class _Work:
 def _check_request(out: Path, overwrite: bool, max_batch, engines, compute_capability, workspace_mb) -> None:
     """Refuse bad options now, not after the long steps."""
     if out.exists() and not overwrite:
-        raise BadInputError(f"output {out}", "already exists",
-                            "choose another path or pass --force to replace it")
+        raise BadInputError(
+            f"output {out}", "already exists", "choose another path or pass --force to replace it"
+        )
     if not isinstance(max_batch, int) or max_batch < 1:
         raise BadInputError("max_batch", f"expected a positive integer, got {max_batch!r}", "use e.g. 16")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +151,7 @@ def _check_request(out: Path, overwrite: bool, max_batch, engines, compute_capab
     if engines:
         from edgegen.runtime.engine_build import check_options, target_capability
         from edgegen.runtime.engines import import_flavour
+
         check_options(engines, compute_capability, workspace_mb)
         import_flavour(engines)
         target_capability(engines, compute_capability)
@@ -139,8 +173,10 @@ def _load(checkpoint: Path, family_options: dict, precisions: list[str], tmp: Pa
 
 def _reference(work: _Work) -> None:
     """PyTorch's outputs of every component on the family's reference cases, saved as reference.npz."""
-    work.cases = [{"in": inputs, "out": _torch_outputs(work.components, inputs), "meta": meta}
-                  for inputs, meta in work.family.reference_cases(work.tokenize)]
+    work.cases = [
+        {"in": inputs, "out": _torch_outputs(work.components, inputs), "meta": meta}
+        for inputs, meta in work.family.reference_cases(work.tokenize)
+    ]
     save_reference(work.tmp / REFERENCE, work.cases)
 
 
@@ -176,15 +212,22 @@ def _quantize(work: _Work, form: str, gate: dict) -> dict:
     refs = work.family.reference_outputs()
     wrappers = tuple(c.name for c in work.components)
     scanned = work.tmp / work.files[refs["pixels"].component]["fp32"]
-    kept, alone = int8.keep_back(scanned, form, calibration, lambda path: score_graph(path, work.cases, refs),
-                                 gate, wrappers)
-    _write_form(work, form,
-                lambda src, dst: int8.quantize(src, dst, form, calibration, kept, wrappers=wrappers))
-    return {"calibration_prompts": sum(len(c["input_ids"]) for c in calibration),
-            "kept_back": {b: "activations kept in float, weights int8: when it alone was quantized "
-                             + ", ".join(f"{m} {v:g}" for m, v in alone[b].items())
-                             + "; kept back, worst first, until the gate passed" for b in sorted(kept)},
-            "when_quantized_alone": alone}
+    kept, alone = int8.keep_back(
+        scanned, form, calibration, lambda path: score_graph(path, work.cases, refs), gate, wrappers
+    )
+    _write_form(
+        work, form, lambda src, dst: int8.quantize(src, dst, form, calibration, kept, wrappers=wrappers)
+    )
+    return {
+        "calibration_prompts": sum(len(c["input_ids"]) for c in calibration),
+        "kept_back": {
+            b: "activations kept in float, weights int8: when it alone was quantized "
+            + ", ".join(f"{m} {v:g}" for m, v in alone[b].items())
+            + "; kept back, worst first, until the gate passed"
+            for b in sorted(kept)
+        },
+        "when_quantized_alone": alone,
+    }
 
 
 def _write_form(work: _Work, form: str, convert) -> None:
@@ -221,19 +264,23 @@ def _accept(report: dict, manifest: dict, checkpoint: Path, allow_degraded: bool
     """A parity failure is a bug and always fails; a missed quality gate fails unless ``allow_degraded``,
     which keeps the bundle marked degraded."""
     parity_ok = report["tokenizer"]["ok"] and all(
-        p["ok"] for e in report["precisions"].values() for p in e["parity"].values())
+        p["ok"] for e in report["precisions"].values() for p in e["parity"].values()
+    )
     if not parity_ok:
         lines = failures(report) or [f"tokenizer: {report['tokenizer']}"]
-        raise ValidationFailedError(f"export {checkpoint}",
-                                    "ONNX disagrees with PyTorch: " + "; ".join(lines),
-                                    "this is a bug in the export of this model; "
-                                    "report it with the checkpoint's config")
+        raise ValidationFailedError(
+            f"export {checkpoint}",
+            "ONNX disagrees with PyTorch: " + "; ".join(lines),
+            "this is a bug in the export of this model; report it with the checkpoint's config",
+        )
     if not report["ok"]:
         lines = failures(report)
         if not allow_degraded:
-            raise ValidationFailedError(f"export {checkpoint}", "failed: " + "; ".join(lines),
-                                        "drop that precision, or pass --allow-degraded to keep a bundle "
-                                        "marked degraded")
+            raise ValidationFailedError(
+                f"export {checkpoint}",
+                "failed: " + "; ".join(lines),
+                "drop that precision, or pass --allow-degraded to keep a bundle marked degraded",
+            )
         report["degraded"] = manifest["degraded"] = lines
 
 
@@ -244,9 +291,11 @@ def _write(tmp: Path, manifest: dict, report: dict) -> None:
 
 
 # Quality gates against PyTorch fp32, on the family's validation prompts and seeds (minimums).
-GATES = {"fp16": {"psnr_db": 35.0, "text_cosine": 0.999},
-         "int8": {"psnr_db": 25.0, "text_cosine": 0.98},
-         "int8-qdq": {"psnr_db": 25.0, "text_cosine": 0.98}}
+GATES = {
+    "fp16": {"psnr_db": 35.0, "text_cosine": 0.999},
+    "int8": {"psnr_db": 25.0, "text_cosine": 0.98},
+    "int8-qdq": {"psnr_db": 25.0, "text_cosine": 0.98},
+}
 
 
 # With a judge: the most adherence (seen or held-out, fraction) a precision may lose against fp32.
@@ -255,7 +304,9 @@ ADHERENCE_GATES = {"fp16": -0.005, "int8": -0.02}
 
 def _fp16(src: Path, dst: Path) -> None:
     import onnx
+
     from .fp16 import convert_to_fp16
+
     onnx.save(convert_to_fp16(onnx.load(str(src))), str(dst))
 
 
@@ -263,6 +314,7 @@ def score_graph(path: Path, cases: list[dict], refs: dict[str, OutputRef]) -> di
     """Gate metrics of a candidate graph of the reference pixels' component on the reference cases: pixel PSNR
     and, where the same graph gives the scored text states, their pooled cosine."""
     import onnxruntime as ort
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     pixels, text = refs["pixels"], refs.get("text_states")
     scores_text = text is not None and text.component == pixels.component
@@ -295,10 +347,13 @@ def _tokenizer_agreement(family, tokenize) -> dict:
     """The runtime's tokenizer must produce the ids transformers produces for the same prompts."""
     prompts = family.validation_prompts() + ["word " * 200]
     ours = tokenize(prompts)
-    theirs = family.hf_tokenizer(prompts, padding="max_length", truncation=True,
-                                 max_length=tokenize.max_length, return_tensors="np")
-    same = bool(np.array_equal(ours.input_ids, theirs["input_ids"])
-                and np.array_equal(ours.attention_mask, theirs["attention_mask"]))
+    theirs = family.hf_tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=tokenize.max_length, return_tensors="np"
+    )
+    same = bool(
+        np.array_equal(ours.input_ids, theirs["input_ids"])
+        and np.array_equal(ours.attention_mask, theirs["attention_mask"])
+    )
     return {"ok": same, "prompts": len(prompts), "truncation_reported": bool(ours.truncated[-1])}
 
 
@@ -306,6 +361,7 @@ def _manifest(work: _Work, precisions: list[str], gates: dict, max_batch: int, c
     import onnx
     import onnxruntime
     import transformers
+
     family, files = work.family, work.files
     if "quality" in family.manifest_extras():  # a judge ships with the model: prompt adherence is gated too
         for form, gate in gates.items():
@@ -313,10 +369,15 @@ def _manifest(work: _Work, precisions: list[str], gates: dict, max_batch: int, c
     return {
         "schema": SCHEMA,
         "family": family.name,
-        "components": {c.name: {"inputs": [t.to_json() for t in c.inputs],
-                                "outputs": [t.to_json() for t in c.outputs],
-                                "files": files[c.name], "tolerance": {"fp32": c.tolerance}}
-                       for c in work.components},
+        "components": {
+            c.name: {
+                "inputs": [t.to_json() for t in c.inputs],
+                "outputs": [t.to_json() for t in c.outputs],
+                "files": files[c.name],
+                "tolerance": {"fp32": c.tolerance},
+            }
+            for c in work.components
+        },
         "reference_outputs": {role: ref.to_json() for role, ref in family.reference_outputs().items()},
         "tokenizer": family.tokenizer_settings(),
         "generation": family.generation(max_batch),
@@ -326,10 +387,16 @@ def _manifest(work: _Work, precisions: list[str], gates: dict, max_batch: int, c
         "precisions": precisions,
         "gates": gates,
         "provenance": {
-            "checkpoint": checkpoint.name, "checkpoint_sha256": checkpoint_hash(checkpoint),
-            "edgegen": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "opset": OPSET,
-            "python": platform.python_version(), "machine": platform.machine(),
+            "checkpoint": checkpoint.name,
+            "checkpoint_sha256": checkpoint_hash(checkpoint),
+            "edgegen": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__,
+            "opset": OPSET,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
             "export_date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         },
     }
@@ -361,7 +428,9 @@ def _checkpoint_files(folder: Path, rel: str = "", ancestors: frozenset[Path] = 
 
 
 def _listed(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

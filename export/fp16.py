@@ -11,6 +11,7 @@ fp32 (the exporter stores equal constants once, e.g. a zero bias shared by Layer
 Cast per reader, all with the same node and output names. Where it works (the diffusion UNet and VAE
 decoder, the default model) it gives the same node counts, outputs and speed: benchmarks/fp16_converters.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,9 +19,28 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 # Kept in fp32 by rule: normalisation statistics, softmax, exp/pow and friends, reductions (overflow).
-FP32_OPS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization", "BatchNormalization",
-                      "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Erf",
-                      "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "CumSum", "RandomNormalLike"})
+FP32_OPS = frozenset(
+    {
+        "LayerNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "BatchNormalization",
+        "Softmax",
+        "LogSoftmax",
+        "Exp",
+        "Log",
+        "Pow",
+        "Sqrt",
+        "Reciprocal",
+        "Erf",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "ReduceL2",
+        "CumSum",
+        "RandomNormalLike",
+    }
+)
 # Float inputs that are parameters of the op, not data: they stay fp32 whatever the op runs in.
 FP32_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -30,8 +50,11 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset()) -
     """``keep_fp32``: extra node names to keep in fp32 (e.g. layers a sensitivity scan singled out)."""
     model = onnx.shape_inference.infer_shapes(model)
     g = model.graph
-    float_names = {v.name for v in list(g.value_info) + list(g.input) + list(g.output)
-                   if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    float_names = {
+        v.name
+        for v in list(g.value_info) + list(g.input) + list(g.output)
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
     inits = {i.name: i for i in g.initializer}
     float_names |= {n for n, i in inits.items() if i.data_type == TensorProto.FLOAT}
 
@@ -46,8 +69,11 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset()) -
     precision = {name: "fp32" for name in float_names}
     for name, init in inits.items():
         uses = consumers.get(name, [])
-        if init.data_type == TensorProto.FLOAT and uses and all(
-                runs_fp16(n) and k not in FP32_INPUTS.get(n.op_type, ()) for n, k in uses):
+        if (
+            init.data_type == TensorProto.FLOAT
+            and uses
+            and all(runs_fp16(n) and k not in FP32_INPUTS.get(n.op_type, ()) for n, k in uses)
+        ):
             arr = np.clip(numpy_helper.to_array(init), -FP16_MAX, FP16_MAX).astype(np.float16)
             init.CopyFrom(numpy_helper.from_array(arr, name))
             precision[name] = "fp16"
@@ -58,8 +84,15 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset()) -
         key = (name, to)
         if key not in casts:
             out = f"{name}__to_{to}"
-            new_nodes.append(helper.make_node("Cast", [name], [out], name=f"cast_{to}_{len(casts)}",
-                                              to=TensorProto.FLOAT16 if to == "fp16" else TensorProto.FLOAT))
+            new_nodes.append(
+                helper.make_node(
+                    "Cast",
+                    [name],
+                    [out],
+                    name=f"cast_{to}_{len(casts)}",
+                    to=TensorProto.FLOAT16 if to == "fp16" else TensorProto.FLOAT,
+                )
+            )
             casts[key] = out
         return casts[key]
 
@@ -76,8 +109,9 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset()) -
                     attr.i = TensorProto.FLOAT16
                 if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
                     attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16)))
-        produces_float = node.op_type == "Cast" and any(a.name == "to" and a.i in (TensorProto.FLOAT, TensorProto.FLOAT16)
-                                                        for a in node.attribute)
+        produces_float = node.op_type == "Cast" and any(
+            a.name == "to" and a.i in (TensorProto.FLOAT, TensorProto.FLOAT16) for a in node.attribute
+        )
         for name in node.output:
             if name in float_names or produces_float:
                 precision[name] = want
@@ -88,8 +122,10 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset()) -
     for node in new_nodes:  # graph outputs stay fp32: the fp16 producer writes a renamed tensor, cast back
         node.input[:] = [renamed.get(i, i) for i in node.input]
         node.output[:] = [renamed.get(o, o) for o in node.output]
-    new_nodes += [helper.make_node("Cast", [fp16], [name], name=f"cast_out_{name}", to=TensorProto.FLOAT)
-                  for name, fp16 in renamed.items()]
+    new_nodes += [
+        helper.make_node("Cast", [fp16], [name], name=f"cast_out_{name}", to=TensorProto.FLOAT)
+        for name, fp16 in renamed.items()
+    ]
     del g.node[:]
     g.node.extend(_toposort(new_nodes, {i.name for i in g.input} | set(inits)))
     del g.value_info[:]

@@ -5,6 +5,7 @@ renderer) or matmul resampling of learned glyphs (the ``glyph`` renderer, emoji6
 in the graph and no shapes that depend on data. The batch axis is
 the only dynamic one.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,9 @@ class GeneratorConfig:
     # drive a drawing layer directly: a learned RGBA glyph per subject, placed at a learned box size and
     # shifted by the noise, over a learned flat colour (see GlyphRenderer).
     renderer: str = "conv"
-    glyph_side: int = 32           # glyph resolution (px) stored per subject
+    glyph_side: int = 32  # glyph resolution (px) stored per subject
     glyph_boxes: list = field(default_factory=lambda: [32, 58])  # drawn box side (px): small, large
-    jitter: int = 3                # max shift (px); shift = clip(round(jitter_scale * noise[0:2]))
+    jitter: int = 3  # max shift (px); shift = clip(round(jitter_scale * noise[0:2]))
     jitter_scale: float = 1.5
 
     def __post_init__(self):
@@ -54,17 +55,25 @@ class GeneratorConfig:
             raise ValueError(f"renderer must be 'conv' or 'glyph', not {self.renderer!r}")
         if self.renderer == "glyph":
             if len(self.concepts) != 3 or self.concepts[2] != 3:
-                raise ValueError("the glyph renderer needs concepts [subjects, backgrounds, 3 sizes (not said, small, large)]")
+                raise ValueError(
+                    "the glyph renderer needs concepts "
+                    "[subjects, backgrounds, 3 sizes (not said, small, large)]"
+                )
             if max(self.glyph_boxes) + 2 * self.jitter > self.image_size or len(self.glyph_boxes) != 2:
-                raise ValueError(f"glyph_boxes {self.glyph_boxes} (two sides) plus jitter {self.jitter} must fit in {self.image_size} px")
+                raise ValueError(
+                    f"glyph_boxes {self.glyph_boxes} (two sides) plus jitter {self.jitter} "
+                    f"must fit in {self.image_size} px"
+                )
             if self.noise_dim < 3:
                 raise ValueError("the glyph renderer reads noise[0:3] (shift x, shift y, size when not said)")
         elif self.image_size != 4 * 2 ** len(self.channels):
-            raise ValueError(f"image_size {self.image_size} needs {len(self.channels)} upsamplings from 4x4 "
-                             f"to equal 4*2**len(channels) = {4 * 2 ** len(self.channels)}")
+            raise ValueError(
+                f"image_size {self.image_size} needs {len(self.channels)} upsamplings from 4x4 "
+                f"to equal 4*2**len(channels) = {4 * 2 ** len(self.channels)}"
+            )
 
     @classmethod
-    def load(cls, path: Path) -> "GeneratorConfig":
+    def load(cls, path: Path) -> GeneratorConfig:
         data = json.loads(Path(path).read_text())
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
@@ -101,8 +110,8 @@ class GlyphRenderer(nn.Module):
     ``side`` px), resampled into a box of one of two sides and shifted by the noise, over the background
     memory's flat colour. The size memory's value is (a, b): P(large) = a + b * [noise[2] > 0], so
     "small" / "large" learn a fixed answer (b = 0) and "not said" lets the noise pick (a = 0, b = 1),
-    as the training targets do. Placement is two bilinear resampling matrices per image (MatMuls, no data-dependent
-    shapes): exact for the box that matches ``side``, smooth upsampling for the other."""
+    as the training targets do. Placement is two bilinear resampling matrices per image (MatMuls, no
+    data-dependent shapes): exact for the box that matches ``side``, smooth upsampling for the other."""
 
     def __init__(self, c: GeneratorConfig):
         super().__init__()
@@ -110,15 +119,21 @@ class GlyphRenderer(nn.Module):
         boxes = torch.tensor(c.glyph_boxes, dtype=torch.float32).view(1, -1, 1, 1, 1)  # (1, box, 1, 1, 1)
         # Both boxes and both axes in one tensor: the exported graph is one set of placement ops, not four
         # (on a CPU, each small ONNX op costs microseconds whatever its size).
-        self.register_buffer("corner", torch.div(c.image_size - boxes, 2, rounding_mode="floor"), persistent=False)
+        self.register_buffer(
+            "corner", torch.div(c.image_size - boxes, 2, rounding_mode="floor"), persistent=False
+        )
         self.register_buffer("scale", c.glyph_side / boxes, persistent=False)
-        self.register_buffer("pixel", torch.arange(c.image_size, dtype=torch.float32).view(1, 1, 1, -1, 1), persistent=False)
-        self.register_buffer("texel", torch.arange(c.glyph_side, dtype=torch.float32).view(1, 1, 1, 1, -1), persistent=False)
+        self.register_buffer(
+            "pixel", torch.arange(c.image_size, dtype=torch.float32).view(1, 1, 1, -1, 1), persistent=False
+        )
+        self.register_buffer(
+            "texel", torch.arange(c.glyph_side, dtype=torch.float32).view(1, 1, 1, 1, -1), persistent=False
+        )
 
     @staticmethod
     def value_dims(c: GeneratorConfig) -> list[int]:
         """What each memory stores: RGBA glyph, RGB colour, (P(large), share decided by the noise)."""
-        return [4 * c.glyph_side ** 2, 3, 2]
+        return [4 * c.glyph_side**2, 3, 2]
 
     def placement(self, shift):
         """(B, 2) integer shifts (x, y) -> (B, box, axis, image_size, side): bilinear weights from glyph
@@ -153,14 +168,14 @@ class CrossAttention(nn.Module):
         self.k = nn.Linear(text_dim, dim, bias=False)
         self.v = nn.Linear(text_dim, dim, bias=False)
         self.out = nn.Linear(dim, channels)
-        self.scale = dim ** -0.5
+        self.scale = dim**-0.5
 
     def forward(self, x, states, mask):
         b, c, h, w = x.shape
-        q = self.q(self.norm(x).flatten(2).transpose(1, 2))                       # (B, HW, d)
-        scores = torch.matmul(q, self.k(states).transpose(1, 2)) * self.scale    # (B, HW, L)
+        q = self.q(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, d)
+        scores = torch.matmul(q, self.k(states).transpose(1, 2)) * self.scale  # (B, HW, L)
         scores = scores + (1.0 - mask.to(scores.dtype)).unsqueeze(1) * MASK_VALUE
-        attended = torch.matmul(scores.softmax(-1), self.v(states))             # (B, HW, d)
+        attended = torch.matmul(scores.softmax(-1), self.v(states))  # (B, HW, d)
         return x + self.out(attended).transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -191,14 +206,17 @@ class ConditionalGenerator(nn.Module):
         self.config = c = config
         if c.renderer == "glyph":
             self.glyphs = GlyphRenderer(c)
-            self.memories = nn.ModuleList(ConceptMemory(c.text_dim, n, d, c.concept_sharpness)
-                                          for n, d in zip(c.concepts, GlyphRenderer.value_dims(c)))
+            self.memories = nn.ModuleList(
+                ConceptMemory(c.text_dim, n, d, c.concept_sharpness)
+                for n, d in zip(c.concepts, GlyphRenderer.value_dims(c))
+            )
             for m in self.memories:
                 nn.init.zeros_(m.values)  # transparent glyphs on black; training fills them in
             return
         self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU()) if c.pooled_cond else None
-        self.memories = nn.ModuleList(ConceptMemory(c.text_dim, n, c.concept_dim, c.concept_sharpness)
-                                      for n in c.concepts)
+        self.memories = nn.ModuleList(
+            ConceptMemory(c.text_dim, n, c.concept_dim, c.concept_sharpness) for n in c.concepts
+        )
         width = c.noise_dim + (c.cond_dim if c.pooled_cond else 0) + c.concept_dim * len(c.concepts)
         self.cond = nn.Sequential(nn.Linear(width, c.cond_dim), nn.SiLU())
         self.stem = nn.Linear(width, c.channels[0] * 16)
@@ -207,22 +225,29 @@ class ConditionalGenerator(nn.Module):
         for cout in c.channels:
             size *= 2
             blocks.append(UpBlock(cin, cout, c.cond_dim))
-            attns.append(CrossAttention(cout, c.text_dim, c.attention_dim)
-                         if size in c.attention_resolutions else nn.Identity())
+            attns.append(
+                CrossAttention(cout, c.text_dim, c.attention_dim)
+                if size in c.attention_resolutions
+                else nn.Identity()
+            )
             cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.attns = nn.ModuleList(attns)
         self.to_rgb = nn.Sequential(nn.GroupNorm(1, cin), nn.LeakyReLU(0.2), nn.Conv2d(cin, 3, 3, padding=1))
 
     def forward(self, noise, text_states, attention_mask, concept_labels=None):
-        """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int -> image (B, 3, H, W) in [-1, 1].
+        """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int
+        -> image (B, 3, H, W) in [-1, 1].
         ``concept_labels`` (training only): one label tensor per memory, looked up instead of the text."""
         pooled = masked_mean(text_states, attention_mask)
         labels = concept_labels or [None] * len(self.memories)
         if self.config.renderer == "glyph":
             return self.glyphs(noise, *(m(pooled, y) for m, y in zip(self.memories, labels)))
-        parts = ([noise] + ([self.pool(pooled)] if self.pool is not None else [])
-                 + [m(pooled, y) for m, y in zip(self.memories, labels)])
+        parts = (
+            [noise]
+            + ([self.pool(pooled)] if self.pool is not None else [])
+            + [m(pooled, y) for m, y in zip(self.memories, labels)]
+        )
         zc = torch.cat(parts, dim=1)
         cond = self.cond(zc)
         x = self.stem(zc).reshape(-1, self.config.channels[0], 4, 4)

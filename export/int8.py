@@ -13,6 +13,7 @@ carry outliers), and int8 weights keep the file 4x smaller than fp32 ones would.
 Attention-score MatMuls (activation x activation) and the attention mask's additions are never
 quantized, so calibration never sees the mask's large negative values. Weights are per channel.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,11 @@ def is_text_node(name: str) -> bool:
 def weight_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes of WEIGHT_OPS whose second input is a constant (an initializer): the ones worth quantizing."""
     inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits
+    ]
 
 
 def with_fused_attention(fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]]) -> Path:
@@ -46,11 +51,14 @@ def with_fused_attention(fp32_path: Path, out_path: Path, calibration: list[dict
     graph gives the original's outputs on the calibration feeds (float outputs within 1e-4 of their scale,
     integer ones within 1); otherwise (nothing to fuse, or a mismatch) ``fp32_path`` itself."""
     import onnxruntime as ort
+
     model = onnx.load(str(fp32_path))
     if not fuse_attention(model):
         return fp32_path
     onnx.save(model, str(out_path))
-    ref, new = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, out_path))
+    ref, new = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, out_path)
+    )
     names = {i.name for i in ref.get_inputs()}
     for f in calibration:
         feed = {k: v for k, v in f.items() if k in names}
@@ -71,7 +79,7 @@ def block_of(name: str, wrappers: tuple[str, ...] = ()) -> str:
         parts = parts[1:]
     for depth, part in enumerate(parts):
         if "." in part and part.split(".")[-1].isdigit():  # blocks.1, layer.3, attns.2
-            return "/".join(parts[:depth + 1])
+            return "/".join(parts[: depth + 1])
     return "/".join(parts[:-1][:3]) or name
 
 
@@ -88,46 +96,84 @@ class _Reader:
         pass
 
 
-def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[str, np.ndarray]],
-             keep_blocks: set[str] = frozenset(), ranges: Path | None = None,
-             wrappers: tuple[str, ...] = ()) -> list[str]:
+def quantize(
+    fp32_path: Path,
+    out_path: Path,
+    form: str,
+    calibration: list[dict[str, np.ndarray]],
+    keep_blocks: set[str] = frozenset(),
+    ranges: Path | None = None,
+    wrappers: tuple[str, ...] = (),
+) -> list[str]:
     """Write the ``form`` INT8 model; ``keep_blocks``: layer groups kept back (float activations, int8
     weights; in the ``int8`` form a kept-back layer's fused attention keeps fp32 weights too).
     Returns the fully quantized nodes. ``ranges``: a calibration cache file of this graph; written by the
     first call, reused by the next. ``wrappers``: as for block_of."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
     quiet = logging.getLogger()  # the quantizer logs advice at WARNING on the root logger
     level, quiet.level = quiet.level, logging.ERROR
     try:
         with tempfile.TemporaryDirectory() as tmp:
             # CPU form: one Attention kernel per layer where it provably computes the same thing
-            current = with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration) if form == "int8" else fp32_path
+            current = (
+                with_fused_attention(fp32_path, Path(tmp) / "attention.onnx", calibration)
+                if form == "int8"
+                else fp32_path
+            )
             model = onnx.load(str(current))
             names = {i.name for i in model.graph.input}
             feeds = [{k: v for k, v in f.items() if k in names} for f in calibration]
             every = weight_nodes(model)
             nodes = [n for n in every if block_of(n, wrappers) not in keep_blocks]
-            attention = [n.name for n in model.graph.node
-                         if n.op_type == "Attention" and block_of(n.name, wrappers) not in keep_blocks]
+            attention = [
+                n.name
+                for n in model.graph.node
+                if n.op_type == "Attention" and block_of(n.name, wrappers) not in keep_blocks
+            ]
             dynamic = [n for n in nodes if form == "int8" and is_text_node(n)] + attention
             static = [n for n in nodes if n not in dynamic]
             if static:
                 staged = Path(tmp) / "static.onnx"
-                quantize_static(str(current), str(staged), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8 if form == "int8" else QuantType.QInt8,
-                                weight_type=QuantType.QInt8, nodes_to_quantize=static,
-                                calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges,
-                                # TensorRT wants symmetric int8 activations and fp32 biases in QDQ graphs
-                                extra_options={"ActivationSymmetric": form == "int8-qdq",
-                                               "QuantizeBias": form != "int8-qdq"})
+                quantize_static(
+                    str(current),
+                    str(staged),
+                    _Reader(feeds),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8 if form == "int8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_quantize=static,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    calibration_cache_path=ranges,
+                    # TensorRT wants symmetric int8 activations and fp32 biases in QDQ graphs
+                    extra_options={
+                        "ActivationSymmetric": form == "int8-qdq",
+                        "QuantizeBias": form != "int8-qdq",
+                    },
+                )
                 staged_model = onnx.load(str(staged))
-                del staged_model.graph.value_info[:]  # stale shapes here trip the dynamic pass's shape inference
+                del staged_model.graph.value_info[
+                    :
+                ]  # stale shapes here trip the dynamic pass's shape inference
                 onnx.save(staged_model, str(staged))
                 current = staged
             if dynamic:
                 staged = Path(tmp) / "dynamic.onnx"
-                quantize_dynamic(str(current), str(staged), per_channel=True, weight_type=QuantType.QInt8,
-                                 nodes_to_quantize=dynamic, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                quantize_dynamic(
+                    str(current),
+                    str(staged),
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_quantize=dynamic,
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                )
                 current = staged
             model = onnx.load(str(current))
     finally:  # also when quantizing fails: the caller's logging is left as it was
@@ -142,7 +188,8 @@ def quantize(fp32_path: Path, out_path: Path, form: str, calibration: list[dict[
 
 def weights_only(model: onnx.ModelProto, node_names: list[str]) -> None:
     """Give these nodes int8 weights (symmetric, one scale per output channel) dequantized in the graph
-    (DequantizeLinear -> the op, the weight-only pattern ONNX Runtime and TensorRT read), activations untouched."""
+    (DequantizeLinear -> the op, the weight-only pattern ONNX Runtime and TensorRT read), activations
+    untouched."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     wanted, dq_nodes, done = set(node_names), [], {}
@@ -154,15 +201,28 @@ def weights_only(model: onnx.ModelProto, node_names: list[str]) -> None:
             w = numpy_helper.to_array(init)
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else w.ndim - 1
-            scale = np.maximum(np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)), 1e-12) / 127.0
+            scale = (
+                np.maximum(np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)), 1e-12) / 127.0
+            )
             shape = [-1 if i == axis else 1 for i in range(w.ndim)]
             q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
             base = init.name
-            g.initializer.extend([numpy_helper.from_array(q, f"{base}.int8"),
-                                  numpy_helper.from_array(scale.astype(np.float32), f"{base}.scale"),
-                                  numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{base}.zero")])
-            dq_nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{base}.int8", f"{base}.scale", f"{base}.zero"],
-                                                  [f"{base}.dq"], name=f"{base}.dequant", axis=axis))
+            g.initializer.extend(
+                [
+                    numpy_helper.from_array(q, f"{base}.int8"),
+                    numpy_helper.from_array(scale.astype(np.float32), f"{base}.scale"),
+                    numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{base}.zero"),
+                ]
+            )
+            dq_nodes.append(
+                onnx.helper.make_node(
+                    "DequantizeLinear",
+                    [f"{base}.int8", f"{base}.scale", f"{base}.zero"],
+                    [f"{base}.dq"],
+                    name=f"{base}.dequant",
+                    axis=axis,
+                )
+            )
             done[node.input[1]] = f"{base}.dq"
         node.input[1] = done[node.input[1]]
     used = {i for n in g.node for i in n.input}
@@ -179,8 +239,9 @@ def blocks(fp32_path: Path, wrappers: tuple[str, ...] = ()) -> list[str]:
     return sorted({block_of(n, wrappers) for n in weight_nodes(onnx.load(str(fp32_path)))})
 
 
-def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict,
-              wrappers: tuple[str, ...] = ()) -> tuple[set[str], dict]:
+def keep_back(
+    fp32_path: Path, form: str, calibration, score, gate: dict, wrappers: tuple[str, ...] = ()
+) -> tuple[set[str], dict]:
     """Per-layer sensitivity, then keep the worst layer groups back until the gate passes.
 
     ``score(model_path) -> quality dict`` with the ``gate``'s metrics (minimums). A group's sensitivity is
@@ -188,6 +249,7 @@ def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict,
     that metric most is kept back next. Returns (groups kept, {group: {metric: value}}). ``wrappers``: as
     for block_of.
     """
+
     def failing(q):
         return [m for m, least in gate.items() if m in q and q[m] < least]
 
@@ -200,8 +262,15 @@ def keep_back(fp32_path: Path, form: str, calibration, score, gate: dict,
         quality = score(trial)
         alone = {}
         for block in names:
-            quantize(fp32_path, trial, form, calibration, keep_blocks=set(names) - {block}, ranges=ranges,
-                     wrappers=wrappers)
+            quantize(
+                fp32_path,
+                trial,
+                form,
+                calibration,
+                keep_blocks=set(names) - {block},
+                ranges=ranges,
+                wrappers=wrappers,
+            )
             alone[block] = {m: round(float(v), 5) for m, v in score(trial).items() if m in gate}
         kept: set[str] = set()
         while failing(quality) and len(kept) < len(names):

@@ -3,6 +3,7 @@
 Used to score generated images (adherence, Fréchet judge distance) and, frozen, as a training signal.
 Plain convs, batch norm, global average pooling and linears, so it exports to ONNX as is.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ class JudgeConfig:
     feature_dim: int = 128
 
     @classmethod
-    def load(cls, path: Path) -> "JudgeConfig":
+    def load(cls, path: Path) -> JudgeConfig:
         data = json.loads(Path(path).read_text())
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
@@ -29,7 +30,9 @@ class JudgeConfig:
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class Judge(nn.Module):
@@ -46,13 +49,15 @@ class Judge(nn.Module):
         self.background_head = nn.Linear(c.feature_dim, c.n_backgrounds)
 
     def forward(self, image):
-        """image (B, 3, 64, 64) in [-1, 1] -> emoji logits (B, n_emoji), background logits (B, n_bg), features (B, F)."""
+        """image (B, 3, 64, 64) in [-1, 1] -> emoji logits (B, n_emoji), background logits (B, n_bg),
+        features (B, F)."""
         f = self.features(self.body(image).mean(dim=(2, 3)))
         return self.emoji_head(f), self.background_head(f), f
 
 
 def load_judge(path: Path) -> Judge:
     from safetensors.torch import load_file
+
     path = Path(path)
     judge = Judge(JudgeConfig.load(path / "config.json"))
     judge.load_state_dict(load_file(path / "model.safetensors"))

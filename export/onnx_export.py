@@ -1,4 +1,5 @@
 """torch module -> cleaned ONNX file."""
+
 from __future__ import annotations
 
 import tempfile
@@ -19,8 +20,10 @@ EXTERNAL_SUFFIX = ".onnx.data"
 def export_component(comp: ComponentDef, sample: dict[str, np.ndarray], path: Path) -> None:
     """Trace ``comp.module`` on ``sample`` (use a batch > 1 so no size-1 axis gets specialised)."""
     args = tuple(torch.from_numpy(sample[t.name]) for t in comp.inputs)
-    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
-                    for t in comp.inputs + comp.outputs}
+    dynamic_axes = {
+        t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+        for t in comp.inputs + comp.outputs
+    }
     # The TorchScript exporter: fast (a second for these models, against tens for the dynamo
     # exporter) and it gives the same parity here; it warns that it is deprecated.
     # A graph over 2 GB (a full-size UNet) is written as one file per weight: trace into a scratch
@@ -29,9 +32,17 @@ def export_component(comp: ComponentDef, sample: dict[str, np.ndarray], path: Pa
         raw = Path(scratch) / path.name
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(comp.module.eval(), args, str(raw), input_names=[t.name for t in comp.inputs],
-                              output_names=[t.name for t in comp.outputs], dynamic_axes=dynamic_axes,
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                comp.module.eval(),
+                args,
+                str(raw),
+                input_names=[t.name for t in comp.inputs],
+                output_names=[t.name for t in comp.outputs],
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
         clean(raw, path)
 
 
@@ -39,6 +50,7 @@ def clean(path: Path, out: Path | None = None) -> None:
     """Fold constants and drop dead nodes and unused initializers, then check the graph; written to
     ``out`` (default: in place), with its weights in ``<out>.data`` when they pass protobuf's 2 GB."""
     import onnxscript.optimizer
+
     out = path if out is None else out
     model = onnx.load(str(path))
     model = onnxscript.optimizer.optimize(model)
@@ -60,6 +72,12 @@ def save(model: onnx.ModelProto, out: Path) -> None:
     if inline:
         onnx.save(model, str(out))
     else:
-        onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=out.name.removesuffix(".onnx") + EXTERNAL_SUFFIX, size_threshold=1024)
+        onnx.save(
+            model,
+            str(out),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=out.name.removesuffix(".onnx") + EXTERNAL_SUFFIX,
+            size_threshold=1024,
+        )
     onnx.checker.check_model(str(out))

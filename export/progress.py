@@ -1,4 +1,5 @@
 """Progress on long export steps: one line per step on stderr, a bar where a step has parts."""
+
 from __future__ import annotations
 
 import sys
@@ -17,7 +18,9 @@ class Steps:
         index = self.names.index(name) + 1
         label = f"[{index}/{len(self.names)}] {name}"
         start = time.perf_counter()
-        bar = tqdm(total=total, desc=label, disable=not self.enabled or total is None, leave=False, file=sys.stderr)
+        bar = tqdm(
+            total=total, desc=label, disable=not self.enabled or total is None, leave=False, file=sys.stderr
+        )
         try:
             yield bar
         finally:

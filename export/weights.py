@@ -3,6 +3,7 @@
 The fused graph holds the same weights as the text encoder and generator graphs; storing each distinct
 tensor once (ONNX external data, offsets into ``onnx/weights.<form>.bin``) halves a bundle.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-MIN_SHARED_BYTES = 1024     # smaller tensors stay inside the graph file
-ALIGN = 64                  # offsets aligned for mmap-friendly loading
-MIN_EMBEDDING_ROWS = 1000   # Gather tables at least this tall are vocabulary embeddings
+MIN_SHARED_BYTES = 1024  # smaller tensors stay inside the graph file
+ALIGN = 64  # offsets aligned for mmap-friendly loading
+MIN_EMBEDDING_ROWS = 1000  # Gather tables at least this tall are vocabulary embeddings
 
 
 def quantize_embeddings(model: onnx.ModelProto, qdq: bool = False) -> list[str]:
@@ -27,8 +28,13 @@ def quantize_embeddings(model: onnx.ModelProto, qdq: bool = False) -> list[str]:
     for node in g.node:
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 \
-                or table.dims[0] < MIN_EMBEDDING_ROWS or axis != 0:
+        if (
+            table is None
+            or table.data_type != TensorProto.FLOAT
+            or len(table.dims) != 2
+            or table.dims[0] < MIN_EMBEDDING_ROWS
+            or axis != 0
+        ):
             new_nodes.append(node)
             continue
         w = numpy_helper.to_array(table)
@@ -39,20 +45,37 @@ def quantize_embeddings(model: onnx.ModelProto, qdq: bool = False) -> list[str]:
         scale = scale.astype(np.float32)
         ids, out = node.input[1], node.output[0]
         if qdq:
-            g.initializer.extend([numpy_helper.from_array(q, f"{base}.int8"), numpy_helper.from_array(scale, f"{base}.scale"),
-                                  numpy_helper.from_array(np.zeros_like(q[:, 0]), f"{base}.zero")])
+            g.initializer.extend(
+                [
+                    numpy_helper.from_array(q, f"{base}.int8"),
+                    numpy_helper.from_array(scale, f"{base}.scale"),
+                    numpy_helper.from_array(np.zeros_like(q[:, 0]), f"{base}.zero"),
+                ]
+            )
             new_nodes += [
-                helper.make_node("DequantizeLinear", [f"{base}.int8", f"{base}.scale", f"{base}.zero"], [f"{base}.dq"],
-                                 name=f"{node.name}.dequant", axis=0),
-                helper.make_node("Gather", [f"{base}.dq", ids], [out], name=node.name, axis=0)]
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{base}.int8", f"{base}.scale", f"{base}.zero"],
+                    [f"{base}.dq"],
+                    name=f"{node.name}.dequant",
+                    axis=0,
+                ),
+                helper.make_node("Gather", [f"{base}.dq", ids], [out], name=node.name, axis=0),
+            ]
             done.append(base)
             continue
-        g.initializer.extend([numpy_helper.from_array(q, f"{base}.int8"),
-                              numpy_helper.from_array(scale[:, None], f"{base}.scale")])
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(q, f"{base}.int8"),
+                numpy_helper.from_array(scale[:, None], f"{base}.scale"),
+            ]
+        )
         new_nodes += [
             helper.make_node("Gather", [f"{base}.int8", ids], [f"{out}.q"], name=f"{node.name}.q", axis=0),
             helper.make_node("Gather", [f"{base}.scale", ids], [f"{out}.s"], name=f"{node.name}.s", axis=0),
-            helper.make_node("Cast", [f"{out}.q"], [f"{out}.f"], name=f"{node.name}.cast", to=TensorProto.FLOAT),
+            helper.make_node(
+                "Cast", [f"{out}.q"], [f"{out}.f"], name=f"{node.name}.cast", to=TensorProto.FLOAT
+            ),
             helper.make_node("Mul", [f"{out}.f", f"{out}.s"], [out], name=f"{node.name}.dequant"),
         ]
         done.append(base)
@@ -62,7 +85,8 @@ def quantize_embeddings(model: onnx.ModelProto, qdq: bool = False) -> list[str]:
 
 
 def share_weights(root: Path, model_rels: list[str], blob_rel: str) -> int:
-    """Move the large initializers of these models into one file, each distinct tensor once. Returns its size."""
+    """Move the large initializers of these models into one file, each distinct tensor once. Returns its
+    size."""
     blob_path = root / blob_rel
     offsets: dict[str, tuple[int, int]] = {}
     with open(blob_path, "wb") as blob:
@@ -70,7 +94,11 @@ def share_weights(root: Path, model_rels: list[str], blob_rel: str) -> int:
             path = root / rel
             model = onnx.load(str(path))
             for tensor in model.graph.initializer:
-                data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+                data = (
+                    tensor.raw_data
+                    if tensor.HasField("raw_data")
+                    else numpy_helper.to_array(tensor).tobytes()
+                )
                 if len(data) < MIN_SHARED_BYTES:
                     continue
                 key = hashlib.sha256(data).hexdigest() + str(tensor.data_type)
@@ -85,7 +113,11 @@ def share_weights(root: Path, model_rels: list[str], blob_rel: str) -> int:
                 tensor.name, tensor.data_type = name, dtype
                 tensor.dims.extend(dims)
                 tensor.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", Path(blob_rel).name), ("offset", str(offset)), ("length", str(length))):
+                for k, v in (
+                    ("location", Path(blob_rel).name),
+                    ("offset", str(offset)),
+                    ("length", str(length)),
+                ):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = k, v
             onnx.save(model, str(path))

@@ -7,6 +7,7 @@ repeated-prompt calls reuse the cached text states. The tokenizer's word cache i
 prompt's words are known after the warm-up, as an app's usual words are (`python -m benchmarks.host_steps`
 times the tokenizers library's path, which a prompt with a new word takes).
 """
+
 from __future__ import annotations
 
 import resource
@@ -38,14 +39,27 @@ DEFAULT_PROMPT = "a rocket on a blue background"
 BLOCK = 20  # calls per turn when several pipelines are timed interleaved
 
 
-def run_bench(pipe, batch: int = 1, iterations: int = 100, warmup: int = 10, seconds: float | None = None,
-              prompt: str = DEFAULT_PROMPT) -> dict:
+def run_bench(
+    pipe,
+    batch: int = 1,
+    iterations: int = 100,
+    warmup: int = 10,
+    seconds: float | None = None,
+    prompt: str = DEFAULT_PROMPT,
+) -> dict:
     """Time ``iterations`` calls (or as many as fit in ``seconds``) after ``warmup`` untimed ones: one run."""
     return run_benches({"one": pipe}, batch, iterations, warmup, seconds, prompt)["runs"][0]
 
 
-def run_benches(pipes: dict, batch: int = 1, iterations: int = 100, warmup: int = 10,
-                seconds: float | None = None, prompt: str = DEFAULT_PROMPT, block: int = BLOCK) -> dict:
+def run_benches(
+    pipes: dict,
+    batch: int = 1,
+    iterations: int = 100,
+    warmup: int = 10,
+    seconds: float | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    block: int = BLOCK,
+) -> dict:
     """Pipelines (one per precision) timed in one process, taking turns in blocks of ``block`` calls
     (A B C, B C A, ...), so the machine's drift reaches them alike: ``iterations`` calls each (or rounds until
     ``seconds`` have passed), after ``warmup`` untimed ones each. The result has one shape however many
@@ -59,8 +73,12 @@ def run_benches(pipes: dict, batch: int = 1, iterations: int = 100, warmup: int 
     calls = {name: [] for name in names}
     deadline = None if seconds is None else time.monotonic() + seconds
     rounds = 0
-    while (min(len(c) for c in calls.values()) < iterations) if deadline is None else time.monotonic() < deadline:
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+    while (
+        (min(len(c) for c in calls.values()) < iterations)
+        if deadline is None
+        else time.monotonic() < deadline
+    ):
+        for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
             wanted = block if deadline is not None else min(block, iterations - len(calls[name]))
             calls[name] += new_prompt_calls(pipes[name], prompts, seeds, wanted)
         rounds += 1
@@ -93,12 +111,24 @@ def summarize_calls(pipe, calls, prompts, seeds, warmup: int) -> dict:
     e2e = [c.total_ns / 1e6 for c in calls]
     engine = [c.engine_ns / 1e6 for c in calls]
     stage_names = list(dict.fromkeys(s for c in calls for s in c.stages))
-    stages = {s: {"p50": float(np.median([c.stages.get(s, 0) / 1e6 for c in calls])),
-                  "engine": s in calls[0].engine_stages} for s in stage_names}
+    stages = {
+        s: {
+            "p50": float(np.median([c.stages.get(s, 0) / 1e6 for c in calls])),
+            "engine": s in calls[0].engine_stages,
+        }
+        for s in stage_names
+    }
     result = {
-        "bundle": str(pipe.bundle.root), "family": pipe.bundle.family, "backend": pipe.backend,
-        "precision": pipe.precision, "form": pipe.form, "batch": batch, "iterations": len(calls), "warmup": warmup,
-        "path": calls[0].path, "prompt": prompts[0],
+        "bundle": str(pipe.bundle.root),
+        "family": pipe.bundle.family,
+        "backend": pipe.backend,
+        "precision": pipe.precision,
+        "form": pipe.form,
+        "batch": batch,
+        "iterations": len(calls),
+        "warmup": warmup,
+        "path": calls[0].path,
+        "prompt": prompts[0],
         "sequence": calls[0].sequence,  # token positions the text graphs ran at (0: no such axis)
         "cuda_graphs": any(getattr(g, "cuda_graphs", False) for g in pipe._graphs.values()),
         "end_to_end_ms": summarize(e2e),
@@ -114,7 +144,9 @@ def summarize_calls(pipe, calls, prompts, seeds, warmup: int) -> dict:
             pipe(prompts, seed=seeds, output_type="uint8")
             cached.append(pipe.last_call.total_ns / 1e6)
         result["repeated_prompt_ms"] = summarize(cached)
-        result["repeated_prompt_speedup"] = result["end_to_end_ms"]["p50"] / result["repeated_prompt_ms"]["p50"]
+        result["repeated_prompt_speedup"] = (
+            result["end_to_end_ms"]["p50"] / result["repeated_prompt_ms"]["p50"]
+        )
     result["peak_rss_mb"] = _peak_rss_mb()
     gpu = gpu_memory_mb(pipe.backend)
     if gpu is not None:
@@ -129,6 +161,7 @@ def gpu_memory_mb(backend: str) -> dict | None:
     if not backend_spec(backend).gpu:
         return None
     from .cudart import runtime
+
     try:
         free, total = runtime().memory()
     except BackendUnavailableError:
@@ -140,22 +173,32 @@ def format_table(r: dict) -> str:
     e = r["end_to_end_ms"]
     graphs = ", CUDA graphs" if r.get("cuda_graphs") else ""
     tokens = f", {r['sequence']} token positions" if r.get("sequence") else ""
-    lines = [f"edgegen bench  {r['bundle']}  ({r['family']}, {r['backend']}{graphs}, {r['precision']}, batch {r['batch']}, "
-             f"{r['iterations']} iterations after {r['warmup']} warm-up)",
-             f"  prompt {r['prompt']!r}{tokens}",
-             f"  end to end      p50 {e['p50']:8.3f} ms   p95 {e['p95']:8.3f}   p99 {e['p99']:8.3f}   mean {e['mean']:8.3f}"]
+    lines = [
+        f"edgegen bench  {r['bundle']}  ({r['family']}, {r['backend']}{graphs}, {r['precision']}, "
+        f"batch {r['batch']}, {r['iterations']} iterations after {r['warmup']} warm-up)",
+        f"  prompt {r['prompt']!r}{tokens}",
+        f"  end to end      p50 {e['p50']:8.3f} ms   p95 {e['p95']:8.3f}   p99 {e['p99']:8.3f}   "
+        f"mean {e['mean']:8.3f}",
+    ]
     for name, s in r["stages_ms"].items():
         lines.append(f"    {name:13s} p50 {s['p50']:8.3f} ms{'   (engine)' if s['engine'] else ''}")
     overhead = r["overhead_ms"]["p50"]
     lines.append(f"  engine          p50 {r['engine_ms']['p50']:8.3f} ms")
-    lines.append(f"  overhead        p50 {overhead:8.3f} ms   ({100 * overhead / e['p50']:.1f} % of end to end)")
+    lines.append(
+        f"  overhead        p50 {overhead:8.3f} ms   ({100 * overhead / e['p50']:.1f} % of end to end)"
+    )
     if "repeated_prompt_ms" in r:
-        lines.append(f"  repeated prompt p50 {r['repeated_prompt_ms']['p50']:8.3f} ms   "
-                     f"({r['repeated_prompt_speedup']:.2f}x the new-prompt call; text states cached)")
+        lines.append(
+            f"  repeated prompt p50 {r['repeated_prompt_ms']['p50']:8.3f} ms   "
+            f"({r['repeated_prompt_speedup']:.2f}x the new-prompt call; text states cached)"
+        )
     lines.append(f"  {r['images_per_s']:.1f} images/s, peak RSS {r['peak_rss_mb']:.0f} MB")
     if "gpu_memory_mb" in r:
         g = r["gpu_memory_mb"]
-        lines.append(f"  GPU memory in use after the calls {g['device_used']:.0f} of {g['device_total']:.0f} MiB (whole device)")
+        lines.append(
+            f"  GPU memory in use after the calls {g['device_used']:.0f} of {g['device_total']:.0f} MiB "
+            "(whole device)"
+        )
     return "\n".join(lines)
 
 
@@ -165,8 +208,12 @@ def format_runs(r: dict) -> str:
     if len(r["runs"]) == 1:
         return lines[0]
     i = r["interleaved"]
-    lines.append(f"interleaved in one process: blocks of {i['block']} calls taking turns, {i['rounds']} rounds")
+    lines.append(
+        f"interleaved in one process: blocks of {i['block']} calls taking turns, {i['rounds']} rounds"
+    )
     if "speedup_vs_fp32" in r:
-        lines.append("  end to end p50 against fp32's in this run: " + ", ".join(
-            f"{name} {x:.2f}x" for name, x in r["speedup_vs_fp32"].items() if name != "fp32"))
+        lines.append(
+            "  end to end p50 against fp32's in this run: "
+            + ", ".join(f"{name} {x:.2f}x" for name, x in r["speedup_vs_fp32"].items() if name != "fp32")
+        )
     return "\n".join(lines)

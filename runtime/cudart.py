@@ -7,6 +7,7 @@ arrays, one non-blocking stream per process and CUDA graph capture. Nothing here
 ``runtime()`` returns the process's :class:`Cuda` or raises BackendUnavailableError saying what is missing
 (no library, no driver, no GPU). Tests swap in a host emulation with the same methods (``set_runtime``).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -24,7 +25,9 @@ from .errors import BackendUnavailableError
 # cudaMemcpyKind
 HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE = 1, 2, 3
 STREAM_NON_BLOCKING = 1
-CAPTURE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal: other threads' CUDA calls cannot break our capture
+CAPTURE_THREAD_LOCAL = (
+    1  # cudaStreamCaptureModeThreadLocal: other threads' CUDA calls cannot break our capture
+)
 ATTR_CC_MAJOR, ATTR_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor
 LIB_ENV = "EDGEGEN_CUDART"  # an explicit libcudart path wins over the search
 _SHUTTING_DOWN = False
@@ -32,7 +35,8 @@ _SHUTTING_DOWN = False
 # in global mode, where another thread's cudaMalloc or synchronisation breaks the capture.
 SETUP_LOCK = threading.RLock()
 CUDART_DLLS = ["cudart64_13.dll", "cudart64_12.dll", "cudart64_110.dll"]
-_dll_dirs: list = []  # os.add_dll_directory handles: a directory stays on the search path while its handle lives
+# os.add_dll_directory handles: a directory stays on the search path while its handle lives
+_dll_dirs: list = []
 
 
 @atexit.register
@@ -56,11 +60,14 @@ def _candidates() -> list[str]:
         except OSError:
             pass
         names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"]
-        dirs = [os.path.join(p, "nvidia", sub, "lib") for p in sys.path if p
-                for sub in ("cu13", "cuda_runtime")]  # pip's nvidia-cuda-runtime wheels
+        dirs = [
+            os.path.join(p, "nvidia", sub, "lib") for p in sys.path if p for sub in ("cu13", "cuda_runtime")
+        ]  # pip's nvidia-cuda-runtime wheels
         dirs += [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), d) for d in ("lib64", "lib")]
         dirs += sorted(glob.glob("/usr/local/cuda-*/lib*"), reverse=True)
-        found += names + [os.path.join(d, n) for d in dirs for n in names if os.path.exists(os.path.join(d, n))]
+        found += names + [
+            os.path.join(d, n) for d in dirs for n in names if os.path.exists(os.path.join(d, n))
+        ]
     elif sys.platform == "win32":
         found += _windows_candidates()
     return list(dict.fromkeys(found))
@@ -95,14 +102,17 @@ class CudaCallError(BackendUnavailableError):
 
     def __init__(self, call: str, code: int, text: str):
         self.code = code
-        super().__init__(f"cuda {call}", f"failed with error {code} ({text})",
-                         "run `edgegen doctor` to check the GPU, driver and CUDA libraries")
+        super().__init__(
+            f"cuda {call}",
+            f"failed with error {code} ({text})",
+            "run `edgegen doctor` to check the GPU, driver and CUDA libraries",
+        )
 
 
 class _Pinned:
     """Owns one page-locked host allocation; freed when the last array viewing it is gone."""
 
-    def __init__(self, cuda: "Cuda", ptr: int):
+    def __init__(self, cuda: Cuda, ptr: int):
         self.cuda, self.ptr = cuda, ptr
 
     def __del__(self):
@@ -114,7 +124,7 @@ class _Pinned:
 class DeviceBuffer:
     """``nbytes`` of device memory at ``ptr``; ``free()`` (or garbage collection) releases it."""
 
-    def __init__(self, cuda: "Cuda", nbytes: int):
+    def __init__(self, cuda: Cuda, nbytes: int):
         self.cuda, self.nbytes = cuda, max(int(nbytes), 1)
         self.ptr = cuda.malloc(self.nbytes)
 
@@ -138,21 +148,38 @@ class Cuda:
         vp, sz, i, ip = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
         vpp = ctypes.POINTER(ctypes.c_void_p)
         signatures = {
-            "cudaGetDeviceCount": [ip], "cudaDriverGetVersion": [ip], "cudaRuntimeGetVersion": [ip],
-            "cudaDeviceGetAttribute": [ip, i, i], "cudaSetDevice": [i], "cudaGetLastError": [],
-            "cudaMalloc": [vpp, sz], "cudaFree": [vp], "cudaMallocHost": [vpp, sz], "cudaFreeHost": [vp],
-            "cudaMemcpyAsync": [vp, vp, sz, i, vp], "cudaStreamCreateWithFlags": [vpp, ctypes.c_uint],
-            "cudaStreamSynchronize": [vp], "cudaStreamDestroy": [vp],
-            "cudaStreamBeginCapture": [vp, i], "cudaStreamEndCapture": [vp, vpp],
-            "cudaGraphInstantiateWithFlags": [vpp, vp, ctypes.c_ulonglong], "cudaGraphLaunch": [vp, vp],
-            "cudaGraphExecDestroy": [vp], "cudaGraphDestroy": [vp], "cudaMemGetInfo": [ctypes.POINTER(sz)] * 2,
+            "cudaGetDeviceCount": [ip],
+            "cudaDriverGetVersion": [ip],
+            "cudaRuntimeGetVersion": [ip],
+            "cudaDeviceGetAttribute": [ip, i, i],
+            "cudaSetDevice": [i],
+            "cudaGetLastError": [],
+            "cudaMalloc": [vpp, sz],
+            "cudaFree": [vp],
+            "cudaMallocHost": [vpp, sz],
+            "cudaFreeHost": [vp],
+            "cudaMemcpyAsync": [vp, vp, sz, i, vp],
+            "cudaStreamCreateWithFlags": [vpp, ctypes.c_uint],
+            "cudaStreamSynchronize": [vp],
+            "cudaStreamDestroy": [vp],
+            "cudaStreamBeginCapture": [vp, i],
+            "cudaStreamEndCapture": [vp, vpp],
+            "cudaGraphInstantiateWithFlags": [vpp, vp, ctypes.c_ulonglong],
+            "cudaGraphLaunch": [vp, vp],
+            "cudaGraphExecDestroy": [vp],
+            "cudaGraphDestroy": [vp],
+            "cudaMemGetInfo": [ctypes.POINTER(sz)] * 2,
         }
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
         lib.cudaGetErrorString.argtypes, lib.cudaGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p
         # the per-call path binds these once, so a call is one ctypes call and an int compare
-        self._memcpy, self._sync, self._launch = lib.cudaMemcpyAsync, lib.cudaStreamSynchronize, lib.cudaGraphLaunch
+        self._memcpy, self._sync, self._launch = (
+            lib.cudaMemcpyAsync,
+            lib.cudaStreamSynchronize,
+            lib.cudaGraphLaunch,
+        )
         self._stream = None
         self._lock = threading.Lock()
 
@@ -230,8 +257,10 @@ class Cuda:
     def new_stream(self) -> int:
         """Another non-blocking stream (a graph's private capture stream); ``destroy_stream`` ends it."""
         s = ctypes.c_void_p()
-        self.check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(s), STREAM_NON_BLOCKING),
-                   "cudaStreamCreateWithFlags")
+        self.check(
+            self.lib.cudaStreamCreateWithFlags(ctypes.byref(s), STREAM_NON_BLOCKING),
+            "cudaStreamCreateWithFlags",
+        )
         return s.value
 
     def destroy_stream(self, stream: int) -> None:
@@ -257,7 +286,9 @@ class Cuda:
         graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
         self.check(self.lib.cudaStreamEndCapture(stream, ctypes.byref(graph)), "cudaStreamEndCapture")
         try:
-            self.check(self.lib.cudaGraphInstantiateWithFlags(ctypes.byref(exe), graph, 0), "cudaGraphInstantiate")
+            self.check(
+                self.lib.cudaGraphInstantiateWithFlags(ctypes.byref(exe), graph, 0), "cudaGraphInstantiate"
+            )
         finally:
             self.lib.cudaGraphDestroy(graph)  # the executable graph does not need it
         return exe.value
@@ -297,15 +328,20 @@ def _load() -> Cuda:
         text = lib.cudaGetErrorString(code).decode() if code else "no devices"
         tried.append(f"{Path(path).name.split('.so')[0]} {cuda.runtime_version_text()}: {text}")
     if not tried:
-        raise BackendUnavailableError("cuda", "no CUDA runtime library (libcudart) found",
-                                      f"install the CUDA runtime (or the GPU build of onnxruntime), or point {LIB_ENV} "
-                                      "at libcudart")
+        raise BackendUnavailableError(
+            "cuda",
+            "no CUDA runtime library (libcudart) found",
+            f"install the CUDA runtime (or the GPU build of onnxruntime), or point {LIB_ENV} at libcudart",
+        )
     reasons = "; ".join(dict.fromkeys(tried))
     if not _driver_present():
         reasons = f"no NVIDIA driver (libcuda not found; {reasons})"
-    raise BackendUnavailableError("cuda", f"no usable NVIDIA GPU: {reasons}",
-                                  "a GPU backend needs an NVIDIA GPU with a driver for this CUDA version "
-                                  "(`nvidia-smi` should list it); use --backend ort-cpu")
+    raise BackendUnavailableError(
+        "cuda",
+        f"no usable NVIDIA GPU: {reasons}",
+        "a GPU backend needs an NVIDIA GPU with a driver for this CUDA version "
+        "(`nvidia-smi` should list it); use --backend ort-cpu",
+    )
 
 
 def _driver_present() -> bool:
@@ -351,8 +387,10 @@ def gpu_status() -> dict:
         fmt = lambda v: f"{v // 1000}.{v % 1000 // 10}"  # noqa: E731  (12040 -> 12.4)
         info["driver_supports_cuda"] = fmt(cuda.driver_version())
         info["cuda_runtime"] = fmt(cuda.runtime_version())
-        info["devices"] = [{"index": k, "compute_capability": cuda.compute_capability(k), "name": device_name(k)}
-                           for k in range(cuda.device_count())]
+        info["devices"] = [
+            {"index": k, "compute_capability": cuda.compute_capability(k), "name": device_name(k)}
+            for k in range(cuda.device_count())
+        ]
     except BackendUnavailableError as e:
         info["error"] = str(e)
     return info

@@ -20,6 +20,7 @@ the bundle verifies after every step. SIGINT / SIGTERM during steps 2-4 wait unt
 
 tensorrt / tensorrt_rtx are imported only when a build starts.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,6 +56,7 @@ BUILD_RECORD = "build.json"  # beside the engines: how they were built (timing c
 def local_compute_capability() -> str | None:
     """The first CUDA GPU's compute capability via the driver API (ctypes; no torch), or None."""
     import ctypes
+
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -70,21 +72,28 @@ def local_compute_capability() -> str | None:
 def _capability_enum(trt, cc: str):
     name = "SM" + cc.replace(".", "")
     if not hasattr(trt, "ComputeCapability") or not hasattr(trt.ComputeCapability, name):
-        raise BadInputError("--compute-capability", f"{cc} is not a target of this TensorRT",
-                            f"known: {', '.join(capability_targets(trt)) or 'only the GPU present'}")
+        raise BadInputError(
+            "--compute-capability",
+            f"{cc} is not a target of this TensorRT",
+            f"known: {', '.join(capability_targets(trt)) or 'only the GPU present'}",
+        )
     return getattr(trt.ComputeCapability, name)
 
 
 def check_options(flavour: str, compute_capability: str | None, workspace_mb) -> None:
     """Refuse bad options before anything is imported or built."""
     if flavour not in ENGINE_FLAVOURS:
-        raise BadInputError("--flavour", f"unknown engine flavour {flavour!r}",
-                            f"use {flavour_choices()}")
+        raise BadInputError("--flavour", f"unknown engine flavour {flavour!r}", f"use {flavour_choices()}")
     if compute_capability is not None and not re.fullmatch(r"\d{1,2}\.\d", str(compute_capability)):
-        raise BadInputError("--compute-capability", f"expected MAJOR.MINOR, got {compute_capability!r}",
-                            "e.g. 8.7 (Jetson Orin), 8.9 (RTX 40xx)")
+        raise BadInputError(
+            "--compute-capability",
+            f"expected MAJOR.MINOR, got {compute_capability!r}",
+            "e.g. 8.7 (Jetson Orin), 8.9 (RTX 40xx)",
+        )
     if not isinstance(workspace_mb, int) or isinstance(workspace_mb, bool) or workspace_mb < 1:
-        raise BadInputError("--workspace-mb", f"expected a positive number of MiB, got {workspace_mb!r}", "e.g. 2048")
+        raise BadInputError(
+            "--workspace-mb", f"expected a positive number of MiB, got {workspace_mb!r}", "e.g. 2048"
+        )
 
 
 def target_capability(flavour: str, compute_capability: str | None) -> str:
@@ -92,29 +101,49 @@ def target_capability(flavour: str, compute_capability: str | None) -> str:
     local = local_compute_capability()
     ahead = BACKEND_SPECS[flavour].engines.builds_ahead
     if not ahead and compute_capability and compute_capability != local:
-        raise BadInputError("--compute-capability", f"full TensorRT builds only for the GPU present "
-                            f"({local or 'none here'}), not for {compute_capability}",
-                            "build on the target device (e.g. the Jetson itself), without --compute-capability")
+        raise BadInputError(
+            "--compute-capability",
+            f"full TensorRT builds only for the GPU present "
+            f"({local or 'none here'}), not for {compute_capability}",
+            "build on the target device (e.g. the Jetson itself), without --compute-capability",
+        )
     cc = compute_capability or local
     if cc is None:
-        raise BadInputError(f"engines {flavour}", "no CUDA GPU here to build for",
-                            "build on the target device"
-                            + ("; or pass --compute-capability (e.g. 8.9): TensorRT for RTX builds ahead of time "
-                               "without a GPU" if ahead else ""))
+        raise BadInputError(
+            f"engines {flavour}",
+            "no CUDA GPU here to build for",
+            "build on the target device"
+            + (
+                "; or pass --compute-capability (e.g. 8.9): TensorRT for RTX builds ahead of time "
+                "without a GPU"
+                if ahead
+                else ""
+            ),
+        )
     return cc
 
 
 def engine_jobs(manifest: dict) -> list[tuple[str, str]]:
     """(component, form) pairs to build: fp16 and int8-qdq where present, fp32 only if neither is."""
-    jobs = [(name, form) for name, comp in manifest["components"].items() if name != "judge"
-            for form in ENGINE_FORMS if form in comp["files"]]
+    jobs = [
+        (name, form)
+        for name, comp in manifest["components"].items()
+        if name != "judge"
+        for form in ENGINE_FORMS
+        if form in comp["files"]
+    ]
     if {f for _, f in jobs} - {"fp32"}:
         jobs = [(n, f) for n, f in jobs if f != "fp32"]
     return jobs
 
 
-def add_engines(bundle_root, flavour: str, compute_capability: str | None = None,
-                workspace_mb: int = DEFAULT_WORKSPACE_MB, progress: bool = True) -> dict:
+def add_engines(
+    bundle_root,
+    flavour: str,
+    compute_capability: str | None = None,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    progress: bool = True,
+) -> dict:
     """Build ``flavour`` engines for the bundle at ``bundle_root`` and record them in its manifest (see the
     module docstring for how the bundle is updated). Engines of the same flavour, version and GPU are
     replaced. Returns {bundle, dir, flavour, version, compute_capability, engines, build, replaced}."""
@@ -129,25 +158,41 @@ def add_engines(bundle_root, flavour: str, compute_capability: str | None = None
     rel_dir = engine_dir(flavour, trt.__version__, cc)
     jobs = engine_jobs(bundle.manifest)
     if not jobs:
-        raise BadInputError(f"bundle {root}", "has no fp16, int8-qdq or fp32 files to build engines from",
-                            "re-export it with --precision fp16,int8")
+        raise BadInputError(
+            f"bundle {root}",
+            "has no fp16, int8-qdq or fp32 files to build engines from",
+            "re-export it with --precision fp16,int8",
+        )
     with _Interrupts() as interrupts:
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
         try:
             staging.chmod(0o755)
-            entries, build = build_engines(trt, bundle, jobs, flavour, cc, rel_dir, staging, workspace_mb, progress)
+            entries, build = build_engines(
+                trt, bundle, jobs, flavour, cc, rel_dir, staging, workspace_mb, progress
+            )
             manifest, replaced = _updated_manifest(bundle.manifest, rel_dir, entries, staging)
             with interrupts.held():
                 _switch(root, bundle.manifest, staging, rel_dir, manifest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful switch
-    Bundle.open(root, verify_hashes=False)  # the new manifest reads back; the new files' hashes were just taken
-    return {"bundle": str(root), "dir": rel_dir, "flavour": flavour, "version": trt.__version__,
-            "compute_capability": cc, "engines": entries, "build": build, "replaced": replaced}
+    Bundle.open(
+        root, verify_hashes=False
+    )  # the new manifest reads back; the new files' hashes were just taken
+    return {
+        "bundle": str(root),
+        "dir": rel_dir,
+        "flavour": flavour,
+        "version": trt.__version__,
+        "compute_capability": cc,
+        "engines": entries,
+        "build": build,
+        "replaced": replaced,
+    }
 
 
-def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: Path, workspace_mb: int,
-                  progress: bool) -> tuple[list[dict], dict]:
+def build_engines(
+    trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: Path, workspace_mb: int, progress: bool
+) -> tuple[list[dict], dict]:
     """Build each (component, form) of ``jobs`` into the directory ``out`` (it becomes ``rel_dir``).
     Returns (manifest engine entries, the build record also written to ``out/build.json``)."""
     manifest = bundle.manifest
@@ -161,34 +206,70 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
         cache, cache_source, where = b"", None, None
     max_batch, max_length = int(manifest["generation"]["max_batch"]), bundle.max_length
     logger = collecting_logger(trt)  # TensorRT for RTX logs CUDA errors while building without a GPU
-    build = {"flavour": flavour, "version": trt.__version__, "compute_capability": cc, "dir": rel_dir,
-             "timing_cache": bundled_cache, "timing_cache_source": cache_source, "workspace_mb": workspace_mb,
-             "timing_cache_bytes_before": len(cache), "engines": {}}
+    build = {
+        "flavour": flavour,
+        "version": trt.__version__,
+        "compute_capability": cc,
+        "dir": rel_dir,
+        "timing_cache": bundled_cache,
+        "timing_cache_source": cache_source,
+        "workspace_mb": workspace_mb,
+        "timing_cache_bytes_before": len(cache),
+        "engines": {},
+    }
     if progress:
-        print(f"building {len(jobs)} {flavour} {trt.__version__} engines for compute capability {cc} "
-              f"({'timing cache ' + where if where else 'new timing cache'})",
-              file=sys.stderr, flush=True)
+        print(
+            f"building {len(jobs)} {flavour} {trt.__version__} engines for compute capability {cc} "
+            f"({'timing cache ' + where if where else 'new timing cache'})",
+            file=sys.stderr,
+            flush=True,
+        )
     entries, notes, printed, build_start = [], build.setdefault("notes", []), 0, time.perf_counter()
     for i, (name, form) in enumerate(jobs, 1):
         start = time.perf_counter()
         onnx_rel = manifest["components"][name]["files"][form]
-        blob, cache = _build_one(trt, logger, bundle.path(onnx_rel), f"{name}.{form}", onnx_rel, flavour, cc,
-                                 workspace_mb, max_batch, max_length, cache, notes=notes)
+        blob, cache = _build_one(
+            trt,
+            logger,
+            bundle.path(onnx_rel),
+            f"{name}.{form}",
+            onnx_rel,
+            flavour,
+            cc,
+            workspace_mb,
+            max_batch,
+            max_length,
+            cache,
+            notes=notes,
+        )
         _write(cache_path, cache)  # after every engine: an interrupted build keeps what it measured
         rel = f"{rel_dir}/{name}.{form}.engine"
         _write(out / Path(rel).name, blob)
-        entries.append({"flavour": flavour, "version": trt.__version__, "compute_capability": cc,
-                        "component": name, "form": form, "file": rel, "onnx": onnx_rel,
-                        "onnx_sha256": manifest["files"][onnx_rel]["sha256"], "strongly_typed": True,
-                        "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch, "sequence": max_length}})
+        entries.append(
+            {
+                "flavour": flavour,
+                "version": trt.__version__,
+                "compute_capability": cc,
+                "component": name,
+                "form": form,
+                "file": rel,
+                "onnx": onnx_rel,
+                "onnx_sha256": manifest["files"][onnx_rel]["sha256"],
+                "strongly_typed": True,
+                "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch, "sequence": max_length},
+            }
+        )
         seconds = time.perf_counter() - start
         build["engines"][rel] = {"bytes": len(blob), "seconds": round(seconds, 1)}
         if progress:
             for note in notes[printed:]:
                 print(f"  note: {note}", file=sys.stderr, flush=True)
             printed = len(notes)
-            print(f"  engine {i}/{len(jobs)} {rel} ({len(blob) / 1e6:.1f} MB) in {seconds:.1f}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  engine {i}/{len(jobs)} {rel} ({len(blob) / 1e6:.1f} MB) in {seconds:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     _write(out / "timing.cache", cache)
     build["timing_cache_bytes_after"] = len(cache)
     build["seconds"] = round(time.perf_counter() - build_start, 1)
@@ -196,8 +277,20 @@ def build_engines(trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: P
     return entries, build
 
 
-def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: str, cc: str, workspace_mb: int,
-               max_batch: int, max_length: int, cache: bytes, notes: list | None = None) -> tuple[bytes, bytes]:
+def _build_one(
+    trt,
+    logger,
+    onnx_path: Path,
+    what: str,
+    onnx_rel: str,
+    flavour: str,
+    cc: str,
+    workspace_mb: int,
+    max_batch: int,
+    max_length: int,
+    cache: bytes,
+    notes: list | None = None,
+) -> tuple[bytes, bytes]:
     """One strongly typed engine (TensorRT 10.3 builder API; plus the target GPU for TensorRT for RTX).
     Returns (serialized engine, the timing cache after the build); what it had to work around goes into
     ``notes``."""
@@ -206,8 +299,11 @@ def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: 
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(k).desc().splitlines()[0] for k in range(parser.num_errors))
-        raise ValidationFailedError(f"engine {what}", f"TensorRT cannot parse {onnx_rel}: {errors}",
-                                    "report it with the bundle's manifest")
+        raise ValidationFailedError(
+            f"engine {what}",
+            f"TensorRT cannot parse {onnx_rel}: {errors}",
+            "report it with the bundle's manifest",
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     if BACKEND_SPECS[flavour].engines.builds_ahead:  # a named target; full TensorRT builds for the GPU here
@@ -223,8 +319,11 @@ def _build_one(trt, logger, onnx_path: Path, what: str, onnx_rel: str, flavour: 
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ValidationFailedError(f"engine {what}", "TensorRT failed to build it: " + logger.errors(),
-                                    "rerun with a larger --workspace-mb, or report it")
+        raise ValidationFailedError(
+            f"engine {what}",
+            "TensorRT failed to build it: " + logger.errors(),
+            "rerun with a larger --workspace-mb, or report it",
+        )
     return bytes(serialized), bytes((config.get_timing_cache() or timing).serialize())
 
 
@@ -234,8 +333,10 @@ def _use_timing_cache(config, cache: bytes, what: str, notes: list):
     timing = config.create_timing_cache(cache)
     if config.set_timing_cache(timing, ignore_mismatch=False) or not cache:
         return timing
-    notes.append(f"{what}: the timing cache ({len(cache)} bytes) was made on another GPU or TensorRT version; "
-                 "started a fresh one (this build measures every kernel again)")
+    notes.append(
+        f"{what}: the timing cache ({len(cache)} bytes) was made on another GPU or TensorRT version; "
+        "started a fresh one (this build measures every kernel again)"
+    )
     timing = config.create_timing_cache(b"")
     config.set_timing_cache(timing, ignore_mismatch=False)
     return timing

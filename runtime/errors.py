@@ -3,6 +3,7 @@
 Messages follow one style: ``subject | what is wrong: value. Note: what to do``.
 The CLI prints the message alone (no traceback) and exits with ``exit_code``.
 """
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Runtime for the gan family: token ids + noise -> pixels in one forward pass."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,16 @@ class GanPipeline(Pipeline):
     family = "gan"
     options = ("noise",)
 
-    def __init__(self, bundle, backend, precision, notes, cache_size: int = 128, mode: str = "auto",
-                 form: str | None = None):
+    def __init__(
+        self,
+        bundle,
+        backend,
+        precision,
+        notes,
+        cache_size: int = 128,
+        mode: str = "auto",
+        form: str | None = None,
+    ):
         super().__init__(bundle, backend, precision, notes, form, cache_size)
         if mode not in MODES:
             raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
@@ -33,8 +42,11 @@ class GanPipeline(Pipeline):
         self.mode = mode
         shape = bundle.generation.get("noise_shape")
         if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-            raise BadBundleError(f"bundle {bundle.root}", f"generation.noise_shape is not a list of sizes: {shape!r}",
-                                 "re-export the bundle")
+            raise BadBundleError(
+                f"bundle {bundle.root}",
+                f"generation.noise_shape is not a list of sizes: {shape!r}",
+                "re-export the bundle",
+            )
         self.noise_shape = tuple(shape)
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
@@ -94,7 +106,9 @@ class GanPipeline(Pipeline):
             ins, enc_ins = gen.inputs(batch, length), enc.inputs(batch, length)
             encoded.write(enc_ins["input_ids"], enc_ins["attention_mask"])
         with info.stage("text_encoder"):
-            enc.run(batch, fetch=False, sequence=length)  # on a GPU backend the text states stay on the device
+            enc.run(
+                batch, fetch=False, sequence=length
+            )  # on a GPU backend the text states stay on the device
             gen.take(batch, "text_states", enc, "text_states", sequence=length)
             ins["attention_mask"][...] = enc_ins["attention_mask"]
         return self._run_generator(gen, ins, batch, length, seeds, noise, info)
@@ -124,12 +138,18 @@ class GanPipeline(Pipeline):
 
     def _check_noise(self, noise, batch):
         if not isinstance(noise, np.ndarray) or not np.issubdtype(noise.dtype, np.floating):
-            raise BadInputError("noise", f"expected a float numpy array, got {type(noise).__name__}"
-                                f"{'' if not isinstance(noise, np.ndarray) else ' of ' + str(noise.dtype)}",
-                                f"pass np.float32 of shape {(batch, *self.noise_shape)}")
+            raise BadInputError(
+                "noise",
+                f"expected a float numpy array, got {type(noise).__name__}"
+                f"{'' if not isinstance(noise, np.ndarray) else ' of ' + str(noise.dtype)}",
+                f"pass np.float32 of shape {(batch, *self.noise_shape)}",
+            )
         if noise.shape != (batch, *self.noise_shape):
-            raise BadInputError("noise", f"shape {noise.shape} does not match the request",
-                                f"expected {(batch, *self.noise_shape)} (images, noise dims)")
+            raise BadInputError(
+                "noise",
+                f"shape {noise.shape} does not match the request",
+                f"expected {(batch, *self.noise_shape)} (images, noise dims)",
+            )
         if not np.all(np.isfinite(noise)):
             raise BadInputError("noise", "contains NaN or Inf", "pass finite values")
         return noise.astype(np.float32, copy=False)

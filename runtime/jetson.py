@@ -2,6 +2,7 @@
 which ONNX Runtime build is installed, with a note for each thing that is not set up the way
 docs/jetson.md describes. Standard library only; every path is read under ``root`` so tests can fake a board.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -9,10 +10,20 @@ import re
 from pathlib import Path
 
 GUIDE = "docs/jetson.md"
-# L4T (Jetson Linux) release -> JetPack release, from NVIDIA's release notes. TensorRT 10 starts at JetPack 6.1.
+# L4T (Jetson Linux) release -> JetPack release, from NVIDIA's release notes. TensorRT 10 starts at
+# JetPack 6.1.
 JETPACK_OF_L4T = {
-    "35.1.0": "5.0.2", "35.2.1": "5.1", "35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4",
-    "36.2.0": "6.0 DP", "36.3.0": "6.0", "36.4.0": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1",
+    "35.1.0": "5.0.2",
+    "35.2.1": "5.1",
+    "35.3.1": "5.1.1",
+    "35.4.1": "5.1.2",
+    "35.5.0": "5.1.3",
+    "35.6.0": "5.1.4",
+    "36.2.0": "6.0 DP",
+    "36.3.0": "6.0",
+    "36.4.0": "6.1",
+    "36.4.3": "6.2",
+    "36.4.4": "6.2.1",
 }
 MIN_TENSORRT_MAJOR = 10  # edgegen's engines are strongly typed TensorRT 10 engines
 
@@ -36,7 +47,10 @@ def l4t_release(text: str | None) -> str | None:
 def _dpkg_version(status: str | None, package: str) -> str | None:
     """The version of an installed Debian package, read from /var/lib/dpkg/status."""
     for block in (status or "").split("\n\n"):
-        if re.search(rf"^Package: {re.escape(package)}$", block, re.M) and "Status: install ok installed" in block:
+        if (
+            re.search(rf"^Package: {re.escape(package)}$", block, re.M)
+            and "Status: install ok installed" in block
+        ):
             found = re.search(r"^Version: (\S+)", block, re.M)
             if found:
                 return found.group(1)
@@ -53,7 +67,8 @@ def _cuda_version(root: Path) -> str | None:
 
 
 def detect_jetson(root: str | Path = "/") -> dict | None:
-    """Facts about this Jetson, or None if this is not one (no /etc/nv_tegra_release, no Jetson device tree)."""
+    """Facts about this Jetson, or None if this is not one (no /etc/nv_tegra_release, no Jetson device
+    tree)."""
     root = Path(root)
     release_text = _read(root, "/etc/nv_tegra_release")
     model = (_read(root, "/proc/device-tree/model") or "").replace("\x00", "").strip()
@@ -66,10 +81,16 @@ def detect_jetson(root: str | Path = "/") -> dict | None:
         "model": model or None,
         "l4t": l4t,
         "jetpack": jetpack.split("+")[0] if jetpack else JETPACK_OF_L4T.get(l4t or ""),
-        "jetpack_from": "nvidia-jetpack package" if jetpack else "L4T release" if l4t in JETPACK_OF_L4T else None,
+        "jetpack_from": "nvidia-jetpack package"
+        if jetpack
+        else "L4T release"
+        if l4t in JETPACK_OF_L4T
+        else None,
         "cuda": _cuda_version(root),
         "tensorrt_deb": _dpkg_version(status, "python3-libnvinfer"),
-        "system_tensorrt": sorted(str(p.relative_to(root)) for p in root.glob("usr/lib/python3*/dist-packages/tensorrt")),
+        "system_tensorrt": sorted(
+            str(p.relative_to(root)) for p in root.glob("usr/lib/python3*/dist-packages/tensorrt")
+        ),
     }
 
 
@@ -81,23 +102,32 @@ def tensorrt_status() -> tuple[str | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def jetson_notes(info: dict, ort_version: str, ort_providers: list[str],
-                 trt_version: str | None, trt_error: str | None) -> list[str]:
+def jetson_notes(
+    info: dict, ort_version: str, ort_providers: list[str], trt_version: str | None, trt_error: str | None
+) -> list[str]:
     """What a Jetson owner should fix, one line each (empty when it is set up as the guide says)."""
     notes = []
     if "CUDAExecutionProvider" not in ort_providers:
-        notes.append(f"onnxruntime {ort_version} is a CPU-only build (PyPI's aarch64 wheel): for ort-cuda / ort-trt "
-                     f"`pip uninstall onnxruntime` and install JetPack's onnxruntime-gpu wheel (see {GUIDE})")
+        notes.append(
+            f"onnxruntime {ort_version} is a CPU-only build (PyPI's aarch64 wheel): for ort-cuda / ort-trt "
+            f"`pip uninstall onnxruntime` and install JetPack's onnxruntime-gpu wheel (see {GUIDE})"
+        )
     if trt_version is None:
         if info.get("system_tensorrt"):
-            notes.append(f"TensorRT is installed for the system Python ({info['system_tensorrt'][0]}) but this Python "
-                         "cannot import it: create the virtual environment with --system-site-packages")
+            notes.append(
+                f"TensorRT is installed for the system Python ({info['system_tensorrt'][0]}) but this Python "
+                "cannot import it: create the virtual environment with --system-site-packages"
+            )
         else:
-            notes.append(f"TensorRT's Python module is not importable ({trt_error}): "
-                         "`sudo apt install nvidia-jetpack` (or python3-libnvinfer) and use --system-site-packages")
+            notes.append(
+                f"TensorRT's Python module is not importable ({trt_error}): "
+                "`sudo apt install nvidia-jetpack` (or python3-libnvinfer) and use --system-site-packages"
+            )
     elif int(trt_version.split(".")[0]) < MIN_TENSORRT_MAJOR:
-        notes.append(f"TensorRT {trt_version}: edgegen's trt engines need TensorRT {MIN_TENSORRT_MAJOR} "
-                     "(JetPack 6.1 or later); use --backend ort-cuda on this JetPack")
+        notes.append(
+            f"TensorRT {trt_version}: edgegen's trt engines need TensorRT {MIN_TENSORRT_MAJOR} "
+            "(JetPack 6.1 or later); use --backend ort-cuda on this JetPack"
+        )
     return notes
 
 

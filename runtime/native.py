@@ -8,6 +8,7 @@ its numpy twin, with the same values (tested against each other). Callers never 
 Why C at all: right after an engine run has evicted the CPU caches, every Python or numpy operation costs
 5-16x what it costs warm (`python -m benchmarks.host_steps`); the C steps touch far less memory.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,8 +76,8 @@ def write_tokens(rows: list[list[int]], ids: np.ndarray, mask: np.ndarray, lengt
     ids.fill(pad_id)
     mask.fill(0)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
 
 
 def copy(array: np.ndarray) -> np.ndarray:
@@ -98,13 +99,13 @@ def states_into(rows: list[np.ndarray], states: np.ndarray, mask: np.ndarray) ->
     states[...] = 0.0
     mask[...] = 0
     for i, row in enumerate(rows):
-        states[i, :len(row)] = row
-        mask[i, :len(row)] = 1
+        states[i, : len(row)] = row
+        mask[i, : len(row)] = 1
 
 
 def to_pixels(image: np.ndarray) -> np.ndarray:
-    """NCHW float in [-1, 1] -> a new NHWC uint8 array: (x + 1) * 127.5, clipped, rounded half to even (numpy's
-    float32 steps; the fused graphs' post-processing does the same)."""
+    """NCHW float in [-1, 1] -> a new NHWC uint8 array: (x + 1) * 127.5, clipped, rounded half to even
+    (numpy's float32 steps; the fused graphs' post-processing does the same)."""
     pixels = hostpath.pixels(image) if hostpath is not None else None  # None: not float32 NCHW C-contiguous
     if pixels is not None:
         return pixels

@@ -4,6 +4,7 @@ A minimal protobuf walk: ModelProto.graph(7) -> GraphProto.initializer(5) and sp
 -> TensorProto.external_data(13) -> {key(1), value(2)}; subgraphs in node attributes (NodeProto.attribute(5)
 -> AttributeProto.g(6) / graphs(11)) are walked too.
 """
+
 from __future__ import annotations
 
 
@@ -19,7 +20,7 @@ def _fields(buf: bytes, start: int = 0, end: int | None = None):
             value, pos = None, pos + 8
         elif wire == 2:
             length, pos = _varint(buf, pos)
-            value, pos = memoryview(buf)[pos:pos + length], pos + length
+            value, pos = memoryview(buf)[pos : pos + length], pos + length
         elif wire == 5:
             value, pos = None, pos + 4
         else:

@@ -15,6 +15,7 @@ content, the TensorRT version and the GPU::
 A re-exported bundle has another manifest hash, so it never picks up stale engines; deleting the directory
 only costs the next start-up a rebuild.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,13 +29,15 @@ import onnxruntime as ort
 from . import cudart
 from .backends import TENSORRT_EP, backend_spec
 from .bundle import NP_DTYPES, SEQUENCE_AXIS, Component
-from .errors import BackendUnavailableError, BadInputError
 from .engines import bundle_key, user_cache_dir
+from .errors import BackendUnavailableError, BadInputError
 
 ORT_DEVICE = "cuda"
 # libnvinfer names, newest first: PyPI's tensorrt>=10 installs 11.x now
-NVINFER_LIBS = {"posix": ["libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so"],
-                "nt": ["nvinfer_11.dll", "nvinfer_10.dll", "nvinfer.dll"]}
+NVINFER_LIBS = {
+    "posix": ["libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so"],
+    "nt": ["nvinfer_11.dll", "nvinfer_10.dll", "nvinfer.dll"],
+}
 # ONNX Runtime's CUDA EP runs a graph once plainly (allocating), then captures it on the next run
 ORT_SETUP_RUNS = 2
 
@@ -43,8 +46,11 @@ def tensorrt_version() -> str | None:
     """The TensorRT version ONNX Runtime's TensorRT EP will load (libnvinfer's own answer), or None."""
     names = NVINFER_LIBS["nt" if os.name == "nt" else "posix"]
     try:  # one already loaded by the EP
-        names = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                 if re.search(r"/libnvinfer\.so", line)][:1] + names
+        names = [
+            line.split()[-1]
+            for line in Path("/proc/self/maps").read_text().splitlines()
+            if re.search(r"/libnvinfer\.so", line)
+        ][:1] + names
     except OSError:
         pass
     for name in names:
@@ -54,13 +60,22 @@ def tensorrt_version() -> str | None:
             continue
         fn.restype = ctypes.c_int32
         v = fn()
-        return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 10000 else f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+        return (
+            f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+            if v >= 10000
+            else f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+        )
     return None
 
 
 def ort_trt_cache_dir(bundle) -> Path:
     cc = (cudart.compute_capability() or "unknown").replace(".", "")
-    return user_cache_dir() / "ort-trt" / bundle_key(bundle) / f"ort-trt-{tensorrt_version() or 'unknown'}-sm{cc}"
+    return (
+        user_cache_dir()
+        / "ort-trt"
+        / bundle_key(bundle)
+        / f"ort-trt-{tensorrt_version() or 'unknown'}-sm{cc}"
+    )
 
 
 class _BatchSet:
@@ -84,7 +99,9 @@ class OrtDeviceGraph:
 
     kind = "onnxruntime"
 
-    def __init__(self, bundle, component: str, form: str, backend: str, spec: Component, cuda_graph: bool = False):
+    def __init__(
+        self, bundle, component: str, form: str, backend: str, spec: Component, cuda_graph: bool = False
+    ):
         self.cuda = cudart.runtime()
         self.stream = self.cuda.stream()
         self.spec, self.backend, self.form, self.component = spec, backend, form, component
@@ -105,41 +122,58 @@ class OrtDeviceGraph:
         capture = capture and batch is not None
         if self.provider != TENSORRT_EP:  # the CUDA provider's options
             return {"device_id": "0", "enable_cuda_graph": "1" if capture else "0"}
-        where = self.cache_dir / f"{self.component}.{self.form}" / ("dynamic" if batch is None else f"b{batch}")
+        where = (
+            self.cache_dir / f"{self.component}.{self.form}" / ("dynamic" if batch is None else f"b{batch}")
+        )
         timing = self.cache_dir / "timing"
         for d in (where, timing):
             d.mkdir(parents=True, exist_ok=True)
-        opts = {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(where),
-                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(timing),
-                "trt_cuda_graph_enable": "True" if capture else "False",
-                # the EP builds weakly typed networks: let it use the precision this form was exported for
-                "trt_fp16_enable": "True" if self.form in ("fp16", "int8-qdq") else "False",
-                "trt_int8_enable": "True" if self.form == "int8-qdq" else "False"}
+        opts = {
+            "device_id": "0",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(where),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(timing),
+            "trt_cuda_graph_enable": "True" if capture else "False",
+            # the EP builds weakly typed networks: let it use the precision this form was exported for
+            "trt_fp16_enable": "True" if self.form in ("fp16", "int8-qdq") else "False",
+            "trt_int8_enable": "True" if self.form == "int8-qdq" else "False",
+        }
         if batch is None:  # one profile for every batch size the bundle allows
             for key, b in (("min", 1), ("opt", 1), ("max", self.max_batch)):
                 opts[f"trt_profile_{key}_shapes"] = ",".join(
-                    f"{t.name}:{'x'.join(str(d) for d in t.resolve(b, self.max_length))}" for t in self.spec.inputs)
+                    f"{t.name}:{'x'.join(str(d) for d in t.resolve(b, self.max_length))}"
+                    for t in self.spec.inputs
+                )
         return opts
 
     def _session(self, batch: int | None) -> ort.InferenceSession:
         from .backends import make_session
+
         try:
             return make_session(self.path, self.backend, self._options(batch), self._provider_options(batch))
         except BackendUnavailableError as e:
             if batch is None or not getattr(e, "ep_error", None):
                 raise
             refused = e.ep_error
-        self.notes.append(f"{self.path.name} batch {batch}: no CUDA graph (ONNX Runtime refused the capture: "
-                          f"{refused}); running without one")
+        self.notes.append(
+            f"{self.path.name} batch {batch}: no CUDA graph (ONNX Runtime refused the capture: "
+            f"{refused}); running without one"
+        )
         self._uncaptured.add(batch)
-        return make_session(self.path, self.backend, self._options(batch), self._provider_options(batch, False))
+        return make_session(
+            self.path, self.backend, self._options(batch), self._provider_options(batch, False)
+        )
 
     def _options(self, batch: int | None) -> ort.SessionOptions:
         from .backends import session_options
+
         opts = session_options()
         if batch is not None:
             for name in {d for t in self.spec.inputs for d in t.shape if isinstance(d, str)}:
-                opts.add_free_dimension_override_by_name(name, self.max_length if name == SEQUENCE_AXIS else batch)
+                opts.add_free_dimension_override_by_name(
+                    name, self.max_length if name == SEQUENCE_AXIS else batch
+                )
         return opts
 
     def _buffers(self, batch: int) -> _BatchSet:
@@ -170,7 +204,9 @@ class OrtDeviceGraph:
         self._sets[batch] = s
         return s
 
-    dynamic_sequence = False  # one shape per batch size (CUDA graphs, TensorRT profiles): padded to max_length
+    dynamic_sequence = (
+        False  # one shape per batch size (CUDA graphs, TensorRT profiles): padded to max_length
+    )
 
     def inputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
         s = self._buffers(batch)
@@ -182,15 +218,20 @@ class OrtDeviceGraph:
 
     def device_output(self, batch: int, name: str) -> tuple[int, int]:
         value = self._buffers(batch).dev[name]
-        return value.data_ptr(), int(np.prod(value.shape())) * np.dtype(NP_DTYPES[_dtype_of(self.spec, name)]).itemsize
+        return value.data_ptr(), int(np.prod(value.shape())) * np.dtype(
+            NP_DTYPES[_dtype_of(self.spec, name)]
+        ).itemsize
 
     def take(self, batch: int, name: str, source, source_output: str, sequence: int | None = None) -> None:
         s = self._buffers(batch)
         src, nbytes = source.device_output(batch, source_output)
         _, dst, _, need = next(h for h in s.h2d if h[0] == name)
         if nbytes != need:
-            raise BadInputError(name, f"{source_output} has {nbytes} bytes, {name} needs {need}",
-                                "connect tensors of the same shape and dtype")
+            raise BadInputError(
+                name,
+                f"{source_output} has {nbytes} bytes, {name} needs {need}",
+                "connect tensors of the same shape and dtype",
+            )
         self.cuda.copy(dst, src, nbytes, cudart.DEVICE_TO_DEVICE, self.stream)
         s.fed.add(name)
 
@@ -201,7 +242,9 @@ class OrtDeviceGraph:
             if name not in fed:
                 cuda.copy(dst, src, nbytes, cudart.HOST_TO_DEVICE, stream)
         cuda.sync(stream)  # ONNX Runtime runs on its own stream: the inputs must be there first
-        if s.runs < ORT_SETUP_RUNS:  # ONNX Runtime allocates, then captures (global mode): one thread at a time
+        if (
+            s.runs < ORT_SETUP_RUNS
+        ):  # ONNX Runtime allocates, then captures (global mode): one thread at a time
             with cudart.SETUP_LOCK:
                 s.session.run_with_iobinding(s.binding)
             s.runs += 1
@@ -225,4 +268,3 @@ class OrtDeviceGraph:
 
 def _dtype_of(spec: Component, name: str) -> str:
     return next(t.dtype for t in (*spec.inputs, *spec.outputs) if t.name == name)
-

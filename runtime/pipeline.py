@@ -3,6 +3,7 @@
 A call reads top-down: ``_check`` the arguments, then the family's ``_generate`` (text states from the cache
 or the text encoder, noise, the graphs' runs, pixels), then ``_to_output``. One path for every backend.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,6 +37,7 @@ class TruncationWarning(UserWarning):
 class CallInfo:
     """What the last call did: seeds used, which prompts were truncated, which path served it, and how
     long each stage took (ns; a monotonic clock read twice per stage costs well under a microsecond)."""
+
     seeds: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
     path: str = ""
@@ -46,7 +48,7 @@ class CallInfo:
     total_ns: int = 0  # the whole call: the argument checks ("checks", with any wait for the pipeline's
     # lock), then the stages; not the conversion to the output type
 
-    def stage(self, name: str) -> "StageTimer":
+    def stage(self, name: str) -> StageTimer:
         """``with info.stage("noise"): ...`` adds the block's time to ``stages["noise"]``."""
         return StageTimer(self.stages, name)
 
@@ -57,12 +59,13 @@ class CallInfo:
 
 class StageTimer:
     """Adds the time spent inside a ``with`` block to ``stages[name]`` (a stage may run more than once)."""
+
     __slots__ = ("stages", "name", "start")
 
     def __init__(self, stages: dict[str, int], name: str):
         self.stages, self.name = stages, name
 
-    def __enter__(self) -> "StageTimer":
+    def __enter__(self) -> StageTimer:
         self.start = time.perf_counter_ns()
         return self
 
@@ -87,8 +90,15 @@ class Pipeline:
         if cls.family:
             Pipeline._families[cls.family] = cls
 
-    def __init__(self, bundle: Bundle, backend: str, precision: str, notes: list[str], form: str | None = None,
-                 cache_size: int = 128):
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str,
+        precision: str,
+        notes: list[str],
+        form: str | None = None,
+        cache_size: int = 128,
+    ):
         self.bundle = bundle
         self.backend = backend
         self.precision = precision
@@ -123,8 +133,9 @@ class Pipeline:
             self.text_cache.clear()
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto",
-                    **options) -> "Pipeline":
+    def from_bundle(
+        cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto", **options
+    ) -> Pipeline:
         bundle = Bundle.open(path)  # verified before any session exists
         family = Pipeline.for_family(bundle)
         notes: list[str] = []  # what `auto` skipped and why
@@ -144,12 +155,19 @@ class Pipeline:
     def for_family(bundle: Bundle) -> type:
         family_cls = Pipeline._families.get(bundle.family)
         if family_cls is None:
-            raise BadInputError(f"bundle {bundle.root}", f"family {bundle.family!r} has no runtime here",
-                                f"this edgegen runs {sorted(Pipeline._families)}")
+            raise BadInputError(
+                f"bundle {bundle.root}",
+                f"family {bundle.family!r} has no runtime here",
+                f"this edgegen runs {sorted(Pipeline._families)}",
+            )
         return family_cls
 
-    def __call__(self, prompt, seed=None, num_images_per_prompt: int = 1, output_type: str = "pil", **options):
-        start = time.perf_counter_ns()  # end to end: the argument checks count too (not the output conversion)
+    def __call__(
+        self, prompt, seed=None, num_images_per_prompt: int = 1, output_type: str = "pil", **options
+    ):
+        start = (
+            time.perf_counter_ns()
+        )  # end to end: the argument checks count too (not the output conversion)
         prompts, seeds = self._check(prompt, seed, num_images_per_prompt, output_type, options)
         with self._lock:
             checked = time.perf_counter_ns()
@@ -161,21 +179,31 @@ class Pipeline:
             warnings.warn(message, TruncationWarning, stacklevel=2)
         return _to_output(pixels, output_type)
 
-    def _check(self, prompt, seed, num_images_per_prompt, output_type, options) -> tuple[list[str], list[int]]:
+    def _check(
+        self, prompt, seed, num_images_per_prompt, output_type, options
+    ) -> tuple[list[str], list[int]]:
         """The call's prompts (each repeated num_images_per_prompt times) and one seed per image."""
         unknown = [k for k in options if k not in self.options]
         if unknown:
-            raise BadInputError(unknown[0], f"unknown keyword for a {self.family} pipeline",
-                                f"it accepts {', '.join(CALL_ARGUMENTS + self.options)}")
+            raise BadInputError(
+                unknown[0],
+                f"unknown keyword for a {self.family} pipeline",
+                f"it accepts {', '.join(CALL_ARGUMENTS + self.options)}",
+            )
         prompts = normalize_prompts(prompt)
         count = check_count(num_images_per_prompt, "num_images_per_prompt")
         total = len(prompts) * count
         if total > self.max_batch:
-            raise BadInputError("num_images_per_prompt", f"{len(prompts)} prompt(s) x {count} image(s) = {total} "
-                                f"exceeds this bundle's maximum batch of {self.max_batch}",
-                                "split the request into smaller calls")
+            raise BadInputError(
+                "num_images_per_prompt",
+                f"{len(prompts)} prompt(s) x {count} image(s) = {total} "
+                f"exceeds this bundle's maximum batch of {self.max_batch}",
+                "split the request into smaller calls",
+            )
         if output_type not in OUTPUT_TYPES:
-            raise BadInputError("output_type", f"unknown value {output_type!r}", f"use one of {', '.join(OUTPUT_TYPES)}")
+            raise BadInputError(
+                "output_type", f"unknown value {output_type!r}", f"use one of {', '.join(OUTPUT_TYPES)}"
+            )
         if count > 1:
             prompts = [p for p in prompts for _ in range(count)]
         return prompts, expand_seeds(seed, total)
@@ -196,22 +224,31 @@ def _to_output(pixels: np.ndarray, output_type: str):
     if output_type == "np":
         return pixels.astype(np.float32) / 255.0
     from PIL import Image
+
     return [Image.fromarray(p) for p in pixels]
 
 
 def normalize_prompts(prompt) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise BadInputError("prompt", f"expected a string or a non-empty list of strings, got {type(prompt).__name__}",
-                            "pass pipe('a cat') or pipe(['a cat', 'a dog'])")
+        raise BadInputError(
+            "prompt",
+            f"expected a string or a non-empty list of strings, got {type(prompt).__name__}",
+            "pass pipe('a cat') or pipe(['a cat', 'a dog'])",
+        )
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise BadInputError("prompt", f"item {i} is a {type(p).__name__}, not a string", "every prompt must be a str")
+            raise BadInputError(
+                "prompt", f"item {i} is a {type(p).__name__}, not a string", "every prompt must be a str"
+            )
         try:
             p.isascii() or p.encode("utf-8")  # ASCII cannot hold a lone surrogate: no bytes object to build
         except UnicodeEncodeError as e:
-            raise BadInputError("prompt", f"item {i} is not valid Unicode text ({e.reason} at position {e.start})",
-                                "decode input bytes with errors='replace' before passing them") from None
+            raise BadInputError(
+                "prompt",
+                f"item {i} is not valid Unicode text ({e.reason} at position {e.start})",
+                "decode input bytes with errors='replace' before passing them",
+            ) from None
     return list(prompts)
 
 
@@ -223,8 +260,11 @@ def check_count(count, name: str = "num_images_per_prompt") -> int:
 
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise BadInputError("seed", f"expected an integer, got {type(seed).__name__} {seed!r}",
-                            "seeds are integers in [0, 2**64)")
+        raise BadInputError(
+            "seed",
+            f"expected an integer, got {type(seed).__name__} {seed!r}",
+            "seeds are integers in [0, 2**64)",
+        )
     if not 0 <= int(seed) < SEED_LIMIT:
         raise BadInputError("seed", f"out of range: {seed}", "seeds are integers in [0, 2**64)")
     return int(seed)
@@ -237,8 +277,11 @@ def expand_seeds(seed, total: int) -> list[int]:
     if isinstance(seed, (list, tuple, np.ndarray)):
         seeds = [check_seed(s) for s in seed]
         if len(seeds) != total:
-            raise BadInputError("seed", f"{len(seeds)} seeds for {total} images",
-                                "give one seed per image (prompts x num_images), or a single seed")
+            raise BadInputError(
+                "seed",
+                f"{len(seeds)} seeds for {total} images",
+                "give one seed per image (prompts x num_images), or a single seed",
+            )
         return seeds
     first = check_seed(seed)
     if first + total > SEED_LIMIT:
@@ -247,5 +290,6 @@ def expand_seeds(seed, total: int) -> list[int]:
 
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
-    """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed alone."""
+    """(len(seeds), *shape) float32 standard normal noise, each image's slice drawn from its own seed
+    alone."""
     return native.fill_noise([int(s) for s in seeds], np.empty((len(seeds), *shape), np.float32))

@@ -5,6 +5,7 @@ asked, over the shipped eval prompts (seen phrasings and held-out ones separatel
 pairwise L1 (0..1) between images of one prompt under different seeds; frechet: Fréchet distance
 between the judge's features of generated images and of real renders.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,11 @@ def _judge_inputs(pixels: np.ndarray) -> np.ndarray:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1-mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), with symmetric square roots by eigh."""
+
     def sqrt_psd(m):
         w, v = np.linalg.eigh((m + m.T) / 2)
         return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
     root1 = sqrt_psd(sigma1)
     cross = sqrt_psd(root1 @ sigma2 @ root1)
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(cross))
@@ -56,9 +59,12 @@ def evaluate(pipe, limit: int | None = None) -> dict:
     correct = {"seen": [], "heldout": [], "heldout_templates": [], "heldout_synonyms": []}
     features, spreads = [], []
     for start in range(0, len(prompts), per_call):
-        chunk = prompts[start:start + per_call]
-        pixels = pipe([p["prompt"] for p in chunk for _ in EVAL_SEEDS], seed=list(EVAL_SEEDS) * len(chunk),
-                      output_type="uint8")
+        chunk = prompts[start : start + per_call]
+        pixels = pipe(
+            [p["prompt"] for p in chunk for _ in EVAL_SEEDS],
+            seed=list(EVAL_SEEDS) * len(chunk),
+            output_type="uint8",
+        )
         got = dict(zip(outputs, judge.run(None, {"image": _judge_inputs(pixels)})))
         emoji, background = got["emoji_logits"].argmax(1), got["background_logits"].argmax(1)
         features.append(got["features"].astype(np.float64))
@@ -69,10 +75,16 @@ def evaluate(pipe, limit: int | None = None) -> dict:
             if p.get("novelty"):  # the held-out half of the prompts, by what is new in them
                 correct[f"heldout_{p['novelty']}s"] += right
             imgs = pixels[rows].astype(np.float32) / 255.0
-            spreads += [np.abs(imgs[a] - imgs[b]).mean() for a in range(len(imgs)) for b in range(a + 1, len(imgs))]
+            spreads += [
+                np.abs(imgs[a] - imgs[b]).mean() for a in range(len(imgs)) for b in range(a + 1, len(imgs))
+            ]
     feats = np.concatenate(features)
     with np.load(bundle.path(q["real_features"]), allow_pickle=False) as real:
         fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), real["mu"], real["sigma"])
-    return {"adherence": {k: float(np.mean(v)) for k, v in correct.items() if v},
-            "prompts": {k: len(v) // len(EVAL_SEEDS) for k, v in correct.items() if v}, "seeds": list(EVAL_SEEDS),
-            "diversity": float(np.mean(spreads)), "frechet_judge_distance": fd}
+    return {
+        "adherence": {k: float(np.mean(v)) for k, v in correct.items() if v},
+        "prompts": {k: len(v) // len(EVAL_SEEDS) for k, v in correct.items() if v},
+        "seeds": list(EVAL_SEEDS),
+        "diversity": float(np.mean(spreads)),
+        "frechet_judge_distance": fd,
+    }

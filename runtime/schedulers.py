@@ -8,6 +8,7 @@ A plan's per-step arithmetic uses only ``+ - * /`` between arrays and Python-flo
 clip). The same code therefore runs on numpy arrays in the runtime and on torch tensors when the
 export traces it into the fused graphs: the loop and the fused graphs share one definition.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,27 +19,71 @@ from .errors import BadInputError
 
 NAMES = ("euler", "euler_a", "lcm", "ddim")
 # diffusers class name -> ours (a checkpoint's scheduler/scheduler_config.json names its class)
-DIFFUSERS_NAMES = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
-                   "LCMScheduler": "lcm", "DDIMScheduler": "ddim"}
+DIFFUSERS_NAMES = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "LCMScheduler": "lcm",
+    "DDIMScheduler": "ddim",
+}
 
-_COMMON = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-           "trained_betas": None, "prediction_type": "epsilon", "steps_offset": 0, "rescale_betas_zero_snr": False}
+_COMMON = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
 # diffusers' defaults per class: a key the checkpoint's config lacks takes the value that class would use.
 DEFAULTS = {
-    "euler": {**_COMMON, "timestep_spacing": "linspace", "interpolation_type": "linear", "use_karras_sigmas": False,
-              "use_exponential_sigmas": False, "use_beta_sigmas": False, "timestep_type": "discrete",
-              "final_sigmas_type": "zero", "sigma_min": None, "sigma_max": None},
+    "euler": {
+        **_COMMON,
+        "timestep_spacing": "linspace",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+        "sigma_min": None,
+        "sigma_max": None,
+    },
     "euler_a": {**_COMMON, "timestep_spacing": "linspace"},
-    "lcm": {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
-            "thresholding": False, "timestep_spacing": "leading", "timestep_scaling": 10.0},
-    "ddim": {**_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
-             "thresholding": False, "timestep_spacing": "leading"},
+    "lcm": {
+        **_COMMON,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "thresholding": False,
+        "timestep_spacing": "leading",
+        "timestep_scaling": 10.0,
+    },
+    "ddim": {
+        **_COMMON,
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "thresholding": False,
+        "timestep_spacing": "leading",
+    },
 }
 # Settings this runtime does not implement: (key, the only supported value).
-_ONLY = [("rescale_betas_zero_snr", False), ("use_karras_sigmas", False), ("use_exponential_sigmas", False),
-         ("use_beta_sigmas", False), ("timestep_type", "discrete"), ("final_sigmas_type", "zero"),
-         ("interpolation_type", "linear"), ("thresholding", False)]
+_ONLY = [
+    ("rescale_betas_zero_snr", False),
+    ("use_karras_sigmas", False),
+    ("use_exponential_sigmas", False),
+    ("use_beta_sigmas", False),
+    ("timestep_type", "discrete"),
+    ("final_sigmas_type", "zero"),
+    ("interpolation_type", "linear"),
+    ("thresholding", False),
+]
 F32 = np.float32
 
 
@@ -49,8 +94,10 @@ def scheduler_config(name: str, config: dict) -> dict:
     return {k: config.get(k, v) for k, v in DEFAULTS[name].items()}
 
 
-def make_scheduler(name: str, config: dict) -> "Scheduler":
-    return {"euler": Euler, "euler_a": EulerAncestral, "lcm": LCM, "ddim": DDIM}[name](scheduler_config(name, config))
+def make_scheduler(name: str, config: dict) -> Scheduler:
+    return {"euler": Euler, "euler_a": EulerAncestral, "lcm": LCM, "ddim": DDIM}[name](
+        scheduler_config(name, config)
+    )
 
 
 def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
@@ -60,7 +107,9 @@ def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     start, end = F32(start), F32(end)
     step = np.float64((end - start) / F32(n - 1))
     i = np.arange(n)
-    return np.where(i < n // 2, np.float64(start) + step * i, np.float64(end) - step * (n - 1 - i)).astype(F32)
+    return np.where(i < n // 2, np.float64(start) + step * i, np.float64(end) - step * (n - 1 - i)).astype(
+        F32
+    )
 
 
 def alphas_cumprod(c: dict) -> np.ndarray:
@@ -75,14 +124,18 @@ def alphas_cumprod(c: dict) -> np.ndarray:
         bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         betas = np.array([min(1 - bar((i + 1) / n) / bar(i / n), 0.999) for i in range(n)], dtype=F32)
     else:
-        raise BadInputError("scheduler config", f"unknown beta_schedule {c['beta_schedule']!r}",
-                            "supported: linear, scaled_linear, squaredcos_cap_v2, or trained_betas")
+        raise BadInputError(
+            "scheduler config",
+            f"unknown beta_schedule {c['beta_schedule']!r}",
+            "supported: linear, scaled_linear, squaredcos_cap_v2, or trained_betas",
+        )
     alphas = F32(1.0) - betas
     return np.cumprod(alphas.astype(np.float64)).astype(F32)  # torch accumulates a float32 cumprod in float64
 
 
 def spaced_timesteps(c: dict, num_steps: int, integer: bool) -> np.ndarray:
-    """The inference timesteps for ``timestep_spacing`` (Table 2 of arXiv:2305.08891), as diffusers spaces them."""
+    """The inference timesteps for ``timestep_spacing`` (Table 2 of arXiv:2305.08891), as diffusers spaces
+    them."""
     n, spacing = int(c["num_train_timesteps"]), c["timestep_spacing"]
     if spacing == "linspace":
         t = np.linspace(0, n - 1, num_steps, dtype=np.float64 if integer else F32)[::-1]
@@ -92,7 +145,11 @@ def spaced_timesteps(c: dict, num_steps: int, integer: bool) -> np.ndarray:
     elif spacing == "trailing":
         t = np.arange(n, 0, -n / num_steps).round().astype(F32) - 1
     else:
-        raise BadInputError("scheduler config", f"unknown timestep_spacing {spacing!r}", "supported: linspace, leading, trailing")
+        raise BadInputError(
+            "scheduler config",
+            f"unknown timestep_spacing {spacing!r}",
+            "supported: linspace, leading, trailing",
+        )
     return np.ascontiguousarray(t).astype(np.int64 if integer else F32)
 
 
@@ -108,7 +165,7 @@ class Plan:
 
     @property
     def timesteps(self) -> np.ndarray:
-        return self.all_timesteps[self.begin:].astype(F32)
+        return self.all_timesteps[self.begin :].astype(F32)
 
     def __len__(self) -> int:
         return len(self.all_timesteps) - self.begin
@@ -136,11 +193,17 @@ class Scheduler:
     def __init__(self, config: dict):
         for key, value in _ONLY:
             if key in config and config[key] != value:
-                raise BadInputError("scheduler config", f"{self.name}: {key}={config[key]!r} is not supported",
-                                    f"edgegen's schedulers support {key}={value!r}")
+                raise BadInputError(
+                    "scheduler config",
+                    f"{self.name}: {key}={config[key]!r} is not supported",
+                    f"edgegen's schedulers support {key}={value!r}",
+                )
         if config["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
-            raise BadInputError("scheduler config", f"unknown prediction_type {config['prediction_type']!r}",
-                                "supported: epsilon, v_prediction, sample")
+            raise BadInputError(
+                "scheduler config",
+                f"unknown prediction_type {config['prediction_type']!r}",
+                "supported: epsilon, v_prediction, sample",
+            )
         self.config = config
         self.alphas_cumprod = alphas_cumprod(config)
 
@@ -148,14 +211,22 @@ class Scheduler:
         """The schedule for ``num_steps`` steps; ``strength`` < 1 skips the first steps as diffusers'
         image-to-image pipeline does (``int(num_steps * strength)`` steps run)."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-            raise BadInputError("num_inference_steps", f"expected a positive integer, got {num_steps!r}", "use e.g. 1, 2 or 4")
+            raise BadInputError(
+                "num_inference_steps", f"expected a positive integer, got {num_steps!r}", "use e.g. 1, 2 or 4"
+            )
         if num_steps > self.config["num_train_timesteps"]:
-            raise BadInputError("num_inference_steps", f"{num_steps} exceeds the {self.config['num_train_timesteps']} training timesteps",
-                                "use fewer steps")
+            raise BadInputError(
+                "num_inference_steps",
+                f"{num_steps} exceeds the {self.config['num_train_timesteps']} training timesteps",
+                "use fewer steps",
+            )
         runs = min(int(num_steps * strength), num_steps)
         if runs < 1:
-            raise BadInputError("strength", f"{strength} x {num_steps} steps leaves no step to run",
-                                f"raise strength to at least {1 / num_steps:.3g} or use more steps")
+            raise BadInputError(
+                "strength",
+                f"{strength} x {num_steps} steps leaves no step to run",
+                f"raise strength to at least {1 / num_steps:.3g} or use more steps",
+            )
         return self._plan(int(num_steps), num_steps - runs)
 
     def _plan(self, num_steps: int, begin: int) -> Plan:
@@ -163,6 +234,7 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------- Euler (k-diffusion style, sigma space)
+
 
 class SigmaPlan(Plan):
     def __init__(self, timesteps, sigmas, prediction, init_sigma, begin):
@@ -217,13 +289,19 @@ class Euler(Scheduler):
     def tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps, sigmas) as diffusers' ``set_timesteps`` makes them."""
         t = spaced_timesteps(self.config, num_steps, integer=False)
-        table = np.sqrt((F32(1) - self.alphas_cumprod) / self.alphas_cumprod)  # correctly rounded; torch may differ by an ulp
+        table = np.sqrt(
+            (F32(1) - self.alphas_cumprod) / self.alphas_cumprod
+        )  # correctly rounded; torch may differ by an ulp
         sigmas = np.interp(t, np.arange(len(table)), table)
         return t, np.concatenate([sigmas, [0.0]]).astype(F32)
 
     def _plan(self, num_steps, begin):
         t, sigmas = self.tables(num_steps)
-        init = sigmas.max() if self.config["timestep_spacing"] in ("linspace", "trailing") else (sigmas.max() ** 2 + 1) ** 0.5
+        init = (
+            sigmas.max()
+            if self.config["timestep_spacing"] in ("linspace", "trailing")
+            else (sigmas.max() ** 2 + 1) ** 0.5
+        )
         return self.plan_class(t, sigmas, self.config["prediction_type"], F32(init), begin)
 
 
@@ -233,12 +311,16 @@ class EulerAncestral(Euler):
 
     def __init__(self, config):
         if config["prediction_type"] == "sample":
-            raise BadInputError("scheduler config", "euler_a: prediction_type 'sample' is not supported",
-                                "diffusers does not implement it either; use euler")
+            raise BadInputError(
+                "scheduler config",
+                "euler_a: prediction_type 'sample' is not supported",
+                "diffusers does not implement it either; use euler",
+            )
         super().__init__(config)
 
 
 # ---------------------------------------------------------------- DDIM and LCM (alpha space)
+
 
 class AlphaPlan(Plan):
     def __init__(self, timesteps, alphas_cumprod, config, begin):
@@ -278,7 +360,9 @@ class AlphaPlan(Plan):
 class DDIMPlan(AlphaPlan):
     def __init__(self, timesteps, alphas_cumprod, config, begin, num_steps):
         super().__init__(timesteps, alphas_cumprod, config, begin)
-        self.stride = int(config["num_train_timesteps"]) // num_steps  # diffusers steps back by this, not to the next entry
+        self.stride = (
+            int(config["num_train_timesteps"]) // num_steps
+        )  # diffusers steps back by this, not to the next entry
 
     def step(self, i, x, out, noise=None):  # eta = 0: deterministic
         t = self._t(i)
@@ -323,11 +407,15 @@ class LCM(Scheduler):
     name = "lcm"
 
     def tables(self, num_steps: int) -> np.ndarray:
-        """LCM's schedule: evenly spaced picks from the distillation schedule of ``original_inference_steps``."""
+        """LCM's schedule: evenly spaced picks from the distillation schedule of
+        ``original_inference_steps``."""
         original = int(self.config["original_inference_steps"])
         if num_steps > original:
-            raise BadInputError("num_inference_steps", f"{num_steps} exceeds LCM's original_inference_steps {original}",
-                                f"use at most {original} steps")
+            raise BadInputError(
+                "num_inference_steps",
+                f"{num_steps} exceeds LCM's original_inference_steps {original}",
+                f"use at most {original} steps",
+            )
         k = int(self.config["num_train_timesteps"]) // original
         origin = (np.arange(1, original + 1) * k - 1)[::-1]
         picks = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)

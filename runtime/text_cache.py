@@ -1,4 +1,5 @@
 """Recent prompts' text states, so a repeated prompt skips the text encoder (both families)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -12,9 +13,11 @@ from .errors import BadInputError
 
 @dataclass(slots=True)
 class TextEntry:
-    states: np.ndarray  # (length, width): the prompt's text states, at its own token count where the graph allows
-    length: int         # its real tokens (rows of states past it, if any, are padding's)
-    truncated: bool     # did the prompt lose tokens to the tokenizer's max_length?
+    states: (
+        np.ndarray
+    )  # (length, width): the prompt's text states, at its own token count where the graph allows
+    length: int  # its real tokens (rows of states past it, if any, are padding's)
+    truncated: bool  # did the prompt lose tokens to the tokenizer's max_length?
 
 
 class TextCache:
@@ -32,7 +35,9 @@ class TextCache:
     @size.setter
     def size(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise BadInputError("cache_size", f"expected an integer >= 0, got {value!r}", "0 turns the cache off")
+            raise BadInputError(
+                "cache_size", f"expected an integer >= 0, got {value!r}", "0 turns the cache off"
+            )
         self._size = value
         self._trim()
 
@@ -46,7 +51,9 @@ class TextCache:
             self._entries.move_to_end(p)
         return [self._entries[p] for p in prompts]
 
-    def remember(self, prompts: list[str], states: np.ndarray, lengths: list[int], truncated: list[bool]) -> None:
+    def remember(
+        self, prompts: list[str], states: np.ndarray, lengths: list[int], truncated: list[bool]
+    ) -> None:
         """Keep ``states[i, :lengths[i]]`` (copied out of the graph's output buffer) for each new prompt."""
         if self._size == 0:
             return
@@ -54,7 +61,9 @@ class TextCache:
             if p in self._entries:
                 self._entries.move_to_end(p)
                 continue
-            self._entries[p] = TextEntry(native.copy_rows(states, i, lengths[i]), lengths[i], bool(truncated[i]))
+            self._entries[p] = TextEntry(
+                native.copy_rows(states, i, lengths[i]), lengths[i], bool(truncated[i])
+            )
         self._trim()
 
     def _trim(self) -> None:

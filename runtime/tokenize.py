@@ -1,4 +1,5 @@
 """Prompt -> right-padded token ids, with the bundle's tokenizer.json (tokenizers library)."""
+
 from __future__ import annotations
 
 import re
@@ -8,21 +9,22 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import BadBundleError
 from . import native
+from .errors import BadBundleError
 from .native import PLAIN
 
 
 @dataclass
 class Tokens:
-    input_ids: np.ndarray       # (B, L) int64
+    input_ids: np.ndarray  # (B, L) int64
     attention_mask: np.ndarray  # (B, L) int64
-    truncated: list[bool]       # per prompt: did it lose tokens to max_length?
+    truncated: list[bool]  # per prompt: did it lose tokens to max_length?
 
 
 @dataclass
 class Encoded:
     """Token ids before padding; ``length`` is the row length they pad to."""
+
     rows: list[list[int]]
     lengths: list[int]  # per prompt: its real tokens
     truncated: list[bool]
@@ -42,9 +44,10 @@ class Encoded:
         native.write_tokens(self.rows, ids, mask, self.length, self.pad_id)
 
 
-# A plain prompt (native.PLAIN): ASCII words (letters, digits) one space apart. Every pre-tokenizer the families
-# use splits text at spaces, so a plain prompt's ids are its special tokens around its words' ids, each word's
-# ids depending only on the word and on whether it comes first (GPT-2 marks a word's leading space).
+# A plain prompt (native.PLAIN): ASCII words (letters, digits) one space apart. Every pre-tokenizer the
+# families use splits text at spaces, so a plain prompt's ids are its special tokens around its words' ids,
+# each word's ids depending only on the word and on whether it comes first (GPT-2 marks a word's leading
+# space).
 PROBE = "a Ab 1 a1 1a ab12 A"  # checks at load that the bundle's pre-tokenizer does split at spaces
 WORD_CACHE_SIZE = 8192
 
@@ -67,13 +70,16 @@ class PromptTokenizer:
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on a bad file
-            raise BadBundleError(f"tokenizer {path}", f"cannot be read: {e}", "re-export the bundle") from None
+            raise BadBundleError(
+                f"tokenizer {path}", f"cannot be read: {e}", "re-export the bundle"
+            ) from None
         self.max_length = int(max_length)
         self.pad_id = int(pad_id)
         self.pad_to_longest = pad_to_longest
         self._tok.no_padding()
         self._tok.enable_truncation(self.max_length)
-        # word -> its ids, for the first word of a prompt and for the words after it (GPT-2 marks a leading space)
+        # word -> its ids, for the first word of a prompt and for the words after it (GPT-2 marks a leading
+        # space)
         self._first: dict[str, list[int]] = {}
         self._later: dict[str, list[int]] = {}
         self._ends: tuple[list[int], list[int]] | None = None  # special ids before and after the words
@@ -81,8 +87,11 @@ class PromptTokenizer:
 
     def _splits_at_spaces(self) -> bool:
         """Whether plain prompts may be tokenized word by word: no added token could occur in one, and the
-        pre-tokenizer puts no space inside a piece (tokenizers with no pre-tokenizer may merge across words)."""
-        if any(re.fullmatch(r"[A-Za-z0-9 ]+", t.content) for t in self._tok.get_added_tokens_decoder().values()):
+        pre-tokenizer puts no space inside a piece (tokenizers with no pre-tokenizer may merge across
+        words)."""
+        if any(
+            re.fullmatch(r"[A-Za-z0-9 ]+", t.content) for t in self._tok.get_added_tokens_decoder().values()
+        ):
             return False
         if self._tok.pre_tokenizer is None:
             return False
@@ -91,11 +100,11 @@ class PromptTokenizer:
         return all(" " not in text[a:b].lstrip(" ") for _, (a, b) in pieces)
 
     @classmethod
-    def from_settings(cls, path, settings: dict) -> "PromptTokenizer":
+    def from_settings(cls, path, settings: dict) -> PromptTokenizer:
         return cls(path, settings["max_length"], settings["pad_id"])
 
     @classmethod
-    def of_bundle(cls, bundle, pad_to_longest: bool = False) -> "PromptTokenizer":
+    def of_bundle(cls, bundle, pad_to_longest: bool = False) -> PromptTokenizer:
         settings = bundle.tokenizer_settings
         tok = cls.from_settings(bundle.path(settings["file"]), settings)
         tok.pad_to_longest = pad_to_longest
@@ -115,7 +124,8 @@ class PromptTokenizer:
         if None in rows:
             missed = [i for i, r in enumerate(rows) if r is None]
             texts = [prompts[i] for i in missed]
-            # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it does
+            # one prompt alone: encode_batch would hand it to the Rust thread pool, which costs more than it
+            # does
             encodings = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(texts)
             for i, e in zip(missed, encodings):
                 rows[i], truncated[i] = e.ids, bool(e.overflowing)
@@ -146,7 +156,7 @@ class PromptTokenizer:
                 continue
             if tail:
                 return  # a special token between words
-            a += prompt[a:a + 1] == " "
+            a += prompt[a : a + 1] == " "
             word = bisect_right(starts, a) - 1
             if a >= b or word != bisect_right(starts, b - 1) - 1:
                 return  # a token across words, or of no character: this prompt teaches nothing

@@ -17,6 +17,7 @@ would take in their work. So each graph captures on a private stream (the graph 
 shared one), and allocations, first runs and captures hold ``cudart.SETUP_LOCK``: ONNX Runtime captures
 in global mode, where another thread's cudaMalloc breaks its capture.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,18 +28,36 @@ import numpy as np
 from . import cudart
 from .backends import backend_spec
 from .bundle import NP_DTYPES, Component
-from .errors import BadBundleError, BadInputError, BackendUnavailableError
 from .engines import bundle_key, load_engine, user_cache_dir
+from .errors import BackendUnavailableError, BadBundleError, BadInputError
 
 
 class _BatchSet:
-    __slots__ = ("context", "host_in", "host_out", "dev", "h2d", "d2h", "graph", "graph_io", "runs", "fed",
-                 "capture_error")
+    __slots__ = (
+        "context",
+        "host_in",
+        "host_out",
+        "dev",
+        "h2d",
+        "d2h",
+        "graph",
+        "graph_io",
+        "runs",
+        "fed",
+        "capture_error",
+    )
 
     def __init__(self):
         self.host_in, self.host_out, self.dev = {}, {}, {}
         self.h2d, self.d2h = [], []
-        self.graph, self.graph_io, self.runs, self.fed, self.capture_error, self.context = 0, 0, 0, set(), None, None
+        self.graph, self.graph_io, self.runs, self.fed, self.capture_error, self.context = (
+            0,
+            0,
+            0,
+            set(),
+            None,
+            None,
+        )
 
 
 class TrtGraph:
@@ -48,12 +67,23 @@ class TrtGraph:
 
     kind = "tensorrt"
 
-    def __init__(self, bundle, component: str, form: str, backend: str, spec: Component,
-                 cuda_graphs: bool = True, loaded=None, trt=None):
+    def __init__(
+        self,
+        bundle,
+        component: str,
+        form: str,
+        backend: str,
+        spec: Component,
+        cuda_graphs: bool = True,
+        loaded=None,
+        trt=None,
+    ):
         self.spec, self.backend, self.flavour, self.form = spec, backend, backend, form
         self.cuda = cudart.runtime()  # no GPU: BackendUnavailableError before any engine is read
         self.stream = self.cuda.stream()
-        self.engine, self._trt_runtime, self.logger, self.entry = loaded or load_engine(bundle, backend, component, form)
+        self.engine, self._trt_runtime, self.logger, self.entry = loaded or load_engine(
+            bundle, backend, component, form
+        )
         self.trt = trt or _module_of(backend)
         self.max_batch = int(self.entry.get("profile", {}).get("max_batch") or bundle.generation["max_batch"])
         self.max_length = bundle.max_length  # the engine's profile fixes the sequence axis there
@@ -74,17 +104,27 @@ class TrtGraph:
         wanted = {t.name: t for t in (*self.spec.inputs, *self.spec.outputs)}
         subject = f"engine {self.entry['file']}"
         if names != set(wanted):
-            raise BadBundleError(subject, f"has tensors {sorted(names)}, the manifest says {sorted(wanted)}",
-                                 "rebuild the engines from this bundle's ONNX files")
+            raise BadBundleError(
+                subject,
+                f"has tensors {sorted(names)}, the manifest says {sorted(wanted)}",
+                "rebuild the engines from this bundle's ONNX files",
+            )
         for name, t in wanted.items():
             got = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             if got != np.dtype(NP_DTYPES[t.dtype]):
-                raise BadBundleError(subject, f"{name} is {got}, the manifest says {t.dtype}",
-                                     "engines must be built strongly typed from the bundle's ONNX (edgegen engines BUNDLE --flavour ...)")
+                raise BadBundleError(
+                    subject,
+                    f"{name} is {got}, the manifest says {t.dtype}",
+                    "engines must be built strongly typed from the bundle's ONNX "
+                    "(edgegen engines BUNDLE --flavour ...)",
+                )
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             if is_input != (t in self.spec.inputs):
-                raise BadBundleError(subject, f"{name} is an {'input' if is_input else 'output'} of the engine",
-                                     "rebuild the engines from this bundle's ONNX files")
+                raise BadBundleError(
+                    subject,
+                    f"{name} is an {'input' if is_input else 'output'} of the engine",
+                    "rebuild the engines from this bundle's ONNX files",
+                )
 
     def _rtx_config(self, bundle):
         """TensorRT for RTX: user-managed scratch, kernels specialised before the first call returns (so the
@@ -97,8 +137,12 @@ class TrtGraph:
             config.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER
         try:
             self._cache = config.create_runtime_cache()
-            self._cache_path = (user_cache_dir() / "trt-rtx-runtime-cache" / bundle_key(bundle)
-                                / (Path(self.entry["file"]).name + ".cache"))
+            self._cache_path = (
+                user_cache_dir()
+                / "trt-rtx-runtime-cache"
+                / bundle_key(bundle)
+                / (Path(self.entry["file"]).name + ".cache")
+            )
             if self._cache_path.is_file():
                 self._cache.deserialize(self._cache_path.read_bytes())  # False (ignored) if it no longer fits
             config.set_runtime_cache(self._cache)
@@ -113,10 +157,15 @@ class TrtGraph:
         else:
             ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if ctx is None:
-            raise BackendUnavailableError(f"engine {self.entry['file']}", "no execution context: "
-                                          + self.logger.errors(), "free GPU memory, or use --backend ort-cuda")
+            raise BackendUnavailableError(
+                f"engine {self.entry['file']}",
+                "no execution context: " + self.logger.errors(),
+                "free GPU memory, or use --backend ort-cuda",
+            )
         try:
-            ctx.set_device_memory(self._scratch.ptr, self._scratch.nbytes)  # TensorRT >= 10.1 (setDeviceMemoryV2)
+            ctx.set_device_memory(
+                self._scratch.ptr, self._scratch.nbytes
+            )  # TensorRT >= 10.1 (setDeviceMemoryV2)
         except (AttributeError, TypeError):  # 10.0 lacks the method (AttributeError) or takes other arguments
             ctx.device_memory = self._scratch.ptr  # the 10.0 form
         return ctx
@@ -126,8 +175,11 @@ class TrtGraph:
         if found is not None:
             return found
         if not 1 <= batch <= self.max_batch:
-            raise BadInputError("batch", f"{batch} is outside the engine's profile 1..{self.max_batch}",
-                                "split the request, or rebuild the engines with a larger --max-batch")
+            raise BadInputError(
+                "batch",
+                f"{batch} is outside the engine's profile 1..{self.max_batch}",
+                "split the request, or rebuild the engines with a larger --max-batch",
+            )
         with cudart.SETUP_LOCK:
             return self._allocate(batch)
 
@@ -138,18 +190,28 @@ class TrtGraph:
         for t in self.spec.inputs:
             shape = t.resolve(batch, self.max_length)
             if not ctx.set_input_shape(t.name, shape):
-                raise BadInputError("batch", f"{t.name} shape {shape} is outside the engine's profile: "
-                                    + self.logger.errors(), f"batches 1..{self.max_batch}")
+                raise BadInputError(
+                    "batch",
+                    f"{t.name} shape {shape} is outside the engine's profile: " + self.logger.errors(),
+                    f"batches 1..{self.max_batch}",
+                )
         for t in (*self.spec.inputs, *self.spec.outputs):
             shape = t.resolve(batch, self.max_length)
             if tuple(ctx.get_tensor_shape(t.name)) != shape:
-                raise BadBundleError(subject, f"{t.name} has shape {tuple(ctx.get_tensor_shape(t.name))} at batch "
-                                     f"{batch}, the manifest says {shape}", "rebuild the engines from this bundle")
+                raise BadBundleError(
+                    subject,
+                    f"{t.name} has shape {tuple(ctx.get_tensor_shape(t.name))} at batch "
+                    f"{batch}, the manifest says {shape}",
+                    "rebuild the engines from this bundle",
+                )
             host = cuda.pinned(shape, NP_DTYPES[t.dtype])
             dev = s.dev[t.name] = cuda.device(host.nbytes)
             if not ctx.set_tensor_address(t.name, dev.ptr):
-                raise BackendUnavailableError(subject, f"cannot bind {t.name}: {self.logger.errors()}",
-                                              "report it with `edgegen doctor --json`")
+                raise BackendUnavailableError(
+                    subject,
+                    f"cannot bind {t.name}: {self.logger.errors()}",
+                    "report it with `edgegen doctor --json`",
+                )
             if t in self.spec.inputs:
                 s.host_in[t.name] = host
                 s.h2d.append((t.name, dev.ptr, host.ctypes.data, host.nbytes))
@@ -181,8 +243,11 @@ class TrtGraph:
         s = self._buffers(batch)
         src, nbytes = source.device_output(batch, source_output)
         if nbytes != s.dev[name].nbytes:
-            raise BadInputError(name, f"{source_output} has {nbytes} bytes, {name} needs {s.dev[name].nbytes}",
-                                "connect tensors of the same shape and dtype")
+            raise BadInputError(
+                name,
+                f"{source_output} has {nbytes} bytes, {name} needs {s.dev[name].nbytes}",
+                "connect tensors of the same shape and dtype",
+            )
         self.cuda.copy(s.dev[name].ptr, src, nbytes, cudart.DEVICE_TO_DEVICE, self.stream)
         s.fed.add(name)
 
@@ -208,8 +273,11 @@ class TrtGraph:
             cuda.launch(s.graph, stream)
         else:
             if not s.context.execute_async_v3(stream):
-                raise BackendUnavailableError(f"engine {self.entry['file']}", "execution failed: " + self.logger.errors(),
-                                              "run `edgegen doctor`, or use --backend ort-cuda")
+                raise BackendUnavailableError(
+                    f"engine {self.entry['file']}",
+                    "execution failed: " + self.logger.errors(),
+                    "run `edgegen doctor`, or use --backend ort-cuda",
+                )
             s.runs += 1
         if fetch:
             for dst, src, nbytes in s.d2h:
@@ -241,8 +309,10 @@ class TrtGraph:
                     self.notes.append(f"{self.entry['file']} batch {batch}: copies not captured ({e})")
                     s.capture_error = None
         if s.capture_error:
-            self.notes.append(f"{self.entry['file']} batch {batch}: no CUDA graph ({s.capture_error}); "
-                              "running the engine without one")
+            self.notes.append(
+                f"{self.entry['file']} batch {batch}: no CUDA graph ({s.capture_error}); "
+                "running the engine without one"
+            )
 
     def _capture(self, s: _BatchSet, with_copies: bool) -> int:
         """Capture on this graph's private stream: work other threads enqueue on the shared stream meanwhile
@@ -252,7 +322,9 @@ class TrtGraph:
         try:
             if with_copies:
                 for _, dst, src, nbytes in s.h2d:
-                    cuda.copy(dst, src, nbytes, cudart.HOST_TO_DEVICE, stream)  # pinned host memory: capturable
+                    cuda.copy(
+                        dst, src, nbytes, cudart.HOST_TO_DEVICE, stream
+                    )  # pinned host memory: capturable
             ok = s.context.execute_async_v3(stream)
             if with_copies:
                 for dst, src, nbytes in s.d2h:
@@ -261,8 +333,11 @@ class TrtGraph:
             graph = cuda.end_capture(stream)
         if not ok:
             cuda.destroy_graph(graph)
-            raise BackendUnavailableError(f"engine {self.entry['file']}", "enqueue failed while capturing: "
-                                          + self.logger.errors(), "it runs without a CUDA graph")
+            raise BackendUnavailableError(
+                f"engine {self.entry['file']}",
+                "enqueue failed while capturing: " + self.logger.errors(),
+                "it runs without a CUDA graph",
+            )
         return graph
 
     def _capture_on(self) -> int:
@@ -312,10 +387,10 @@ class TrtGraph:
 
 def _module_of(flavour: str):
     from .engines import import_flavour
+
     return import_flavour(flavour)
 
 
 def _scratch_size(engine) -> int:
     size = getattr(engine, "device_memory_size_v2", None)  # TensorRT >= 10.1
     return int(size if size is not None else engine.device_memory_size)
-

@@ -9,6 +9,7 @@ copy left out of the per-call path, gives wrong pixels here.
 FakeEngine runs a component's ONNX file with ONNX Runtime on the CPU, reading its inputs from and writing
 its outputs to the addresses bound with set_tensor_address, as a TensorRT engine would.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,7 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from edgegen.runtime import cudart
 
 
@@ -164,8 +164,13 @@ class FakeContext:
         if name in self.shapes:
             return self.shapes[name]
         # an output's named axes take the sizes the inputs were given along the same names
-        sizes = {d: n for t in self.engine.spec.inputs if t.name in self.shapes
-                 for d, n in zip(t.shape, self.shapes[t.name]) if isinstance(d, str)}
+        sizes = {
+            d: n
+            for t in self.engine.spec.inputs
+            if t.name in self.shapes
+            for d, n in zip(t.shape, self.shapes[t.name])
+            if isinstance(d, str)
+        }
         t = next(t for t in self.engine.io if t.name == name)
         return tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
 
@@ -190,14 +195,17 @@ class FakeContext:
             outs = self.engine.session.run([t.name for t in self.engine.spec.outputs], feeds)
             for t, value in zip(self.engine.spec.outputs, outs):
                 self._view(t)[...] = value
+
         self.engine.cuda.enqueue(op, stream)
         return True
 
 
-# The real TensorRT for RTX module where it is installed (its builder runs without a GPU), for the engine tests.
+# The real TensorRT for RTX module where it is installed (its builder runs without a GPU), for the engine
+# tests.
 def _trt_rtx():
     from edgegen.runtime.engines import import_flavour
     from edgegen.runtime.errors import BackendUnavailableError
+
     try:
         return import_flavour("trt-rtx")
     except BackendUnavailableError:
@@ -205,4 +213,6 @@ def _trt_rtx():
 
 
 trt = _trt_rtx()
-needs_trt_rtx = pytest.mark.skipif(trt is None, reason="TensorRT for RTX is not installed (pip install 'edgegen[tensorrt-rtx]')")
+needs_trt_rtx = pytest.mark.skipif(
+    trt is None, reason="TensorRT for RTX is not installed (pip install 'edgegen[tensorrt-rtx]')"
+)

@@ -1,5 +1,6 @@
 """Jetson / aarch64 readiness: dependency markers per platform, the runtime's import-time dependencies, Jetson
 detection in `edgegen doctor` (on a fake board), and (slow, opt-in) the emulated aarch64 comparison."""
+
 import json
 import os
 import subprocess
@@ -7,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-
 from edgegen.runtime import jetson
 from edgegen.runtime.engines import engine_dir, select_engines
 from edgegen.runtime.errors import EngineMismatchError
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
 LEAN = {"numpy", "tokenizers", "pillow", "onnxruntime", "onnxruntime-gpu"}
@@ -24,10 +24,17 @@ def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def _env(machine: str, release: str, system: str = "Linux", sys_platform: str = "linux", extra: str = "") -> dict:
+def _env(
+    machine: str, release: str, system: str = "Linux", sys_platform: str = "linux", extra: str = ""
+) -> dict:
     env = default_environment()
-    env.update(platform_machine=machine, platform_release=release, platform_system=system,
-               sys_platform=sys_platform, extra=extra)
+    env.update(
+        platform_machine=machine,
+        platform_release=release,
+        platform_system=system,
+        sys_platform=sys_platform,
+        extra=extra,
+    )
     return env
 
 
@@ -51,12 +58,18 @@ def runtime_requirements(env: dict, extra: str = "") -> set[str]:
     return {r.name.lower() for r in reqs if r.marker is None or r.marker.evaluate(env)}
 
 
-@pytest.mark.parametrize("platform, expected", [
-    ("x86-64 Linux", {"onnxruntime-gpu"}), ("Windows", {"onnxruntime-gpu"}),
-    ("aarch64 Linux", {"onnxruntime"}), ("macOS arm64", {"onnxruntime"}),
-    # a Jetson gets no onnxruntime from PyPI: JetPack's onnxruntime-gpu wheel is installed instead
-    ("Jetson (JetPack 6)", set()), ("Jetson (JetPack 5)", set()),
-])
+@pytest.mark.parametrize(
+    "platform, expected",
+    [
+        ("x86-64 Linux", {"onnxruntime-gpu"}),
+        ("Windows", {"onnxruntime-gpu"}),
+        ("aarch64 Linux", {"onnxruntime"}),
+        ("macOS arm64", {"onnxruntime"}),
+        # a Jetson gets no onnxruntime from PyPI: JetPack's onnxruntime-gpu wheel is installed instead
+        ("Jetson (JetPack 6)", set()),
+        ("Jetson (JetPack 5)", set()),
+    ],
+)
 def test_onnxruntime_flavour_per_platform(platform, expected):
     assert runtime_requirements(PLATFORMS[platform]) == {"numpy", "tokenizers", "pillow"} | expected
 
@@ -69,7 +82,9 @@ def test_no_platform_gets_onnxruntime_gpu_outside_x86():
 
 def test_runtime_dependencies_are_the_lean_set():
     names = {Requirement(r).name.lower() for r in _pyproject()["project"]["dependencies"]}
-    assert names == LEAN, f"runtime dependencies changed: {sorted(names ^ LEAN)}; rerun benchmarks/aarch64_check.py"
+    assert names == LEAN, (
+        f"runtime dependencies changed: {sorted(names ^ LEAN)}; rerun benchmarks/aarch64_check.py"
+    )
 
 
 def test_tensorrt_extra_leaves_jetson_to_jetpack():
@@ -81,8 +96,10 @@ def test_last_emulated_run_installed_every_aarch64_dependency():
     """The recorded emulated run (benchmarks/aarch64_result.json) found an aarch64 wheel for each runtime
     dependency that pyproject asks for on aarch64 now; a new dependency needs a new run."""
     if not RESULT.exists():
-        pytest.skip("no recorded emulated run: sudo python -m benchmarks.aarch64_check --tiny --json "
-                    "benchmarks/aarch64_result.json")
+        pytest.skip(
+            "no recorded emulated run: sudo python -m benchmarks.aarch64_check --tiny --json "
+            "benchmarks/aarch64_result.json"
+        )
     recorded = json.loads(RESULT.read_text())
     assert recorded["ok"] and recorded["emulated"]["machine"] == "aarch64"
     missing = runtime_requirements(PLATFORMS["aarch64 Linux"]) - set(recorded["aarch64_packages"])
@@ -104,7 +121,7 @@ import edgegen.runtime as rt
 for m in pkgutil.walk_packages(rt.__path__, "edgegen.runtime."):
     importlib.import_module(m.name)
 print(" ".join(sorted(third_party() - before - {"edgegen"})))
-"""
+"""  # noqa: E501 (a script run as is: its lines are the string's value)
 
 
 def test_runtime_imports_nothing_beyond_the_lean_set():
@@ -116,14 +133,22 @@ def test_runtime_imports_nothing_beyond_the_lean_set():
 
 # ---------------------------------------------------------------- Jetson detection (fake board)
 
-def fake_jetson(root: Path, l4t="# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, "
-                "DATE: Wed Jan  8 01:49:37 UTC 2025\n", jetpack="6.2+b77", system_trt=True) -> Path:
+
+def fake_jetson(
+    root: Path,
+    l4t="# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, "
+    "DATE: Wed Jan  8 01:49:37 UTC 2025\n",
+    jetpack="6.2+b77",
+    system_trt=True,
+) -> Path:
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "nv_tegra_release").write_text(l4t)
     (root / "proc" / "device-tree").mkdir(parents=True)
     (root / "proc" / "device-tree" / "model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
     (root / "usr" / "local" / "cuda").mkdir(parents=True)
-    (root / "usr" / "local" / "cuda" / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "12.6.68"}}')
+    (root / "usr" / "local" / "cuda" / "version.json").write_text(
+        '{"cuda": {"name": "CUDA SDK", "version": "12.6.68"}}'
+    )
     status = "Package: python3-libnvinfer\nStatus: install ok installed\nVersion: 10.3.0.30-1+cuda12.5\n"
     if jetpack:
         status += f"\nPackage: nvidia-jetpack\nStatus: install ok installed\nVersion: {jetpack}\n"
@@ -140,11 +165,15 @@ def test_detect_jetson_reads_the_board(tmp_path):
     assert (info["l4t"], info["jetpack"], info["jetpack_from"]) == ("36.4.3", "6.2", "nvidia-jetpack package")
     assert info["cuda"] == "12.6.68" and info["tensorrt_deb"].startswith("10.3")
     assert info["system_tensorrt"] == ["usr/lib/python3.10/dist-packages/tensorrt"]
-    assert jetson.describe(info) == "NVIDIA Jetson AGX Orin Developer Kit, L4T 36.4.3, JetPack 6.2, CUDA 12.6.68"
+    assert (
+        jetson.describe(info) == "NVIDIA Jetson AGX Orin Developer Kit, L4T 36.4.3, JetPack 6.2, CUDA 12.6.68"
+    )
 
 
 def test_jetpack_from_l4t_when_the_metapackage_is_absent(tmp_path):
-    info = jetson.detect_jetson(fake_jetson(tmp_path, l4t="# R36 (release), REVISION: 4.0, GCID: 1\n", jetpack=None))
+    info = jetson.detect_jetson(
+        fake_jetson(tmp_path, l4t="# R36 (release), REVISION: 4.0, GCID: 1\n", jetpack=None)
+    )
     assert (info["l4t"], info["jetpack"], info["jetpack_from"]) == ("36.4.0", "6.1", "L4T release")
 
 
@@ -181,7 +210,10 @@ def test_jetson_notes_say_what_to_fix(tmp_path):
 
 def test_doctor_reports_the_jetson(tmp_path, monkeypatch):
     from edgegen.runtime import doctor
-    monkeypatch.setattr(doctor, "tensorrt_status", lambda: (None, "ModuleNotFoundError: No module named 'tensorrt'"))
+
+    monkeypatch.setattr(
+        doctor, "tensorrt_status", lambda: (None, "ModuleNotFoundError: No module named 'tensorrt'")
+    )
     report = doctor.run_doctor(None, root=fake_jetson(tmp_path))
     assert report["jetson"]["l4t"] == "36.4.3"
     assert report["versions"]["jetson"].startswith("NVIDIA Jetson AGX Orin")
@@ -192,9 +224,12 @@ def test_doctor_reports_the_jetson(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- engines for Orin (compute capability 8.7)
 
+
 def test_orin_engines_are_recorded_and_checked_like_any_other():
     assert engine_dir("trt", "10.3.0", "8.7") == "engines/trt-10.3.0-sm87"
-    manifest = {"engines": [{"flavour": "trt", "version": "10.3.0", "compute_capability": "8.7", "file": "e"}]}
+    manifest = {
+        "engines": [{"flavour": "trt", "version": "10.3.0", "compute_capability": "8.7", "file": "e"}]
+    }
     assert select_engines(manifest, "trt", "10.3.0", "8.7", "x") == manifest["engines"]
     with pytest.raises(EngineMismatchError, match="8.7, this GPU is 8.9"):
         select_engines(manifest, "trt", "10.3.0", "8.9", "x")
@@ -204,18 +239,23 @@ def test_orin_engines_are_recorded_and_checked_like_any_other():
 
 # ---------------------------------------------------------------- the emulated run itself
 
+
 def _root_ready() -> bool:
     from benchmarks.aarch64_check import DEFAULT_ROOT, STAMP, VENV
+
     return (DEFAULT_ROOT / STAMP).exists() and (DEFAULT_ROOT / VENV.lstrip("/") / "bin" / "edgegen").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (os.environ.get("EDGEGEN_AARCH64_CHECK") or _root_ready()),
-                    reason="no cached arm64 root (build it: sudo python -m benchmarks.aarch64_check --tiny), "
-                    "or set EDGEGEN_AARCH64_CHECK=1")
+@pytest.mark.skipif(
+    not (os.environ.get("EDGEGEN_AARCH64_CHECK") or _root_ready()),
+    reason="no cached arm64 root (build it: sudo python -m benchmarks.aarch64_check --tiny), "
+    "or set EDGEGEN_AARCH64_CHECK=1",
+)
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
 def test_emulated_aarch64_matches_x86(tmp_path):
     from benchmarks.aarch64_check import main
+
     out = tmp_path / "result.json"
     assert main(["--tiny", "--offline", "--json", str(out)]) == 0, out.read_text()
     result = json.loads(out.read_text())
@@ -226,12 +266,14 @@ def test_emulated_aarch64_matches_x86(tmp_path):
 
 def test_missing_onnxruntime_says_what_to_install():
     """On a Jetson pip installs no onnxruntime; importing the runtime before JetPack's build is in says so."""
-    code = ("import sys, importlib.abc\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] == 'onnxruntime': raise ImportError('blocked')\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "import edgegen.runtime\n")
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'onnxruntime': raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import edgegen.runtime\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0
     assert "onnxruntime is not installed" in done.stderr and "docs/jetson.md" in done.stderr

@@ -1,19 +1,23 @@
 """The CPU int8 form's attention fusion: same outputs as the traced graph, QAttention in int8, and refused
 whenever the fused graph would compute something else."""
+
 from collections import Counter
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from edgegen.export import export_checkpoint, int8
 from edgegen.export.attention_fusion import fuse_attention
 from edgegen.runtime import Pipeline
 
 
 def run(path_or_model, feed):
-    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    src = (
+        path_or_model.SerializeToString()
+        if isinstance(path_or_model, onnx.ModelProto)
+        else str(path_or_model)
+    )
     return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
@@ -36,17 +40,26 @@ def test_bert_attention_fuses_to_one_node_per_layer_with_the_same_outputs(bert_b
 
 @pytest.fixture(scope="module")
 def bert_int8(tiny_checkpoints, tmp_path_factory):
-    return export_checkpoint(tiny_checkpoints["bert"], tmp_path_factory.mktemp("att") / "b", precisions="fp32,int8",
-                             progress=False)
+    return export_checkpoint(
+        tiny_checkpoints["bert"], tmp_path_factory.mktemp("att") / "b", precisions="fp32,int8", progress=False
+    )
 
 
 def test_cpu_int8_form_runs_quantized_attention_and_passes_its_gate(bert_int8):
     for comp in ("text_encoder", "fused"):
-        ops = Counter(n.op_type for n in onnx.load(str(bert_int8 / "onnx" / f"{comp}.int8.onnx"),
-                                                     load_external_data=False).graph.node)
+        ops = Counter(
+            n.op_type
+            for n in onnx.load(
+                str(bert_int8 / "onnx" / f"{comp}.int8.onnx"), load_external_data=False
+            ).graph.node
+        )
         assert ops["QAttention"] == 2, comp
-    qdq = Counter(n.op_type for n in onnx.load(str(bert_int8 / "onnx" / "fused.int8-qdq.onnx"),
-                                                 load_external_data=False).graph.node)
+    qdq = Counter(
+        n.op_type
+        for n in onnx.load(
+            str(bert_int8 / "onnx" / "fused.int8-qdq.onnx"), load_external_data=False
+        ).graph.node
+    )
     assert qdq["QAttention"] == qdq["Attention"] == 0  # the TensorRT form stays standard ONNX
     pipe = Pipeline.from_bundle(bert_int8, backend="ort-cpu", precision="int8")
     assert pipe.bundle.report()["precisions"]["int8"]["gate"]["ok"]

@@ -1,10 +1,10 @@
 """A damaged or hostile bundle is refused with a BadBundleError before any session is created."""
+
 import json
 import os
 
 import onnxruntime
 import pytest
-
 from edgegen.runtime import BadBundleError, Bundle, Pipeline
 
 
@@ -18,8 +18,10 @@ def edit_manifest(bundle, change):
 @pytest.fixture
 def no_sessions(monkeypatch):
     """Fail the test if anything creates an ONNX Runtime session."""
+
     def refuse(*a, **k):
         raise AssertionError("a session was created for a bundle that should have been refused")
+
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
 
 
@@ -60,6 +62,7 @@ def test_path_leaving_bundle(bundle_copy, no_sessions, bad):
     def change(m):
         m["files"][bad] = m["files"].pop("onnx/fused.fp32.onnx")
         m["components"]["fused"]["files"]["fp32"] = bad
+
     edit_manifest(bundle_copy, change)
     refused(bundle_copy, "leaves the bundle")
 
@@ -86,6 +89,7 @@ def test_missing_file(bundle_copy, no_sessions):
 def test_unlisted_component_file(bundle_copy, no_sessions):
     def change(m):
         del m["files"]["onnx/fused.fp32.onnx"]
+
     edit_manifest(bundle_copy, change)
     refused(bundle_copy, "not listed")
 
@@ -111,9 +115,12 @@ def test_reference_outputs_are_read_from_the_manifest(bundle_copy):
     """The checks read what the family named; a bundle written before the manifest named them still reads."""
     from edgegen.runtime.bundle import OutputRef
     from edgegen.runtime.check import pipeline_parity
+
     named = Bundle.open(bundle_copy).manifest["reference_outputs"]
-    assert named == {"pixels": {"component": "fused", "output": "pixels"},
-                     "text_states": {"component": "fused", "output": "text_states"}}
+    assert named == {
+        "pixels": {"component": "fused", "output": "pixels"},
+        "text_states": {"component": "fused", "output": "text_states"},
+    }
     pipe = Pipeline.from_bundle(bundle_copy, backend="ort-cpu", precision="fp32")
     assert pipeline_parity(pipe) <= 1
     edit_manifest(bundle_copy, lambda m: m["reference_outputs"].pop("pixels"))

@@ -1,12 +1,12 @@
 """Each CLI command's happy path, its --json keys, and its errors (one line, no traceback, exit code)."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from edgegen.runtime.cli import main
+from PIL import Image
 
 
 def run(capsys, *argv):
@@ -28,8 +28,20 @@ def test_export_refuses_existing_output(capsys, tiny_checkpoints, bert_bundle):
 
 
 def test_generate(capsys, bert_bundle, tmp_path):
-    code, out, _ = run(capsys, "generate", "a red apple", "--bundle", bert_bundle, "--seed", 3, "-n", 2,
-                       "-o", tmp_path / "img.png", "--json")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "a red apple",
+        "--bundle",
+        bert_bundle,
+        "--seed",
+        3,
+        "-n",
+        2,
+        "-o",
+        tmp_path / "img.png",
+        "--json",
+    )
     data = json.loads(out)
     assert code == 0 and data["ok"] is True and data["seeds"] == [3, 4]
     assert data["backend"] == "ort-cpu" and data["precision"] == "fp32"
@@ -63,13 +75,16 @@ def test_validate_json(capsys, bert_bundle):
 
 
 def test_validate_fails_on_a_bad_graph(capsys, bundle_copy):
-    """Change one generator weight and re-hash it, as a faulty converter would: validation must fail, exit 1."""
+    """Change one generator weight and re-hash it, as a faulty converter would: validation must fail,
+    exit 1."""
     from edgegen.runtime.bundle import file_entry
+
     m = json.loads((bundle_copy / "manifest.json").read_text())
     gen = bundle_copy / "onnx" / "generator.fp32.onnx"
     import numpy as np
     import onnx
     from onnx import numpy_helper
+
     model = onnx.load(str(gen))
     init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     arr = numpy_helper.to_array(init).copy()
@@ -80,7 +95,9 @@ def test_validate_fails_on_a_bad_graph(capsys, bundle_copy):
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
     code, out, _ = run(capsys, "validate", bundle_copy, "--json")
     data = json.loads(out)
-    assert code == 1 and data["ok"] is False and data["precisions"]["fp32"]["parity"]["generator"]["ok"] is False
+    assert (
+        code == 1 and data["ok"] is False and data["precisions"]["fp32"]["parity"]["generator"]["ok"] is False
+    )
 
 
 def test_doctor_json(capsys, bert_bundle):
@@ -99,47 +116,57 @@ def test_doctor_with_tiny_export(capsys):
     assert code == 0 and data["ok"] and data["backends"]["ort-cpu"]["max_abs_pixel_diff"] <= 1
 
 
-@pytest.mark.parametrize("argv,code,fragment", [
-    (["generate", "x", "--bundle", "/nonexistent", "-o", "x.png"], 1, "not a directory"),
-    (["generate", "x", "--bundle", "{bundle}", "--seed", "-4", "-o", "x.png"], 2, "seed"),
-    (["generate", "x", "--bundle", "{bundle}", "-o", "x.gif"], 2, "extension"),
-    (["inspect", "/nonexistent"], 1, "not a directory"),
-])
+@pytest.mark.parametrize(
+    "argv,code,fragment",
+    [
+        (["generate", "x", "--bundle", "/nonexistent", "-o", "x.png"], 1, "not a directory"),
+        (["generate", "x", "--bundle", "{bundle}", "--seed", "-4", "-o", "x.png"], 2, "seed"),
+        (["generate", "x", "--bundle", "{bundle}", "-o", "x.gif"], 2, "extension"),
+        (["inspect", "/nonexistent"], 1, "not a directory"),
+    ],
+)
 def test_errors_are_one_line_without_traceback(argv, code, fragment, bert_bundle, tmp_path):
     argv = [a.replace("{bundle}", str(bert_bundle)) for a in argv]
-    result = subprocess.run([sys.executable, "-m", "edgegen.runtime.cli", *argv], capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "edgegen.runtime.cli", *argv], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr and fragment in result.stderr
     assert result.stderr.startswith("edgegen: ") and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_help_explains_every_command():
-    result = subprocess.run([sys.executable, "-m", "edgegen.runtime.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "edgegen.runtime.cli", "--help"], capture_output=True, text=True
+    )
     for command in ("export", "engines", "generate", "inspect", "validate", "doctor"):
         assert command in result.stdout
 
 
 def test_version_is_the_installed_one(capsys):
     from importlib.metadata import version
+
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"edgegen {version('edgegen')}\n"
 
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "x", "-o", "x.png", "--backend", "warp"],
-    ["generate", "x", "-o", "x.png", "--precision", "int4"],
-    ["generate", "x", "-o", "x.png", "--scheduler", "karras"],
-    ["validate", "--precision", "fp64"],
-    ["validate", "--backend", "warp"],
-    ["bench", "--backend", "warp"],
-    ["bench", "--precision", "fp32,int4"],
-    ["bench", "--mode", "eager"],
-    ["engines", "b", "--flavour", "onnx"],
-    ["export", "ckpt", "-o", "b", "--precision", "fp32,int4"],
-    ["export", "ckpt", "-o", "b", "--engines", "onnx"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "x", "-o", "x.png", "--backend", "warp"],
+        ["generate", "x", "-o", "x.png", "--precision", "int4"],
+        ["generate", "x", "-o", "x.png", "--scheduler", "karras"],
+        ["validate", "--precision", "fp64"],
+        ["validate", "--backend", "warp"],
+        ["bench", "--backend", "warp"],
+        ["bench", "--precision", "fp32,int4"],
+        ["bench", "--mode", "eager"],
+        ["engines", "b", "--flavour", "onnx"],
+        ["export", "ckpt", "-o", "b", "--precision", "fp32,int4"],
+        ["export", "ckpt", "-o", "b", "--engines", "onnx"],
+    ],
+)
 def test_enumerations_refuse_other_values_as_usage_errors(argv, capsys):
     """Refused by the parser, before any bundle is looked for: usage, then the one value at fault."""
     code, out, err = run(capsys, *argv)
@@ -147,23 +174,47 @@ def test_enumerations_refuse_other_values_as_usage_errors(argv, capsys):
     assert err.splitlines()[-1].startswith(f"edgegen {argv[0]}: error: ") and argv[-1].split(",")[-1] in err
 
 
-@pytest.mark.parametrize("argv,code,kind,subject,fragment", [
-    (["generate", "x", "--bundle", "/nonexistent", "-o", "x.png"], 1, "BadBundleError", "bundle /nonexistent",
-     "not a directory"),
-    (["generate", "a \udcff", "--bundle", "{bundle}", "-o", "x.png"], 2, "BadInputError", "prompt",
-     "not valid Unicode"),  # a byte that is not UTF-8 on the command line
-    (["bench", "{bundle}", "--prompt", " "], 2, "BadInputError", "--prompt", "is empty"),
-    (["generate", "x", "--bundle", "{bundle}", "--precision", "int4", "-o", "x.png"], 2, "UsageError",
-     "edgegen generate", "invalid choice: 'int4'"),
-    (["bench", "{bundle}", "--precision", "fp32,int8"], 2, "BadInputError", "precision", "no int8"),
-    (["inspect"], 2, "BadInputError", "edgegen inspect", "needs a bundle"),
-    (["generate", "x", "-o", "x.png", "--no-such-flag"], 2, "UsageError", "edgegen",
-     "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv,code,kind,subject,fragment",
+    [
+        (
+            ["generate", "x", "--bundle", "/nonexistent", "-o", "x.png"],
+            1,
+            "BadBundleError",
+            "bundle /nonexistent",
+            "not a directory",
+        ),
+        (
+            ["generate", "a \udcff", "--bundle", "{bundle}", "-o", "x.png"],
+            2,
+            "BadInputError",
+            "prompt",
+            "not valid Unicode",
+        ),  # a byte that is not UTF-8 on the command line
+        (["bench", "{bundle}", "--prompt", " "], 2, "BadInputError", "--prompt", "is empty"),
+        (
+            ["generate", "x", "--bundle", "{bundle}", "--precision", "int4", "-o", "x.png"],
+            2,
+            "UsageError",
+            "edgegen generate",
+            "invalid choice: 'int4'",
+        ),
+        (["bench", "{bundle}", "--precision", "fp32,int8"], 2, "BadInputError", "precision", "no int8"),
+        (["inspect"], 2, "BadInputError", "edgegen inspect", "needs a bundle"),
+        (
+            ["generate", "x", "-o", "x.png", "--no-such-flag"],
+            2,
+            "UsageError",
+            "edgegen",
+            "unrecognized arguments",
+        ),
+    ],
+)
 def test_json_errors_are_one_object_on_stdout(argv, code, kind, subject, fragment, bert_bundle, tmp_path):
     argv = [a.replace("{bundle}", str(bert_bundle)) for a in argv] + ["--json"]
-    result = subprocess.run([sys.executable, "-m", "edgegen.runtime.cli", *argv], capture_output=True,
-                            text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "edgegen.runtime.cli", *argv], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == code, result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert data["ok"] is False and set(data["error"]) == {"kind", "subject", "message", "note"}
@@ -177,6 +228,7 @@ def test_internal_error_in_json_mode(capsys, monkeypatch, bert_bundle):
 
     def broken(*_, **__):
         raise ZeroDivisionError("a bug")
+
     monkeypatch.delenv("EDGEGEN_DEBUG", raising=False)
     monkeypatch.setattr(bundle_module.Bundle, "open", broken)
     code, out, err = run(capsys, "inspect", bert_bundle, "--json")
@@ -192,8 +244,10 @@ def test_internal_error_in_json_mode(capsys, monkeypatch, bert_bundle):
 def test_every_command_takes_bundle_as_an_option(command, capsys, tmp_path):
     """--bundle reaches the command: a missing directory is named in its error (doctor: in each backend's)."""
     missing = tmp_path / "missing"
-    argv = {"generate": ["generate", "x", "-o", tmp_path / "x.png"],
-            "engines": ["engines", "--flavour", "trt"]}
+    argv = {
+        "generate": ["generate", "x", "-o", tmp_path / "x.png"],
+        "engines": ["engines", "--flavour", "trt"],
+    }
     code, out, _ = run(capsys, *argv.get(command, [command]), "--bundle", missing, "--json")
     data = json.loads(out)
     assert code == 1 and data["ok"] is False
@@ -205,8 +259,11 @@ def test_every_command_takes_bundle_as_an_option(command, capsys, tmp_path):
 
 
 def test_bundle_positional_or_option_the_same(capsys, bert_bundle, tmp_path):
-    for argv in (["inspect", bert_bundle], ["inspect", "--bundle", bert_bundle],
-                 ["inspect", bert_bundle, "--bundle", f"{bert_bundle}/"]):
+    for argv in (
+        ["inspect", bert_bundle],
+        ["inspect", "--bundle", bert_bundle],
+        ["inspect", bert_bundle, "--bundle", f"{bert_bundle}/"],
+    ):
         code, out, _ = run(capsys, *argv, "--json")
         assert code == 0 and json.loads(out)["manifest"]["family"] == "gan"
     for command in ("inspect", "validate", "bench", "engines"):

@@ -1,15 +1,17 @@
 """The shipped default model (emoji64): exported once into the cache, used by generate/bench/validate
 without --bundle, and scored on the device by its own judge."""
+
 import json
 import os
 from pathlib import Path
 
 import pytest
-
 from edgegen.export.default import MODEL_DIR
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "generator" / "model.safetensors").is_file(),
-                                reason="the trained emoji64 weights are not in this checkout")
+pytestmark = pytest.mark.skipif(
+    not (MODEL_DIR / "generator" / "model.safetensors").is_file(),
+    reason="the trained emoji64 weights are not in this checkout",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +29,20 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def default(cache):
     from edgegen.export import default_bundle
+
     return default_bundle(progress=False)
 
 
 def test_generate_without_bundle_exports_once_then_reuses(default, cache, tmp_path, capsys):
+    from edgegen.runtime.cli import main
     from PIL import Image
 
-    from edgegen.runtime.cli import main
     manifest = Path(default) / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    assert main(["generate", "a rocket on a blue background", "-o", str(tmp_path / "rocket.png"), "--seed", "3"]) == 0
+    assert (
+        main(["generate", "a rocket on a blue background", "-o", str(tmp_path / "rocket.png"), "--seed", "3"])
+        == 0
+    )
     assert Image.open(tmp_path / "rocket.png").size == (64, 64)
     assert manifest.stat().st_mtime_ns == before  # reused, not exported again
     assert [p.name for p in cache.iterdir() if p.name.startswith("emoji64-0")] == [Path(default).name]
@@ -44,6 +50,7 @@ def test_generate_without_bundle_exports_once_then_reuses(default, cache, tmp_pa
 
 def test_default_bundle_has_judge_and_all_precisions(default):
     from edgegen.runtime import Bundle
+
     bundle = Bundle.open(default)
     assert bundle.precisions == ["fp32", "fp16", "int8"] and "judge" in bundle.components
     assert bundle.report()["ok"] is True
@@ -51,6 +58,7 @@ def test_default_bundle_has_judge_and_all_precisions(default):
 
 def test_validate_reports_adherence_matching_training(default, capsys):
     from edgegen.runtime.cli import main
+
     assert main(["validate", "--precision", "fp32", "--json"]) in (0, 1)
     report = json.loads(capsys.readouterr().out)
     quality = report["precisions"]["fp32"]["quality"]
@@ -64,6 +72,7 @@ def test_validate_reports_adherence_matching_training(default, capsys):
 
 def test_bench_without_bundle(default, capsys):
     from edgegen.runtime.cli import main
+
     assert main(["bench", "--iterations", "5", "--warmup", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["runs"][0]
     assert result["bundle"] == str(default) and result["family"] == "gan"
@@ -73,6 +82,7 @@ def test_validate_one_precision_gates_adherence_against_the_exported_fp32(defaul
     """`validate --precision int8` does not score fp32 again: the adherence gate compares with the fp32
     adherence the export recorded, and says so (it used to report the gate metric as missing)."""
     from edgegen.runtime.cli import main
+
     code = main(["validate", "--precision", "int8"])
     text = capsys.readouterr().out
     assert code == 0 and "not measured" not in text, text
@@ -80,6 +90,7 @@ def test_validate_one_precision_gates_adherence_against_the_exported_fp32(defaul
     report = json.loads(capsys.readouterr().out)
     assert "fp32" not in report["precisions"]
     from edgegen.runtime import Bundle
+
     exported = Bundle.open(default).report()["precisions"]["fp32"]["quality"]["adherence"]
     for form in ("int8", "int8-qdq"):
         quality = report["precisions"][form]["quality"]

@@ -1,6 +1,7 @@
 """`edgegen engines BUNDLE --flavour ...`: engines built for an existing bundle with the lean runtime alone,
 written into it atomically. Built with TensorRT for RTX on this CPU-only machine (ahead of time, for compute
 capability 8.9); the switch-over and failure cases use a stand-in builder so they run in milliseconds."""
+
 import hashlib
 import json
 import os
@@ -13,9 +14,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from edgegen.runtime import BackendUnavailableError, BadInputError, Bundle, ValidationFailedError
-from edgegen.runtime import engine_build
+from edgegen.runtime import (
+    BackendUnavailableError,
+    BadInputError,
+    Bundle,
+    ValidationFailedError,
+    engine_build,
+)
 from edgegen.runtime.cli import main
 from edgegen.runtime.engine_build import STAGING_PREFIX, add_engines
 from gpu_emulation import needs_trt_rtx, trt
@@ -33,8 +38,11 @@ def user_cache(tmp_path, monkeypatch):
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` (hidden ones too) by relative path -> sha256 of its bytes."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def engines_cli(capsys, *argv):
@@ -54,17 +62,21 @@ def fake_builder(monkeypatch, fail_at=None, error=None):
             raise error
         built.append(what)
         return f"engine {what}".encode() * 100, cache + b"t"
+
     monkeypatch.setattr(engine_build, "_build_one", build_one)
     return built
 
 
 # ---------------------------------------------------------------- real builds (TensorRT for RTX, no GPU)
 
+
 @pytest.mark.tensorrt
 @needs_trt_rtx
 def test_engines_command_writes_engines_into_the_bundle(capsys, bundle_copy):
     before = json.loads((bundle_copy / "manifest.json").read_text())
-    code, out, err = engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--json")
+    code, out, err = engines_cli(
+        capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
     rel_dir = f"engines/trt-rtx-{trt.__version__}-sm89"
@@ -72,35 +84,58 @@ def test_engines_command_writes_engines_into_the_bundle(capsys, bundle_copy):
     bundle = Bundle.open(bundle_copy)  # every file, engines included, matches its hash
     manifest = bundle.manifest
     engines = manifest["engines"]
-    assert {(e["component"], e["form"]) for e in engines} == {(c, "fp32") for c in COMPONENTS}  # fp32-only bundle
+    assert {(e["component"], e["form"]) for e in engines} == {
+        (c, "fp32") for c in COMPONENTS
+    }  # fp32-only bundle
     for e in engines:
-        assert e["flavour"] == "trt-rtx" and e["version"] == trt.__version__ and e["compute_capability"] == "8.9"
+        assert (
+            e["flavour"] == "trt-rtx" and e["version"] == trt.__version__ and e["compute_capability"] == "8.9"
+        )
         assert e["file"] == f"{rel_dir}/{e['component']}.fp32.engine" and e["file"] in manifest["files"]
         assert e["onnx"] == f"onnx/{e['component']}.fp32.onnx"
-        assert e["onnx_sha256"] == manifest["files"][e["onnx"]]["sha256"] == before["files"][e["onnx"]]["sha256"]
-        assert e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16, "sequence": 16} and e["strongly_typed"]
+        assert (
+            e["onnx_sha256"] == manifest["files"][e["onnx"]]["sha256"] == before["files"][e["onnx"]]["sha256"]
+        )
+        assert (
+            e["profile"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 16, "sequence": 16}
+            and e["strongly_typed"]
+        )
         assert (bundle_copy / e["file"]).stat().st_size > 10_000
     new_files = set(manifest["files"]) - set(before["files"])
-    assert new_files == {f"{rel_dir}/{c}.fp32.engine" for c in COMPONENTS} | {f"{rel_dir}/timing.cache", f"{rel_dir}/build.json"}
+    assert new_files == {f"{rel_dir}/{c}.fp32.engine" for c in COMPONENTS} | {
+        f"{rel_dir}/timing.cache",
+        f"{rel_dir}/build.json",
+    }
     # nothing else in the manifest changed, and nothing was left behind
-    assert {k: v for k, v in manifest.items() if k not in ("engines", "files")} == \
-           {k: v for k, v in before.items() if k not in ("engines", "files")}
+    assert {k: v for k, v in manifest.items() if k not in ("engines", "files")} == {
+        k: v for k, v in before.items() if k not in ("engines", "files")
+    }
     assert all(manifest["files"][rel] == entry for rel, entry in before["files"].items())
     assert not list(bundle_copy.glob(".*"))
     build = json.loads((bundle_copy / rel_dir / "build.json").read_text())
-    assert build == result["build"] and build["timing_cache_source"] is None and build["timing_cache_bytes_after"] > 0
+    assert (
+        build == result["build"]
+        and build["timing_cache_source"] is None
+        and build["timing_cache_bytes_after"] > 0
+    )
     # a real TensorRT-RTX engine: it passes every check up to the missing GPU
     from edgegen.runtime import cudart
     from edgegen.runtime.engines import load_engine
+
     if not cudart.gpu_status()["available"]:
         with pytest.raises(BackendUnavailableError, match="TensorRT-RTX cannot run it here"):
-            load_engine(bundle, "trt-rtx", "fused", "fp32", trt=trt, version=trt.__version__, compute_capability="8.9")
+            load_engine(
+                bundle, "trt-rtx", "fused", "fp32", trt=trt, version=trt.__version__, compute_capability="8.9"
+            )
 
 
 @pytest.mark.tensorrt
 @needs_trt_rtx
 def test_a_second_run_reuses_the_timing_cache_and_replaces_the_engines(capsys, bundle_copy, user_cache):
-    assert engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--quiet")[0] == 0
+    assert (
+        engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--quiet")[0]
+        == 0
+    )
     rel_dir = f"engines/trt-rtx-{trt.__version__}-sm89"
     first = json.loads((bundle_copy / rel_dir / "build.json").read_text())
     code, out, err = engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9")
@@ -114,7 +149,10 @@ def test_a_second_run_reuses_the_timing_cache_and_replaces_the_engines(capsys, b
     # a machine without the user cache starts from the bundle's own copy for this flavour, version and GPU
     shutil.rmtree(user_cache)
     result = add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
-    assert result["build"]["timing_cache_source"] == "bundle" and result["build"]["timing_cache_bytes_before"] > 0
+    assert (
+        result["build"]["timing_cache_source"] == "bundle"
+        and result["build"]["timing_cache_bytes_before"] > 0
+    )
     # engines for another GPU sit beside these ones
     add_engines(bundle_copy, "trt-rtx", "8.6", progress=False)
     manifest = Bundle.open(bundle_copy).manifest
@@ -140,9 +178,23 @@ sys.exit(code if not leaked else 99)
 @pytest.mark.tensorrt
 @needs_trt_rtx
 def test_engines_command_runs_without_torch(bundle_copy, tmp_path):
-    result = subprocess.run([sys.executable, "-c", BLOCKER, "engines", str(bundle_copy), "--flavour", "trt-rtx",
-                             "--compute-capability", "8.9", "--json"], capture_output=True, text=True,
-                            env={**os.environ, "EDGEGEN_CACHE": str(tmp_path / "c")})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCKER,
+            "engines",
+            str(bundle_copy),
+            "--flavour",
+            "trt-rtx",
+            "--compute-capability",
+            "8.9",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EDGEGEN_CACHE": str(tmp_path / "c")},
+    )
     assert result.returncode == 0, result.stderr
     assert "LEAKED []" in result.stderr
     assert len(json.loads(result.stdout)["engines"]) == 3
@@ -151,9 +203,12 @@ def test_engines_command_runs_without_torch(bundle_copy, tmp_path):
 
 # ---------------------------------------------------------------- failures leave the bundle as it was
 
+
 @needs_trt_rtx
-@pytest.mark.parametrize("error", [ValidationFailedError("engine generator.fp32", "TensorRT failed to build it"),
-                                   KeyboardInterrupt()])
+@pytest.mark.parametrize(
+    "error",
+    [ValidationFailedError("engine generator.fp32", "TensorRT failed to build it"), KeyboardInterrupt()],
+)
 def test_a_failed_or_interrupted_build_leaves_the_bundle_byte_identical(bundle_copy, monkeypatch, error):
     fake_builder(monkeypatch)
     add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)  # engines there already: the replace path
@@ -169,9 +224,19 @@ def test_a_failed_or_interrupted_build_leaves_the_bundle_byte_identical(bundle_c
 @needs_trt_rtx
 def test_a_failed_first_build_leaves_the_bundle_byte_identical(capsys, bundle_copy, monkeypatch):
     before = snapshot(bundle_copy)
-    fake_builder(monkeypatch, fail_at=3, error=ValidationFailedError("engine fused.fp32", "TensorRT failed to build it"))
-    code, out, err = engines_cli(capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--quiet")
-    assert code == 1 and err.startswith("edgegen: engine fused.fp32 | TensorRT failed") and len(err.splitlines()) == 1
+    fake_builder(
+        monkeypatch,
+        fail_at=3,
+        error=ValidationFailedError("engine fused.fp32", "TensorRT failed to build it"),
+    )
+    code, out, err = engines_cli(
+        capsys, bundle_copy, "--flavour", "trt-rtx", "--compute-capability", "8.9", "--quiet"
+    )
+    assert (
+        code == 1
+        and err.startswith("edgegen: engine fused.fp32 | TensorRT failed")
+        and len(err.splitlines()) == 1
+    )
     assert snapshot(bundle_copy) == before
 
 
@@ -197,6 +262,7 @@ def test_the_bundle_verifies_whatever_step_of_the_switch_is_cut_short(bundle_cop
                 raise Crash
             steps.append(fn.__name__)
             return fn(*args)
+
         return step
 
     def switch(*args):
@@ -207,6 +273,7 @@ def test_the_bundle_verifies_whatever_step_of_the_switch_is_cut_short(bundle_cop
         finally:
             monkeypatch.setattr(engine_build, "_write", real_write)
             monkeypatch.setattr(Path, "rename", real_rename)
+
     monkeypatch.setattr(engine_build, "_switch", switch)
     with pytest.raises(Crash):
         add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
@@ -226,6 +293,7 @@ def test_an_interrupt_during_the_switch_waits_until_it_is_done(bundle_copy, monk
     def switch(*args):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between two renames
         return real_switch(*args)
+
     monkeypatch.setattr(engine_build, "_switch", switch)
     with pytest.raises(KeyboardInterrupt):
         add_engines(bundle_copy, "trt-rtx", "8.9", progress=False)
@@ -236,14 +304,31 @@ def test_an_interrupt_during_the_switch_waits_until_it_is_done(bundle_copy, monk
 def test_bad_options_are_refused_before_anything_is_built(capsys, bundle_copy, monkeypatch):
     before = snapshot(bundle_copy)
     monkeypatch.setattr(engine_build, "_build_one", lambda *a: pytest.fail("built despite a bad option"))
-    cases = [(["--flavour", "trt-rtx", "--compute-capability", "89"], 2, "--compute-capability | expected MAJOR.MINOR"),
-             (["--flavour", "trt-rtx", "--compute-capability", "8.9", "--workspace-mb", "0"], 2, "--workspace-mb"),
-             (["--flavour", "trt", "--compute-capability", "8.7"], 1, r"\(tensorrt\) is not installed")]
+    cases = [
+        (
+            ["--flavour", "trt-rtx", "--compute-capability", "89"],
+            2,
+            "--compute-capability | expected MAJOR.MINOR",
+        ),
+        (["--flavour", "trt-rtx", "--compute-capability", "8.9", "--workspace-mb", "0"], 2, "--workspace-mb"),
+        (["--flavour", "trt", "--compute-capability", "8.7"], 1, r"\(tensorrt\) is not installed"),
+    ]
     if trt is not None:
-        cases.append((["--flavour", "trt-rtx", "--compute-capability", "1.0"], 2, "1.0 is not a target of this TensorRT"))
+        cases.append(
+            (
+                ["--flavour", "trt-rtx", "--compute-capability", "1.0"],
+                2,
+                "1.0 is not a target of this TensorRT",
+            )
+        )
     for argv, code, fragment in cases:
         got, out, err = engines_cli(capsys, bundle_copy, *argv)
-        assert got == code and len(err.splitlines()) == 1 and err.startswith("edgegen: ") and re.search(fragment, err), err
+        assert (
+            got == code
+            and len(err.splitlines()) == 1
+            and err.startswith("edgegen: ")
+            and re.search(fragment, err)
+        ), err
     assert snapshot(bundle_copy) == before
 
 
@@ -257,6 +342,7 @@ def test_trt_rtx_without_a_gpu_needs_a_compute_capability(bundle_copy):
 
 def test_a_damaged_bundle_is_refused_before_building(bundle_copy, monkeypatch):
     from edgegen.runtime import BadBundleError
+
     monkeypatch.setattr(engine_build, "_build_one", lambda *a: pytest.fail("built from a damaged bundle"))
     path = bundle_copy / "onnx" / "generator.fp32.onnx"
     data = bytearray(path.read_bytes())
@@ -269,11 +355,13 @@ def test_a_damaged_bundle_is_refused_before_building(bundle_copy, monkeypatch):
 
 def test_rebuild_commands_point_at_edgegen_engines(bert_bundle):
     from edgegen.runtime.engines import rebuild_hint
+
     hint = rebuild_hint(Bundle.open(bert_bundle, verify_hashes=False), "trt")
     assert hint.startswith(f"edgegen engines {bert_bundle} --flavour trt") and "export" not in hint
 
 
-# ---------------------------------------------------------------- the desk check's fixes (issue 24), fake TensorRT
+# -------------------------------------------------------- the desk check's fixes (issue 24), fake TensorRT
+
 
 class FakeTimingCache:
     def __init__(self, data: bytes):
@@ -314,39 +402,68 @@ def fake_tensorrt(accepted: bytes):
         if config.cache is not None:
             config.cache.data += b"+measured"  # the build adds its timings to the cache it was given
         return b"engine"
-    builder = SimpleNamespace(create_network=lambda flags: SimpleNamespace(num_inputs=0),
-                              create_builder_config=lambda: FakeBuilderConfig(accepted),
-                              create_optimization_profile=lambda: None, build_serialized_network=build)
-    return SimpleNamespace(__version__="10.3.0.30", Builder=lambda logger: builder,
-                           NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
-                           OnnxParser=lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True),
-                           MemoryPoolType=SimpleNamespace(WORKSPACE=0))
+
+    builder = SimpleNamespace(
+        create_network=lambda flags: SimpleNamespace(num_inputs=0),
+        create_builder_config=lambda: FakeBuilderConfig(accepted),
+        create_optimization_profile=lambda: None,
+        build_serialized_network=build,
+    )
+    return SimpleNamespace(
+        __version__="10.3.0.30",
+        Builder=lambda logger: builder,
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
+        OnnxParser=lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True),
+        MemoryPoolType=SimpleNamespace(WORKSPACE=0),
+    )
 
 
 def build_with_cache(cache: bytes, accepted: bytes):
     notes = []
-    blob, after = engine_build._build_one(fake_tensorrt(accepted), None, Path("fused.fp16.onnx"), "fused.fp16",
-                                          "onnx/fused.fp16.onnx", "trt", "9.0", 64, 4, 16, cache, notes=notes)
+    blob, after = engine_build._build_one(
+        fake_tensorrt(accepted),
+        None,
+        Path("fused.fp16.onnx"),
+        "fused.fp16",
+        "onnx/fused.fp16.onnx",
+        "trt",
+        "9.0",
+        64,
+        4,
+        16,
+        cache,
+        notes=notes,
+    )
     return blob, after, notes
 
 
 def test_a_timing_cache_from_another_gpu_is_replaced_by_a_fresh_one():
     blob, after, notes = build_with_cache(b"from an RTX 4090", accepted=b"from this H200")
     assert blob == b"engine" and after == b"+measured"  # a fresh cache, filled by this build
-    assert notes == ["fused.fp16: the timing cache (16 bytes) was made on another GPU or TensorRT version; "
-                     "started a fresh one (this build measures every kernel again)"]
+    assert notes == [
+        "fused.fp16: the timing cache (16 bytes) was made on another GPU or TensorRT version; "
+        "started a fresh one (this build measures every kernel again)"
+    ]
 
 
 def test_a_timing_cache_from_this_gpu_is_reused():
-    assert build_with_cache(b"from this H200", accepted=b"from this H200")[1:] == (b"from this H200+measured", [])
+    assert build_with_cache(b"from this H200", accepted=b"from this H200")[1:] == (
+        b"from this H200+measured",
+        [],
+    )
     assert build_with_cache(b"", accepted=b"from this H200")[1:] == (b"+measured", [])
 
 
 def test_engines_with_tensorrt_older_than_10_are_refused_before_building(bundle_copy, monkeypatch):
-    monkeypatch.setattr(engine_build, "import_flavour", lambda flavour: SimpleNamespace(__version__="8.6.2.3"))
+    monkeypatch.setattr(
+        engine_build, "import_flavour", lambda flavour: SimpleNamespace(__version__="8.6.2.3")
+    )
     monkeypatch.setattr(engine_build, "_build_one", lambda *a, **k: pytest.fail("built with TensorRT 8.6"))
     before = snapshot(bundle_copy)
-    with pytest.raises(BackendUnavailableError, match=r"TensorRT 8.6.2.3 is too old: edgegen's engines need "
-                       r"TensorRT >= 10 \(strongly typed networks\). Note: upgrade TensorRT"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"TensorRT 8.6.2.3 is too old: edgegen's engines need "
+        r"TensorRT >= 10 \(strongly typed networks\). Note: upgrade TensorRT",
+    ):
         add_engines(bundle_copy, "trt", progress=False)
     assert snapshot(bundle_copy) == before

@@ -1,9 +1,9 @@
 """Export: atomic writes, parity failures named, checkpoints refused with reasons."""
+
 import json
 
 import pytest
 import torch
-
 from edgegen.export import export_checkpoint
 from edgegen.export.families import gan as gan_family
 from edgegen.runtime import CheckpointError, ValidationFailedError
@@ -20,16 +20,28 @@ def test_manifest_contents(bert_bundle):
     for rel, entry in m["files"].items():
         assert sha256_file(bert_bundle / rel) == entry["sha256"]
         assert (bert_bundle / rel).stat().st_size == entry["bytes"]
-    assert set(m["files"]) == {"tokenizer.json", "reference.npz", "report.json", "onnx/text_encoder.fp32.onnx",
-                               "onnx/generator.fp32.onnx", "onnx/fused.fp32.onnx", "onnx/weights.fp32.bin"}
+    assert set(m["files"]) == {
+        "tokenizer.json",
+        "reference.npz",
+        "report.json",
+        "onnx/text_encoder.fp32.onnx",
+        "onnx/generator.fp32.onnx",
+        "onnx/fused.fp32.onnx",
+        "onnx/weights.fp32.bin",
+    }
     fused = m["components"]["fused"]
     assert [t["name"] for t in fused["inputs"]] == ["input_ids", "attention_mask", "noise"]
     assert fused["outputs"][0] == {"name": "pixels", "dtype": "uint8", "shape": ["batch", 16, 16, 3]}
-    assert fused["inputs"][0]["shape"] == ["batch", "sequence"] and fused["outputs"][1]["shape"][:2] == ["batch", "sequence"]
+    assert fused["inputs"][0]["shape"] == ["batch", "sequence"] and fused["outputs"][1]["shape"][:2] == [
+        "batch",
+        "sequence",
+    ]
     assert m["tokenizer"]["max_length"] == 16 and m["tokenizer"]["pad_token"] == "[PAD]"
     assert m["tokenizer"]["padding"] == "dynamic"
     prov = m["provenance"]
-    assert len(prov["checkpoint_sha256"]) == 64 and prov["torch"] and prov["onnxruntime"] and prov["export_date"]
+    assert (
+        len(prov["checkpoint_sha256"]) == 64 and prov["torch"] and prov["onnxruntime"] and prov["export_date"]
+    )
     report = json.loads((bert_bundle / "report.json").read_text())
     assert report["ok"] and report["tokenizer"]["ok"] and report["tokenizer"]["truncation_reported"]
     assert [c["input_ids"][0] for c in report["cases"]] == [1, 3]
@@ -37,6 +49,7 @@ def test_manifest_contents(bert_bundle):
 
 def test_graphs_are_cleaned(bert_bundle):
     import onnx
+
     model = onnx.load(str(bert_bundle / "onnx" / "fused.fp32.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert "Identity" not in ops and "Constant" not in ops, ops
@@ -47,16 +60,22 @@ def test_graphs_are_cleaned(bert_bundle):
 def test_weights_are_stored_once(bert_bundle):
     """The fused graph's weights are the split graphs' weights: one shared file holds each tensor once."""
     import onnx
+
     refs = {}
     for comp in ("text_encoder", "generator", "fused"):
         model = onnx.load(str(bert_bundle / "onnx" / f"{comp}.fp32.onnx"), load_external_data=False)
-        refs[comp] = {tuple(e.value for e in t.external_data) for t in model.graph.initializer
-                      if t.data_location == onnx.TensorProto.EXTERNAL}
+        refs[comp] = {
+            tuple(e.value for e in t.external_data)
+            for t in model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL
+        }
     assert refs["text_encoder"] and refs["generator"]
     shared = (refs["text_encoder"] | refs["generator"]) & refs["fused"]
     assert len(shared) >= 0.8 * len(refs["text_encoder"] | refs["generator"])
     referenced = sum(int(r[2]) for r in set().union(*refs.values()))
-    assert (bert_bundle / "onnx" / "weights.fp32.bin").stat().st_size < referenced + 64 * len(set().union(*refs.values()))
+    assert (bert_bundle / "onnx" / "weights.fp32.bin").stat().st_size < referenced + 64 * len(
+        set().union(*refs.values())
+    )
 
 
 def test_failed_export_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
@@ -64,6 +83,7 @@ def test_failed_export_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-trace
+
     monkeypatch.setattr(exporter, "export_component", boom)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(tiny_checkpoints["bert"], tmp_path / "out", progress=False)
@@ -78,6 +98,7 @@ def test_parity_failure_names_component_and_output(tiny_checkpoints, tmp_path, m
         comps[1].tolerance = {"image": 0.0}
         comps[1].module = _Perturbed(comps[1].module)
         return comps
+
     monkeypatch.setattr(gan_family.GanFamily, "components", strict)
     with pytest.raises(ValidationFailedError, match=r"generator\.image: max abs error .* > tolerance 0"):
         export_checkpoint(tiny_checkpoints["bert"], tmp_path / "out", progress=False)
@@ -98,6 +119,7 @@ class _Perturbed(torch.nn.Module):
 
 def test_pickle_checkpoint_refused(tiny_checkpoints, tmp_path):
     import shutil
+
     ckpt = shutil.copytree(tiny_checkpoints["bert"], tmp_path / "ckpt")
     weights = ckpt / "generator" / "model.safetensors"
     torch.save({"w": torch.zeros(1)}, ckpt / "generator" / "model.pt")
@@ -114,6 +136,7 @@ def test_family_base_declares_what_the_exporter_and_checks_call():
 
     from edgegen.export import exporter
     from edgegen.export.families import Family
+
     export_dir = Path(exporter.__file__).parent
     called = set()
     for path in export_dir.glob("*.py"):
@@ -132,6 +155,7 @@ def test_checkpoint_hash_follows_links(tiny_checkpoints, tmp_path):
     import shutil
 
     from edgegen.export.exporter import checkpoint_hash
+
     real = tiny_checkpoints["bert"]
     linked = tmp_path / "linked"
     linked.mkdir()

@@ -1,16 +1,18 @@
 """GPU backends on a real GPU: parity of ort-cuda, ort-trt, trt and trt-rtx with ort-cpu fp32, and CUDA
 graph replay. Every test here skips, saying why, where there is no usable NVIDIA GPU (CI) or the backend's
 libraries are missing. They are the tests that verify what tests/test_gpu_graphs.py only emulates."""
+
 import numpy as np
 import pytest
-
 from edgegen.runtime import Pipeline, cudart
 from edgegen.runtime.backends import backend_loads
 from edgegen.runtime.check import pipeline_parity
 
 GPU = cudart.gpu_status()
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not GPU["available"], reason=f"no usable NVIDIA GPU here: {GPU['error']}")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not GPU["available"], reason=f"no usable NVIDIA GPU here: {GPU['error']}"),
+]
 
 PROMPTS = ["a red apple", "a cat on a blue background", "the moon", "a rocket over the sea"]
 # uint8 levels against ort-cpu fp32. ONNX Runtime's CUDA kernels: a rounding flip. TensorRT may use TF32
@@ -40,8 +42,10 @@ def compare(pipe, ref, tolerance, batches=(1, 3), seeds=(0, 5, 9)):
 
 @pytest.fixture(scope="module")
 def cpu_pipes(bert_bundle):
-    return {mode: Pipeline.from_bundle(bert_bundle, backend="ort-cpu", precision="fp32", mode=mode)
-            for mode in ("fused", "split")}
+    return {
+        mode: Pipeline.from_bundle(bert_bundle, backend="ort-cpu", precision="fp32", mode=mode)
+        for mode in ("fused", "split")
+    }
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt"])
@@ -56,7 +60,9 @@ def test_ort_gpu_backend_matches_ort_cpu(bert_bundle, cpu_pipes, backend, mode, 
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt"])
-def test_ort_cuda_graph_replay_matches_runs_without_graphs(bert_bundle, cpu_pipes, backend, tmp_path, monkeypatch):
+def test_ort_cuda_graph_replay_matches_runs_without_graphs(
+    bert_bundle, cpu_pipes, backend, tmp_path, monkeypatch
+):
     need(backend)
     monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path))
     graphs = Pipeline.from_bundle(bert_bundle, backend=backend, precision="fp32", mode="fused")
@@ -70,6 +76,7 @@ def test_ort_cuda_graph_replay_matches_runs_without_graphs(bert_bundle, cpu_pipe
 
 # ---------------------------------------------------------------- native TensorRT: engines built on this GPU
 
+
 @pytest.fixture(scope="module", params=["trt", "trt-rtx"])
 def engine_bundle(request, tiny_checkpoints, tmp_path_factory):
     flavour = request.param
@@ -77,12 +84,14 @@ def engine_bundle(request, tiny_checkpoints, tmp_path_factory):
     if not ok:
         pytest.skip(f"{flavour} does not load here: {why}")
     from edgegen.export import export_checkpoint
+
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGEGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
     try:
         # fp32 only: its engines are built from the fp32 files, so parity is against the same numbers
-        path = export_checkpoint(tiny_checkpoints["bert"], tmp_path_factory.mktemp(flavour) / "b", engines=flavour,
-                                 progress=False)
+        path = export_checkpoint(
+            tiny_checkpoints["bert"], tmp_path_factory.mktemp(flavour) / "b", engines=flavour, progress=False
+        )
         yield flavour, path
     finally:
         mp.undo()

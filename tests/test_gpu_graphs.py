@@ -4,18 +4,16 @@ pipeline's pixels exactly (the emulated engine is the same ONNX on the same CPU 
 CUDA graph with each call's new inputs, keep the text states on the "device" between stages, and allocate
 nothing per call after the first at a batch size. What this cannot show -- that real CUDA, TensorRT and the
 ONNX Runtime GPU providers accept these calls -- is what the `gpu` tests (test_gpu_backends.py) are for."""
+
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from edgegen.runtime import BackendUnavailableError, Bundle, Pipeline, cudart
-from edgegen.runtime import backends, ort_gpu
+from edgegen.runtime import BackendUnavailableError, Bundle, Pipeline, backends, cudart, ort_gpu
 from edgegen.runtime import pipeline as pipeline_module
 from edgegen.runtime.gan import GanPipeline
 from edgegen.runtime.trt_graph import TrtGraph
-
 from gpu_emulation import FAKE_TRT, FakeEngine, HostCuda
 
 LOGGER = SimpleNamespace(errors=lambda count=3: "fake engine")
@@ -45,12 +43,27 @@ def reference(bundle):
 
 def trt_factory(cuda, engines: dict, graphs=True):
     """An ``open_graph`` that opens every component as an emulated TensorRT engine (kept in ``engines``)."""
+
     def factory(b, component, form, backend, cuda_graphs=None):
         spec = b.components[component]
-        engine = engines[component] = FakeEngine(b.onnx_path(component, form), spec, cuda, b.generation["max_batch"])
-        entry = {"file": f"engines/fake/{component}.{form}.engine", "profile": {"max_batch": b.generation["max_batch"]}}
-        return TrtGraph(b, component, form, backend, spec, cuda_graphs=graphs,
-                        loaded=(engine, None, LOGGER, entry), trt=FAKE_TRT)
+        engine = engines[component] = FakeEngine(
+            b.onnx_path(component, form), spec, cuda, b.generation["max_batch"]
+        )
+        entry = {
+            "file": f"engines/fake/{component}.{form}.engine",
+            "profile": {"max_batch": b.generation["max_batch"]},
+        }
+        return TrtGraph(
+            b,
+            component,
+            form,
+            backend,
+            spec,
+            cuda_graphs=graphs,
+            loaded=(engine, None, LOGGER, entry),
+            trt=FAKE_TRT,
+        )
+
     return factory
 
 
@@ -71,7 +84,9 @@ def calls(pipe, ref, batch, seed, tolerance=0):
 
 
 @pytest.mark.parametrize("mode", ["fused", "split"])
-def test_trt_graph_gives_cpu_pixels_and_replays_its_cuda_graph(monkeypatch, host_cuda, bundle, reference, mode):
+def test_trt_graph_gives_cpu_pixels_and_replays_its_cuda_graph(
+    monkeypatch, host_cuda, bundle, reference, mode
+):
     engines = emulated_trt(monkeypatch, bundle, host_cuda)
     pipe = GanPipeline(bundle, "trt", "fp32", [], mode=mode)
     ref = reference[mode]
@@ -91,6 +106,7 @@ def test_trt_graph_gives_cpu_pixels_and_replays_its_cuda_graph(monkeypatch, host
 
 def test_bench_reports_gpu_memory_on_gpu_backends(monkeypatch, host_cuda, bundle, bert_bundle):
     from edgegen.runtime.bench import format_table, run_bench
+
     emulated_trt(monkeypatch, bundle, host_cuda)
     pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
     r = run_bench(pipe, iterations=2, warmup=1)
@@ -98,7 +114,9 @@ def test_bench_reports_gpu_memory_on_gpu_backends(monkeypatch, host_cuda, bundle
     assert held > 0 and r["gpu_memory_mb"] == {"device_used": held / 2**20, "device_total": 8192.0}
     assert "GPU memory in use after the calls" in format_table(r)
     monkeypatch.undo()  # the ort-cpu pipeline below opens its real graphs, not emulated engines
-    assert "gpu_memory_mb" not in run_bench(Pipeline.from_bundle(bert_bundle, backend="ort-cpu"), iterations=2, warmup=1)
+    assert "gpu_memory_mb" not in run_bench(
+        Pipeline.from_bundle(bert_bundle, backend="ort-cpu"), iterations=2, warmup=1
+    )
 
 
 def test_split_path_keeps_text_states_on_the_device(monkeypatch, host_cuda, bundle, reference):
@@ -108,7 +126,8 @@ def test_split_path_keeps_text_states_on_the_device(monkeypatch, host_cuda, bund
     before = host_cuda.calls.copy()
     calls(pipe, reference["split"], 2, 6)
     delta = {k: host_cuda.calls[k] - before[k] for k in host_cuda.calls}
-    # up: input_ids + attention_mask (encoder), noise + attention_mask (generator); text_states device to device
+    # up: input_ids + attention_mask (encoder), noise + attention_mask (generator); text_states device to
+    # device
     assert delta.get("copy1") == 4
     assert delta.get("copy3") == 1
     assert delta.get("copy2") == 1  # down: the generator's image only (the encoder's output is not fetched)
@@ -120,7 +139,10 @@ def test_a_fused_call_after_capture_is_one_launch_and_one_sync(monkeypatch, host
     calls(pipe, reference["fused"], 2, 0)
     before = host_cuda.calls.copy()
     calls(pipe, reference["fused"], 2, 1)
-    assert {k: v - before[k] for k, v in host_cuda.calls.items() if v != before[k]} == {"launch": 1, "sync": 1}
+    assert {k: v - before[k] for k, v in host_cuda.calls.items() if v != before[k]} == {
+        "launch": 1,
+        "sync": 1,
+    }
 
 
 def test_no_allocation_per_call_after_the_first_at_a_batch_size(monkeypatch, host_cuda, bundle, reference):
@@ -148,11 +170,13 @@ def test_batch_outside_the_engine_profile_is_refused(monkeypatch, host_cuda, bun
     emulated_trt(monkeypatch, bundle, host_cuda)
     graph = GanPipeline(bundle, "trt", "fp32", [], mode="fused").graph("fused")
     from edgegen.runtime import BadInputError
+
     with pytest.raises(BadInputError, match="outside the engine's profile 1..16"):
         graph.inputs(17)
 
 
 # ---------------------------------------------------------------- ONNX Runtime on the (emulated) device
+
 
 @pytest.fixture
 def emulated_ort(monkeypatch, host_cuda, tmp_path):
@@ -165,11 +189,14 @@ def emulated_ort(monkeypatch, host_cuda, tmp_path):
     def make_session(path, backend, options=None, provider_options=None):
         asked.append((path.name, backend, provider_options))
         return real(path, "ort-cpu", options)
+
     monkeypatch.setattr(backends, "make_session", make_session)
 
     def factory(b, component, form, backend, cuda_graphs=None):
-        return ort_gpu.OrtDeviceGraph(b, component, form, backend, b.components[component],
-                                      cuda_graph=component == "fused")
+        return ort_gpu.OrtDeviceGraph(
+            b, component, form, backend, b.components[component], cuda_graph=component == "fused"
+        )
+
     monkeypatch.setattr(pipeline_module, "open_graph", factory)
     return asked
 
@@ -197,17 +224,22 @@ def test_ort_cuda_asks_for_cuda_graphs_on_the_fused_graph_only(emulated_ort, hos
     assert options["generator.fp32.onnx"]["enable_cuda_graph"] == "0"
 
 
-def test_ort_trt_caches_live_in_the_user_cache_keyed_by_bundle_version_and_gpu(emulated_ort, host_cuda, bundle, tmp_path):
+def test_ort_trt_caches_live_in_the_user_cache_keyed_by_bundle_version_and_gpu(
+    emulated_ort, host_cuda, bundle, tmp_path
+):
     GanPipeline(bundle, "ort-trt", "fp32", [], mode="split")
     pipe = GanPipeline(bundle, "ort-trt", "fp32", [], mode="fused")
     pipe(["a", "b"], seed=[1, 2])
     options = {(name, opts.get("trt_engine_cache_path")): opts for name, _, opts in emulated_ort}
     from edgegen.runtime.engines import bundle_key
+
     root = tmp_path / "cache" / "ort-trt" / bundle_key(bundle)
     [version_dir] = list(root.iterdir())
     assert version_dir.name.startswith("ort-trt-") and version_dir.name.endswith("-sm89")
     fused_b2 = options[("fused.fp32.onnx", str(version_dir / "fused.fp32" / "b2"))]
-    assert fused_b2["trt_cuda_graph_enable"] == "True" and fused_b2["trt_timing_cache_path"] == str(version_dir / "timing")
+    assert fused_b2["trt_cuda_graph_enable"] == "True" and fused_b2["trt_timing_cache_path"] == str(
+        version_dir / "timing"
+    )
     generator = options[("generator.fp32.onnx", str(version_dir / "generator.fp32" / "dynamic"))]
     assert generator["trt_profile_min_shapes"] == "noise:1x16,text_states:1x16x32,attention_mask:1x16"
     assert generator["trt_profile_max_shapes"] == "noise:16x16,text_states:16x16x32,attention_mask:16x16"
@@ -218,9 +250,11 @@ def test_ort_trt_caches_live_in_the_user_cache_keyed_by_bundle_version_and_gpu(e
 def test_every_graph_satisfies_the_graph_protocol_and_gives_the_same_pixels(emulated_ort, host_cuda, bundle):
     """Each backend family's graph, driven through the Graph protocol's members alone."""
     spec = bundle.components["fused"]
-    graphs = {"ort-cpu": backends.open_graph(bundle, "fused", "fp32", "ort-cpu"),
-              "ort-cuda": ort_gpu.OrtDeviceGraph(bundle, "fused", "fp32", "ort-cuda", spec, cuda_graph=True),
-              "trt": trt_factory(host_cuda, {})(bundle, "fused", "fp32", "trt")}
+    graphs = {
+        "ort-cpu": backends.open_graph(bundle, "fused", "fp32", "ort-cpu"),
+        "ort-cuda": ort_gpu.OrtDeviceGraph(bundle, "fused", "fp32", "ort-cuda", spec, cuda_graph=True),
+        "trt": trt_factory(host_cuda, {})(bundle, "fused", "fp32", "trt"),
+    }
     rng = np.random.default_rng(0)
     feeds = None
     pixels = {}
@@ -228,8 +262,10 @@ def test_every_graph_satisfies_the_graph_protocol_and_gives_the_same_pixels(emul
         assert isinstance(graph, backends.Graph), f"{type(graph).__name__} lacks a Graph member"
         inputs = graph.inputs(2)
         if feeds is None:  # one set of inputs for all three, at max_length (the GPU graphs' fixed shape)
-            feeds = {k: rng.integers(1, 50, v.shape) if v.dtype.kind == "i" else rng.standard_normal(v.shape)
-                     for k, v in inputs.items()}
+            feeds = {
+                k: rng.integers(1, 50, v.shape) if v.dtype.kind == "i" else rng.standard_normal(v.shape)
+                for k, v in inputs.items()
+            }
             feeds["attention_mask"][...] = 1
         for key, value in feeds.items():
             inputs[key][...] = value
@@ -240,6 +276,7 @@ def test_every_graph_satisfies_the_graph_protocol_and_gives_the_same_pixels(emul
 
 
 # ---------------------------------------------------------------- backend selection without a GPU
+
 
 def test_open_graph_picks_the_implementation_per_backend(bundle):
     assert isinstance(backends.open_graph(bundle, "fused", "fp32", "ort-cpu"), backends.OrtGraph)
@@ -269,6 +306,7 @@ def test_auto_without_a_gpu_says_what_it_skipped(bert_bundle):
 def test_doctor_tells_listed_providers_from_loaded_ones(bert_bundle):
     import onnxruntime as ort
     from edgegen.runtime.doctor import run_doctor
+
     report = run_doctor(bert_bundle)
     assert report["providers_listed"] == ort.get_available_providers()
     assert report["providers_loaded"]["CPUExecutionProvider"] is True
@@ -286,22 +324,27 @@ def test_doctor_tells_listed_providers_from_loaded_ones(bert_bundle):
             assert report["backends"][backend]["loads"] is False and report["backends"][backend]["error"]
 
 
-# ---------------------------------------------------------------- validate on trt / trt-rtx: the engines, not ONNX sessions
+# ---------------------------------------- validate on trt / trt-rtx: the engines, not ONNX sessions
+
 
 @pytest.fixture
 def validate_on_emulated_trt(monkeypatch, host_cuda):
-    """`validate --backend trt` over emulated engines: trt loads, the bundle has fp32 engines for this machine,
-    and an ONNX Runtime session asked for on a TensorRT backend fails the test."""
+    """`validate --backend trt` over emulated engines: trt loads, the bundle has fp32 engines for this
+    machine, and an ONNX Runtime session asked for on a TensorRT backend fails the test."""
     from edgegen.runtime import check
+
     engines = {}
     monkeypatch.setattr(check, "open_graph", trt_factory(host_cuda, engines))
     monkeypatch.setattr(check, "engine_forms", lambda b, backend: {"fp32"})
-    monkeypatch.setattr(backends, "backend_loads", lambda b: (True, "") if b == "trt" else (b == "ort-cpu", "no GPU"))
+    monkeypatch.setattr(
+        backends, "backend_loads", lambda b: (True, "") if b == "trt" else (b == "ort-cpu", "no GPU")
+    )
     real = check.make_session
 
     def make_session(path, backend, *args, **kwargs):
         assert backends.backend_spec(backend).provider, f"an ONNX Runtime session on {backend}"
         return real(path, backend, *args, **kwargs)
+
     monkeypatch.setattr(check, "make_session", make_session)
     return engines
 
@@ -309,9 +352,12 @@ def validate_on_emulated_trt(monkeypatch, host_cuda):
 def test_validate_on_trt_runs_every_component_through_its_engine(capsys, validate_on_emulated_trt, bundle):
     from edgegen.runtime.check import check_bundle
     from edgegen.runtime.cli import main
+
     code = main(["validate", str(bundle.root), "--backend", "trt", "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and report["ok"] and report["backend"] == "trt" and list(report["precisions"]) == ["fp32"]
+    assert (
+        code == 0 and report["ok"] and report["backend"] == "trt" and list(report["precisions"]) == ["fp32"]
+    )
     engines = validate_on_emulated_trt
     assert set(engines) == {"text_encoder", "generator", "fused"}
     assert all(e.executions == len(report["cases"]) for e in engines.values())  # every reference case, once
@@ -319,22 +365,30 @@ def test_validate_on_trt_runs_every_component_through_its_engine(capsys, validat
     want = check_bundle(bundle, "ort-cpu")["precisions"]["fp32"]
     got = report["precisions"]["fp32"]
     for name, parity in want["parity"].items():
-        assert got["parity"][name]["ok"] and got["parity"][name]["max_abs"] == pytest.approx(parity["max_abs"], abs=1e-6)
+        assert got["parity"][name]["ok"] and got["parity"][name]["max_abs"] == pytest.approx(
+            parity["max_abs"], abs=1e-6
+        )
     assert got["quality"]["psnr_db"] == pytest.approx(want["quality"]["psnr_db"], abs=0.01)
 
 
 def test_validate_on_trt_refuses_a_precision_without_engines(validate_on_emulated_trt, monkeypatch, bundle):
     from edgegen.runtime import check
+
     monkeypatch.setattr(check, "engine_forms", lambda b, backend: {"fp16"})
     for precisions in (["fp32"], None):
-        with pytest.raises(BackendUnavailableError, match=rf"no fp32 engines for this machine. Note: engines exist for "
-                           rf"fp16: validate with --precision fp16, build them \(edgegen engines {bundle.root} --flavour trt"):
+        with pytest.raises(
+            BackendUnavailableError,
+            match=rf"no fp32 engines for this machine. Note: engines exist for "
+            rf"fp16: validate with --precision fp16, "
+            rf"build them \(edgegen engines {bundle.root} --flavour trt",
+        ):
             check.check_bundle(bundle, "trt", precisions)
     assert validate_on_emulated_trt == {}  # refused before any engine was opened
 
 
 def test_validate_checks_the_forms_each_backend_runs(monkeypatch):
     from edgegen.runtime import check
+
     fake = SimpleNamespace(precisions=["fp32", "fp16", "int8"], root="B")
     monkeypatch.setattr(check, "engine_forms", lambda b, backend: {"fp16", "int8-qdq"})
     assert check.forms_to_check(fake, "ort-cpu", None) == ["fp32", "fp16", "int8", "int8-qdq"]
@@ -348,19 +402,29 @@ def test_validate_on_a_tensorrt_backend_without_a_gpu_is_a_one_line_error(capsys
     if cudart.gpu_status()["available"]:
         pytest.skip("a GPU is present")
     from edgegen.runtime.cli import main
+
     for backend in ("trt", "trt-rtx"):
         code = main(["validate", str(bert_bundle), "--backend", backend])
         err = capsys.readouterr().err
-        assert code == 1 and err.startswith(f"edgegen: backend {backend} | cannot run here") and len(err.splitlines()) == 1
+        assert (
+            code == 1
+            and err.startswith(f"edgegen: backend {backend} | cannot run here")
+            and len(err.splitlines()) == 1
+        )
 
 
 # ---------------------------------------------------------------- the desk check's fixes (issue 24)
 
-def test_a_capture_keeps_out_another_threads_work_on_the_shared_stream(monkeypatch, host_cuda, bundle, reference):
+
+def test_a_capture_keeps_out_another_threads_work_on_the_shared_stream(
+    monkeypatch, host_cuda, bundle, reference
+):
     """Pipeline A captures while pipeline B, warmed up, is called from another thread on the process's
     stream: B's launch must not land in A's graph, nor B's synchronisation hit a capturing stream."""
     import threading
+
     from gpu_emulation import FakeContext
+
     emulated_trt(monkeypatch, bundle, host_cuda)
     other = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
     calls(other, reference["fused"], 1, 0)  # captured: a later call is one launch and one sync
@@ -380,6 +444,7 @@ def test_a_capture_keeps_out_another_threads_work_on_the_shared_stream(monkeypat
             worker.start()
             worker.join()
         return ok
+
     monkeypatch.setattr(FakeContext, "execute_async_v3", execute_async_v3)
     pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
     for seed in (0, 1, 2):
@@ -389,27 +454,36 @@ def test_a_capture_keeps_out_another_threads_work_on_the_shared_stream(monkeypat
     calls(other, reference["fused"], 1, 4)
 
 
-def test_tensorrt_10_0_context_gets_its_scratch_memory_by_attribute(monkeypatch, host_cuda, bundle, reference):
+def test_tensorrt_10_0_context_gets_its_scratch_memory_by_attribute(
+    monkeypatch, host_cuda, bundle, reference
+):
     """TensorRT 10.0 has no set_device_memory (10.1+): the AttributeError falls back to ``device_memory``."""
     from gpu_emulation import FakeContext
+
     monkeypatch.delattr(FakeContext, "set_device_memory")
-    monkeypatch.setattr(FakeContext, "device_memory", property(lambda ctx: ctx.memory,
-                                                               lambda ctx, ptr: setattr(ctx, "memory", ptr)),
-                        raising=False)
+    monkeypatch.setattr(
+        FakeContext,
+        "device_memory",
+        property(lambda ctx: ctx.memory, lambda ctx, ptr: setattr(ctx, "memory", ptr)),
+        raising=False,
+    )
     emulated_trt(monkeypatch, bundle, host_cuda)
     pipe = GanPipeline(bundle, "trt", "fp32", [], mode="fused")
     calls(pipe, reference["fused"], 2, 0)
     assert pipe.graph("fused").graphs_captured == [2]
 
 
-EP_ERROR = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature as requested by the "
-            "user as all compute graph nodes have not been partitioned to the CUDA EP.")
+EP_ERROR = (
+    "[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature as requested by the "
+    "user as all compute graph nodes have not been partitioned to the CUDA EP."
+)
 
 
 def onnx_runtime_refusing_capture(monkeypatch):
     """InferenceSession as onnxruntime-gpu's Python class behaves when a CUDA-graph session has a node on the
     CPU: it prints "EP Error", retries on the CPU provider alone and returns that session."""
     import onnxruntime as ort
+
     real = ort.InferenceSession
 
     class Session:
@@ -428,31 +502,47 @@ def onnx_runtime_refusing_capture(monkeypatch):
 
         def __getattr__(self, name):
             return getattr(self._session, name)
+
     monkeypatch.setattr(ort, "InferenceSession", Session)
 
 
-def test_ort_cuda_graph_refused_by_onnx_runtime_runs_without_capture(monkeypatch, host_cuda, bundle, reference,
-                                                                     tmp_path, capsys):
+def test_ort_cuda_graph_refused_by_onnx_runtime_runs_without_capture(
+    monkeypatch, host_cuda, bundle, reference, tmp_path, capsys
+):
     monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ort_gpu, "ORT_DEVICE", "cpu")
     onnx_runtime_refusing_capture(monkeypatch)
-    monkeypatch.setattr(pipeline_module, "open_graph", lambda b, component, form, backend, cuda_graphs=None:
-                        ort_gpu.OrtDeviceGraph(b, component, form, backend, b.components[component], cuda_graph=True))
+    monkeypatch.setattr(
+        pipeline_module,
+        "open_graph",
+        lambda b, component, form, backend, cuda_graphs=None: ort_gpu.OrtDeviceGraph(
+            b, component, form, backend, b.components[component], cuda_graph=True
+        ),
+    )
     pipe = GanPipeline(bundle, "ort-cuda", "fp32", [], mode="fused")
     for batch in (1, 2):
         calls(pipe, reference["fused"], batch, 0, tolerance=1)
     graph = pipe.graph("fused")
     assert pipe.backend == "ort-cuda" and graph.cuda_graphs and graph.graphs_captured == []
-    assert graph.notes == [f"fused.fp32.onnx batch {b}: no CUDA graph (ONNX Runtime refused the capture: {EP_ERROR} "
-                           "when using [('CUDAExecutionProvider', {'device_id': '0', 'enable_cuda_graph': '1'}), "
-                           "'CPUExecutionProvider']); running without one" for b in (1, 2)]
+    assert graph.notes == [
+        f"fused.fp32.onnx batch {b}: no CUDA graph (ONNX Runtime refused the capture: {EP_ERROR} "
+        "when using [('CUDAExecutionProvider', {'device_id': '0', 'enable_cuda_graph': '1'}), "
+        "'CPUExecutionProvider']); running without one"
+        for b in (1, 2)
+    ]
     assert "EP Error" not in capsys.readouterr().out  # kept in the note, not printed
 
 
 def test_a_provider_that_falls_back_says_why(monkeypatch, bundle):
     """make_session's error carries ONNX Runtime's own reason instead of only 'did not get'."""
     onnx_runtime_refusing_capture(monkeypatch)
-    with pytest.raises(BackendUnavailableError, match="did not get CUDAExecutionProvider: ONNX Runtime fell back "
-                       "to the CPU after .*all compute graph nodes have not been partitioned"):
-        backends.make_session(bundle.onnx_path("fused", "fp32"), "ort-cuda",
-                              provider_options={"device_id": "0", "enable_cuda_graph": "1"})
+    with pytest.raises(
+        BackendUnavailableError,
+        match="did not get CUDAExecutionProvider: ONNX Runtime fell back "
+        "to the CPU after .*all compute graph nodes have not been partitioned",
+    ):
+        backends.make_session(
+            bundle.onnx_path("fused", "fp32"),
+            "ort-cuda",
+            provider_options={"device_id": "0", "enable_cuda_graph": "1"},
+        )

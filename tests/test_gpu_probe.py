@@ -1,5 +1,6 @@
-"""What the GPU backends find out about a machine before any engine runs, checked without a GPU by faking the
-machine: TensorRT-RTX targets (Hopper is none), TensorRT's version, libnvinfer's name, libcudart on Windows."""
+"""What the GPU backends find out about a machine before any engine runs, checked without a GPU by faking
+the machine: TensorRT-RTX targets (Hopper is none), TensorRT's version, libnvinfer's name, libcudart on
+Windows."""
 
 import ctypes
 import os

@@ -1,22 +1,28 @@
 """Runtime images against PyTorch's, computed here independently (transformers tokenizer, torch modules)."""
+
 import numpy as np
 import pytest
 import torch
-
+from conftest import TEXT_ENCODERS
 from edgegen.export.families.gan import GanFamily
 from edgegen.runtime import Pipeline
 
-from conftest import TEXT_ENCODERS
-
 SHORT = "cat"
 LONG = "a very small yellow star on a dark green background with a big red heart and a tiny blue moon"
+FAMILIES: dict = {}  # kind -> its GanFamily, loaded once for all the parametrized cases
 
 
 def torch_pixels(family: GanFamily, prompts, seeds):
-    tok = family.hf_tokenizer(prompts, padding="max_length", truncation=True,
-                              max_length=family.config.max_length, return_tensors="pt")
-    noise = np.stack([np.random.default_rng(s).standard_normal(family.config.noise_dim, dtype=np.float32)
-                      for s in seeds])
+    tok = family.hf_tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=family.config.max_length,
+        return_tensors="pt",
+    )
+    noise = np.stack(
+        [np.random.default_rng(s).standard_normal(family.config.noise_dim, dtype=np.float32) for s in seeds]
+    )
     with torch.no_grad():
         states = family.text_encoder(tok["input_ids"], tok["attention_mask"])
         image = family.generator(torch.from_numpy(noise), states, tok["attention_mask"])
@@ -24,9 +30,11 @@ def torch_pixels(family: GanFamily, prompts, seeds):
 
 
 @pytest.mark.parametrize("kind", TEXT_ENCODERS)
-@pytest.mark.parametrize("prompts,seeds", [([SHORT], [7]), ([LONG], [8]), ([SHORT, LONG, "a red apple"], [1, 2, 3])])
-def test_runtime_matches_pytorch(kind, prompts, seeds, tiny_checkpoints, tiny_bundles, family_cache={}):
-    family = family_cache.get(kind) or family_cache.setdefault(kind, GanFamily(tiny_checkpoints[kind]))
+@pytest.mark.parametrize(
+    "prompts,seeds", [([SHORT], [7]), ([LONG], [8]), ([SHORT, LONG, "a red apple"], [1, 2, 3])]
+)
+def test_runtime_matches_pytorch(kind, prompts, seeds, tiny_checkpoints, tiny_bundles):
+    family = FAMILIES.get(kind) or FAMILIES.setdefault(kind, GanFamily(tiny_checkpoints[kind]))
     want = torch_pixels(family, prompts, seeds)
     assert want.std() > 5, "reference images are flat; the check would be too weak"
     for mode in ("fused", "split"):

@@ -1,9 +1,9 @@
 """The runtime call: seeds, batches, explicit noise, buffers, truncation, bad input."""
+
 import numpy as np
 import pytest
-from PIL import Image
-
 from edgegen.runtime import BackendUnavailableError, BadInputError, Pipeline, TruncationWarning
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,21 @@ def test_pil_np_and_uint8_outputs(pipe):
     assert np.array_equal(np.asarray(images[1]), arr[1])
     assert pipe.last_call.seeds == [3, 4]
     floats = pipe("a red apple", seed=3, num_images_per_prompt=2, output_type="np")  # diffusers' meaning
-    assert floats.dtype == np.float32 and floats.shape == arr.shape and 0.0 <= floats.min() <= floats.max() <= 1.0
+    assert (
+        floats.dtype == np.float32
+        and floats.shape == arr.shape
+        and 0.0 <= floats.min() <= floats.max() <= 1.0
+    )
     assert np.array_equal(np.rint(floats * 255).astype(np.uint8), arr)
 
 
-@pytest.mark.parametrize("keyword", ["num_images", "num_inference_steps", "latents", "negative_prompt", "seeds"])
+@pytest.mark.parametrize(
+    "keyword", ["num_images", "num_inference_steps", "latents", "negative_prompt", "seeds"]
+)
 def test_an_unknown_keyword_is_bad_input_naming_the_accepted_ones(pipe, keyword):
-    with pytest.raises(BadInputError, match=f"{keyword} .*unknown keyword.*num_images_per_prompt, output_type, noise"):
+    with pytest.raises(
+        BadInputError, match=f"{keyword} .*unknown keyword.*num_images_per_prompt, output_type, noise"
+    ):
         pipe("a red apple", **{keyword: 1})
 
 
@@ -45,7 +53,11 @@ def test_cache_size_can_be_changed_at_any_time(bert_bundle):
 
 
 def test_seed_fixes_an_image_whatever_its_batch_position(pipe):
-    alone = pipe("cat", seed=11, output_type="uint8", ) [0]
+    alone = pipe(
+        "cat",
+        seed=11,
+        output_type="uint8",
+    )[0]
     pipe.clear_cache()
     in_batch = pipe(["dog", "cat"], seed=[10, 11], output_type="uint8")[1]
     assert np.abs(alone.astype(int) - in_batch.astype(int)).max() <= 1
@@ -142,20 +154,23 @@ def test_lru_cache_is_bounded(bert_bundle):
     assert pipe.last_call.path == "cached"
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    (dict(prompt=3), "expected a string"),
-    (dict(prompt=[]), "non-empty list"),
-    (dict(prompt=["ok", None]), "item 1"),
-    (dict(prompt="x", num_images_per_prompt=0), "positive integer"),
-    (dict(prompt="x", num_images_per_prompt=17), "maximum batch of 16"),
-    (dict(prompt="x", seed=-1), "out of range"),
-    (dict(prompt="x", seed=2**64), "out of range"),
-    (dict(prompt="x", seed=1.5), "expected an integer"),
-    (dict(prompt=["a", "b"], seed=[1]), "1 seeds for 2 images"),
-    (dict(prompt="x", noise=np.zeros((2, 16), np.float32)), "shape"),
-    (dict(prompt="x", noise=np.zeros((1, 16), np.int64)), "float"),
-    (dict(prompt="x", output_type="tensor"), "output_type"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(prompt=3), "expected a string"),
+        (dict(prompt=[]), "non-empty list"),
+        (dict(prompt=["ok", None]), "item 1"),
+        (dict(prompt="x", num_images_per_prompt=0), "positive integer"),
+        (dict(prompt="x", num_images_per_prompt=17), "maximum batch of 16"),
+        (dict(prompt="x", seed=-1), "out of range"),
+        (dict(prompt="x", seed=2**64), "out of range"),
+        (dict(prompt="x", seed=1.5), "expected an integer"),
+        (dict(prompt=["a", "b"], seed=[1]), "1 seeds for 2 images"),
+        (dict(prompt="x", noise=np.zeros((2, 16), np.float32)), "shape"),
+        (dict(prompt="x", noise=np.zeros((1, 16), np.int64)), "float"),
+        (dict(prompt="x", output_type="tensor"), "output_type"),
+    ],
+)
 def test_bad_input(pipe, kwargs, fragment):
     prompt = kwargs.pop("prompt")
     with pytest.raises(BadInputError, match=fragment) as e:
@@ -172,6 +187,7 @@ def test_unknown_backend_and_precision(bert_bundle):
 
 def test_named_backend_that_cannot_run_is_an_error(bert_bundle):
     from edgegen.runtime.backends import backend_loads
+
     if backend_loads("ort-cuda")[0]:
         pytest.skip("CUDA really loads on this machine")
     with pytest.raises(BackendUnavailableError, match="ort-cuda"):
@@ -182,6 +198,7 @@ def test_named_backend_that_cannot_run_is_an_error(bert_bundle):
 
 def test_edgegen_threads_caps_onnx_runtime_threads(monkeypatch, bert_bundle):
     from edgegen.runtime.backends import session_options
+
     monkeypatch.setenv("EDGEGEN_THREADS", "1")
     assert session_options().intra_op_num_threads == 1
     pipe = Pipeline.from_bundle(bert_bundle, backend="ort-cpu", precision="fp32")
@@ -194,6 +211,7 @@ def test_edgegen_threads_caps_onnx_runtime_threads(monkeypatch, bert_bundle):
 def test_tokenizer_pads_to_the_longest_prompt(bert_bundle):
     from edgegen.runtime.bundle import Bundle
     from edgegen.runtime.tokenize import PromptTokenizer
+
     bundle = Bundle.open(bert_bundle)
     tok = PromptTokenizer.of_bundle(bundle)
     fixed = tok(["cat", "a red apple"])
@@ -201,7 +219,9 @@ def test_tokenizer_pads_to_the_longest_prompt(bert_bundle):
     tok.pad_to_longest = True
     short = tok(["cat", "a red apple"])
     assert short.input_ids.shape == (2, 5)
-    assert np.array_equal(short.input_ids, fixed.input_ids[:, :5]) and np.array_equal(short.attention_mask.sum(1), [3, 5])
+    assert np.array_equal(short.input_ids, fixed.input_ids[:, :5]) and np.array_equal(
+        short.attention_mask.sum(1), [3, 5]
+    )
     assert [tok.length_for([n]) for n in (1, 9, 16, 40)] == [1, 9, 16, 16]  # at most max_length
     assert tok.length_for([0, 5]) == 16  # an all-padding row: the exported length (see below)
     long = tok(["a very small yellow star " * 10])

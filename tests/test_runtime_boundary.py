@@ -1,4 +1,5 @@
 """edgegen.runtime must import with torch, transformers and diffusers unavailable."""
+
 import subprocess
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -28,6 +29,10 @@ def test_runtime_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     count = int(result.stdout.split()[0])
-    files = Path(edgegen.runtime.__file__).parent.iterdir()  # its .py files and its compiled module (the host path)
-    expected = len({f.name.split(".")[0] for f in files if f.name.endswith((".py", *EXTENSION_SUFFIXES))} - {"__init__"})
+    files = Path(
+        edgegen.runtime.__file__
+    ).parent.iterdir()  # its .py files and its compiled module (the host path)
+    expected = len(
+        {f.name.split(".")[0] for f in files if f.name.endswith((".py", *EXTENSION_SUFFIXES))} - {"__init__"}
+    )
     assert count == expected, f"imported {count} runtime modules, {expected} exist"

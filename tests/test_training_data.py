@@ -1,15 +1,28 @@
 """emoji64's training data: renders are deterministic and captions describe exactly what is rendered."""
+
 import re
 
 import numpy as np
 import pytest
 
-from training.dataset import (BACKGROUNDS, BG_NAMES, HELDOUT_TEMPLATES, SIZE_WORDS, eval_captions, font_available,
-                              random_labels, render, render_batch, training_captions)
+from training.dataset import (
+    BACKGROUNDS,
+    BG_NAMES,
+    HELDOUT_TEMPLATES,
+    SIZE_WORDS,
+    eval_captions,
+    font_available,
+    random_labels,
+    render,
+    render_batch,
+    training_captions,
+)
 from training.emoji_set import EMOJI
 
 if not font_available():
-    pytest.skip("Noto Color Emoji not installed (apt-get install fonts-noto-color-emoji)", allow_module_level=True)
+    pytest.skip(
+        "Noto Color Emoji not installed (apt-get install fonts-noto-color-emoji)", allow_module_level=True
+    )
 
 
 def test_emoji_set():
@@ -22,6 +35,7 @@ def test_render_is_deterministic_given_seed():
     def batch(seed):
         rng = np.random.default_rng(seed)
         return render_batch(rng, *random_labels(rng, 16)).images
+
     a, b, c = batch(3), batch(3), batch(4)
     assert a.shape == (16, 64, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
@@ -63,7 +77,9 @@ def test_captions_match_controls(captions):
         names = [n for n in e.train_names + e.heldout_names if re.search(rf"\b{re.escape(n)}\b", c.text)]
         assert names, f"{c.text!r} names no form of {e.name!r}"
         rest = c.text
-        for n in sorted(names, key=len, reverse=True):  # colour and size words inside the emoji's own name ("blueberries") do not count
+        for n in sorted(
+            names, key=len, reverse=True
+        ):  # colour and size words inside the emoji's own name ("blueberries") do not count
             rest = re.sub(rf"\b{re.escape(n)}\b", " ", rest)
         assert words(rest) & set(BG_NAMES) == {BG_NAMES[c.background]}, c.text
         said = {s for s, ws in enumerate(SIZE_WORDS.values()) if words(rest) & set(ws)}

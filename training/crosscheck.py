@@ -7,6 +7,7 @@ rather than with the emoji (the conv runs in training/README.md did). The same j
 seed (seed 1, ~9 min at one thread, trained once and cached) is an independent second opinion; this prints
 adherence under both. `training.train` records the second judge's figures in metrics.json too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from edgegen.export.families.gan import load_generator
 from edgegen.export.judge import load_judge
 
@@ -39,7 +39,11 @@ def score(generator, root: Path, states, mask, evals) -> dict:
     """Adherence, accuracies and Fréchet distance of ``generator`` under the judge in ``root``."""
     real = np.load(root / "real_features.npz")
     r = evaluate(generator, load_judge(root / "judge").eval(), states, mask, evals, real["mu"], real["sigma"])
-    return {k: round(v, 4) for k, v in r.items() if k.startswith(("adherence", "emoji_acc", "background_acc", "frechet"))}
+    return {
+        k: round(v, 4)
+        for k, v in r.items()
+        if k.startswith(("adherence", "emoji_acc", "background_acc", "frechet"))
+    }
 
 
 def main(argv=None):

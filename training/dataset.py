@@ -4,11 +4,12 @@ Everything is deterministic given a seed: glyphs are rendered once with Pillow (
 renders at 109 px, so we render at 109 and resize down) and cached as numpy arrays; a sample is then
 an alpha composite onto a flat background at an integer offset, which is cheap enough to do per batch.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,16 @@ JITTER = 3  # max |offset| in px: the only variation a caption does not explain 
 
 # Distinct, mid-saturation colours: none equals a dominant emoji colour exactly, so glyphs stay visible.
 BACKGROUNDS = [
-    ("red", (214, 48, 49)), ("orange", (240, 140, 30)), ("yellow", (245, 215, 60)), ("green", (46, 160, 67)),
-    ("blue", (40, 100, 220)), ("purple", (128, 60, 170)), ("pink", (245, 150, 200)), ("white", (250, 250, 250)),
-    ("black", (15, 15, 15)), ("gray", (128, 128, 128)),
+    ("red", (214, 48, 49)),
+    ("orange", (240, 140, 30)),
+    ("yellow", (245, 215, 60)),
+    ("green", (46, 160, 67)),
+    ("blue", (40, 100, 220)),
+    ("purple", (128, 60, 170)),
+    ("pink", (245, 150, 200)),
+    ("white", (250, 250, 250)),
+    ("black", (15, 15, 15)),
+    ("gray", (128, 128, 128)),
 ]
 BG_NAMES = [n for n, _ in BACKGROUNDS]
 SIZES = {"small": 32, "large": 58}  # glyph box side in px: 50% vs 90% of the 64 px canvas
@@ -58,8 +66,14 @@ def article(words: str) -> str:
 
 
 def caption(template: str, name: str, color: str, size_word: str) -> str:
-    return template.format(name=name, color=color, a_color=article(color), size=size_word, a_name=article(name),
-                           a_size_name=article(f"{size_word} {name}"))
+    return template.format(
+        name=name,
+        color=color,
+        a_color=article(color),
+        size=size_word,
+        a_name=article(name),
+        a_size_name=article(f"{size_word} {name}"),
+    )
 
 
 def template_has_size(template: str) -> bool:
@@ -70,16 +84,22 @@ def font_available() -> bool:
     return FONT_PATH.is_file()
 
 
-@lru_cache(maxsize=None)
+@cache
 def glyphs(side: int) -> tuple[np.ndarray, np.ndarray]:
-    """All emoji at ``side`` px: premultiplied RGB (N, side, side, 3) and alpha (N, side, side, 1), float32 0..1."""
+    """All emoji at ``side`` px: premultiplied RGB (N, side, side, 3) and alpha (N, side, side, 1), float32
+    0..1."""
     from PIL import Image, ImageDraw, ImageFont
+
     font = ImageFont.truetype(str(FONT_PATH), 109)
     rgb, alpha = [], []
     for e in EMOJI:
-        im = Image.new("RGBA", (136, 136), (0, 0, 0, 0))  # the font's glyph box is 136x128: centre it vertically
+        im = Image.new(
+            "RGBA", (136, 136), (0, 0, 0, 0)
+        )  # the font's glyph box is 136x128: centre it vertically
         ImageDraw.Draw(im).text((0, 4), e.char, font=font, embedded_color=True)
-        arr = np.asarray(im.resize((side, side), Image.LANCZOS), dtype=np.float32) / 255.0  # Pillow premultiplies for RGBA
+        arr = (
+            np.asarray(im.resize((side, side), Image.LANCZOS), dtype=np.float32) / 255.0
+        )  # Pillow premultiplies for RGBA
         a = arr[..., 3:]
         rgb.append(arr[..., :3] * a)
         alpha.append(a)
@@ -94,21 +114,25 @@ def render(emoji_index: int, background: int, size: str, jitter: tuple[int, int]
     canvas[:] = np.asarray(BACKGROUNDS[background][1], np.float32) / 255.0
     x0 = (IMAGE_SIZE - side) // 2 + int(jitter[0])
     y0 = (IMAGE_SIZE - side) // 2 + int(jitter[1])
-    window = canvas[y0:y0 + side, x0:x0 + side]
+    window = canvas[y0 : y0 + side, x0 : x0 + side]
     window[:] = rgb[emoji_index] + window * (1.0 - alpha[emoji_index])
     return np.rint(canvas * 255.0).astype(np.uint8)
 
 
 @dataclass
 class Batch:
-    emoji: np.ndarray       # (B,) int
+    emoji: np.ndarray  # (B,) int
     background: np.ndarray  # (B,) int
-    size: np.ndarray        # (B,) int index into SIZE_NAMES
-    images: np.ndarray      # (B, 64, 64, 3) uint8
+    size: np.ndarray  # (B,) int index into SIZE_NAMES
+    images: np.ndarray  # (B, 64, 64, 3) uint8
 
 
 def random_labels(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return rng.integers(len(EMOJI), size=n), rng.integers(len(BACKGROUNDS), size=n), rng.integers(len(SIZES), size=n)
+    return (
+        rng.integers(len(EMOJI), size=n),
+        rng.integers(len(BACKGROUNDS), size=n),
+        rng.integers(len(SIZES), size=n),
+    )
 
 
 def render_batch(rng: np.random.Generator, emoji, background, size) -> Batch:
@@ -121,10 +145,12 @@ def render_batch(rng: np.random.Generator, emoji, background, size) -> Batch:
 def to_tensor(images: np.ndarray):
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], the generator's and judge's range."""
     import torch
+
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 # --- captions -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Caption:
@@ -132,7 +158,7 @@ class Caption:
     emoji: int
     background: int
     size: int | None  # None: the caption does not say
-    split: str        # "train" (training templates and names), "seen" (eval, same) or "heldout"
+    split: str  # "train" (training templates and names), "seen" (eval, same) or "heldout"
     novelty: str = ""  # for "heldout": "template" (a held-out template) or "synonym" (a held-out name)
 
 
@@ -165,15 +191,23 @@ def eval_captions(n_seen: int = 160, n_heldout: int = 160, seed: int = 1234) -> 
     rng = np.random.default_rng(seed)
     with_heldout_names = [e for e in EMOJI if e.heldout_names]
     out = []
-    for i in range(n_seen):
+    for _i in range(n_seen):
         e, b = EMOJI[rng.integers(len(EMOJI))], int(rng.integers(len(BACKGROUNDS)))
         out.append(_sample_caption(rng, e.train_names, TRAIN_TEMPLATES, e.id, b, BG_NAMES[b], "seen"))
     for i in range(n_heldout):
         b = int(rng.integers(len(BACKGROUNDS)))
         if i % 2 == 0:
             e = EMOJI[rng.integers(len(EMOJI))]
-            out.append(_sample_caption(rng, e.train_names, HELDOUT_TEMPLATES, e.id, b, BG_NAMES[b], "heldout", "template"))
+            out.append(
+                _sample_caption(
+                    rng, e.train_names, HELDOUT_TEMPLATES, e.id, b, BG_NAMES[b], "heldout", "template"
+                )
+            )
         else:
             e = with_heldout_names[rng.integers(len(with_heldout_names))]
-            out.append(_sample_caption(rng, e.heldout_names, TRAIN_TEMPLATES, e.id, b, BG_NAMES[b], "heldout", "synonym"))
+            out.append(
+                _sample_caption(
+                    rng, e.heldout_names, TRAIN_TEMPLATES, e.id, b, BG_NAMES[b], "heldout", "synonym"
+                )
+            )
     return out

@@ -1,10 +1,12 @@
-"""Evaluate a generator with the judge: adherence (seen / held-out phrasings), seed diversity, Fréchet judge distance.
+"""Evaluate a generator with the judge: adherence (seen / held-out phrasings), seed diversity, Fréchet judge
+distance.
 
     python -m training.evaluate [--model export/emoji64] [--seeds 0 1 2 3]
 
 Noise follows the runtime: image i uses numpy default_rng(seed_i).standard_normal(noise_dim, float32),
 and images are quantised to uint8 before judging, as the runtime would deliver them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import linalg
-
 from edgegen.runtime.pipeline import noise_for_seeds
+from scipy import linalg
 
 from .dataset import eval_captions, random_labels, render_batch, to_tensor
 
@@ -45,7 +46,7 @@ def generate(generator, states, mask, seeds: list[int], batch: int = 256) -> np.
     mk = torch.as_tensor(mask).long().repeat_interleave(s, 0)
     out = []
     for i in range(0, len(z), batch):
-        img = generator(z[i:i + batch], st[i:i + batch], mk[i:i + batch]).numpy()
+        img = generator(z[i : i + batch], st[i : i + batch], mk[i : i + batch]).numpy()
         out.append(np.rint(np.clip((img + 1.0) * 127.5, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1))
     return np.concatenate(out).reshape(p, s, *out[0].shape[1:])
 
@@ -55,7 +56,7 @@ def judge_images(judge, images: np.ndarray, batch: int = 512):
     e, b, f = [], [], []
     flat = images.reshape(-1, *images.shape[-3:])
     for i in range(0, len(flat), batch):
-        le, lb, feat = judge(to_tensor(flat[i:i + batch]))
+        le, lb, feat = judge(to_tensor(flat[i : i + batch]))
         e.append(le.argmax(1).numpy()), b.append(lb.argmax(1).numpy()), f.append(feat.numpy())
     return np.concatenate(e), np.concatenate(b), np.concatenate(f)
 
@@ -88,7 +89,9 @@ def evaluate(generator, judge, states, mask, captions, real_mu, real_sigma, seed
     result["diversity"] = float(np.mean(pairs)) if pairs else 0.0
     mu, sigma = stats(feats)
     result["frechet_judge_distance"] = frechet_distance(mu, sigma, real_mu, real_sigma)
-    result["frechet_judge_distance_real_reference"] = real_reference_fd(judge, len(feats), real_mu, real_sigma)
+    result["frechet_judge_distance_real_reference"] = real_reference_fd(
+        judge, len(feats), real_mu, real_sigma
+    )
     return result
 
 
@@ -117,7 +120,11 @@ def main():
     encoder, tokenizer = load_minilm()
     states, mask = encode(encoder, tokenizer, [c.text for c in captions], generator.config.max_length)
     real = np.load(a.model / "real_features.npz")
-    print(json.dumps(evaluate(generator, judge, states, mask, captions, real["mu"], real["sigma"], a.seeds), indent=2))
+    print(
+        json.dumps(
+            evaluate(generator, judge, states, mask, captions, real["mu"], real["sigma"], a.seeds), indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 Writes one PNG per prompt (4 seeds side by side, upscaled 2x with nearest neighbour so pixels stay
 honest) and ``examples.md``, the Markdown table the README embeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Seen phrasings, held-out templates and held-out synonyms ("kitten", "cheeseburger", "spacecraft" never trained).
+# Seen phrasings, held-out templates and held-out synonyms ("kitten", "cheeseburger", "spacecraft" never
+# trained).
 PROMPTS = [
     ("a rocket on a blue background", "seen"),
     ("a large robot face on a yellow background", "seen"),
@@ -28,6 +30,7 @@ SEEDS = [0, 1, 2, 3]
 
 def main(argv=None):
     from edgegen.runtime import Pipeline
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/examples"))
     p.add_argument("--bundle", help="default: the shipped model's bundle (exported once into the cache)")
@@ -35,11 +38,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.bundle is None:
         from edgegen.export import default_bundle
+
         a.bundle = default_bundle()
     pipe = Pipeline.from_bundle(a.bundle, backend="ort-cpu", precision=a.precision)
     a.out.mkdir(parents=True, exist_ok=True)
     rows = ["| prompt | phrasing | seeds 0-3 |", "|---|---|---|"]
     from PIL import Image
+
     for i, (prompt, kind) in enumerate(PROMPTS):
         images = pipe([prompt] * len(SEEDS), seed=SEEDS, output_type="uint8")
         strip = np.concatenate(list(images), axis=1).repeat(2, 0).repeat(2, 1)

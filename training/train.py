@@ -12,6 +12,7 @@ labels. No judge takes part unless ``--judge-weight`` is given (the older conv r
 are averaged (EMA); BatchNorm statistics, where the renderer has any, are recalibrated before saving.
 A second judge that training never sees scores the result too (training/crosscheck.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from edgegen.export.generator import ConditionalGenerator, GeneratorConfig, masked_mean
+from edgegen.export.judge import load_judge
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from edgegen.export.generator import ConditionalGenerator, GeneratorConfig
-from edgegen.export.judge import load_judge
-
-from edgegen.export.generator import masked_mean
-
 from .crosscheck import SECOND_JUDGE_SEED, score, second_judge
-from .dataset import BACKGROUNDS, JITTER, SIZE_NAMES, SIZES, eval_captions, render, training_captions, to_tensor
+from .dataset import (
+    BACKGROUNDS,
+    JITTER,
+    SIZE_NAMES,
+    SIZES,
+    eval_captions,
+    render,
+    to_tensor,
+    training_captions,
+)
 from .emoji_set import EMOJI
 from .evaluate import evaluate
 from .judge import train_judge
@@ -51,7 +58,9 @@ def variation_from_noise(z: torch.Tensor, size: np.ndarray) -> tuple[np.ndarray,
 
 
 def targets(emoji, background, size, jitter) -> torch.Tensor:
-    return to_tensor(np.stack([render(e, b, SIZE_NAMES[s], j) for e, b, s, j in zip(emoji, background, size, jitter)]))
+    return to_tensor(
+        np.stack([render(e, b, SIZE_NAMES[s], j) for e, b, s, j in zip(emoji, background, size, jitter)])
+    )
 
 
 @torch.no_grad()
@@ -65,8 +74,11 @@ def recalibrate_batchnorm(gen, states, mask, n_batches=60, batch=64, seed=0):
     gen.train()
     for _ in range(n_batches):
         idx = torch.randint(len(states), (batch,), generator=g).numpy()
-        gen(torch.randn(batch, gen.config.noise_dim, generator=g), torch.from_numpy(states[idx]).float(),
-            torch.from_numpy(mask[idx]))
+        gen(
+            torch.randn(batch, gen.config.noise_dim, generator=g),
+            torch.from_numpy(states[idx]).float(),
+            torch.from_numpy(mask[idx]),
+        )
     for m in bns:
         m.momentum = 0.1
     gen.eval()
@@ -74,28 +86,50 @@ def recalibrate_batchnorm(gen, states, mask, n_batches=60, batch=64, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12000, help="generator steps (~9 min at 1 thread on this CPU)")
+    p.add_argument(
+        "--steps", type=int, default=12000, help="generator steps (~9 min at 1 thread on this CPU)"
+    )
     p.add_argument("--out", type=Path, default=Path("export/emoji64"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgegen-emoji64")
-    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest when the 2 cores are shared")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 is fastest when the 2 cores are shared"
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--renderer", choices=["glyph", "conv"], default="glyph",
-                   help="glyph: learned glyph per emoji drawn by the concept memories (shipped); conv: conv decoder")
-    p.add_argument("--glyph-side", type=int, default=32, help="glyph resolution stored per emoji (glyph renderer)")
-    p.add_argument("--judge-weight", type=float, default=0.0,
-                   help="weight of the frozen judge's cross-entropy on generated images (0: not used; the conv runs "
-                        "in training/README.md used 0.1, which inflates that judge's own adherence figure)")
+    p.add_argument(
+        "--renderer",
+        choices=["glyph", "conv"],
+        default="glyph",
+        help="glyph: learned glyph per emoji drawn by the concept memories (shipped); conv: conv decoder",
+    )
+    p.add_argument(
+        "--glyph-side", type=int, default=32, help="glyph resolution stored per emoji (glyph renderer)"
+    )
+    p.add_argument(
+        "--judge-weight",
+        type=float,
+        default=0.0,
+        help="weight of the frozen judge's cross-entropy on generated images (0: not used; the conv runs "
+        "in training/README.md used 0.1, which inflates that judge's own adherence figure)",
+    )
     p.add_argument("--judge-steps", type=int, nargs=2, default=[1000, 300], help="one-cycle and polish steps")
     p.add_argument("--channels", type=int, nargs="+", default=[128, 64, 32, 16])
-    p.add_argument("--attention", type=int, nargs="*", default=[],
-                   help="resolutions with cross-attention to the token states (e.g. 8 16; default none)")
+    p.add_argument(
+        "--attention",
+        type=int,
+        nargs="*",
+        default=[],
+        help="resolutions with cross-attention to the token states (e.g. 8 16; default none)",
+    )
     p.add_argument("--cond-dim", type=int, default=192)
     p.add_argument("--attention-dim", type=int, default=64)
     p.add_argument("--captions-per-pair", type=int, default=6)
-    p.add_argument("--no-concepts", action="store_true",
-                   help="no concept memories (emoji, background, size); condition on --pooled / --attention only")
+    p.add_argument(
+        "--no-concepts",
+        action="store_true",
+        help="no concept memories (emoji, background, size); condition on --pooled / --attention only",
+    )
     p.add_argument("--concept-weight", type=float, default=0.5, help="weight of the lookups' cross-entropy")
     p.add_argument("--pooled", action="store_true", help="also condition on an MLP of the pooled text states")
     p.add_argument("--eval-every", type=int, default=3000, help="steps between quick adherence checks")
@@ -119,11 +153,18 @@ def main(argv=None):
         q.requires_grad_(False)
     real = np.load(a.out / "real_features.npz")
 
-    cfg = GeneratorConfig(channels=a.channels, attention_resolutions=a.attention, cond_dim=a.cond_dim,
-                          attention_dim=a.attention_dim, pooled_cond=a.pooled,
-                          concepts=[] if a.no_concepts else [len(EMOJI), len(BACKGROUNDS), len(SIZE_NAMES) + 1],
-                          renderer=a.renderer, glyph_side=a.glyph_side, glyph_boxes=[SIZES[n] for n in SIZE_NAMES],
-                          jitter=JITTER)
+    cfg = GeneratorConfig(
+        channels=a.channels,
+        attention_resolutions=a.attention,
+        cond_dim=a.cond_dim,
+        attention_dim=a.attention_dim,
+        pooled_cond=a.pooled,
+        concepts=[] if a.no_concepts else [len(EMOJI), len(BACKGROUNDS), len(SIZE_NAMES) + 1],
+        renderer=a.renderer,
+        glyph_side=a.glyph_side,
+        glyph_boxes=[SIZES[n] for n in SIZE_NAMES],
+        jitter=JITTER,
+    )
     captions = training_captions(a.captions_per_pair, seed=a.seed)
     evals = eval_captions()
     states, mask = cached_states([c.text for c in captions], cfg.max_length, a.cache, log)
@@ -134,8 +175,10 @@ def main(argv=None):
 
     gen = ConditionalGenerator(cfg)
     ema = copy.deepcopy(gen).eval()
-    log(f"generator: {sum(q.numel() for q in gen.parameters()) / 1e6:.2f} M params, config {cfg}; "
-        f"{len(captions)} training captions")
+    log(
+        f"generator: {sum(q.numel() for q in gen.parameters()) / 1e6:.2f} M params, config {cfg}; "
+        f"{len(captions)} training captions"
+    )
     opt = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(0.5, 0.99), weight_decay=0.0)
     t0 = time.time()
     hist = []
@@ -152,7 +195,7 @@ def main(argv=None):
         text, m = torch.from_numpy(states[idx]).float(), torch.from_numpy(mask[idx])
         # Each memory's label (emoji, background, size; size 0 = not said): the renderer learns from the
         # labelled concepts (teacher forcing) while the lookups learn to read them from the text.
-        labels = [torch.from_numpy(y[idx]) for y in (lab_e, lab_b, lab_s + 1)][:len(cfg.concepts)]
+        labels = [torch.from_numpy(y[idx]) for y in (lab_e, lab_b, lab_s + 1)][: len(cfg.concepts)]
         x = gen(z, text, m, concept_labels=labels)
         l1 = (x - target).abs().mean()
         l1_low = (F.avg_pool2d(x, 4) - F.avg_pool2d(target, 4)).abs().mean()  # coarse layout and colour
@@ -160,7 +203,9 @@ def main(argv=None):
         ce = torch.zeros(())
         if a.judge_weight:
             le, lb, _ = judge(x)
-            ce = F.cross_entropy(le, torch.from_numpy(lab_e[idx])) + F.cross_entropy(lb, torch.from_numpy(lab_b[idx]))
+            ce = F.cross_entropy(le, torch.from_numpy(lab_e[idx])) + F.cross_entropy(
+                lb, torch.from_numpy(lab_b[idx])
+            )
             loss = loss + a.judge_weight * ce
         pooled = masked_mean(text, m)
         for memory, y in zip(gen.memories, labels):
@@ -177,25 +222,38 @@ def main(argv=None):
         hist.append([l1.item(), l1_low.item(), ce.item()])
         if (step + 1) % 100 == 0:
             h = np.mean(hist[-100:], 0)
-            log(f"step {step + 1} {elapsed / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} "
-                f"l1 {h[0]:.4f} l1_low {h[1]:.4f} judge_ce {h[2]:.3f}")
+            log(
+                f"step {step + 1} {elapsed / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} "
+                f"l1 {h[0]:.4f} l1_low {h[1]:.4f} judge_ce {h[2]:.3f}"
+            )
         if (step + 1) % a.eval_every == 0:
             r = evaluate(ema, judge, ev_states, ev_mask, evals, real["mu"], real["sigma"], seeds=[0, 1])
-            log(f"check @ step {step + 1}: adherence seen {r.get('adherence_seen', 0):.3f} heldout "
-                f"{r.get('adherence_heldout', 0):.3f} (templates {r.get('adherence_heldout_templates', 0):.3f} "
+            log(
+                f"check @ step {step + 1}: adherence seen {r.get('adherence_seen', 0):.3f} heldout "
+                f"{r.get('adherence_heldout', 0):.3f} "
+                f"(templates {r.get('adherence_heldout_templates', 0):.3f} "
                 f"synonyms {r.get('adherence_heldout_synonyms', 0):.3f}; emoji/background right: seen "
                 f"{r['emoji_acc_seen']:.2f}/{r['background_acc_seen']:.2f} templates "
-                f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} synonyms "
-                f"{r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) diversity {r['diversity']:.4f} "
-                f"FD {r['frechet_judge_distance']:.2f}")
+                f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} "
+                f"synonyms {r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) "
+                f"diversity {r['diversity']:.4f} FD {r['frechet_judge_distance']:.2f}"
+            )
             if cfg.concepts:  # how well the emoji lookup alone reads the eval prompts (the text side's share)
                 with torch.no_grad():
-                    read = ema.memories[0].logits(masked_mean(torch.from_numpy(ev_states).float(),
-                                                              torch.from_numpy(ev_mask))).argmax(1).numpy()
+                    read = (
+                        ema.memories[0]
+                        .logits(masked_mean(torch.from_numpy(ev_states).float(), torch.from_numpy(ev_mask)))
+                        .argmax(1)
+                        .numpy()
+                    )
                 right = read == np.array([c.emoji for c in evals])
                 kinds = np.array([c.novelty or c.split for c in evals])
-                log("  emoji lookup accuracy: " + ", ".join(f"{k} {right[kinds == k].mean():.3f}"
-                                                            for k in ("seen", "template", "synonym")))
+                log(
+                    "  emoji lookup accuracy: "
+                    + ", ".join(
+                        f"{k} {right[kinds == k].mean():.3f}" for k in ("seen", "template", "synonym")
+                    )
+                )
     train_minutes = (time.time() - t0) / 60
     step = a.steps
     log(f"generator: {step} steps ({step * a.batch} images) in {train_minutes:.1f} min")
@@ -208,18 +266,25 @@ def main(argv=None):
 
     metrics = evaluate(ema, judge, ev_states, ev_mask, evals, real["mu"], real["sigma"])
     # A second opinion from a judge this run never used (trained once, cached): see training/crosscheck.py.
-    second = score(ema, second_judge(a.cache / f"judge-seed{SECOND_JUDGE_SEED}", log=log), ev_states, ev_mask, evals)
+    second = score(
+        ema, second_judge(a.cache / f"judge-seed{SECOND_JUDGE_SEED}", log=log), ev_states, ev_mask, evals
+    )
     judge_metrics = json.loads((a.out / "judge" / "train_metrics.json").read_text())
     metrics = {
-        "judge_accuracy_real_heldout": {"emoji": judge_metrics["emoji"], "background": judge_metrics["background"],
-                                        "n": judge_metrics["n"]},
+        "judge_accuracy_real_heldout": {
+            "emoji": judge_metrics["emoji"],
+            "background": judge_metrics["background"],
+            "n": judge_metrics["n"],
+        },
         **metrics,
         "second_judge": {"seed": SECOND_JUDGE_SEED, **second},
-        "generator_steps": step, "batch": a.batch, "generator_training_minutes": round(train_minutes, 1),
+        "generator_steps": step,
+        "batch": a.batch,
+        "generator_training_minutes": round(train_minutes, 1),
         "judge_training_minutes": round(judge_metrics.get("minutes", 0), 1),
         "total_minutes": round((time.time() - t_start) / 60, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch thread(s), "
-                   f"torch {torch.__version__}".replace("  ", " "),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}".replace("  ", " "),
         "command": "python -m training.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     log(json.dumps(metrics, indent=2))

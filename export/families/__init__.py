@@ -1,4 +1,5 @@
 """Model families: each knows how to load a checkpoint and describe its components for export."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch import nn
-
 from edgegen.runtime.bundle import OutputRef, TensorSpec
 from edgegen.runtime.errors import BadInputError, CheckpointError
+from torch import nn
 
 FAMILIES: dict[str, type[Family]] = {}
 
@@ -20,6 +20,7 @@ FAMILIES: dict[str, type[Family]] = {}
 @dataclass
 class ComponentDef:
     """A torch module to trace, with the names, dtypes and shapes of its inputs and outputs."""
+
     name: str
     module: nn.Module
     inputs: list[TensorSpec]
@@ -122,20 +123,30 @@ def _register_all() -> None:
 
 
 def load_family(checkpoint: Path, **options) -> Family:
-    """The family that matches ``checkpoint``, loaded; ``options`` (None values ignored) go to its constructor."""
+    """The family that matches ``checkpoint``, loaded; ``options`` (None values ignored) go to its
+    constructor."""
     _register_all()
     checkpoint = Path(checkpoint)
     options = {k: v for k, v in options.items() if v is not None}
     if not checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint {checkpoint}", "not a directory",
-                              "pass a gan checkpoint (text_encoder/ + generator/) or a diffusers pipeline directory")
+        raise CheckpointError(
+            f"checkpoint {checkpoint}",
+            "not a directory",
+            "pass a gan checkpoint (text_encoder/ + generator/) or a diffusers pipeline directory",
+        )
     for family in FAMILIES.values():
         if family.matches(checkpoint):
             unknown = sorted(set(options) - set(family.options))
             if unknown:
-                raise BadInputError(f"checkpoint {checkpoint}", f"the {family.name} family takes no option {', '.join(unknown)}",
-                                    f"its options: {', '.join(family.options) or 'none'}")
+                raise BadInputError(
+                    f"checkpoint {checkpoint}",
+                    f"the {family.name} family takes no option {', '.join(unknown)}",
+                    f"its options: {', '.join(family.options) or 'none'}",
+                )
             return family(checkpoint, **options)
-    raise CheckpointError(f"checkpoint {checkpoint}", "is of no known family",
-                          "a gan checkpoint has text_encoder/ and generator/config.json; "
-                          "a diffusion checkpoint has model_index.json")
+    raise CheckpointError(
+        f"checkpoint {checkpoint}",
+        "is of no known family",
+        "a gan checkpoint has text_encoder/ and generator/config.json; "
+        "a diffusion checkpoint has model_index.json",
+    )

@@ -1,16 +1,16 @@
 """The gan family: a Hugging Face text encoder + edgegen's conditional generator."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
-
 from edgegen.runtime.bundle import SEQUENCE_AXIS, OutputRef, TensorSpec
 from edgegen.runtime.errors import CheckpointError
 from edgegen.runtime.pipeline import noise_for_seeds
+from safetensors.torch import load_file
+from torch import nn
 
 from ..generator import ConditionalGenerator, GeneratorConfig
 from ..text_encoders import load_text_encoder, tokenizer_settings
@@ -27,12 +27,20 @@ CALIBRATION_PROMPTS = [
     f"a {size}{color} {thing}{where}"
     for size, color, thing, where in zip(
         ["", "small ", "large ", "tiny ", "big ", ""] * 6,
-        ["red", "blue", "green", "yellow", "purple", "orange", "pink", "black"] * 4 + ["white", "gray", "brown", "cyan"],
-        ["apple", "rocket", "cat", "dog", "star", "moon", "house", "car", "tree", "flower", "heart", "face"] * 3,
-        ["", " on a white background", " on a dark background", ", centered", " on a blue background", ""] * 6)
+        ["red", "blue", "green", "yellow", "purple", "orange", "pink", "black"] * 4
+        + ["white", "gray", "brown", "cyan"],
+        ["apple", "rocket", "cat", "dog", "star", "moon", "house", "car", "tree", "flower", "heart", "face"]
+        * 3,
+        ["", " on a white background", " on a dark background", ", centered", " on a blue background", ""]
+        * 6,
+    )
 ]
 # Shipped beside a judge: what the runtime needs to score images on the device (runtime/quality.py).
-QUALITY_FILES = {"labels": "labels.json", "eval_prompts": "eval_prompts.json", "real_features": "real_features.npz"}
+QUALITY_FILES = {
+    "labels": "labels.json",
+    "eval_prompts": "eval_prompts.json",
+    "real_features": "real_features.npz",
+}
 
 
 class FusedGan(nn.Module):
@@ -54,28 +62,43 @@ def load_generator(path: Path) -> ConditionalGenerator:
     path = Path(path)
     weights = path / "model.safetensors"
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"generator {path}", "no config.json", "a gan checkpoint's generator/ holds config.json + model.safetensors")
+        raise CheckpointError(
+            f"generator {path}",
+            "no config.json",
+            "a gan checkpoint's generator/ holds config.json + model.safetensors",
+        )
     if not weights.is_file():
         found = sorted(p.name for p in path.iterdir())
-        raise CheckpointError(f"generator {path}", f"no model.safetensors (found {found})",
-                              "edgegen loads safetensors only, never pickles: save with safetensors.torch.save_file")
+        raise CheckpointError(
+            f"generator {path}",
+            f"no model.safetensors (found {found})",
+            "edgegen loads safetensors only, never pickles: save with safetensors.torch.save_file",
+        )
     try:
         config = GeneratorConfig.load(path / "config.json")
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"generator {path / 'config.json'}", f"invalid: {e}", "fix the generator config") from None
+        raise CheckpointError(
+            f"generator {path / 'config.json'}", f"invalid: {e}", "fix the generator config"
+        ) from None
     model = ConditionalGenerator(config)
     try:
         model.load_state_dict(load_file(weights))
     except RuntimeError as e:
-        raise CheckpointError(f"generator {weights}", f"weights do not fit the config: {str(e).splitlines()[0]}",
-                              "the config.json and model.safetensors must come from the same model") from None
+        raise CheckpointError(
+            f"generator {weights}",
+            f"weights do not fit the config: {str(e).splitlines()[0]}",
+            "the config.json and model.safetensors must come from the same model",
+        ) from None
     return model.eval()
 
 
 def load_judge(path: Path):
     from .. import judge
+
     if not (path / "model.safetensors").is_file():
-        raise CheckpointError(f"judge {path}", "no model.safetensors", "the judge ships as config.json + model.safetensors")
+        raise CheckpointError(
+            f"judge {path}", "no model.safetensors", "the judge ships as config.json + model.safetensors"
+        )
     return judge.load_judge(path)
 
 
@@ -92,9 +115,12 @@ class GanFamily(Family):
         self.generator = load_generator(self.checkpoint / "generator")
         self.config = self.generator.config
         if self.text_encoder.hidden_size != self.config.text_dim:
-            raise CheckpointError(f"checkpoint {self.checkpoint}",
-                                  f"text encoder width {self.text_encoder.hidden_size} != generator text_dim {self.config.text_dim}",
-                                  "the generator was trained for another text encoder")
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint}",
+                f"text encoder width {self.text_encoder.hidden_size} "
+                f"!= generator text_dim {self.config.text_dim}",
+                "the generator was trained for another text encoder",
+            )
         self.fused = FusedGan(self.text_encoder, self.generator).eval()
         self.judge = load_judge(self.checkpoint / "judge") if (self.checkpoint / "judge").is_dir() else None
         self.quality_dir = self.checkpoint / "quality" if self.judge is not None else None
@@ -107,8 +133,12 @@ class GanFamily(Family):
         return tokenizer_settings(self.hf_tokenizer, self.config.max_length, padding="dynamic")
 
     def generation(self, max_batch: int) -> dict:
-        return {"image_size": self.config.image_size, "noise_shape": [self.config.noise_dim],
-                "max_batch": max_batch, "noise": "per image: numpy default_rng(seed).standard_normal(noise_shape, float32)"}
+        return {
+            "image_size": self.config.image_size,
+            "noise_shape": [self.config.noise_dim],
+            "max_batch": max_batch,
+            "noise": "per image: numpy default_rng(seed).standard_normal(noise_shape, float32)",
+        }
 
     def extra_files(self) -> dict[str, Path]:
         if self.quality_dir is None:
@@ -143,20 +173,30 @@ class GanFamily(Family):
         comps = [
             ComponentDef("text_encoder", self.text_encoder, [ids, mask], [states], {"text_states": 1e-3}),
             ComponentDef("generator", self.generator, [noise, states, mask], [image], {"image": 1e-3}),
-            ComponentDef("fused", self.fused, [ids, mask, noise], [pixels, states], {"pixels": 1.0, "text_states": 1e-3}),
+            ComponentDef(
+                "fused",
+                self.fused,
+                [ids, mask, noise],
+                [pixels, states],
+                {"pixels": 1.0, "text_states": 1e-3},
+            ),
         ]
         if self.judge is not None:
-            outs = [TensorSpec("emoji_logits", "float32", ("batch", self.judge.config.n_emoji)),
-                    TensorSpec("background_logits", "float32", ("batch", self.judge.config.n_backgrounds)),
-                    TensorSpec("features", "float32", ("batch", self.judge.config.feature_dim))]
-            comps.append(ComponentDef("judge", self.judge, [image], outs,
-                                      {o.name: 1e-3 for o in outs}, quantize=False))
+            outs = [
+                TensorSpec("emoji_logits", "float32", ("batch", self.judge.config.n_emoji)),
+                TensorSpec("background_logits", "float32", ("batch", self.judge.config.n_backgrounds)),
+                TensorSpec("features", "float32", ("batch", self.judge.config.feature_dim)),
+            ]
+            comps.append(
+                ComponentDef("judge", self.judge, [image], outs, {o.name: 1e-3 for o in outs}, quantize=False)
+            )
         return comps
 
     def calibration_cases(self, tokenize):
-        groups = [CALIBRATION_PROMPTS[i:i + 8] for i in range(0, len(CALIBRATION_PROMPTS), 8)]
-        return self.reference_cases(tokenize, groups, [[10_000 + 8 * g + i for i in range(len(p))]
-                                                       for g, p in enumerate(groups)])
+        groups = [CALIBRATION_PROMPTS[i : i + 8] for i in range(0, len(CALIBRATION_PROMPTS), 8)]
+        return self.reference_cases(
+            tokenize, groups, [[10_000 + 8 * g + i for i in range(len(p))] for g, p in enumerate(groups)]
+        )
 
     @torch.no_grad()
     def reference_cases(self, tokenize, groups=VALIDATION_PROMPTS, seeds_per_group=VALIDATION_SEEDS):
@@ -164,9 +204,20 @@ class GanFamily(Family):
         for prompts, seeds in zip(groups, seeds_per_group):
             tokens = tokenize(prompts)
             noise = noise_for_seeds(seeds, (self.config.noise_dim,))
-            states = self.text_encoder(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
+            states = self.text_encoder(
+                torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
+            )
             image = self.generator(torch.from_numpy(noise), states, torch.from_numpy(tokens.attention_mask))
-            cases.append(({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
-                           "noise": noise, "text_states": states.numpy(), "image": image.numpy()},
-                          {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)}))
+            cases.append(
+                (
+                    {
+                        "input_ids": tokens.input_ids,
+                        "attention_mask": tokens.attention_mask,
+                        "noise": noise,
+                        "text_states": states.numpy(),
+                        "image": image.numpy(),
+                    },
+                    {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)},
+                )
+            )
         return cases
