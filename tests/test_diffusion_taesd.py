@@ -5,6 +5,7 @@ checks the AutoencoderKL path, and ``export --vae DIR``.
 diffusers' pipelines divide the latents by ``vae.config.scaling_factor`` (1.0 for AutoencoderTiny) and
 read AutoencoderTiny's encoder output as the latents themselves: no sampling, so no encoder noise draw.
 """
+
 import json
 import shutil
 
@@ -18,8 +19,16 @@ from edgegen.export.families import load_family  # noqa: E402
 from edgegen.runtime import Pipeline  # noqa: E402
 from edgegen.runtime.cli import main  # noqa: E402
 from edgegen.runtime.errors import BadBundleError, CheckpointError  # noqa: E402
-from test_diffusion import (IMG2IMG_CASES, LEVELS, PROMPTS, SCHEDULERS, SEEDS, check_img2img,  # noqa: E402
-                            diffusers_txt2img, levels)
+from test_diffusion import (  # noqa: E402
+    IMG2IMG_CASES,
+    LEVELS,
+    PROMPTS,
+    SCHEDULERS,
+    SEEDS,
+    check_img2img,
+    diffusers_txt2img,
+    levels,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +46,10 @@ def runtime(taesd_bundle):
 
 def test_manifest_names_the_vae(taesd_bundle, diffusion_bundle):
     """The runtime reads the VAE class from the manifest; AutoencoderTiny's encoder takes no noise."""
-    for bundle, vae, encoder_inputs in ((taesd_bundle, "AutoencoderTiny", ["image"]),
-                                        (diffusion_bundle, "AutoencoderKL", ["image", "encoder_noise"])):
+    for bundle, vae, encoder_inputs in (
+        (taesd_bundle, "AutoencoderTiny", ["image"]),
+        (diffusion_bundle, "AutoencoderKL", ["image", "encoder_noise"]),
+    ):
         manifest = json.loads((bundle / "manifest.json").read_text())
         assert manifest["generation"]["vae"] == vae
         assert [t["name"] for t in manifest["components"]["vae_encoder"]["inputs"]] == encoder_inputs
@@ -49,8 +60,9 @@ def test_a_bundle_without_or_with_an_unknown_vae_is_refused(taesd_bundle, tmp_pa
     manifest = json.loads((bundle / "manifest.json").read_text())
     for vae, problem in ((None, "incomplete"), ("AutoencoderKLWan", "unknown VAE class")):
         gen = {k: v for k, v in manifest["generation"].items() if k != "vae"}
-        (bundle / "manifest.json").write_text(json.dumps({**manifest, "generation": {**gen, "vae": vae}
-                                                          if vae else gen}))
+        (bundle / "manifest.json").write_text(
+            json.dumps({**manifest, "generation": {**gen, "vae": vae} if vae else gen})
+        )
         with pytest.raises(BadBundleError, match=problem):
             Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32")
 
@@ -60,8 +72,9 @@ def test_a_bundle_without_or_with_an_unknown_vae_is_refused(taesd_bundle, tmp_pa
 def test_txt2img_matches_diffusers(runtime, reference, monkeypatch, name, steps):
     want, latents = diffusers_txt2img(reference, monkeypatch, name, steps, guidance=0.0)
     runtime.clear_cache()  # a new prompt: the fused graph serves the bundle's own scheduler
-    got = runtime(PROMPTS, seed=SEEDS, num_inference_steps=steps, scheduler=name, latents=latents,
-                  output_type="uint8")
+    got = runtime(
+        PROMPTS, seed=SEEDS, num_inference_steps=steps, scheduler=name, latents=latents, output_type="uint8"
+    )
     assert levels(got, want) <= LEVELS
     fused = "fused" if steps == 1 else f"fused_k{steps}"
     assert runtime.last_call.path == (fused if name == "euler" else "loop")
@@ -70,8 +83,9 @@ def test_txt2img_matches_diffusers(runtime, reference, monkeypatch, name, steps)
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_classifier_free_guidance_matches_diffusers(runtime, reference, monkeypatch, name):
     want, _ = diffusers_txt2img(reference, monkeypatch, name, 2, guidance=4.0)
-    got = runtime(PROMPTS, seed=SEEDS, num_inference_steps=2, scheduler=name, guidance_scale=4.0,
-                  output_type="uint8")
+    got = runtime(
+        PROMPTS, seed=SEEDS, num_inference_steps=2, scheduler=name, guidance_scale=4.0, output_type="uint8"
+    )
     assert levels(got, want) <= LEVELS
     assert runtime.last_call.path == "loop"
 
@@ -112,6 +126,7 @@ def test_fused_and_loop_agree(taesd_bundle, steps):
 
 # ---------------------------------------------------------------- export --vae DIR
 
+
 def test_vae_option_swaps_the_autoencoder(diffusion_checkpoint, taesd_checkpoint):
     """The KL pipeline with the TAESD directory in place of its vae/ (loading only: the export steps are
     the ones the taesd bundle above went through)."""
@@ -125,15 +140,27 @@ def test_vae_option_swaps_the_autoencoder(diffusion_checkpoint, taesd_checkpoint
     assert own.vae_class == "AutoencoderKL" and type(own.vae).__name__ == "AutoencoderKL"
 
 
-def test_vae_option_refuses_what_is_not_an_autoencoder(diffusion_checkpoint, taesd_checkpoint, tmp_path,
-                                                       capsys):
-    for bad, problem in ((taesd_checkpoint / "unet", "holds a UNet2DConditionModel"),
-                         (tmp_path / "missing", "holds no diffusers autoencoder")):
+def test_vae_option_refuses_what_is_not_an_autoencoder(
+    diffusion_checkpoint, taesd_checkpoint, tmp_path, capsys
+):
+    for bad, problem in (
+        (taesd_checkpoint / "unet", "holds a UNet2DConditionModel"),
+        (tmp_path / "missing", "holds no diffusers autoencoder"),
+    ):
         with pytest.raises(CheckpointError, match=problem):
             load_family(diffusion_checkpoint, vae=bad)
     # through the CLI: the clean error line, nothing written
-    code = main(["export", str(diffusion_checkpoint), "-o", str(tmp_path / "b"), "--vae",
-                 str(taesd_checkpoint / "unet"), "--quiet"])
+    code = main(
+        [
+            "export",
+            str(diffusion_checkpoint),
+            "-o",
+            str(tmp_path / "b"),
+            "--vae",
+            str(taesd_checkpoint / "unet"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "--vae" in err and "UNet2DConditionModel" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
@@ -149,10 +176,14 @@ def test_subpixel_upsampling_of_the_tiny_decoder_equals_diffusers():
     """AutoencoderTiny's decoder upsamples with nn.Upsample + a 3x3 conv in a Sequential: traced as a 2x2
     conv + pixel shuffle, same values; the model is restored afterwards."""
     from edgegen.export.families.diffusion import UpsampleConv, upsamplers_as_subpixel
+
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8, 8),
-                                    decoder_block_out_channels=(8, 8, 8),
-                                    num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).eval()
+    vae = diffusers.AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 1),
+    ).eval()
     layers = list(vae.decoder.layers)
     z = torch.randn(2, 4, 5, 7)
     with torch.no_grad():
