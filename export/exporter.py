@@ -294,7 +294,9 @@ def _write(tmp: Path, manifest: dict, report: dict) -> None:
 GATES = {
     "fp16": {"psnr_db": 35.0, "text_cosine": 0.999},
     "int8": {"psnr_db": 25.0, "text_cosine": 0.98},
-    "int8-qdq": {"psnr_db": 25.0, "text_cosine": 0.98},
+    # static activation ranges: on emoji64, text states at cosine 0.980 lost 0.19 of the judge's adherence, at
+    # 0.988 (the CPU form) 0.003; the scan keeps groups back until the states clear a margin over 0.98
+    "int8-qdq": {"psnr_db": 25.0, "text_cosine": 0.985},
 }
 
 

@@ -280,7 +280,7 @@ def expand_seeds(seed, total: int) -> list[int]:
             raise BadInputError(
                 "seed",
                 f"{len(seeds)} seeds for {total} images",
-                "give one seed per image (prompts x num_images), or a single seed",
+                "give one seed per image (prompts x num_images_per_prompt), or a single seed",
             )
         return seeds
     first = check_seed(seed)
