@@ -1,4 +1,5 @@
 """Tiny random-weight checkpoints built in code: for tests and for checking an install (offline)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,19 +11,26 @@ from .generator import ConditionalGenerator, GeneratorConfig
 
 TEXT_ENCODERS = ("bert", "clip", "t5", "gpt2")
 
-_WORDS = ("a an the of on in with and very small large big tiny red green blue yellow orange purple pink "
-          "black white gray grey brown dark light background rocket cat dog apple star moon sun tree house car "
-          "flower heart face smiling happy sad centered word emoji picture photo drawing").split()
+_WORDS = (
+    "a an the of on in with and very small large big tiny red green blue yellow orange purple pink "
+    "black white gray grey brown dark light background rocket cat dog apple star moon sun tree house car "
+    "flower heart face smiling happy sad centered word emoji picture photo drawing"
+).split()
 
 
 def _tokenizer(kind: str):
     """A word-level fast tokenizer with each family's special tokens and post-processing."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     specials = {
         "bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"},
-        "clip": {"pad_token": "<|endoftext|>", "unk_token": "<|unk|>", "bos_token": "<|startoftext|>",
-                 "eos_token": "<|endoftext|>"},
+        "clip": {
+            "pad_token": "<|endoftext|>",
+            "unk_token": "<|unk|>",
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+        },
         "t5": {"pad_token": "<pad>", "unk_token": "<unk>", "eos_token": "</s>"},
         "gpt2": {"unk_token": "<|unk|>", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"},
     }[kind]
@@ -32,8 +40,12 @@ def _tokenizer(kind: str):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=specials["unk_token"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    template = {"bert": ("[CLS]", "$A", "[SEP]"), "clip": ("<|startoftext|>", "$A", "<|endoftext|>"),
-                "t5": ("$A", "</s>"), "gpt2": ("$A",)}[kind]
+    template = {
+        "bert": ("[CLS]", "$A", "[SEP]"),
+        "clip": ("<|startoftext|>", "$A", "<|endoftext|>"),
+        "t5": ("$A", "</s>"),
+        "gpt2": ("$A",),
+    }[kind]
     special_ids = [(t, vocab[t]) for t in template if t != "$A"]
     tok.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=special_ids)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **specials), len(vocab)
@@ -41,31 +53,60 @@ def _tokenizer(kind: str):
 
 def _text_model(kind: str, vocab_size: int, width: int):
     import transformers as tf
+
     common = dict(vocab_size=vocab_size)
     if kind == "bert":
-        cfg = tf.BertConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width,
-                            max_position_embeddings=64, **common)
+        cfg = tf.BertConfig(
+            hidden_size=width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * width,
+            max_position_embeddings=64,
+            **common,
+        )
         return tf.BertModel(cfg)
     if kind == "clip":
-        cfg = tf.CLIPTextConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=2 * width, max_position_embeddings=64, pad_token_id=0,
-                                bos_token_id=1, eos_token_id=0, **common)
+        cfg = tf.CLIPTextConfig(
+            hidden_size=width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * width,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=0,
+            **common,
+        )
         return tf.CLIPTextModel(cfg)
     if kind == "t5":
-        cfg = tf.T5Config(d_model=width, d_kv=width // 2, d_ff=2 * width, num_layers=2, num_heads=2,
-                          pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, **common)
+        cfg = tf.T5Config(
+            d_model=width,
+            d_kv=width // 2,
+            d_ff=2 * width,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+            **common,
+        )
         return tf.T5EncoderModel(cfg)
-    cfg = tf.GPT2Config(n_embd=width, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=1, **common)
+    cfg = tf.GPT2Config(
+        n_embd=width, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=1, **common
+    )
     return tf.GPT2Model(cfg)
 
 
-def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, image_size: int = 16,
-                         renderer: str = "conv") -> Path:
+def make_tiny_checkpoint(
+    directory, text_encoder: str = "bert", seed: int = 0, image_size: int = 16, renderer: str = "conv"
+) -> Path:
     """Write a gan checkpoint (text_encoder/ + generator/) with random weights; returns its path.
-    ``renderer="glyph"``: the concept-memory glyph renderer (5 subjects, 3 colours, 3 sizes) instead of convs."""
+    ``renderer="glyph"``: the concept-memory glyph renderer (5 subjects, 3 colours, 3 sizes) instead of
+    convs."""
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}")
     import transformers
+
     transformers.utils.logging.disable_progress_bar()
     root = Path(directory)
     torch.manual_seed(seed)
@@ -75,19 +116,38 @@ def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, i
     model.save_pretrained(root / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(root / "text_encoder")
     if renderer == "glyph":
-        config = GeneratorConfig(image_size=image_size, noise_dim=16, text_dim=width, channels=[], max_length=16,
-                                 concepts=[5, 3, 3], renderer="glyph", glyph_side=image_size // 2,
-                                 glyph_boxes=[image_size // 2, image_size - 4], jitter=1)
+        config = GeneratorConfig(
+            image_size=image_size,
+            noise_dim=16,
+            text_dim=width,
+            channels=[],
+            max_length=16,
+            concepts=[5, 3, 3],
+            renderer="glyph",
+            glyph_side=image_size // 2,
+            glyph_boxes=[image_size // 2, image_size - 4],
+            jitter=1,
+        )
     else:
         ups = {16: [32, 16], 32: [32, 16, 16], 64: [32, 32, 16, 16]}[image_size]
-        config = GeneratorConfig(image_size=image_size, noise_dim=16, text_dim=width, cond_dim=32, channels=ups,
-                                 attention_resolutions=[8], attention_dim=16, max_length=16)
+        config = GeneratorConfig(
+            image_size=image_size,
+            noise_dim=16,
+            text_dim=width,
+            cond_dim=32,
+            channels=ups,
+            attention_resolutions=[8],
+            attention_dim=16,
+            max_length=16,
+        )
     generator = ConditionalGenerator(config).eval()
     with torch.no_grad():  # spread the random outputs over the whole pixel range, so parity checks bite
         if renderer == "glyph":
             for memory in generator.memories:
                 memory.values.uniform_(0.0, 1.0)
-            generator.memories[0].values.view(5, 4, -1)[:, 3].uniform_(0.3, 1.0)  # alpha: mostly opaque glyphs
+            generator.memories[0].values.view(5, 4, -1)[:, 3].uniform_(
+                0.3, 1.0
+            )  # alpha: mostly opaque glyphs
         else:
             generator.to_rgb[-1].weight.mul_(8.0)
     (root / "generator").mkdir(parents=True, exist_ok=True)
@@ -98,53 +158,123 @@ def make_tiny_checkpoint(directory, text_encoder: str = "bert", seed: int = 0, i
 
 # ---------------------------------------------------------------- diffusion (diffusers format)
 
-DIFFUSERS_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-                        "lcm": "LCMScheduler", "ddim": "DDIMScheduler"}
+DIFFUSERS_SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "lcm": "LCMScheduler",
+    "ddim": "DDIMScheduler",
+}
 # SD-Turbo's published scheduler config (stabilityai/sd-turbo, scheduler/scheduler_config.json).
-SD_TURBO_SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-                      "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-                      "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-                      "timestep_spacing": "trailing", "trained_betas": None, "use_karras_sigmas": False}
+SD_TURBO_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
 
 
 def _save_diffusion_pipeline(root: Path, text_encoder, tokenizer, unet, vae, scheduler: str) -> Path:
     import diffusers
+
     sched = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(SD_TURBO_SCHEDULER)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=sched, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(root, safe_serialization=True)
     return root
 
 
-def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 32, scheduler: str = "euler",
-                                   time_cond_proj_dim: int | None = None) -> Path:
-    """Write a tiny random-weight diffusers pipeline directory (CLIP text encoder, UNet2DConditionModel,
-    AutoencoderKL with a 2x latent scale, SD-Turbo's scheduler config); returns its path. Seconds, offline.
+VAES = ("kl", "tiny")
 
-    ``time_cond_proj_dim`` gives the UNet an LCM-style guidance-embedding input."""
+
+def make_tiny_diffusion_checkpoint(
+    directory,
+    seed: int = 0,
+    image_size: int = 32,
+    scheduler: str = "euler",
+    time_cond_proj_dim: int | None = None,
+    vae: str = "kl",
+) -> Path:
+    """Write a tiny random-weight diffusers pipeline directory (CLIP text encoder, UNet2DConditionModel,
+    a VAE with a 2x latent scale, SD-Turbo's scheduler config); returns its path. Seconds, offline.
+
+    ``time_cond_proj_dim`` gives the UNet an LCM-style guidance-embedding input. ``vae``: ``kl``
+    (AutoencoderKL) or ``tiny`` (AutoencoderTiny, TAESD's architecture with small channels)."""
+    if vae not in VAES:
+        raise ValueError(f"vae must be one of {VAES}, got {vae!r}")
     import diffusers
     import transformers
+
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
     root = Path(directory)
     torch.manual_seed(seed)
     tokenizer, vocab_size = _tokenizer("clip")
     tokenizer.model_max_length = 16
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=0, hidden_act="gelu")).eval()
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=0,
+            hidden_act="gelu",
+        )
+    ).eval()
     latent = image_size // 2
     unet = diffusers.UNet2DConditionModel(
-        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
-        time_cond_proj_dim=time_cond_proj_dim).eval()
+        sample_size=latent,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        time_cond_proj_dim=time_cond_proj_dim,
+    ).eval()
+    if vae == "tiny":
+        vae = _tiny_autoencoder_tiny()
+        return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler)
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=image_size, scaling_factor=0.18215).eval()
-    with torch.no_grad():  # magnitudes of a trained model, so every part of the arithmetic shows in the pixels:
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=image_size,
+        scaling_factor=0.18215,
+    ).eval()
+    with (
+        torch.no_grad()
+    ):  # magnitudes of a trained model, so every part of the arithmetic shows in the pixels:
         unet.conv_out.weight.mul_(3.0)  # noise predictions of unit variance (random init gives ~0.33)
         vae.quant_conv.weight[:4].mul_(25.0)  # image latents of unit variance once scaled by 0.18215
         vae.quant_conv.bias[:4].mul_(25.0)
@@ -155,21 +285,73 @@ def make_tiny_diffusion_checkpoint(directory, seed: int = 0, image_size: int = 3
     return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler)
 
 
+def _tiny_autoencoder_tiny():
+    """AutoencoderTiny with two 16-channel blocks each way (a 2x latent scale, like the tiny KL VAE)."""
+    import diffusers
+
+    vae = diffusers.AutoencoderTiny(
+        encoder_block_out_channels=(16, 16),
+        decoder_block_out_channels=(16, 16),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).eval()
+    # as the KL VAE's: images over the pixel range (the decoder's output is in [0, 1] before its 2x - 1),
+    # neither grey nor saturated, and image latents of about unit variance
+    with torch.no_grad():
+        vae.decoder.layers[-1].bias.uniform_(0.2, 0.4)
+        vae.encoder.layers[-1].weight.mul_(20.0)
+        vae.encoder.layers[-1].bias.zero_()
+    return vae
+
+
 # SD-Turbo's published architecture (stabilityai/sd-turbo: the SD 2.1 base UNet, the SD VAE and the
 # OpenCLIP ViT-H text tower without its last layer), written out so no download is ever needed.
-SD_TURBO_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                             num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-                             projection_dim=512, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-SD_TURBO_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                     block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
-                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                     cross_attention_dim=1024, use_linear_projection=True, norm_num_groups=32, norm_eps=1e-5,
-                     flip_sin_to_cos=True, freq_shift=0, act_fn="silu", upcast_attention=False)
-SD_TURBO_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", sample_size=768,
-                    scaling_factor=0.18215)
+SD_TURBO_TEXT_ENCODER = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=512,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
+SD_TURBO_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=(5, 10, 20, 20),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    act_fn="silu",
+    upcast_attention=False,
+)
+SD_TURBO_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    act_fn="silu",
+    sample_size=768,
+    scaling_factor=0.18215,
+)
 
 
 def make_sd_turbo_checkpoint(directory, seed: int = 0) -> Path:
@@ -178,6 +360,7 @@ def make_sd_turbo_checkpoint(directory, seed: int = 0) -> Path:
     word-level stand-in padded to CLIP's 77 tokens (its ids fit the 49408-entry embedding)."""
     import diffusers
     import transformers
+
     transformers.utils.logging.disable_progress_bar()
     root = Path(directory)
     torch.manual_seed(seed)
@@ -187,3 +370,14 @@ def make_sd_turbo_checkpoint(directory, seed: int = 0) -> Path:
     unet = diffusers.UNet2DConditionModel(**SD_TURBO_UNET).eval()
     vae = diffusers.AutoencoderKL(**SD_TURBO_VAE).eval()
     return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, "euler")
+
+
+def make_taesd_autoencoder(directory, seed: int = 0) -> Path:
+    """Write an AutoencoderTiny directory with TAESD's published architecture (diffusers' AutoencoderTiny
+    defaults, as madebyollin/taesd's config) and random weights, for ``export --vae``; returns its path."""
+    import diffusers
+
+    root = Path(directory)
+    torch.manual_seed(seed)
+    diffusers.AutoencoderTiny().eval().save_pretrained(root, safe_serialization=True)
+    return root

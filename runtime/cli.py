@@ -1,5 +1,6 @@
 """The `edgegen` command. Runtime commands need only the lean runtime; `export` (and a doctor run
 without --bundle) load edgegen.export, which needs the `export` extra."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ def _export_module(what: str):
     try:
         import edgegen.export as export
     except ImportError as e:
-        raise BadInputError(what, f"needs the export extra ({e.name} is not installed)",
-                            "pip install 'edgegen[export]'") from None
+        raise BadInputError(
+            what, f"needs the export extra ({e.name} is not installed)", "pip install 'edgegen[export]'"
+        ) from None
     return export
 
 
@@ -35,18 +37,30 @@ def version() -> str:
         return importlib.metadata.version("edgegen")
     except importlib.metadata.PackageNotFoundError:
         from . import __version__
+
         return __version__
 
 
 # ---------------------------------------------------------------- commands
 
+
 def cmd_export(args) -> int:
     export = _export_module("edgegen export")
-    out = export.export_checkpoint(args.checkpoint, args.output, precisions=args.precision, max_batch=args.max_batch,
-                                   overwrite=args.force, progress=not args.quiet, allow_degraded=args.allow_degraded,
-                                   engines=args.engines, compute_capability=args.compute_capability,
-                                   workspace_mb=args.workspace_mb, family_options={"image_size": args.image_size})
+    out = export.export_checkpoint(
+        args.checkpoint,
+        args.output,
+        precisions=args.precision,
+        max_batch=args.max_batch,
+        overwrite=args.force,
+        progress=not args.quiet,
+        allow_degraded=args.allow_degraded,
+        engines=args.engines,
+        compute_capability=args.compute_capability,
+        workspace_mb=args.workspace_mb,
+        family_options={"image_size": args.image_size, "vae": args.vae},
+    )
     from .bundle import Bundle
+
     report = Bundle.open(out).report()
     status = "validated: ok" if report.get("ok") else "DEGRADED: " + "; ".join(report.get("degraded", []))
     _emit(args, {"bundle": str(out), "ok": report.get("ok"), "report": report}, f"wrote {out} ({status})")
@@ -61,6 +75,7 @@ def _bundle_path(args) -> Path:
 
 def cmd_generate(args) -> int:
     from .pipeline import Pipeline, TruncationWarning
+
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise BadInputError("-o", f"unknown image extension {out.suffix!r}", "use .png, .jpg, .webp or .bmp")
@@ -70,23 +85,44 @@ def cmd_generate(args) -> int:
         warnings.simplefilter("always", TruncationWarning)
         images = pipe(args.prompt, seed=args.seed, num_images_per_prompt=args.n, output_type="pil", **options)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    paths = (
+        [out]
+        if len(images) == 1
+        else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    )
     for image, path in zip(images, paths):
         image.save(path)
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    data = {"ok": True, "images": [str(p) for p in paths], "seeds": pipe.last_call.seeds,
-            "backend": pipe.backend, "precision": pipe.precision, "warnings": notes}
-    _emit(args, data, "\n".join(f"wrote {p} (seed {s}, {pipe.backend} {pipe.precision})"
-                                for p, s in zip(paths, pipe.last_call.seeds)))
+    data = {
+        "ok": True,
+        "images": [str(p) for p in paths],
+        "seeds": pipe.last_call.seeds,
+        "backend": pipe.backend,
+        "precision": pipe.precision,
+        "warnings": notes,
+    }
+    _emit(
+        args,
+        data,
+        "\n".join(
+            f"wrote {p} (seed {s}, {pipe.backend} {pipe.precision})"
+            for p, s in zip(paths, pipe.last_call.seeds)
+        ),
+    )
     return 0
 
 
 # generate's diffusion-only flags and the pipeline keyword each is passed as (diffusers' names)
-DIFFUSION_FLAGS = {"--steps": "num_inference_steps", "--negative-prompt": "negative_prompt",
-                   "--guidance-scale": "guidance_scale", "--scheduler": "scheduler", "--image": "image",
-                   "--strength": "strength"}
+DIFFUSION_FLAGS = {
+    "--steps": "num_inference_steps",
+    "--negative-prompt": "negative_prompt",
+    "--guidance-scale": "guidance_scale",
+    "--scheduler": "scheduler",
+    "--image": "image",
+    "--strength": "strength",
+}
 
 
 def _diffusion_options(args, pipe) -> dict:
@@ -95,8 +131,11 @@ def _diffusion_options(args, pipe) -> dict:
     given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in DIFFUSION_FLAGS}
     given = {flag: value for flag, value in given.items() if value is not None}
     if given and pipe.bundle.family != "diffusion":
-        raise BadInputError(", ".join(given), f"only for diffusion bundles; this one is {pipe.bundle.family}",
-                            "drop these options")
+        raise BadInputError(
+            ", ".join(given),
+            f"only for diffusion bundles; this one is {pipe.bundle.family}",
+            "drop these options",
+        )
     if "--image" in given:
         given["--image"] = _read_image(given["--image"])
     return {DIFFUSION_FLAGS[flag]: value for flag, value in given.items()}
@@ -104,6 +143,7 @@ def _diffusion_options(args, pipe) -> dict:
 
 def _read_image(path: str):
     from PIL import Image, UnidentifiedImageError
+
     try:
         return Image.open(path).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
@@ -112,32 +152,49 @@ def _read_image(path: str):
 
 def cmd_engines(args) -> int:
     from .engine_build import add_engines
-    result = add_engines(args.bundle, args.flavour, compute_capability=args.compute_capability,
-                         workspace_mb=args.workspace_mb, progress=not (args.quiet or args.json))
+
+    result = add_engines(
+        args.bundle,
+        args.flavour,
+        compute_capability=args.compute_capability,
+        workspace_mb=args.workspace_mb,
+        progress=not (args.quiet or args.json),
+    )
     build = result["build"]
     forms = sorted({e["form"] for e in result["engines"]})
-    cache = (f"timing cache from the {build['timing_cache_source']} ({build['timing_cache_bytes_before']} bytes)"
-             if build["timing_cache_source"] else "new timing cache")
-    text = (f"wrote {len(result['engines'])} engines ({', '.join(forms)}) to {Path(args.bundle) / result['dir']} "
-            f"in {build['seconds']:.1f}s; {cache}"
-            + (f"; replaced {result['replaced']} older ones" if result["replaced"] else "")
-            + "; manifest updated")
+    cache = (
+        f"timing cache from the {build['timing_cache_source']} ({build['timing_cache_bytes_before']} bytes)"
+        if build["timing_cache_source"]
+        else "new timing cache"
+    )
+    text = (
+        f"wrote {len(result['engines'])} engines ({', '.join(forms)}) to {Path(args.bundle) / result['dir']} "
+        f"in {build['seconds']:.1f}s; {cache}"
+        + (f"; replaced {result['replaced']} older ones" if result["replaced"] else "")
+        + "; manifest updated"
+    )
     _emit(args, {"ok": True, **result}, text)
     return 0
 
 
 def cmd_inspect(args) -> int:
     from .bundle import Bundle
+
     bundle = Bundle.open(args.bundle)
     m = bundle.manifest
     report = bundle.report()
     # ok: the bundle opened (schema, paths, hashes); whether its export validated is report_ok
     data = {"ok": True, "manifest": m, "report_ok": report.get("ok"), "degraded": m.get("degraded", [])}
-    lines = [f"bundle     {bundle.root}", f"schema     {m['schema']}", f"family     {m['family']}",
-             f"precisions {', '.join(m['precisions'])}",
-             f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}, "
-             f"padding {m['tokenizer'].get('padding', 'max_length')}",
-             f"generation {json.dumps(m['generation'])}", "components:"]
+    lines = [
+        f"bundle     {bundle.root}",
+        f"schema     {m['schema']}",
+        f"family     {m['family']}",
+        f"precisions {', '.join(m['precisions'])}",
+        f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}, "
+        f"padding {m['tokenizer'].get('padding', 'max_length')}",
+        f"generation {json.dumps(m['generation'])}",
+        "components:",
+    ]
     for name, c in bundle.components.items():
         io = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in c.inputs)
         oo = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in c.outputs)
@@ -153,9 +210,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from .backends import resolve_backend
     from .bundle import Bundle
     from .check import check_bundle, failures
-    from .backends import resolve_backend
+
     bundle = Bundle.open(_bundle_path(args))
     backend, notes = resolve_backend(args.backend)
     precisions = None if args.precision == "all" else [args.precision]
@@ -165,17 +223,22 @@ def cmd_validate(args) -> int:
     for precision, entry in report["precisions"].items():
         for comp, p in entry["parity"].items():
             limit = "gated by quality" if p["tolerance"] is None else f"tolerance {p['tolerance']:.3g}"
-            lines.append(f"  {precision:5s} {comp:13s} max abs {p['max_abs']:.3g} ({limit}) {'ok' if p['ok'] else 'FAIL'}")
+            verdict = "ok" if p["ok"] else "FAIL"
+            lines.append(f"  {precision:5s} {comp:13s} max abs {p['max_abs']:.3g} ({limit}) {verdict}")
         for metric, c in entry.get("gate", {}).get("checks", {}).items():
             value = "not measured" if c["value"] is None else f"{c['value']:.4g}"
-            lines.append(f"  {precision:5s} gate {metric} {value} >= {c['min']} {'ok' if c['ok'] else 'FAIL'}")
+            lines.append(
+                f"  {precision:5s} gate {metric} {value} >= {c['min']} {'ok' if c['ok'] else 'FAIL'}"
+            )
         q = entry.get("quality", {})
         if "psnr_db" in q:
             lines.append(f"  {precision:5s} pixels PSNR vs PyTorch fp32: {q['psnr_db']:.1f} dB")
         if "adherence" in q:
             a = q["adherence"]
-            lines.append(f"  {precision:5s} adherence seen {a['seen']:.3f}, held-out {a['heldout']:.3f}; diversity "
-                         f"{q['diversity']:.3f}; Frechet judge distance {q['frechet_judge_distance']:.2f}")
+            lines.append(
+                f"  {precision:5s} adherence seen {a['seen']:.3f}, held-out {a['heldout']:.3f}; diversity "
+                f"{q['diversity']:.3f}; Frechet judge distance {q['frechet_judge_distance']:.2f}"
+            )
     lines += [f"  {f}" for f in failures(report)]
     lines.append("ok" if report["ok"] else "FAILED")
     _emit(args, report, "\n".join(lines))
@@ -185,18 +248,27 @@ def cmd_validate(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import format_runs, run_benches
     from .pipeline import Pipeline, check_count
+
     batch, iterations = check_count(args.batch), check_count(args.iterations)
     if not args.prompt.strip():  # before loading anything
         raise BadInputError("--prompt", "is empty", "give the prompt to time, e.g. --prompt 'a cat'")
     if args.no_cuda_graphs:
         from .backends import CUDA_GRAPHS_ENV
+
         os.environ[CUDA_GRAPHS_ENV] = "0"
     precisions = args.precision  # a list: _precision_list parsed it
     if len(precisions) > 1 and "auto" in precisions:
-        raise BadInputError("--precision", "auto cannot be one of several", "name them, e.g. --precision int8,fp32")
+        raise BadInputError(
+            "--precision", "auto cannot be one of several", "name them, e.g. --precision int8,fp32"
+        )
     options = {"mode": args.mode} if args.mode else {}
-    pipes = {p: Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=p, **options) for p in precisions}
-    timing = dict(batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds, prompt=args.prompt)
+    pipes = {
+        p: Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=p, **options)
+        for p in precisions
+    }
+    timing = dict(
+        batch=batch, iterations=iterations, warmup=args.warmup, seconds=args.seconds, prompt=args.prompt
+    )
     result = {"ok": True, **run_benches(pipes, **timing)}  # one shape for one or several precisions
     _emit(args, result, format_runs(result))
     return 0
@@ -204,6 +276,7 @@ def cmd_bench(args) -> int:
 
 def cmd_doctor(args) -> int:
     from .doctor import run_doctor
+
     bundle = args.bundle
     tmp = build_error = None
     if bundle is None:
@@ -213,14 +286,19 @@ def cmd_doctor(args) -> int:
             export = None
         if export is not None:
             import tempfile
+
             tmp = tempfile.TemporaryDirectory(prefix="edgegen-doctor-")
             from edgegen.export.testing import make_tiny_checkpoint
+
             from .backends import ENGINE_FLAVOURS, backend_loads
+
             ckpt = make_tiny_checkpoint(Path(tmp.name) / "ckpt")
             # engines too, for a TensorRT flavour that loads here, so its parity is checked as well
             flavour = next((f for f in ENGINE_FLAVOURS if backend_loads(f)[0]), None)
             try:
-                bundle = export.export_checkpoint(ckpt, Path(tmp.name) / "bundle", progress=False, engines=flavour)
+                bundle = export.export_checkpoint(
+                    ckpt, Path(tmp.name) / "bundle", progress=False, engines=flavour
+                )
             except EdgegenError as e:
                 if flavour is None:
                     raise
@@ -234,19 +312,35 @@ def cmd_doctor(args) -> int:
     if build_error:
         report["notes"].append(build_error)
     lines = [f"{k:14s} {v}" for k, v in report["versions"].items()]
-    lines.append(f"{'providers':14s} listed: {', '.join(report['providers_listed'])}; a session really gets: "
-                 + (", ".join(p for p, ok in report["providers_loaded"].items() if ok) or "none"))
+    lines.append(
+        f"{'providers':14s} listed: {', '.join(report['providers_listed'])}; a session really gets: "
+        + (", ".join(p for p, ok in report["providers_loaded"].items() if ok) or "none")
+    )
     gpu = report["gpu"]
-    lines.append(f"{'gpu':14s} " + ("; ".join(f"{d['name'] or 'GPU'} {d['index']}, compute capability "
-                                               f"{d['compute_capability']}" for d in gpu.get("devices", []))
-                                    + f" (driver supports CUDA {gpu.get('driver_supports_cuda')}, "
-                                      f"libcudart {gpu.get('cuda_runtime')})" if gpu["available"] else
-                                    f"none ({gpu['error']})"))
+    lines.append(
+        f"{'gpu':14s} "
+        + (
+            "; ".join(
+                f"{d['name'] or 'GPU'} {d['index']}, compute capability {d['compute_capability']}"
+                for d in gpu.get("devices", [])
+            )
+            + f" (driver supports CUDA {gpu.get('driver_supports_cuda')}, "
+            f"libcudart {gpu.get('cuda_runtime')})"
+            if gpu["available"]
+            else f"none ({gpu['error']})"
+        )
+    )
     for flavour, t in report["tensorrt"].items():
-        lines.append(f"{flavour:14s} " + (f"{t['module']} {t['version']}" if t["module"] else f"no ({t['error']})"))
+        lines.append(
+            f"{flavour:14s} " + (f"{t['module']} {t['version']}" if t["module"] else f"no ({t['error']})")
+        )
     for name, b in report["backends"].items():
         status = "ok" if b["ok"] else "unavailable" if not b.get("loads") else "FAIL"
-        diff = "" if b["max_abs_pixel_diff"] is None else f", max pixel diff vs PyTorch {b['max_abs_pixel_diff']:g}"
+        diff = (
+            ""
+            if b["max_abs_pixel_diff"] is None
+            else f", max pixel diff vs PyTorch {b['max_abs_pixel_diff']:g}"
+        )
         lines.append(f"  {name:9s} {status}{diff}{'' if not b['error'] else '  (' + b['error'] + ')'}")
     lines += [f"note: {n}" for n in report["notes"]]
     lines.append("ok" if report["ok"] else "NOT ok")
@@ -258,20 +352,35 @@ def cmd_serve(args) -> int:
     try:  # the serve extra: ray is imported here only, never by the runtime
         import edgegen.serve as serving
     except ImportError as e:
-        raise BadInputError("edgegen serve", f"needs the serve extra ({e.name} is not installed)",
-                            "pip install 'edgegen[serve]'") from None
+        raise BadInputError(
+            "edgegen serve",
+            f"needs the serve extra ({e.name} is not installed)",
+            "pip install 'edgegen[serve]'",
+        ) from None
     config = serving.ServeConfig(
-        bundle=str(_bundle_path(args)), host=args.host, port=args.port, replicas=args.replicas,
-        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, backend=args.backend,
-        precision=args.precision, cors=args.cors, timeout_s=args.timeout_s, max_queued=args.max_queued,
-        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
+        bundle=str(_bundle_path(args)),
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        backend=args.backend,
+        precision=args.precision,
+        cors=args.cors,
+        timeout_s=args.timeout_s,
+        max_queued=args.max_queued,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+    )
     from .bundle import Bundle
+
     Bundle.open(config.bundle)  # a bad bundle is refused here, not by each replica inside Ray
     serving.serve_forever(config, address=args.address)
     return 0
 
 
 # ---------------------------------------------------------------- parser
+
 
 class UsageError(Exception):
     """A command line argparse refuses; main prints it as argparse would, or as JSON with --json."""
@@ -291,13 +400,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _precision_list(allowed: tuple):
     """An argparse type: a comma-separated list of ``allowed`` precisions, in order, without repeats."""
+
     def parse(text: str) -> list[str]:
         items = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
         bad = [p for p in items if p not in allowed]
         if not items or bad:
-            raise argparse.ArgumentTypeError(f"unknown precision(s) {', '.join(bad) or repr(text)}; "
-                                             f"choose from {', '.join(allowed)}, comma-separated")
+            raise argparse.ArgumentTypeError(
+                f"unknown precision(s) {', '.join(bad) or repr(text)}; "
+                f"choose from {', '.join(allowed)}, comma-separated"
+            )
         return items
+
     return parse
 
 
@@ -318,12 +431,18 @@ def _given_bundle(args) -> None:
     positional = getattr(args, "bundle_positional", None)
     if positional is not None:
         if args.bundle is not None and Path(args.bundle).resolve() != Path(positional).resolve():
-            raise BadInputError("--bundle", f"two different bundles given: {positional} and --bundle "
-                                f"{args.bundle}", "give the bundle once, as BUNDLE or as --bundle")
+            raise BadInputError(
+                "--bundle",
+                f"two different bundles given: {positional} and --bundle {args.bundle}",
+                "give the bundle once, as BUNDLE or as --bundle",
+            )
         args.bundle = positional
     if args.bundle is None and getattr(args, "bundle_required", False):
-        raise BadInputError(f"edgegen {args.command}", "needs a bundle",
-                            f"give it as `edgegen {args.command} BUNDLE` or `--bundle BUNDLE`")
+        raise BadInputError(
+            f"edgegen {args.command}",
+            "needs a bundle",
+            f"give it as `edgegen {args.command} BUNDLE` or `--bundle BUNDLE`",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,150 +452,274 @@ def build_parser() -> argparse.ArgumentParser:
     from .diffusion import MODES as DIFFUSION_MODES
     from .gan import MODES as GAN_MODES
     from .schedulers import NAMES as SCHEDULERS
+
     modes = tuple(dict.fromkeys(GAN_MODES + DIFFUSION_MODES))  # a family refuses the other's
-    p = _Parser(prog="edgegen", description="Export text-to-image models to validated ONNX/TensorRT "
-                "bundles and run them with a lean runtime.")
+    p = _Parser(
+        prog="edgegen",
+        description="Export text-to-image models to validated ONNX/TensorRT "
+        "bundles and run them with a lean runtime.",
+    )
     p.add_argument("--version", action="version", version=f"edgegen {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    e = sub.add_parser("export", help="checkpoint -> validated bundle", description="Trace a checkpoint (gan: "
-                       "text_encoder/ + generator/; diffusion: a diffusers pipeline directory) to ONNX, check every graph against PyTorch, and write a bundle "
-                       "directory atomically (nothing is left at -o if any step fails).")
+    e = sub.add_parser(
+        "export",
+        help="checkpoint -> validated bundle",
+        description="Trace a checkpoint (gan: "
+        "text_encoder/ + generator/; diffusion: a diffusers pipeline directory) to ONNX, check every graph "
+        "against PyTorch, and write a bundle directory atomically (nothing is left at -o if any step fails).",
+    )
     e.add_argument("checkpoint", help="checkpoint directory")
     e.add_argument("-o", "--output", required=True, help="bundle directory to create")
-    e.add_argument("--precision", default="fp32", type=_precision_list(PRECISIONS),
-                   help="comma-separated: fp32,fp16,int8 (fp32 is always included)")
-    e.add_argument("--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)")
-    e.add_argument("--engines", choices=ENGINE_FLAVOURS,
-                   help="also build TensorRT engines from the fp16/int8 "
-                   "files, as `edgegen engines` does (trt: on the target GPU; trt-rtx: TensorRT for RTX, may build "
-                   "ahead of time). On a device without torch, export here and run `edgegen engines` there")
-    e.add_argument("--compute-capability", help="GPU architecture to build engines for, e.g. 8.9 (default: the GPU "
-                   "present; trt-rtx can target one that is absent)")
-    e.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)")
-    e.add_argument("--image-size", type=int, default=None, help="diffusion: image size the graphs are built for "
-                   "(default: the UNet's sample size x the VAE factor, e.g. 512 for SD-Turbo)")
+    e.add_argument(
+        "--precision",
+        default="fp32",
+        type=_precision_list(PRECISIONS),
+        help="comma-separated: fp32,fp16,int8 (fp32 is always included)",
+    )
+    e.add_argument(
+        "--max-batch", type=int, default=16, help="largest batch the runtime may ask for (default 16)"
+    )
+    e.add_argument(
+        "--engines",
+        choices=ENGINE_FLAVOURS,
+        help="also build TensorRT engines from the fp16/int8 "
+        "files, as `edgegen engines` does (trt: on the target GPU; trt-rtx: TensorRT for RTX, may build "
+        "ahead of time). On a device without torch, export here and run `edgegen engines` there",
+    )
+    e.add_argument(
+        "--compute-capability",
+        help="GPU architecture to build engines for, e.g. 8.9 (default: the GPU "
+        "present; trt-rtx can target one that is absent)",
+    )
+    e.add_argument(
+        "--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)"
+    )
+    e.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="diffusion: image size the graphs are built for "
+        "(default: the UNet's sample size x the VAE factor, e.g. 512 for SD-Turbo)",
+    )
+    e.add_argument(
+        "--vae",
+        default=None,
+        help="diffusion: an autoencoder directory (AutoencoderTiny or "
+        "AutoencoderKL, saved with save_pretrained) to use instead of the pipeline's own vae/, "
+        "e.g. a TAESD for a faster decoder",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
-    e.add_argument("--allow-degraded", action="store_true",
-                   help="keep a bundle whose fp16/int8 files fail their quality gate (marked degraded)")
+    e.add_argument(
+        "--allow-degraded",
+        action="store_true",
+        help="keep a bundle whose fp16/int8 files fail their quality gate (marked degraded)",
+    )
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_export)
 
-    g = sub.add_parser("generate", help="prompt -> image(s)", description="Generate images from a prompt with a bundle "
-                       "(the shipped default model when --bundle is not given).")
+    g = sub.add_parser(
+        "generate",
+        help="prompt -> image(s)",
+        description="Generate images from a prompt with a bundle "
+        "(the shipped default model when --bundle is not given).",
+    )
     g.add_argument("prompt")
     _add_bundle(g, positional=False, required=False)
-    g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default: random)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image; image i uses seed+i (default: random)",
+    )
     g.add_argument("-n", type=int, default=1, help="number of images (default 1)")
     g.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), help="default auto")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto")
-    g.add_argument("-o", "--output", required=True, help="image path; with -n K > 1, OUT_0.png ... OUT_{K-1}.png")
-    g.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps (default: the bundle's)")
-    g.add_argument("--negative-prompt", default=None,
-                   help="diffusion: what to steer away from (needs guidance)")
-    g.add_argument("--guidance-scale", type=float, default=None, help="diffusion: classifier-free guidance (0: none)")
+    g.add_argument(
+        "-o", "--output", required=True, help="image path; with -n K > 1, OUT_0.png ... OUT_{K-1}.png"
+    )
+    g.add_argument(
+        "--steps", type=int, default=None, help="diffusion: denoising steps (default: the bundle's)"
+    )
+    g.add_argument(
+        "--negative-prompt", default=None, help="diffusion: what to steer away from (needs guidance)"
+    )
+    g.add_argument(
+        "--guidance-scale", type=float, default=None, help="diffusion: classifier-free guidance (0: none)"
+    )
     g.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="diffusion (default: the bundle's)")
     g.add_argument("--image", default=None, help="diffusion: input image for image-to-image")
-    g.add_argument("--strength", type=float, default=None, help="diffusion image-to-image: how much to change (0..1, default 0.5)")
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="diffusion image-to-image: how much to change (0..1, default 0.5)",
+    )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 
-    n = sub.add_parser("engines", help="build TensorRT engines for a bundle, on the target machine",
-                       description="Build strongly typed TensorRT engines from a bundle's fp16 / int8 ONNX files (fp32 "
-                       "if it has nothing else) and record them in its manifest, with the lean runtime alone (no "
-                       "torch). Run it on the machine that will run them: engines belong to one TensorRT version and "
-                       "one GPU. The bundle is updated atomically: a failed or interrupted build leaves it as it was; "
-                       "engines of the same flavour, version and GPU are replaced.")
+    n = sub.add_parser(
+        "engines",
+        help="build TensorRT engines for a bundle, on the target machine",
+        description="Build strongly typed TensorRT engines from a bundle's fp16 / int8 ONNX files (fp32 "
+        "if it has nothing else) and record them in its manifest, with the lean runtime alone (no "
+        "torch). Run it on the machine that will run them: engines belong to one TensorRT version and "
+        "one GPU. The bundle is updated atomically: a failed or interrupted build leaves it as it was; "
+        "engines of the same flavour, version and GPU are replaced.",
+    )
     _add_bundle(n, positional=True, required=True)
-    n.add_argument("--flavour", required=True, choices=ENGINE_FLAVOURS,
-                   help="trt: TensorRT (e.g. JetPack's, on a Jetson); trt-rtx: TensorRT for RTX")
-    n.add_argument("--compute-capability", help="GPU architecture to build for, e.g. 8.9 (default: the GPU present; "
-                   "only trt-rtx can target one that is absent)")
-    n.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)")
+    n.add_argument(
+        "--flavour",
+        required=True,
+        choices=ENGINE_FLAVOURS,
+        help="trt: TensorRT (e.g. JetPack's, on a Jetson); trt-rtx: TensorRT for RTX",
+    )
+    n.add_argument(
+        "--compute-capability",
+        help="GPU architecture to build for, e.g. 8.9 (default: the GPU present; "
+        "only trt-rtx can target one that is absent)",
+    )
+    n.add_argument(
+        "--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)"
+    )
     n.add_argument("--quiet", action="store_true", help="no progress output")
     n.add_argument("--json", action="store_true", help="print the result as JSON")
     n.set_defaults(func=cmd_engines)
 
-    i = sub.add_parser("inspect", help="show a bundle's manifest", description="Verify a bundle (schema, paths, "
-                       "hashes) and show its components, precisions, tokenizer and provenance.")
+    i = sub.add_parser(
+        "inspect",
+        help="show a bundle's manifest",
+        description="Verify a bundle (schema, paths, "
+        "hashes) and show its components, precisions, tokenizer and provenance.",
+    )
     _add_bundle(i, positional=True, required=True)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    v = sub.add_parser("validate", help="re-check a bundle against its PyTorch reference on this device",
-                       description="Run every component on the bundle's stored PyTorch reference inputs on this "
-                       "machine and backend, and compare (no torch needed). On trt / trt-rtx the components run "
-                       "through the bundle's engines for this machine (the precisions that have engines; build them "
-                       "with `edgegen engines`). Exit 1 if a check fails.")
+    v = sub.add_parser(
+        "validate",
+        help="re-check a bundle against its PyTorch reference on this device",
+        description="Run every component on the bundle's stored PyTorch reference inputs on this "
+        "machine and backend, and compare (no torch needed). On trt / trt-rtx the components run "
+        "through the bundle's engines for this machine (the precisions that have engines; build them "
+        "with `edgegen engines`). Exit 1 if a check fails.",
+    )
     _add_bundle(v, positional=True, required=False)
     v.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto")
     v.add_argument("--precision", default="all", choices=("all", *PRECISIONS), help="default all")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=cmd_validate)
 
-    b = sub.add_parser("bench", help="latency on this device", description="Time pipeline calls on this device: "
-                       "p50/p95/p99 end to end, per stage, time inside engine calls, the runtime's own overhead, "
-                       "repeated-prompt calls (cached text states), images/s and peak memory.")
+    b = sub.add_parser(
+        "bench",
+        help="latency on this device",
+        description="Time pipeline calls on this device: "
+        "p50/p95/p99 end to end, per stage, time inside engine calls, the runtime's own overhead, "
+        "repeated-prompt calls (cached text states), images/s and peak memory.",
+    )
     _add_bundle(b, positional=True, required=False)
-    b.add_argument("--precision", default="auto", type=_precision_list(("auto", *PRECISIONS)),
-                   help="auto, fp32, fp16 or int8; several, comma-separated (e.g. "
-                   "int8,fp32), are timed interleaved in one process (blocks of 20 calls taking turns), with each "
-                   "one's end-to-end ratio to fp32 from that same run")
+    b.add_argument(
+        "--precision",
+        default="auto",
+        type=_precision_list(("auto", *PRECISIONS)),
+        help="auto, fp32, fp16 or int8; several, comma-separated (e.g. "
+        "int8,fp32), are timed interleaved in one process (blocks of 20 calls taking turns), with each "
+        "one's end-to-end ratio to fp32 from that same run",
+    )
     b.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto")
     b.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     b.add_argument("--iterations", type=int, default=100, help="timed calls (default 100)")
     b.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     b.add_argument("--seconds", type=float, default=None, help="time budget instead of --iterations")
-    b.add_argument("--prompt", default=DEFAULT_BENCH_PROMPT,
-                   help=f"the prompt of every call (default {DEFAULT_BENCH_PROMPT!r}); on ONNX Runtime CPU a call "
-                   "costs its prompt's token count (the JSON's sequence field)")
-    b.add_argument("--mode", default=None, choices=modes,
-                   help="pipeline path: auto (default), fused, or stage by stage "
-                   "(gan: split; diffusion: loop, which times the text encoder, each UNet step and the VAE)")
-    b.add_argument("--no-cuda-graphs", action="store_true", help="GPU backends: run without CUDA graph capture "
-                   "(to compare; same as EDGEGEN_CUDA_GRAPHS=0)")
+    b.add_argument(
+        "--prompt",
+        default=DEFAULT_BENCH_PROMPT,
+        help=f"the prompt of every call (default {DEFAULT_BENCH_PROMPT!r}); on ONNX Runtime CPU a call "
+        "costs its prompt's token count (the JSON's sequence field)",
+    )
+    b.add_argument(
+        "--mode",
+        default=None,
+        choices=modes,
+        help="pipeline path: auto (default), fused, or stage by stage "
+        "(gan: split; diffusion: loop, which times the text encoder, each UNet step and the VAE)",
+    )
+    b.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="GPU backends: run without CUDA graph capture (to compare; same as EDGEGEN_CUDA_GRAPHS=0)",
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("doctor", help="what runs here, and does it match PyTorch",
-                       description="Report versions and which backends really load, then generate on every usable "
-                       "backend and compare pixels with PyTorch's (a tiny model exported on the spot, or --bundle).")
-    _add_bundle(d, positional=False, required=False,
-                what="check with this bundle instead of a tiny export (no torch needed)")
+    d = sub.add_parser(
+        "doctor",
+        help="what runs here, and does it match PyTorch",
+        description="Report versions and which backends really load, then generate on every usable "
+        "backend and compare pixels with PyTorch's (a tiny model exported on the spot, or --bundle).",
+    )
+    _add_bundle(
+        d,
+        positional=False,
+        required=False,
+        what="check with this bundle instead of a tiny export (no torch needed)",
+    )
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("serve", help="HTTP service + live web page on Ray Serve (extra serve)",
-                       description="Serve a bundle over HTTP on Ray Serve: POST /v1/images/generations (the "
-                       "OpenAI images API shape plus the pipeline's options), GET /v1/health, "
-                       "/v1/info, /metrics, and a live page at /. Concurrent requests are batched; a full "
-                       "queue answers 503 with Retry-After. Starts a local Ray cluster, or joins one with "
-                       "--address. docs/serving.md has the details.")
+    s = sub.add_parser(
+        "serve",
+        help="HTTP service + live web page on Ray Serve (extra serve)",
+        description="Serve a bundle over HTTP on Ray Serve: POST /v1/images/generations (the "
+        "OpenAI images API shape plus the pipeline's options), GET /v1/health, "
+        "/v1/info, /metrics, and a live page at /. Concurrent requests are batched; a full "
+        "queue answers 503 with Retry-After. Starts a local Ray cluster, or joins one with "
+        "--address. docs/serving.md has the details.",
+    )
     _add_bundle(s, positional=True, required=False)
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; the service has no "
-                   "authentication)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; the service has no authentication)",
+    )
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--replicas", type=int, default=1, help="generator replicas, each with its own pipeline")
-    s.add_argument("--max-batch", type=int, default=8,
-                   help="requests gathered into one pipeline call (default 8; 1: no batching)")
-    s.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits to fill (default 5)")
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests gathered into one pipeline call (default 8; 1: no batching)",
+    )
+    s.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)"
+    )
     s.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
     s.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8")
-    s.add_argument("--cors", metavar="ORIGIN", default=None,
-                   help="allow browser pages from ORIGIN to call the API (default: no CORS headers)")
+    s.add_argument(
+        "--cors",
+        metavar="ORIGIN",
+        default=None,
+        help="allow browser pages from ORIGIN to call the API (default: no CORS headers)",
+    )
     s.add_argument("--timeout-s", type=float, default=30.0, help="each request's deadline (default 30)")
-    s.add_argument("--max-queued", type=int, default=64,
-                   help="requests waiting beyond the running ones; more get 503 with Retry-After at once "
-                   "(default 64)")
-    s.add_argument("--cpus-per-replica", type=float, default=0.5,
-                   help="Ray's CPU share of a replica (default 0.5)")
-    s.add_argument("--gpus-per-replica", type=float, default=0.0,
-                   help="GPU backends: 1 gives each replica a GPU")
-    s.add_argument("--address", default=None,
-                   help="a running Ray cluster to join (e.g. auto, or HEAD:6379); default: start a local one")
+    s.add_argument(
+        "--max-queued",
+        type=int,
+        default=64,
+        help="requests waiting beyond the running ones; more get 503 with Retry-After at once (default 64)",
+    )
+    s.add_argument(
+        "--cpus-per-replica", type=float, default=0.5, help="Ray's CPU share of a replica (default 0.5)"
+    )
+    s.add_argument(
+        "--gpus-per-replica", type=float, default=0.0, help="GPU backends: 1 gives each replica a GPU"
+    )
+    s.add_argument(
+        "--address",
+        default=None,
+        help="a running Ray cluster to join (e.g. auto, or HEAD:6379); default: start a local one",
+    )
     s.set_defaults(func=cmd_serve)
     return p
 
@@ -518,16 +761,24 @@ def main(argv: list[str] | None = None) -> int:
             _fail(True, 130, "Interrupted", "edgegen", "interrupted")
         else:
             print("edgegen: interrupted", file=sys.stderr)
-        if argv is None:  # the command line, not a caller in Python: exit now, with 130. Interpreter shutdown
-            sys.stdout.flush()  # after an interrupt mid-export (torch / ONNX Runtime state) sometimes ended the
-            sys.stderr.flush()  # process by SIGINT instead (about 1 run in 12); the work is already cleaned up
+        if argv is None:  # the command line, not a caller in Python: exit now, with 130.
+            # Interpreter shutdown after an interrupt mid-export (torch / ONNX Runtime state) sometimes
+            # ended the process by SIGINT instead (about 1 run in 12); the work is already cleaned up
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(130)
         return 130
     except Exception as e:  # a bug: say so in one line; the traceback is one variable away
         if os.environ.get(DEBUG_ENV):
             raise
-        return _fail(json_mode, 1, "InternalError", "internal error", f"{type(e).__name__}: {e}",
-                     f"rerun with {DEBUG_ENV}=1 for the traceback and report it")
+        return _fail(
+            json_mode,
+            1,
+            "InternalError",
+            "internal error",
+            f"{type(e).__name__}: {e}",
+            f"rerun with {DEBUG_ENV}=1 for the traceback and report it",
+        )
 
 
 if __name__ == "__main__":

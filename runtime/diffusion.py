@@ -6,6 +6,7 @@ A call runs one of two paths:
 - ``loop``: text encoder, then one UNet run per step with the scheduler in numpy, then the VAE decoder;
   any step count, any of the four schedulers, guidance, image-to-image.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from .tokenize import PromptTokenizer
 
 MODES = ("auto", "fused", "loop")
 DEFAULT_STRENGTH = 0.5
+# The VAE classes a bundle may hold (its manifest's generation.vae), and whether image-to-image samples the
+# encoder's latent distribution (one more noise draw per image): AutoencoderTiny's encoder is deterministic.
+VAE_SAMPLES_LATENTS = {"AutoencoderKL": True, "AutoencoderTiny": False}
 
 
 def fused_name(steps: int) -> str:
@@ -30,10 +34,11 @@ def fused_name(steps: int) -> str:
 @dataclass(slots=True)
 class CallPlan:
     """A call's options resolved: what the loop or a fused graph runs."""
-    plan: object          # the scheduler's plan (schedulers.py): timesteps, sigmas, steps
+
+    plan: object  # the scheduler's plan (schedulers.py): timesteps, sigmas, steps
     scheduler: str
     guidance: float
-    cfg: bool             # classifier-free guidance: negative rows run beside the prompts'
+    cfg: bool  # classifier-free guidance: negative rows run beside the prompts'
     negatives: list[str]  # the negative prompts (empty without cfg)
 
 
@@ -57,11 +62,26 @@ class DiffusionPipeline(Pipeline):
     skips the text encoder and runs the loop."""
 
     family = "diffusion"
-    options = ("num_inference_steps", "guidance_scale", "negative_prompt", "latents", "image", "strength",
-               "scheduler")
+    options = (
+        "num_inference_steps",
+        "guidance_scale",
+        "negative_prompt",
+        "latents",
+        "image",
+        "strength",
+        "scheduler",
+    )
 
-    def __init__(self, bundle, backend, precision, notes, mode: str = "auto", cache_size: int = 128,
-                 form: str | None = None):
+    def __init__(
+        self,
+        bundle,
+        backend,
+        precision,
+        notes,
+        mode: str = "auto",
+        cache_size: int = 128,
+        form: str | None = None,
+    ):
         super().__init__(bundle, backend, precision, notes, form, cache_size)
         if mode not in MODES:
             raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
@@ -76,9 +96,19 @@ class DiffusionPipeline(Pipeline):
             self.scheduler_config = dict(gen["scheduler"]["config"])
             self.fused = {int(k): str(v) for k, v in gen["fused"].items()}
             self.time_cond_dim = int(gen["time_cond_dim"]) if gen.get("time_cond_dim") else None
+            self.vae = str(gen["vae"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise BadBundleError(f"bundle {bundle.root}", f"generation settings of a diffusion bundle are incomplete ({e!r})",
-                                 "re-export the bundle") from None
+            raise BadBundleError(
+                f"bundle {bundle.root}",
+                f"generation settings of a diffusion bundle are incomplete ({e!r})",
+                "re-export the bundle",
+            ) from None
+        if self.vae not in VAE_SAMPLES_LATENTS:
+            raise BadBundleError(
+                f"bundle {bundle.root}",
+                f"unknown VAE class {self.vae!r} in generation.vae",
+                f"this runtime runs {' or '.join(VAE_SAMPLES_LATENTS)}; upgrade edgegen",
+            )
         self.tokenizer = PromptTokenizer.of_bundle(bundle)
         self._schedulers = {}
         self.scheduler(self.scheduler_name)  # a config this runtime cannot run fails at load
@@ -87,19 +117,33 @@ class DiffusionPipeline(Pipeline):
 
     def scheduler(self, name: str):
         if name not in NAMES:
-            raise BadInputError("scheduler", f"unknown scheduler {name!r}", f"choose one of {', '.join(NAMES)}")
+            raise BadInputError(
+                "scheduler", f"unknown scheduler {name!r}", f"choose one of {', '.join(NAMES)}"
+            )
         if name not in self._schedulers:
             self._schedulers[name] = make_scheduler(name, self.scheduler_config)
         return self._schedulers[name]
 
     # ------------------------------------------------------------ one call
 
-    def _generate(self, prompts, seeds, num_inference_steps=None, guidance_scale=None, latents=None, image=None,
-                  strength=None, scheduler=None, negative_prompt=None):
+    def _generate(
+        self,
+        prompts,
+        seeds,
+        num_inference_steps=None,
+        guidance_scale=None,
+        latents=None,
+        image=None,
+        strength=None,
+        scheduler=None,
+        negative_prompt=None,
+    ):
         batch = len(prompts)
         info = CallInfo(seeds=seeds, engine_stages=("fused", "text_encoder", "vae_encoder", "vae_decoder"))
         with info.stage("noise"):
-            call = self._plan(batch, num_inference_steps, guidance_scale, image, strength, scheduler, negative_prompt)
+            call = self._plan(
+                batch, num_inference_steps, guidance_scale, image, strength, scheduler, negative_prompt
+            )
             streams = NoiseStreams(seeds)
             noise = streams.draw(self.latent_shape)  # always drawn, so later draws do not depend on latents=
             if latents is not None:
@@ -109,22 +153,37 @@ class DiffusionPipeline(Pipeline):
             if self.time_cond_dim:  # LCM-distilled UNets take guidance as an input
                 cond = guidance_embedding(np.full(batch, call.guidance - 1.0, np.float32), self.time_cond_dim)
         use_cache = self.mode != "fused" and self.text_cache.holds(prompts + call.negatives)
-        fused = self.fused.get(len(call.plan)) if (image is None and not call.cfg and call.scheduler == self.scheduler_name
-                                                   and call.plan.begin == 0) else None
+        fused = (
+            self.fused.get(len(call.plan))
+            if (
+                image is None
+                and not call.cfg
+                and call.scheduler == self.scheduler_name
+                and call.plan.begin == 0
+            )
+            else None
+        )
         if self.mode == "fused" and fused is None:
-            raise BadInputError("mode fused", f"no fused graph serves this call ({len(call.plan)} steps, scheduler "
-                                f"{call.scheduler}, guidance {call.guidance}, image {'yes' if image is not None else 'no'})",
-                                f"fused graphs run {sorted(self.fused)} steps with {self.scheduler_name}, no guidance, "
-                                "text-to-image; use mode='loop' or 'auto'")
+            raise BadInputError(
+                "mode fused",
+                f"no fused graph serves this call ({len(call.plan)} steps, scheduler "
+                f"{call.scheduler}, guidance {call.guidance}, image {'yes' if image is not None else 'no'})",
+                f"fused graphs run {sorted(self.fused)} steps with {self.scheduler_name}, no guidance, "
+                "text-to-image; use mode='loop' or 'auto'",
+            )
         if fused is not None and self.mode != "loop" and not use_cache:
             return self._run_fused(fused, prompts, noise, call.plan, streams, cond, info)
         return self._run_loop(prompts, noise, pixels_in, call, streams, cond, use_cache, info)
 
-    def _plan(self, batch, steps, guidance_scale, image, strength, scheduler, negative_prompt) -> "CallPlan":
+    def _plan(self, batch, steps, guidance_scale, image, strength, scheduler, negative_prompt) -> CallPlan:
         """The call's options checked, with the bundle's defaults, as the steps to run."""
         name = self.scheduler_name if scheduler is None else scheduler
         sched = self.scheduler(name)
-        guidance = self.default_guidance if guidance_scale is None else _number("guidance_scale", guidance_scale, 0.0)
+        guidance = (
+            self.default_guidance
+            if guidance_scale is None
+            else _number("guidance_scale", guidance_scale, 0.0)
+        )
         if image is not None:
             strength = DEFAULT_STRENGTH if strength is None else _number("strength", strength, 0.0, 1.0)
             if steps is None:  # the full schedule; int(num_inference_steps * strength) of its steps run
@@ -162,7 +221,8 @@ class DiffusionPipeline(Pipeline):
         return pixels, info
 
     def _run_loop(self, prompts, noise, pixels_in, call, streams, cond, use_cache, info):
-        """Text states, initial latents, one UNet run per step with the scheduler in numpy, the VAE decoder."""
+        """Text states, initial latents, one UNet run per step with the scheduler in numpy, the VAE
+        decoder."""
         batch, plan = len(prompts), call.plan
         info.path = "loop"
         states = self._text_states(call.negatives + prompts, info, use_cache)
@@ -172,7 +232,8 @@ class DiffusionPipeline(Pipeline):
             ins = enc.inputs(batch)
             with info.stage("noise"):
                 ins["image"][...] = pixels_in
-                ins["encoder_noise"][...] = streams.draw(self.latent_shape)
+                if VAE_SAMPLES_LATENTS[self.vae]:
+                    ins["encoder_noise"][...] = streams.draw(self.latent_shape)
             with info.stage("vae_encoder"):
                 x = plan.add_noise(enc.run(batch)["latents"], noise)
         else:
@@ -241,9 +302,16 @@ class DiffusionPipeline(Pipeline):
         if negative_prompt is None:
             return [""] * batch
         items = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
-        if not isinstance(items, (list, tuple)) or len(items) != batch or not all(isinstance(p, str) for p in items):
-            raise BadInputError("negative_prompt", f"expected a string or {batch} strings (one per image)",
-                                "pass one negative prompt, or one per image")
+        if (
+            not isinstance(items, (list, tuple))
+            or len(items) != batch
+            or not all(isinstance(p, str) for p in items)
+        ):
+            raise BadInputError(
+                "negative_prompt",
+                f"expected a string or {batch} strings (one per image)",
+                "pass one negative prompt, or one per image",
+            )
         return list(items)
 
     # ------------------------------------------------------------ inputs
@@ -251,12 +319,18 @@ class DiffusionPipeline(Pipeline):
     def _check_latents(self, latents, batch) -> np.ndarray:
         want = (batch, *self.latent_shape)
         if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.floating):
-            raise BadInputError("latents", f"expected a float numpy array, got {type(latents).__name__}"
-                                f"{'' if not isinstance(latents, np.ndarray) else ' of ' + str(latents.dtype)}",
-                                f"pass np.float32 of shape {want} (unit-variance noise, as diffusers' latents=)")
+            raise BadInputError(
+                "latents",
+                f"expected a float numpy array, got {type(latents).__name__}"
+                f"{'' if not isinstance(latents, np.ndarray) else ' of ' + str(latents.dtype)}",
+                f"pass np.float32 of shape {want} (unit-variance noise, as diffusers' latents=)",
+            )
         if latents.shape != want:
-            raise BadInputError("latents", f"shape {latents.shape} does not match the request",
-                                f"expected {want} (images, latent channels, height, width)")
+            raise BadInputError(
+                "latents",
+                f"shape {latents.shape} does not match the request",
+                f"expected {want} (images, latent channels, height, width)",
+            )
         if not np.all(np.isfinite(latents)):
             raise BadInputError("latents", "contains NaN or Inf", "pass finite values")
         return latents.astype(np.float32)
@@ -264,24 +338,37 @@ class DiffusionPipeline(Pipeline):
     def _images(self, image, batch) -> np.ndarray:
         """Image-to-image input -> (batch, 3, S, S) float32 in [-1, 1], diffusers' preprocessing
         (resized to the bundle's size with Lanczos when it differs)."""
-        items = list(image) if isinstance(image, (list, tuple)) else (
-            list(image) if isinstance(image, np.ndarray) and image.ndim == 4 else [image])
+        items = (
+            list(image)
+            if isinstance(image, (list, tuple))
+            else (list(image) if isinstance(image, np.ndarray) and image.ndim == 4 else [image])
+        )
         if len(items) == 1:
             items = items * batch
         if len(items) != batch:
-            raise BadInputError("image", f"{len(items)} images for {batch} outputs", "pass one image, or one per output image")
+            raise BadInputError(
+                "image", f"{len(items)} images for {batch} outputs", "pass one image, or one per output image"
+            )
         return np.stack([self._image(x) for x in items])
 
     def _image(self, image) -> np.ndarray:
         from PIL import Image
+
         size = self.image_size
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise BadInputError("image", f"array of {image.dtype} {image.shape}", "pass uint8 (H, W, 3) RGB or a PIL image")
+                raise BadInputError(
+                    "image",
+                    f"array of {image.dtype} {image.shape}",
+                    "pass uint8 (H, W, 3) RGB or a PIL image",
+                )
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
-            raise BadInputError("image", f"expected a PIL image or a uint8 array, got {type(image).__name__}",
-                                "load it with PIL.Image.open(path)")
+            raise BadInputError(
+                "image",
+                f"expected a PIL image or a uint8 array, got {type(image).__name__}",
+                "load it with PIL.Image.open(path)",
+            )
         image = image.convert("RGB")
         if image.size != (size, size):
             image = image.resize((size, size), Image.LANCZOS)
@@ -290,8 +377,13 @@ class DiffusionPipeline(Pipeline):
 
 
 def _number(name: str, value, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value) \
-            or value < low or (high is not None and value > high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not np.isfinite(value)
+        or value < low
+        or (high is not None and value > high)
+    ):
         limits = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise BadInputError(name, f"expected a number {limits}, got {value!r}", f"pass a float {limits}")
     return float(value)

@@ -12,6 +12,7 @@ TEXT_ENCODERS = ("bert", "clip", "t5", "gpt2")
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     from edgegen.export.testing import make_tiny_checkpoint
+
     root = tmp_path_factory.mktemp("checkpoints")
     return {kind: make_tiny_checkpoint(root / kind, text_encoder=kind) for kind in TEXT_ENCODERS}
 
@@ -19,8 +20,11 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     from edgegen.export import export_checkpoint
+
     root = tmp_path_factory.mktemp("bundles")
-    return {kind: export_checkpoint(ckpt, root / kind, progress=False) for kind, ckpt in tiny_checkpoints.items()}
+    return {
+        kind: export_checkpoint(ckpt, root / kind, progress=False) for kind, ckpt in tiny_checkpoints.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -32,14 +36,17 @@ def bert_bundle(tiny_bundles) -> Path:
 def bundle_copy(bert_bundle, tmp_path) -> Path:
     """A private copy of the bert bundle, free to damage."""
     import shutil
+
     return Path(shutil.copytree(bert_bundle, tmp_path / "bundle"))
 
 
 # ---------------------------------------------------------------- diffusion family (tests/test_diffusion*.py)
 
+
 @pytest.fixture(scope="session")
 def diffusion_checkpoint(tmp_path_factory) -> Path:
     from edgegen.export.testing import make_tiny_diffusion_checkpoint
+
     return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("diffusion") / "ckpt")
 
 
@@ -47,32 +54,61 @@ def diffusion_checkpoint(tmp_path_factory) -> Path:
 def diffusion_bundle(diffusion_checkpoint, tmp_path_factory) -> Path:
     """fp32, fused graphs for 1, 2 and 4 Euler steps."""
     from edgegen.export import export_checkpoint
-    return export_checkpoint(diffusion_checkpoint, tmp_path_factory.mktemp("diffusion_bundle") / "b", progress=False)
+
+    return export_checkpoint(
+        diffusion_checkpoint, tmp_path_factory.mktemp("diffusion_bundle") / "b", progress=False
+    )
 
 
 @pytest.fixture(scope="session")
 def lcm_checkpoint(tmp_path_factory) -> Path:
     """An LCM-distilled-style UNet (guidance embedding input) with the LCM scheduler."""
     from edgegen.export.testing import make_tiny_diffusion_checkpoint
-    return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("lcm") / "ckpt", scheduler="lcm", time_cond_proj_dim=8)
+
+    return make_tiny_diffusion_checkpoint(
+        tmp_path_factory.mktemp("lcm") / "ckpt", scheduler="lcm", time_cond_proj_dim=8
+    )
 
 
 @pytest.fixture(scope="session")
 def lcm_bundle(lcm_checkpoint, tmp_path_factory) -> Path:
     """fp32 and fp16, one fused graph (2 LCM steps)."""
     from edgegen.export import export_checkpoint
-    return export_checkpoint(lcm_checkpoint, tmp_path_factory.mktemp("lcm_bundle") / "b", progress=False,
-                             precisions="fp32,fp16",
-                             family_options={"fused_steps": [2], "num_steps": 2})
+
+    return export_checkpoint(
+        lcm_checkpoint,
+        tmp_path_factory.mktemp("lcm_bundle") / "b",
+        progress=False,
+        precisions="fp32,fp16",
+        family_options={"fused_steps": [2], "num_steps": 2},
+    )
 
 
-# ---------------------------------------------------------------- the host path: C helpers or their numpy twins
+@pytest.fixture(scope="session")
+def taesd_checkpoint(tmp_path_factory) -> Path:
+    """The tiny pipeline with an AutoencoderTiny (TAESD architecture) as its VAE."""
+    from edgegen.export.testing import make_tiny_diffusion_checkpoint
+
+    return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("taesd") / "ckpt", vae="tiny")
+
+
+@pytest.fixture(scope="session")
+def taesd_bundle(taesd_checkpoint, tmp_path_factory) -> Path:
+    """fp32, fused graphs for 1, 2 and 4 Euler steps, AutoencoderTiny decoder and encoder."""
+    from edgegen.export import export_checkpoint
+
+    return export_checkpoint(taesd_checkpoint, tmp_path_factory.mktemp("taesd_bundle") / "b", progress=False)
+
+
+# ---------------------------------------------------------------- the host path: C helpers or numpy twins
+
 
 @pytest.fixture(params=["native", "python"])
 def host_path(request, monkeypatch) -> str:
     """Runs a test once with the native host steps (runtime/_hostpath.c) and once with their numpy twins
     (as on a machine without a C compiler): the one switch is ``native.hostpath``."""
     from edgegen.runtime import native
+
     if request.param == "native" and native.hostpath is None:
         pytest.skip("the native host path is not built")
     if request.param == "python":

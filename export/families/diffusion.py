@@ -1,11 +1,12 @@
 """The diffusion family: a diffusers Stable-Diffusion-style pipeline directory (CLIP text encoder,
-UNet2DConditionModel, AutoencoderKL), aimed at one- and few-step models (SD-Turbo, LCM).
+UNet2DConditionModel, AutoencoderKL or AutoencoderTiny), aimed at one- and few-step models (SD-Turbo, LCM).
 
 Components: ``text_encoder``, ``unet`` (one denoising evaluation), ``vae_decoder``, ``vae_encoder``
 (image-to-image), and fused graphs from token ids + initial noise to uint8 pixels with the scheduler
 unrolled inside: ``fused`` (1 step), ``fused_k2``, ``fused_k4`` (timesteps baked in). The scheduler
 arithmetic traced into them is the runtime's own (``edgegen.runtime.schedulers``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,23 +17,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from edgegen.runtime.bundle import OutputRef, TensorSpec
 from edgegen.runtime.diffusion import NoiseStreams, fused_name
 from edgegen.runtime.errors import BadInputError, CheckpointError
 from edgegen.runtime.schedulers import DIFFUSERS_NAMES, guidance_embedding, make_scheduler
+from torch import nn
 
 from ..text_encoders import tokenizer_settings
 from . import ComponentDef, Family
 from .gan import VALIDATION_PROMPTS, VALIDATION_SEEDS
 
 FUSED_STEPS = (1, 2, 4)
-LCM_DEFAULT_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default, for UNets with time_cond_proj_dim
+LCM_DEFAULT_GUIDANCE = (
+    8.5  # diffusers' LatentConsistencyModelPipeline default, for UNets with time_cond_proj_dim
+)
 
 
 class TextEncoder(nn.Module):
-    """Token ids -> last hidden states, as Stable Diffusion pipelines condition on them (no attention mask)."""
+    """Token ids -> last hidden states, as Stable Diffusion pipelines condition on them (no attention
+    mask)."""
 
     def __init__(self, model):
         super().__init__()
@@ -50,12 +53,21 @@ class Denoiser(nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, text_states, timestep_cond=None):
-        return self.unet(sample, timestep, encoder_hidden_states=text_states, timestep_cond=timestep_cond,
-                         return_dict=False)[0]
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=text_states,
+            timestep_cond=timestep_cond,
+            return_dict=False,
+        )[0]
 
 
 class Decoder(nn.Module):
-    """Latents as the UNet sees them -> image in [-1, 1] (the VAE scaling factor applied inside)."""
+    """Latents as the UNet sees them -> image in [-1, 1] (the VAE scaling factor applied inside).
+
+    diffusers' pipelines divide by ``vae.config.scaling_factor`` whatever the VAE's class: 1.0 for
+    AutoencoderTiny (TAESD), whose ``scale_latents``/``unscale_latents`` only serve its own ``forward``
+    (a uint8 round trip of the latents) and are never called by a pipeline."""
 
     def __init__(self, vae):
         super().__init__()
@@ -66,8 +78,8 @@ class Decoder(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image in [-1, 1] + unit noise -> scaled latents, a sample of the VAE's latent distribution
-    (mean + std * noise, as diffusers' image-to-image pipeline draws it)."""
+    """AutoencoderKL: image in [-1, 1] + unit noise -> scaled latents, a sample of the VAE's latent
+    distribution (mean + std * noise, as diffusers' image-to-image pipeline draws it)."""
 
     def __init__(self, vae):
         super().__init__()
@@ -76,6 +88,18 @@ class Encoder(nn.Module):
     def forward(self, image, encoder_noise):
         dist = self.vae.encode(image).latent_dist
         return (dist.mean + dist.std * encoder_noise) * self.scale
+
+
+class TinyEncoder(nn.Module):
+    """AutoencoderTiny: image in [-1, 1] -> scaled latents. Deterministic: its encoder gives the latents
+    themselves (diffusers' retrieve_latents reads ``.latents``), so it takes no noise."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.scale = vae, float(vae.config.scaling_factor)
+
+    def forward(self, image):
+        return self.vae.encode(image).latents * self.scale
 
 
 class UpsampleConv(nn.Module):
@@ -89,10 +113,17 @@ class UpsampleConv(nn.Module):
         super().__init__()
         w = conv.weight.detach()
         # phase 0 reads rows (i-1, i) with taps (w0, w1+w2); phase 1 reads (i, i+1) with (w0+w1, w2)
-        rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
-        cols = lambda k: [torch.stack([k[..., 0], k[..., 1] + k[..., 2]], -1),  # noqa: E731
-                          torch.stack([k[..., 0] + k[..., 1], k[..., 2]], -1)]
-        self.register_buffer("weight", torch.cat([c for r in rows for c in cols(r)], 0))  # phases 00, 01, 10, 11
+        rows = [
+            torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2),
+        ]
+        cols = lambda k: [  # noqa: E731
+            torch.stack([k[..., 0], k[..., 1] + k[..., 2]], -1),
+            torch.stack([k[..., 0] + k[..., 1], k[..., 2]], -1),
+        ]
+        self.register_buffer(
+            "weight", torch.cat([c for r in rows for c in cols(r)], 0)
+        )  # phases 00, 01, 10, 11
         self.register_buffer("bias", conv.bias.detach().repeat(4) if conv.bias is not None else None)
         self.out = w.shape[0]
 
@@ -100,33 +131,74 @@ class UpsampleConv(nn.Module):
         n, _, h, w = x.shape
         y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)  # (n, 4 * out, h + 1, w + 1)
         o = self.out
-        phases = [y[:, i * o:(i + 1) * o, a:a + h, b:b + w] for i, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))]
+        phases = [
+            y[:, i * o : (i + 1) * o, a : a + h, b : b + w]
+            for i, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))
+        ]
         return F.pixel_shuffle(torch.stack(phases, 2).reshape(n, 4 * o, h, w), 2)
+
+
+def _plain_conv3x3(conv) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+    )
+
+
+def _nearest_2x(layer) -> bool:
+    return (
+        isinstance(layer, nn.Upsample)
+        and layer.mode == "nearest"
+        and layer.size is None
+        and layer.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0))
+    )
 
 
 @contextlib.contextmanager
 def upsamplers_as_subpixel(*models):
-    """Swap every plain Upsample2D of ``models`` for UpsampleConv while the block runs."""
+    """Swap every plain Upsample2D of ``models`` for UpsampleConv while the block runs; in a Sequential
+    (AutoencoderTiny's decoder), a nearest-2x nn.Upsample followed by a plain 3x3 conv likewise (the
+    Upsample becomes an Identity, the conv an UpsampleConv)."""
     from diffusers.models.upsampling import Upsample2D
+
     swapped = []
+
+    def swap(parent, name, new):
+        swapped.append((parent, name, parent._modules[name]))
+        parent._modules[name] = new
+
     for model in models:
-        for parent in model.modules():
+        for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if (isinstance(child, Upsample2D) and child.use_conv and not child.use_conv_transpose and child.interpolate
-                        and child.norm is None and getattr(child, "conv", None) is not None
-                        and child.conv.kernel_size == (3, 3) and child.conv.padding == (1, 1) and child.conv.stride == (1, 1)
-                        and child.conv.groups == 1 and child.conv.dilation == (1, 1)):
-                    parent._modules[name] = UpsampleConv(child.conv)
-                    swapped.append((parent, name, child))
+                if (
+                    isinstance(child, Upsample2D)
+                    and child.use_conv
+                    and not child.use_conv_transpose
+                    and child.interpolate
+                    and child.norm is None
+                    and _plain_conv3x3(getattr(child, "conv", None))
+                ):
+                    swap(parent, name, UpsampleConv(child.conv))
+            if isinstance(parent, nn.Sequential):
+                names = list(parent._modules)
+                for up, conv in zip(names, names[1:]):
+                    if _nearest_2x(parent._modules[up]) and _plain_conv3x3(parent._modules[conv]):
+                        swap(parent, conv, UpsampleConv(parent._modules[conv]))
+                        swap(parent, up, nn.Identity())
     try:
-        yield len(swapped)
+        yield len([s for s in swapped if not isinstance(s[0]._modules[s[1]], nn.Identity)])
     finally:
-        for parent, name, child in swapped:
+        for parent, name, child in reversed(swapped):
             parent._modules[name] = child
 
 
 def to_pixels(image):
-    """[-1, 1] NCHW -> uint8 NHWC, diffusers' post-processing; the cast is the last op (TensorRT wants uint8 only at the edge)."""
+    """[-1, 1] NCHW -> uint8 NHWC, diffusers' post-processing; the cast is the last op (TensorRT wants
+    uint8 only at the edge)."""
     return ((image / 2 + 0.5).clamp(0.0, 1.0) * 255.0).round().permute(0, 2, 3, 1).to(torch.uint8)
 
 
@@ -164,7 +236,9 @@ class _Fn(nn.Module):
 _ONNX_TYPES = {"float32": 1, "uint8": 2, "int64": 7}
 
 
-def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, TensorSpec], time_cond: bool) -> None:
+def assemble_fused(
+    parts: dict[str, Path], out: Path, plan, specs: dict[str, TensorSpec], time_cond: bool
+) -> None:
     """The unrolled graph of ``plan`` from the exported text encoder, UNet and VAE decoder: each step is a
     copy of the UNet's nodes (one set of weights), with the scheduler arithmetic traced as small glue graphs
     from the runtime's own plan code. The result is checked against the torch ``Fused`` module at export."""
@@ -174,10 +248,13 @@ def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, Ten
 
     from ..compose import Composer, load
     from ..onnx_export import export_component, save
+
     latent, k = specs["latent"], len(plan)
     noisy = [i for i in range(k) if plan.needs_noise(i)]
     rng = np.random.default_rng(0)
-    sample = {name: rng.standard_normal((2, *latent.shape[1:]), dtype=np.float32) for name in ("noise", "x", "out")}
+    sample = {
+        name: rng.standard_normal((2, *latent.shape[1:]), dtype=np.float32) for name in ("noise", "x", "out")
+    }
     sample["image"] = rng.uniform(-1, 1, (2, *specs["image"].shape[1:])).astype(np.float32)
     spec = lambda name, like: TensorSpec(name, like.dtype, like.shape)  # noqa: E731
 
@@ -190,15 +267,39 @@ def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, Ten
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".glue-") as scratch, torch.no_grad():
         c.add(load(parts["text_encoder"]), "te/", {"input_ids": "input_ids", "text_states": "text_states"})
         unet, decoder = load(parts["unet"]), load(parts["vae_decoder"])
-        start = glue(scratch, "start", lambda n: (n * plan.init_sigma, plan.scale_input(0, n * plan.init_sigma)),
-                     [spec("noise", latent)], [spec("x", latent), spec("sample", latent)])
+        start = glue(
+            scratch,
+            "start",
+            lambda n: (n * plan.init_sigma, plan.scale_input(0, n * plan.init_sigma)),
+            [spec("noise", latent)],
+            [spec("x", latent), spec("sample", latent)],
+        )
         c.add(start, "start/", {"noise": "noise", "x": "x_0", "sample": "sample_0"})
-        batch = c.node("Slice", [c.node("Shape", ["noise"], "fused/shape"), c.constant("fused/zero", np.array([0])),
-                                 c.constant("fused/one", np.array([1]))], "fused/batch")
+        batch = c.node(
+            "Slice",
+            [
+                c.node("Shape", ["noise"], "fused/shape"),
+                c.constant("fused/zero", np.array([0])),
+                c.constant("fused/one", np.array([1])),
+            ],
+            "fused/batch",
+        )
         for i, t in enumerate(plan.timesteps):
-            timestep = c.node("Expand", [c.constant(f"fused/t{i}", np.array([t], np.float32)), batch], f"timestep_{i}")
-            c.add(unet, f"unet{i}/", {"sample": f"sample_{i}", "timestep": timestep, "text_states": "text_states",
-                                      "timestep_cond": "timestep_cond", "model_output": f"out_{i}"}, weights="unet/")
+            timestep = c.node(
+                "Expand", [c.constant(f"fused/t{i}", np.array([t], np.float32)), batch], f"timestep_{i}"
+            )
+            c.add(
+                unet,
+                f"unet{i}/",
+                {
+                    "sample": f"sample_{i}",
+                    "timestep": timestep,
+                    "text_states": "text_states",
+                    "timestep_cond": "timestep_cond",
+                    "model_output": f"out_{i}",
+                },
+                weights="unet/",
+            )
             last = i == k - 1
             ins = [spec("x", latent), spec("out", latent)] + ([spec("noise", latent)] if i in noisy else [])
             outs = [spec("x_next", latent)] + ([] if last else [spec("sample_next", latent)])
@@ -206,142 +307,260 @@ def assemble_fused(parts: dict[str, Path], out: Path, plan, specs: dict[str, Ten
             def fn(x, o, n=None, i=i, last=last):
                 nxt = plan.step(i, x, o, n)
                 return nxt if last else (nxt, plan.scale_input(i + 1, nxt))
-            wires = {"x": f"x_{i}", "out": f"out_{i}", "noise": f"noise_{i + 1}", "x_next": f"x_{i + 1}",
-                     "sample_next": f"sample_{i + 1}"}
+
+            wires = {
+                "x": f"x_{i}",
+                "out": f"out_{i}",
+                "noise": f"noise_{i + 1}",
+                "x_next": f"x_{i + 1}",
+                "sample_next": f"sample_{i + 1}",
+            }
             c.add(glue(scratch, f"step{i}", fn, ins, outs), f"step{i}/", wires)
         c.add(decoder, "dec/", {"latents": f"x_{k}", "image": "image"})
-        c.add(glue(scratch, "pixels", to_pixels, [specs["image"]], [specs["pixels"]]), "px/",
-              {"image": "image", "pixels": "pixels"})
+        c.add(
+            glue(scratch, "pixels", to_pixels, [specs["image"]], [specs["pixels"]]),
+            "px/",
+            {"image": "image", "pixels": "pixels"},
+        )
     info = lambda t: helper.make_tensor_value_info(t.name, _ONNX_TYPES[t.dtype], list(t.shape))  # noqa: E731
-    inputs = [specs["ids"], TensorSpec("noise", "float32", latent.shape),
-              *[TensorSpec(f"noise_{i + 1}", "float32", latent.shape) for i in noisy],
-              *([specs["cond"]] if time_cond else [])]
+    inputs = [
+        specs["ids"],
+        TensorSpec("noise", "float32", latent.shape),
+        *[TensorSpec(f"noise_{i + 1}", "float32", latent.shape) for i in noisy],
+        *([specs["cond"]] if time_cond else []),
+    ]
     save(c.model([info(t) for t in inputs], [info(specs["pixels"]), info(specs["states"])]), out)
 
 
 # The model_index.json components export reads, and the classes it can load for each (None: any class; the
 # tokenizer is checked for a fast one and the scheduler is re-implemented by name in the runtime).
-SUPPORTED_COMPONENTS = {"text_encoder": ("CLIPTextModel",), "tokenizer": None,
-                        "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "scheduler": None}
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+SUPPORTED_COMPONENTS = {
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": None,
+    "unet": ("UNet2DConditionModel",),
+    "vae": VAE_CLASSES,
+    "scheduler": None,
+}
 
 
 def _check_components(root: Path, index: dict) -> None:
     """Refuse a pipeline with a component export would drop (ControlNet, an image encoder, a safety
-    checker...) or could not load (an AutoencoderTiny VAE): without it a bundle computes something else."""
+    checker...) or could not load (e.g. an AutoencoderKLTemporalDecoder): without it a bundle computes
+    something else."""
     for part, entry in index.items():
         if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             continue  # a pipeline setting (requires_safety_checker) or a component saved as None
         cls = entry[1]
         if part not in SUPPORTED_COMPONENTS:
-            raise CheckpointError(f"diffusion checkpoint {root}",
-                                  f"has a {part} component ({cls}), which export does not support yet",
-                                  f"export it without that component: save the pipeline with {part}=None, "
-                                  f"or remove the {part!r} entry from model_index.json")
+            raise CheckpointError(
+                f"diffusion checkpoint {root}",
+                f"has a {part} component ({cls}), which export does not support yet",
+                f"export it without that component: save the pipeline with {part}=None, "
+                f"or remove the {part!r} entry from model_index.json",
+            )
         classes = SUPPORTED_COMPONENTS[part]
         if classes is not None and cls not in classes:
-            raise CheckpointError(f"diffusion checkpoint {root}",
-                                  f"its {part} is a {cls}, which export does not support yet",
-                                  f"use a pipeline whose {part} is a {' or '.join(classes)}")
+            raise CheckpointError(
+                f"diffusion checkpoint {root}",
+                f"its {part} is a {cls}, which export does not support yet",
+                f"use a pipeline whose {part} is a {' or '.join(classes)}",
+            )
 
 
 def _check_weights(path: Path, what: str) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise CheckpointError(f"diffusion checkpoint {path.parent}", f"no {path.name}/config.json",
-                              f"a diffusers pipeline directory holds {what} in {path.name}/")
+        raise CheckpointError(
+            f"diffusion checkpoint {path.parent}",
+            f"no {path.name}/config.json",
+            f"a diffusers pipeline directory holds {what} in {path.name}/",
+        )
     if not list(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.iterdir())
-        raise CheckpointError(f"{what} {path}", f"no .safetensors weights (found {found})",
-                              "edgegen loads safetensors only, never pickles: save the pipeline with "
-                              "save_pretrained(dir, safe_serialization=True)")
+        raise CheckpointError(
+            f"{what} {path}",
+            f"no .safetensors weights (found {found})",
+            "edgegen loads safetensors only, never pickles: save the pipeline with "
+            "save_pretrained(dir, safe_serialization=True)",
+        )
+
+
+def vae_class(path: Path, subject: str) -> str:
+    """The diffusers class a saved autoencoder directory holds (its config.json ``_class_name``), refused
+    unless export supports it and the weights are safetensors."""
+    try:
+        name = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name not in VAE_CLASSES:
+        found = (
+            f"a {name}"
+            if isinstance(name, str)
+            else "no diffusers autoencoder (no readable config.json with _class_name)"
+        )
+        raise CheckpointError(
+            subject,
+            f"holds {found}",
+            f"pass a directory written by {' or '.join(VAE_CLASSES)}.save_pretrained(dir)",
+        )
+    _check_weights(path, "the VAE")
+    return name
 
 
 class DiffusionFamily(Family):
     name = "diffusion"
-    options = ("image_size", "fused_steps", "num_steps", "guidance_scale")
+    options = ("image_size", "fused_steps", "num_steps", "guidance_scale", "vae")
 
     @classmethod
     def matches(cls, checkpoint: Path) -> bool:
         return (checkpoint / "model_index.json").is_file()
 
-    def __init__(self, checkpoint: Path, image_size: int | None = None, fused_steps=FUSED_STEPS,
-                 num_steps: int = 1, guidance_scale: float | None = None):
+    def __init__(
+        self,
+        checkpoint: Path,
+        image_size: int | None = None,
+        fused_steps=FUSED_STEPS,
+        num_steps: int = 1,
+        guidance_scale: float | None = None,
+        vae: str | Path | None = None,
+    ):
         try:
             import diffusers
         except ImportError:
-            raise BadInputError(f"diffusion checkpoint {checkpoint}", "exporting it needs diffusers, which is not installed",
-                                "pip install 'edgegen[export]'") from None
+            raise BadInputError(
+                f"diffusion checkpoint {checkpoint}",
+                "exporting it needs diffusers, which is not installed",
+                "pip install 'edgegen[export]'",
+            ) from None
         import transformers
+
         self.checkpoint = root = Path(checkpoint)
         try:
             index = json.loads((root / "model_index.json").read_text())
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"diffusion checkpoint {root}", f"model_index.json unreadable: {e}", "re-save the pipeline") from None
+            raise CheckpointError(
+                f"diffusion checkpoint {root}", f"model_index.json unreadable: {e}", "re-save the pipeline"
+            ) from None
         if not isinstance(index, dict):
-            raise CheckpointError(f"diffusion checkpoint {root}", "model_index.json is not a JSON object",
-                                  "re-save the pipeline")
+            raise CheckpointError(
+                f"diffusion checkpoint {root}",
+                "model_index.json is not a JSON object",
+                "re-save the pipeline",
+            )
         _check_components(root, index)
-        for part, what in (("text_encoder", "the CLIP text encoder"), ("unet", "the UNet"), ("vae", "the VAE")):
+        for part, what in (("text_encoder", "the CLIP text encoder"), ("unet", "the UNet")):
             _check_weights(root / part, what)
+        # --vae DIR: another saved autoencoder in place of the pipeline's own (e.g. a TAESD beside SD-Turbo)
+        vae_dir = root / "vae" if vae is None else Path(vae)
+        subject = f"diffusion checkpoint {root}" if vae is None else f"--vae {vae_dir}"
+        self.vae_class = vae_class(vae_dir, subject)
         if not (root / "tokenizer").is_dir() or not (root / "scheduler" / "scheduler_config.json").is_file():
-            raise CheckpointError(f"diffusion checkpoint {root}", "no tokenizer/ or scheduler/scheduler_config.json",
-                                  "export a full diffusers pipeline directory (save_pretrained)")
+            raise CheckpointError(
+                f"diffusion checkpoint {root}",
+                "no tokenizer/ or scheduler/scheduler_config.json",
+                "export a full diffusers pipeline directory (save_pretrained)",
+            )
         transformers.utils.logging.disable_progress_bar()
         diffusers.utils.logging.disable_progress_bar()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            te = transformers.CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True,
-                                                            use_safetensors=True, attn_implementation="eager").eval()
-            self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-            self.unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True,
-                                                                        use_safetensors=True).eval()
-            self.vae = diffusers.AutoencoderKL.from_pretrained(root / "vae", local_files_only=True,
-                                                               use_safetensors=True).eval()
-        if not getattr(self.hf_tokenizer, "is_fast", True) or not hasattr(self.hf_tokenizer, "backend_tokenizer"):
-            raise CheckpointError(f"tokenizer {root / 'tokenizer'}", "has no fast tokenizer",
-                                  "the runtime tokenizes with the `tokenizers` library; save a fast tokenizer")
-        self.scheduler_config = {k: v for k, v in json.loads((root / "scheduler" / "scheduler_config.json").read_text()).items()
-                                 if not k.startswith("_")}
+            te = transformers.CLIPTextModel.from_pretrained(
+                root / "text_encoder",
+                local_files_only=True,
+                use_safetensors=True,
+                attn_implementation="eager",
+            ).eval()
+            self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(
+                root / "tokenizer", local_files_only=True
+            )
+            self.unet = diffusers.UNet2DConditionModel.from_pretrained(
+                root / "unet", local_files_only=True, use_safetensors=True
+            ).eval()
+            self.vae = (
+                getattr(diffusers, self.vae_class)
+                .from_pretrained(vae_dir, local_files_only=True, use_safetensors=True)
+                .eval()
+            )
+        if not getattr(self.hf_tokenizer, "is_fast", True) or not hasattr(
+            self.hf_tokenizer, "backend_tokenizer"
+        ):
+            raise CheckpointError(
+                f"tokenizer {root / 'tokenizer'}",
+                "has no fast tokenizer",
+                "the runtime tokenizes with the `tokenizers` library; save a fast tokenizer",
+            )
+        self.scheduler_config = {
+            k: v
+            for k, v in json.loads((root / "scheduler" / "scheduler_config.json").read_text()).items()
+            if not k.startswith("_")
+        }
         source = json.loads((root / "scheduler" / "scheduler_config.json").read_text()).get("_class_name", "")
         self.scheduler_source = source or index.get("scheduler", [None, ""])[1]
         self.scheduler_name = DIFFUSERS_NAMES.get(self.scheduler_source, "euler")
         self.scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
         uc = self.unet.config
         self.time_cond_dim = uc.time_cond_proj_dim
+        if int(self.vae.config.latent_channels) != int(uc.in_channels):
+            raise CheckpointError(
+                f"diffusion checkpoint {root}",
+                f"VAE latent channels {self.vae.config.latent_channels} != UNet in_channels {uc.in_channels}",
+                "use a VAE made for this UNet (TAESD for SD 1.x/2.x, TAESDXL for SDXL)",
+            )
         if te.config.hidden_size != uc.cross_attention_dim:
-            raise CheckpointError(f"diffusion checkpoint {root}", f"text encoder width {te.config.hidden_size} != "
-                                  f"UNet cross_attention_dim {uc.cross_attention_dim}", "the parts come from different models")
+            raise CheckpointError(
+                f"diffusion checkpoint {root}",
+                f"text encoder width {te.config.hidden_size} != "
+                f"UNet cross_attention_dim {uc.cross_attention_dim}",
+                "the parts come from different models",
+            )
         self.max_length = int(min(self.hf_tokenizer.model_max_length, te.config.max_position_embeddings))
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         size = image_size or int(uc.sample_size) * self.vae_factor
         if not isinstance(size, int) or size < 8 * self.vae_factor or size % (8 * self.vae_factor):
-            raise BadInputError("--image-size", f"{size} does not suit this model",
-                                f"use a multiple of {8 * self.vae_factor} (the UNet downsamples the latents 8x)")
+            raise BadInputError(
+                "--image-size",
+                f"{size} does not suit this model",
+                f"use a multiple of {8 * self.vae_factor} (the UNet downsamples the latents 8x)",
+            )
         self.image_size = size
         self.latent_shape = (int(uc.in_channels), size // self.vae_factor, size // self.vae_factor)
         bad = [k for k in fused_steps if not isinstance(k, int) or not 1 <= k <= 4]
         if bad or not fused_steps:
-            raise BadInputError("fused_steps", f"{list(fused_steps)} is not a non-empty list of step counts 1..4",
-                                "fused graphs unroll at most 4 steps; more run in the per-step loop")
+            raise BadInputError(
+                "fused_steps",
+                f"{list(fused_steps)} is not a non-empty list of step counts 1..4",
+                "fused graphs unroll at most 4 steps; more run in the per-step loop",
+            )
         self.fused_steps = sorted(set(fused_steps))
         self.num_steps = int(num_steps)
-        self.guidance_scale = float(guidance_scale if guidance_scale is not None
-                                    else LCM_DEFAULT_GUIDANCE if self.time_cond_dim else 0.0)
+        self.guidance_scale = float(
+            guidance_scale
+            if guidance_scale is not None
+            else LCM_DEFAULT_GUIDANCE
+            if self.time_cond_dim
+            else 0.0
+        )
         self.text_encoder = TextEncoder(te).eval()
         self.denoiser = Denoiser(self.unet).eval()
         self.decoder = Decoder(self.vae).eval()
-        self.encoder = Encoder(self.vae).eval()
+        self.encoder = (TinyEncoder if self.vae_class == "AutoencoderTiny" else Encoder)(self.vae).eval()
+        self.encoder_noise = self.vae_class == "AutoencoderKL"  # only its latents are a sampled distribution
 
     # --- precisions and gates ---
     precisions = ("fp32", "fp16")
 
     def tracing(self):
-        """Equivalent, faster layers in the traced graphs (parity is still measured against diffusers' own)."""
+        """Equivalent, faster layers in the traced graphs (parity is still measured against diffusers'
+        own)."""
         return upsamplers_as_subpixel(self.unet, self.vae)
 
     def check_precisions(self, precisions: list[str]) -> None:
         if "int8" in precisions:
-            raise BadInputError("--precision int8", "int8 is not supported for the diffusion family",
-                                "export fp32 and fp16 (e.g. --precision fp32,fp16)")
+            raise BadInputError(
+                "--precision int8",
+                "int8 is not supported for the diffusion family",
+                "export fp32 and fp16 (e.g. --precision fp32,fp16)",
+            )
 
     # --- what goes in the manifest ---
     def tokenizer_json(self) -> str:
@@ -351,22 +570,38 @@ class DiffusionFamily(Family):
         return tokenizer_settings(self.hf_tokenizer, self.max_length)
 
     def generation(self, max_batch: int) -> dict:
-        return {"image_size": self.image_size, "latent_shape": list(self.latent_shape), "max_batch": max_batch,
-                "num_steps": self.num_steps, "guidance_scale": self.guidance_scale,
-                "scheduler": {"name": self.scheduler_name, "source": self.scheduler_source, "config": self.scheduler_config},
-                "fused": {str(k): fused_name(k) for k in self.fused_steps},
-                "time_cond_dim": self.time_cond_dim,
-                "noise": "per image: numpy default_rng(seed).standard_normal(float32) draws, in order: the initial "
-                         "noise (latent_shape), the VAE encoder's sample noise (image-to-image), then one per "
-                         "step that adds noise"}
+        return {
+            "image_size": self.image_size,
+            "latent_shape": list(self.latent_shape),
+            "max_batch": max_batch,
+            "num_steps": self.num_steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": {
+                "name": self.scheduler_name,
+                "source": self.scheduler_source,
+                "config": self.scheduler_config,
+            },
+            "fused": {str(k): fused_name(k) for k in self.fused_steps},
+            "time_cond_dim": self.time_cond_dim,
+            "vae": self.vae_class,
+            "noise": "per image: numpy default_rng(seed).standard_normal(float32) draws, in order: "
+            "the initial noise (latent_shape), the VAE encoder's sample noise (image-to-image, "
+            "AutoencoderKL only), then one per step that adds noise",
+        }
 
     def describe(self) -> dict:
         import diffusers
+
         te = self.text_encoder.model.config
-        return {"text_encoder": {"kind": "clip", "hidden_size": te.hidden_size, "layers": te.num_hidden_layers},
-                "unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
-                "vae": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
-                "diffusers": diffusers.__version__}
+        return {
+            "text_encoder": {"kind": "clip", "hidden_size": te.hidden_size, "layers": te.num_hidden_layers},
+            "unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
+            "vae": {
+                "class": self.vae_class,
+                **{k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
+            },
+            "diffusers": diffusers.__version__,
+        }
 
     def reference_outputs(self) -> dict[str, OutputRef]:
         # a default call (num_steps, no guidance) runs the fused graph of that many steps, where there is one
@@ -392,25 +627,55 @@ class DiffusionFamily(Family):
         latent = lambda name: TensorSpec(name, "float32", ("batch", c, h, w))  # noqa: E731
         image = TensorSpec("image", "float32", ("batch", 3, S, S))
         pixels = TensorSpec("pixels", "uint8", ("batch", S, S, 3))
-        cond = [TensorSpec("timestep_cond", "float32", ("batch", self.time_cond_dim))] if self.time_cond_dim else []
+        cond = (
+            [TensorSpec("timestep_cond", "float32", ("batch", self.time_cond_dim))]
+            if self.time_cond_dim
+            else []
+        )
         comps = [
             ComponentDef("text_encoder", self.text_encoder, [ids], [states], {"text_states": 1e-3}),
-            ComponentDef("unet", self.denoiser, [latent("sample"), TensorSpec("timestep", "float32", ("batch",)), states, *cond],
-                         [latent("model_output")], {"model_output": 1e-3}),
+            ComponentDef(
+                "unet",
+                self.denoiser,
+                [latent("sample"), TensorSpec("timestep", "float32", ("batch",)), states, *cond],
+                [latent("model_output")],
+                {"model_output": 1e-3},
+            ),
             ComponentDef("vae_decoder", self.decoder, [latent("latents")], [image], {"image": 1e-3}),
-            ComponentDef("vae_encoder", self.encoder, [image, latent("encoder_noise")], [latent("latents")], {"latents": 1e-3}),
+            ComponentDef(
+                "vae_encoder",
+                self.encoder,
+                [image, *([latent("encoder_noise")] if self.encoder_noise else [])],
+                [latent("latents")],
+                {"latents": 1e-3},
+            ),
         ]
         for k in self.fused_steps:
             plan = self._plan(k)
             noisy = [latent(f"noise_{i + 1}") for i in range(len(plan)) if plan.needs_noise(i)]
-            specs = {"ids": ids, "latent": latent("latent"), "image": image, "pixels": pixels, "states": states,
-                     "cond": cond[0] if cond else None}
+            specs = {
+                "ids": ids,
+                "latent": latent("latent"),
+                "image": image,
+                "pixels": pixels,
+                "states": states,
+                "cond": cond[0] if cond else None,
+            }
             build = lambda parts, out, plan=plan, specs=specs: assemble_fused(  # noqa: E731
-                parts, out, plan, specs, bool(self.time_cond_dim))
-            comps.append(ComponentDef(fused_name(k), Fused(self.text_encoder, self.denoiser, self.decoder, plan,
-                                                             bool(self.time_cond_dim)).eval(),
-                                      [ids, latent("noise"), *noisy, *cond], [pixels, states],
-                                      {"pixels": 2.0, "text_states": 1e-3}, assemble=build))
+                parts, out, plan, specs, bool(self.time_cond_dim)
+            )
+            comps.append(
+                ComponentDef(
+                    fused_name(k),
+                    Fused(
+                        self.text_encoder, self.denoiser, self.decoder, plan, bool(self.time_cond_dim)
+                    ).eval(),
+                    [ids, latent("noise"), *noisy, *cond],
+                    [pixels, states],
+                    {"pixels": 2.0, "text_states": 1e-3},
+                    assemble=build,
+                )
+            )
         return comps
 
     @torch.no_grad()
@@ -422,7 +687,9 @@ class DiffusionFamily(Family):
             tokens = tokenize(prompts)
             streams = NoiseStreams(seeds)
             noise = streams.draw(self.latent_shape)
-            step_noise = {f"noise_{i}": streams.draw(self.latent_shape) for i in range(1, max(self.fused_steps))}
+            step_noise = {
+                f"noise_{i}": streams.draw(self.latent_shape) for i in range(1, max(self.fused_steps))
+            }
             encoder_noise = streams.draw(self.latent_shape)
             ids = torch.from_numpy(tokens.input_ids)
             states = self.text_encoder(ids)
@@ -431,15 +698,35 @@ class DiffusionFamily(Family):
             timestep = np.full(len(prompts), plan.timesteps[0], np.float32)
             cond = {}
             if self.time_cond_dim:
-                cond["timestep_cond"] = guidance_embedding(np.full(len(prompts), self.guidance_scale - 1, np.float32),
-                                                           self.time_cond_dim)
-            out = self.denoiser(sample, torch.from_numpy(timestep), states,
-                                torch.from_numpy(cond["timestep_cond"]) if cond else None)
-            latents = plan.step(0, x, out, torch.from_numpy(step_noise["noise_1"]) if plan.needs_noise(0) else None)
+                cond["timestep_cond"] = guidance_embedding(
+                    np.full(len(prompts), self.guidance_scale - 1, np.float32), self.time_cond_dim
+                )
+            out = self.denoiser(
+                sample,
+                torch.from_numpy(timestep),
+                states,
+                torch.from_numpy(cond["timestep_cond"]) if cond else None,
+            )
+            latents = plan.step(
+                0, x, out, torch.from_numpy(step_noise["noise_1"]) if plan.needs_noise(0) else None
+            )
             image = self.decoder(latents)
-            cases.append(({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask, "noise": noise,
-                           **step_noise, **cond, "text_states": states.numpy(), "sample": sample.numpy(),
-                           "timestep": timestep, "latents": latents.numpy(), "image": image.numpy(),
-                           "encoder_noise": encoder_noise},
-                          {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)}))
+            cases.append(
+                (
+                    {
+                        "input_ids": tokens.input_ids,
+                        "attention_mask": tokens.attention_mask,
+                        "noise": noise,
+                        **step_noise,
+                        **cond,
+                        "text_states": states.numpy(),
+                        "sample": sample.numpy(),
+                        "timestep": timestep,
+                        "latents": latents.numpy(),
+                        "image": image.numpy(),
+                        "encoder_noise": encoder_noise,
+                    },
+                    {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)},
+                )
+            )
         return cases
