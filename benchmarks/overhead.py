@@ -1,6 +1,6 @@
 """What a Pipeline call costs beyond a bare ONNX Runtime session running the same fused graph (ort-cpu).
 
-    python -m benchmarks.overhead [BUNDLE] [--precision int8,fp32] [--rounds 30] [--block 20] [--json]
+    python -m benchmarks.overhead [BUNDLE] [--precision int8,fp32] [--rounds 20] [--block 20] [--json]
 
 The bare side is what a user could write with onnxruntime alone: one InferenceSession on the bundle's fused
 graph (the same session options), fed inputs made before the clock starts (token ids, mask, noise) and
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", nargs="?", help="a gan bundle (default: the shipped default model)")
     p.add_argument("--precision", default="int8,fp32", help="comma-separated (default int8,fp32)")
-    p.add_argument("--rounds", type=int, default=30, help="blocks per side (default 30)")
+    p.add_argument("--rounds", type=int, default=20, help="blocks per side (default 20)")
     p.add_argument("--block", type=int, default=20, help="calls per block (default 20)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)

@@ -294,9 +294,9 @@ def _write(tmp: Path, manifest: dict, report: dict) -> None:
 GATES = {
     "fp16": {"psnr_db": 35.0, "text_cosine": 0.999},
     "int8": {"psnr_db": 25.0, "text_cosine": 0.98},
-    # static activation ranges throughout: on emoji64, pixels at 28.0 dB (text cosine 0.980-0.993) lost 0.19 of
-    # the judge's adherence; the CPU form's 42.7 dB (0.989) lost 0.003. The scan keeps groups back until both
-    # clear a margin over the CPU form's minimums
+    # static activation ranges throughout: on emoji64, pixels at 28.0 dB (text cosine 0.980-0.993) lost 0.19
+    # of the judge's adherence; the CPU form's 42.7 dB (0.989) lost 0.003. The scan keeps groups back until
+    # both clear a margin over the CPU form's minimums
     "int8-qdq": {"psnr_db": 35.0, "text_cosine": 0.985},
 }
 
