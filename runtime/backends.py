@@ -361,6 +361,15 @@ def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: boo
     return backend_spec(backend).opens(bundle, component, form, backend, graphs)
 
 
+@dataclass(slots=True)
+class BoundSet:
+    """One shape's host arrays and the IO binding that points the session at them."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    binding: ort.IOBinding
+
+
 class OrtGraph:
     """One ONNX Runtime session with host buffers allocated once per shape and bound by IO binding.
 
@@ -378,7 +387,7 @@ class OrtGraph:
         self.max_length = int(max_length)
         self.dynamic_sequence = spec.dynamic_sequence
         self.session = make_session(path, backend)
-        self._sets: dict[tuple[int, int], tuple[dict, dict, ort.IOBinding]] = {}
+        self._sets: dict[tuple[int, int], BoundSet] = {}  # (batch, sequence) -> its bound buffers
         self._storage: dict[int, dict[str, np.ndarray]] = {}  # batch -> flat arrays sized for max_length
 
     def _buffers(self, batch: int, sequence: int | None):
@@ -406,19 +415,19 @@ class OrtGraph:
                 binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
             for name, arr in outs.items():
                 binding.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-            found = self._sets[key] = (ins, outs, binding)
+            found = self._sets[key] = BoundSet(ins, outs, binding)
         return found
 
     def inputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
-        return self._buffers(batch, sequence)[0]
+        return self._buffers(batch, sequence).inputs
 
     def outputs(self, batch: int, sequence: int | None = None) -> dict[str, np.ndarray]:
-        return self._buffers(batch, sequence)[1]
+        return self._buffers(batch, sequence).outputs
 
     def run(self, batch: int, fetch: bool = True, sequence: int | None = None) -> dict[str, np.ndarray]:
-        _, outs, binding = self._buffers(batch, sequence)
-        self.session.run_with_iobinding(binding)
-        return outs
+        bound = self._buffers(batch, sequence)
+        self.session.run_with_iobinding(bound.binding)
+        return bound.outputs
 
     def take(self, batch: int, name: str, source, source_output: str, sequence: int | None = None) -> None:
         """Feed input ``name`` from ``source``'s output (on the host here: a copy into the bound array)."""
