@@ -255,5 +255,6 @@ def test_a_manifest_without_the_familys_components_is_refused(bundle_copy):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["components"] = {}
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BadBundleError, match="no 'fused' component"):
+    # refused by Bundle.open (reference_outputs name a component the manifest lacks) or at load
+    with pytest.raises(BadBundleError, match="no 'fused' component|names no output of a component"):
         Pipeline.from_bundle(bundle_copy, backend="ort-cpu")
