@@ -694,8 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)"
     )
-    s.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)}")
-    s.add_argument("--precision", default="auto", help="auto, fp32, fp16 or int8")
+    s.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto")
+    s.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), help="default auto")
     s.add_argument(
         "--cors",
         metavar="ORIGIN",

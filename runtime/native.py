@@ -34,11 +34,6 @@ def _load():
 hostpath = _load()
 
 
-def host_path() -> str:
-    """Which host path runs: "native" or "python"."""
-    return "python" if hostpath is None else "native"
-
-
 def fill_noise(seeds: list[int], out: np.ndarray) -> np.ndarray:
     """``out[i]`` gets ``np.random.default_rng(seeds[i]).standard_normal`` values; ``out`` is C-contiguous
     float32 (a bound buffer). C redoes numpy's seeding, then calls numpy's own sampler (libnpyrandom)."""

