@@ -32,6 +32,7 @@ from edgegen.runtime.tokenize import PromptTokenizer
 
 from . import int8
 from .families import ComponentDef, Family, load_family
+from .lora import TargetIndex
 from .onnx_export import EXTERNAL_SUFFIX, OPSET, export_component
 from .progress import Steps
 from .weights import share_weights
@@ -106,8 +107,10 @@ def export_checkpoint(
             _trace(work, bar.update)
         with steps.step("convert precisions", total=len(forms)) as bar:
             quantization = _convert(work, forms, gates, bar.update)
-        _store_weights(work, precisions)
+        lora = _store_weights(work, precisions)
         manifest = _manifest(work, precisions, gates, max_batch, checkpoint)
+        if lora:
+            manifest["lora"] = lora
         with steps.step("validate parity"):
             report = _validate(work, manifest, precisions, quantization)
         _accept(report, manifest, checkpoint, allow_degraded)
@@ -240,13 +243,22 @@ def _write_form(work: _Work, form: str, convert) -> None:
         work.files[comp.name][form] = rel
 
 
-def _store_weights(work: _Work, precisions: list[str]) -> None:
-    """One weights file per precision, each distinct tensor stored once."""
+def _store_weights(work: _Work, precisions: list[str]) -> dict | None:
+    """One weights file per precision, each distinct tensor stored once. For a family that takes LoRAs,
+    returns the manifest's ``lora`` entry: the LoRAs fused, and where each weight a LoRA may target lies
+    in the fp32 and fp16 files (int8 weights cannot take one at load)."""
+    parts = work.family.lora_parts()
+    index = TargetIndex(parts) if parts else None
+    offsets = {}
     for precision in precisions:
         rels = sorted({work.files[c.name][f] for c in work.components for f in FORMS[precision]})
-        share_weights(work.tmp, rels, f"onnx/weights.{precision}.bin")
+        always = frozenset(index.keys) if index and precision != "int8" else frozenset()
+        placed = share_weights(work.tmp, rels, f"onnx/weights.{precision}.bin", always)
+        if precision != "int8":
+            offsets[precision] = placed
     for stale in (work.tmp / "onnx").glob(f"*{EXTERNAL_SUFFIX}"):  # a >2 GB graph's own weights, now shared
         stale.unlink()
+    return {"fused": work.family.loras_fused, "targets": index.targets(offsets)} if index else None
 
 
 def _validate(work: _Work, manifest: dict, precisions: list[str], quantization: dict) -> dict:

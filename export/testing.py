@@ -381,3 +381,70 @@ def make_taesd_autoencoder(directory, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     diffusers.AutoencoderTiny().eval().save_pretrained(root, safe_serialization=True)
     return root
+
+
+LORA_NAMINGS = ("peft", "kohya")
+LORA_TARGETS = {  # module-name endings a tiny LoRA adapts in each part: attention projections and a conv
+    "unet": ("to_q", "to_k", "to_v", "to_out.0", "conv1"),
+    "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+
+
+def make_tiny_lora(
+    path, checkpoint, seed: int = 0, rank: int = 4, alpha: float = 8.0, naming: str = "peft", strength=0.5
+) -> Path:
+    """Write a random LoRA for a diffusers pipeline directory's UNet and text encoder (``LORA_TARGETS``) in
+    ``naming``: ``peft`` (diffusers' save_lora_weights layout: lora_A/lora_B, alpha in the adapter metadata)
+    or ``kohya`` (lora_down/lora_up with per-module alphas). Each delta's scale is ``strength`` times the
+    weight's own, so the LoRA visibly changes images without saturating them. Returns ``path``."""
+    import json
+
+    import diffusers
+    import numpy as np
+    import transformers
+    from safetensors.numpy import save_file as save_numpy
+
+    if naming not in LORA_NAMINGS:
+        raise ValueError(f"naming must be one of {LORA_NAMINGS}, got {naming!r}")
+    root = Path(checkpoint)
+    parts = {
+        "unet": diffusers.UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True),
+        "text_encoder": transformers.CLIPTextModel.from_pretrained(
+            root / "text_encoder", local_files_only=True
+        ),
+    }
+    rng = np.random.default_rng(seed)
+    tensors, targeted = {}, {part: [] for part in parts}
+    for part, model in parts.items():
+        for name, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not name.endswith(
+                LORA_TARGETS[part]
+            ):
+                continue
+            w = module.weight.detach().numpy()
+            down = rng.standard_normal((rank, *w.shape[1:]), dtype=np.float32)
+            up = rng.standard_normal((w.shape[0], rank, *[1] * (w.ndim - 2)), dtype=np.float32)
+            delta = up.reshape(w.shape[0], rank) @ down.reshape(rank, -1) * alpha / rank
+            up *= strength * w.std() / delta.std()
+            targeted[part].append(name)
+            if naming == "peft":
+                stem = f"{part}.{name}"
+                tensors |= {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up}
+            else:
+                stem = f"lora_{'unet' if part == 'unet' else 'te'}_{name.replace('.', '_')}"
+                tensors |= {
+                    f"{stem}.lora_down.weight": down,
+                    f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": np.array(alpha, np.float32),
+                }
+    metadata = {"format": "pt"}
+    if naming == "peft":
+        config = {  # what diffusers writes: the adapter's LoraConfig per part
+            f"{part}.{k}": v
+            for part in parts
+            for k, v in (("r", rank), ("lora_alpha", alpha), ("target_modules", targeted[part]))
+        }
+        metadata["lora_adapter_metadata"] = json.dumps(config)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_numpy(tensors, str(path), metadata=metadata)
+    return Path(path)

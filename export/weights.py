@@ -84,9 +84,17 @@ def quantize_embeddings(model: onnx.ModelProto, qdq: bool = False) -> list[str]:
     return done
 
 
-def share_weights(root: Path, model_rels: list[str], blob_rel: str) -> int:
-    """Move the large initializers of these models into one file, each distinct tensor once. Returns its
-    size."""
+def content_key(data: bytes, data_type: int) -> str:
+    """A tensor's identity in the shared file: its bytes' sha256 and its ONNX data type."""
+    return hashlib.sha256(data).hexdigest() + str(data_type)
+
+
+def share_weights(
+    root: Path, model_rels: list[str], blob_rel: str, always: frozenset[str] = frozenset()
+) -> dict[str, tuple[int, int]]:
+    """Move the large initializers of these models into one file, each distinct tensor once; those whose
+    content key is in ``always`` (the weights a LoRA may target) however small. Returns each stored tensor's
+    (offset, length) by content key."""
     blob_path = root / blob_rel
     offsets: dict[str, tuple[int, int]] = {}
     with open(blob_path, "wb") as blob:
@@ -99,9 +107,9 @@ def share_weights(root: Path, model_rels: list[str], blob_rel: str) -> int:
                     if tensor.HasField("raw_data")
                     else numpy_helper.to_array(tensor).tobytes()
                 )
-                if len(data) < MIN_SHARED_BYTES:
+                key = content_key(data, tensor.data_type)
+                if len(data) < MIN_SHARED_BYTES and key not in always:
                     continue
-                key = hashlib.sha256(data).hexdigest() + str(tensor.data_type)
                 if key not in offsets:
                     pad = -blob.tell() % ALIGN
                     blob.write(b"\0" * pad)
@@ -121,4 +129,4 @@ def share_weights(root: Path, model_rels: list[str], blob_rel: str) -> int:
                     entry = tensor.external_data.add()
                     entry.key, entry.value = k, v
             onnx.save(model, str(path))
-    return blob_path.stat().st_size
+    return offsets

@@ -66,15 +66,25 @@ class Graph(Protocol):
     def close(self) -> None: ...
 
 
-# How a row's graph is made: (bundle, component, form, backend, cuda_graphs) -> Graph. Each imports its
-# module only when called, so the lean runtime never imports CUDA or TensorRT bindings it does not use.
-def _open_host_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool) -> Graph:
+# How a row's graph is made: (bundle, component, form, backend, cuda_graphs, overrides) -> Graph, where
+# overrides are initializers that replace the graph's own (LoRAs merged at load: ``lora.Overrides``) or None.
+# Each imports its module only when called, so the lean runtime never imports CUDA or TensorRT bindings it
+# does not use.
+def _open_host_graph(
+    bundle, component: str, form: str, backend: str, cuda_graphs: bool, overrides=None
+) -> Graph:
     return OrtGraph(
-        bundle.onnx_path(component, form), backend, bundle.components[component], bundle.max_length
+        bundle.onnx_path(component, form),
+        backend,
+        bundle.components[component],
+        bundle.max_length,
+        overrides,
     )
 
 
-def _open_device_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool) -> Graph:
+def _open_device_graph(
+    bundle, component: str, form: str, backend: str, cuda_graphs: bool, overrides=None
+) -> Graph:
     from .ort_gpu import OrtDeviceGraph
 
     # ONNX Runtime captures a CUDA graph only of a static-shape graph: the fused one has no dynamic axis left
@@ -85,11 +95,17 @@ def _open_device_graph(bundle, component: str, form: str, backend: str, cuda_gra
         backend,
         bundle.components[component],
         cuda_graph=cuda_graphs and component == "fused",
+        overrides=overrides,
     )
 
 
-def _open_engine_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool) -> Graph:
+def _open_engine_graph(
+    bundle, component: str, form: str, backend: str, cuda_graphs: bool, overrides=None
+) -> Graph:
     from .trt_graph import TrtGraph
+
+    if overrides is not None:  # Pipeline refuses a LoRA on an engine backend before any graph opens
+        raise BadInputError("lora", f"{backend} runs prebuilt engines: no LoRA at load", "use ort-*")
 
     return TrtGraph(bundle, component, form, backend, bundle.components[component], cuda_graphs=cuda_graphs)
 
@@ -301,6 +317,18 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
+def add_overrides(options: ort.SessionOptions, overrides) -> list:
+    """Replace initializers stored as external data by name (LoRA weights merged at load). Returns the
+    OrtValues, which the caller keeps as long as the session: ONNX Runtime uses their memory, it does not
+    copy it. (``add_initializer`` is silently ignored for such weights at ORT_ENABLE_ALL, ONNX Runtime 1.31;
+    ``add_external_initializers`` is the call made for external data.)"""
+    if overrides is None or not overrides.arrays:
+        return []
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in overrides.arrays.values()]
+    options.add_external_initializers(list(overrides.arrays), values)
+    return values
+
+
 def make_session(
     path: Path, backend: str, options: ort.SessionOptions | None = None, provider_options: dict | None = None
 ) -> ort.InferenceSession:
@@ -345,11 +373,14 @@ def ort_backends() -> list[str]:
     return [name for name, spec in BACKEND_SPECS.items() if spec.provider]
 
 
-def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: bool | None = None) -> Graph:
+def open_graph(
+    bundle, component: str, form: str, backend: str, cuda_graphs: bool | None = None, overrides=None
+) -> Graph:
     """The runnable ``Graph`` of ``component`` in ``form`` on ``backend``, made by its row's opener.
 
     ``cuda_graphs`` (default: on unless EDGEGEN_CUDA_GRAPHS=0): trt / trt-rtx capture every component
-    per batch size; ort-cuda / ort-trt capture the static-shape fused graph."""
+    per batch size; ort-cuda / ort-trt capture the static-shape fused graph. ``overrides``: initializers
+    replacing the graph's own (ONNX Runtime backends only)."""
     spec = bundle.components.get(component)
     if spec is None:  # a manifest that lists fewer components than its family runs
         raise BadBundleError(
@@ -358,7 +389,7 @@ def open_graph(bundle, component: str, form: str, backend: str, cuda_graphs: boo
             "re-export the bundle",
         )
     graphs = cuda_graphs_enabled() if cuda_graphs is None else bool(cuda_graphs)
-    return backend_spec(backend).opens(bundle, component, form, backend, graphs)
+    return backend_spec(backend).opens(bundle, component, form, backend, graphs, overrides)
 
 
 @dataclass(slots=True)
@@ -381,12 +412,14 @@ class OrtGraph:
 
     cuda_graphs = False  # host buffers: nothing to capture
 
-    def __init__(self, path: Path, backend: str, spec: Component, max_length: int):
+    def __init__(self, path: Path, backend: str, spec: Component, max_length: int, overrides=None):
         self.spec = spec
         self.backend = backend
         self.max_length = int(max_length)
         self.dynamic_sequence = spec.dynamic_sequence
-        self.session = make_session(path, backend)
+        options = session_options()
+        self._overrides = add_overrides(options, overrides)  # alive as long as the session
+        self.session = make_session(path, backend, options)
         self._sets: dict[tuple[int, int], BoundSet] = {}  # (batch, sequence) -> its bound buffers
         self._storage: dict[int, dict[str, np.ndarray]] = {}  # batch -> flat arrays sized for max_length
 

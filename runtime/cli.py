@@ -57,7 +57,7 @@ def cmd_export(args) -> int:
         engines=args.engines,
         compute_capability=args.compute_capability,
         workspace_mb=args.workspace_mb,
-        family_options={"image_size": args.image_size, "vae": args.vae},
+        family_options={"image_size": args.image_size, "vae": args.vae, "loras": _loras(args)},
     )
     from .bundle import Bundle
 
@@ -65,6 +65,13 @@ def cmd_export(args) -> int:
     status = "validated: ok" if report.get("ok") else "DEGRADED: " + "; ".join(report.get("degraded", []))
     _emit(args, {"bundle": str(out), "ok": report.get("ok"), "report": report}, f"wrote {out} ({status})")
     return 0
+
+
+def _loras(args) -> list[tuple[str, float]] | None:
+    """--lora FILE[:SCALE], repeatable."""
+    from .lora import parse_spec
+
+    return [parse_spec(text) for text in args.lora] if args.lora else None
 
 
 def _bundle_path(args) -> Path:
@@ -79,7 +86,9 @@ def cmd_generate(args) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise BadInputError("-o", f"unknown image extension {out.suffix!r}", "use .png, .jpg, .webp or .bmp")
-    pipe = Pipeline.from_bundle(_bundle_path(args), backend=args.backend, precision=args.precision)
+    pipe = Pipeline.from_bundle(
+        _bundle_path(args), backend=args.backend, precision=args.precision, lora=_loras(args)
+    )
     options = _diffusion_options(args, pipe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
@@ -509,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoencoderKL, saved with save_pretrained) to use instead of the pipeline's own vae/, "
         "e.g. a TAESD for a faster decoder",
     )
+    e.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="diffusion: fuse a LoRA (.safetensors, diffusers/PEFT or kohya naming) into the UNet and "
+        "text encoder before export, at SCALE (default 1); repeat for several",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument(
         "--allow-degraded",
@@ -555,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="diffusion image-to-image: how much to change (0..1, default 0.5)",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="diffusion: merge a LoRA (.safetensors) into the weights at load, at SCALE (default 1); "
+        "repeat for several. ONNX Runtime backends, fp32/fp16",
     )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)

@@ -81,8 +81,9 @@ class DiffusionPipeline(Pipeline):
         mode: str = "auto",
         cache_size: int = 128,
         form: str | None = None,
+        lora=None,
     ):
-        super().__init__(bundle, backend, precision, notes, form, cache_size)
+        super().__init__(bundle, backend, precision, notes, form, cache_size, lora)
         if mode not in MODES:
             raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
         self.mode = mode

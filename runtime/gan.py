@@ -34,8 +34,9 @@ class GanPipeline(Pipeline):
         cache_size: int = 128,
         mode: str = "auto",
         form: str | None = None,
+        lora=None,
     ):
-        super().__init__(bundle, backend, precision, notes, form, cache_size)
+        super().__init__(bundle, backend, precision, notes, form, cache_size, lora)
         if mode not in MODES:
             raise BadInputError("mode", f"unknown mode {mode!r}", f"choose one of {', '.join(MODES)}")
         self.tokenizer = PromptTokenizer.of_bundle(bundle)

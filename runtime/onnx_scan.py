@@ -7,6 +7,8 @@ A minimal protobuf walk: ModelProto.graph(7) -> GraphProto.initializer(5) and sp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 def _fields(buf: bytes, start: int = 0, end: int | None = None):
     """Yield (field number, wire type, value) of one message; value is bytes for length-delimited fields."""
@@ -85,4 +87,50 @@ def external_data_locations(data: bytes) -> set[str]:
     for field, wire, value in _fields(data):
         if field == 7 and wire == 2:
             found |= _graph_locations(value)
+    return found
+
+
+@dataclass(frozen=True)
+class ExternalTensor:
+    """Where an initializer's data lies outside the graph file."""
+
+    location: str
+    offset: int
+    length: int
+    dims: tuple[int, ...]
+
+
+def _external_tensor(tensor) -> tuple[str, ExternalTensor] | None:
+    name, dims, entries = "", [], {}
+    for field, wire, value in _fields(tensor):
+        if field == 1 and wire == 0:  # dims, unpacked
+            dims.append(value)
+        elif field == 1 and wire == 2:  # dims, packed
+            pos = 0
+            while pos < len(value):
+                d, pos = _varint(value, pos)
+                dims.append(d)
+        elif field == 8 and wire == 2:
+            name = bytes(value).decode("utf-8", "replace")
+        elif field == 13 and wire == 2:
+            entry = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(value) if w == 2}
+            entries[entry.get(1, "")] = entry.get(2, "")
+    if "location" not in entries:
+        return None
+    return name, ExternalTensor(
+        entries["location"], int(entries.get("offset", 0)), int(entries.get("length", -1)), tuple(dims)
+    )
+
+
+def external_initializers(data: bytes) -> dict[str, ExternalTensor]:
+    """The main graph's initializers stored as external data, by name. Raises ValueError if ``data`` is not a
+    serialized ModelProto."""
+    found = {}
+    for field, wire, graph in _fields(data):
+        if field == 7 and wire == 2:
+            for f, w, tensor in _fields(graph):
+                if f == 5 and w == 2:
+                    entry = _external_tensor(tensor)
+                    if entry:
+                        found[entry[0]] = entry[1]
     return found

@@ -100,7 +100,14 @@ class OrtDeviceGraph:
     kind = "onnxruntime"
 
     def __init__(
-        self, bundle, component: str, form: str, backend: str, spec: Component, cuda_graph: bool = False
+        self,
+        bundle,
+        component: str,
+        form: str,
+        backend: str,
+        spec: Component,
+        cuda_graph: bool = False,
+        overrides=None,
     ):
         self.cuda = cudart.runtime()
         self.stream = self.cuda.stream()
@@ -111,6 +118,9 @@ class OrtDeviceGraph:
         self.max_length = bundle.max_length  # fixed shapes: the sequence axis always at max_length
         self.provider = backend_spec(backend).provider
         self.cache_dir = ort_trt_cache_dir(bundle) if self.provider == TENSORRT_EP else None
+        self.overrides, self._kept = overrides, []  # the kept OrtValues live as long as the sessions
+        if self.cache_dir and overrides is not None:  # engines built with merged LoRA weights
+            self.cache_dir = self.cache_dir / f"lora-{overrides.key}"
         self.notes: list[str] = []
         self._uncaptured: set[int] = set()  # batch sizes whose session runs without CUDA graph capture
         self._sets: dict[int, _BatchSet] = {}
@@ -166,9 +176,10 @@ class OrtDeviceGraph:
         )
 
     def _options(self, batch: int | None) -> ort.SessionOptions:
-        from .backends import session_options
+        from .backends import add_overrides, session_options
 
         opts = session_options()
+        self._kept += add_overrides(opts, self.overrides)
         if batch is not None:
             for name in {d for t in self.spec.inputs for d in t.shape if isinstance(d, str)}:
                 opts.add_free_dimension_override_by_name(

@@ -77,6 +77,13 @@ class Family:
         """Files copied into the bundle as they are: {path in bundle: source}."""
         return {}
 
+    def lora_parts(self) -> dict:
+        """The modules LoRAs adapt, by the part name LoRA files use ("unet", "text_encoder"): export records
+        where their weights lie, so the runtime can merge LoRAs at load. None: the family takes no LoRA."""
+        return {}
+
+    loras_fused: list[dict] = []  # LoRAs fused into the weights at export (file, sha256, scale)
+
     def manifest_extras(self) -> dict:
         """Further top-level manifest entries the family's runtime reads (e.g. the gan's ``quality``)."""
         return {}

@@ -23,6 +23,7 @@ from edgegen.runtime.errors import BadInputError, CheckpointError
 from edgegen.runtime.schedulers import DIFFUSERS_NAMES, guidance_embedding, make_scheduler
 from torch import nn
 
+from ..lora import fuse_loras
 from ..text_encoders import tokenizer_settings
 from . import ComponentDef, Family
 from .gan import VALIDATION_PROMPTS, VALIDATION_SEEDS
@@ -409,7 +410,7 @@ def vae_class(path: Path, subject: str) -> str:
 
 class DiffusionFamily(Family):
     name = "diffusion"
-    options = ("image_size", "fused_steps", "num_steps", "guidance_scale", "vae")
+    options = ("image_size", "fused_steps", "num_steps", "guidance_scale", "vae", "loras")
 
     @classmethod
     def matches(cls, checkpoint: Path) -> bool:
@@ -423,6 +424,7 @@ class DiffusionFamily(Family):
         num_steps: int = 1,
         guidance_scale: float | None = None,
         vae: str | Path | None = None,
+        loras=(),
     ):
         try:
             import diffusers
@@ -481,6 +483,8 @@ class DiffusionFamily(Family):
                 .from_pretrained(vae_dir, local_files_only=True, use_safetensors=True)
                 .eval()
             )
+        # LoRAs fused before anything is traced: parity and gates measure the fused model
+        self.loras_fused = fuse_loras(loras, {"unet": self.unet, "text_encoder": te}) if loras else []
         if not getattr(self.hf_tokenizer, "is_fast", True) or not hasattr(
             self.hf_tokenizer, "backend_tokenizer"
         ):
@@ -545,6 +549,9 @@ class DiffusionFamily(Family):
         self.decoder = Decoder(self.vae).eval()
         self.encoder = (TinyEncoder if self.vae_class == "AutoencoderTiny" else Encoder)(self.vae).eval()
         self.encoder_noise = self.vae_class == "AutoencoderKL"  # only its latents are a sampled distribution
+
+    def lora_parts(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder.model}
 
     # --- precisions and gates ---
     precisions = ("fp32", "fp16")
