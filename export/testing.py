@@ -390,7 +390,7 @@ LORA_TARGETS = {  # module-name endings a tiny LoRA adapts in each part: attenti
 }
 
 
-def make_tiny_lora(
+def make_random_lora(
     path, checkpoint, seed: int = 0, rank: int = 4, alpha: float = 8.0, naming: str = "peft", strength=0.5
 ) -> Path:
     """Write a random LoRA for a diffusers pipeline directory's UNet and text encoder (``LORA_TARGETS``) in

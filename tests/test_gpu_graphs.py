@@ -44,7 +44,8 @@ def reference(bundle):
 def trt_factory(cuda, engines: dict, graphs=True):
     """An ``open_graph`` that opens every component as an emulated TensorRT engine (kept in ``engines``)."""
 
-    def factory(b, component, form, backend, cuda_graphs=None):
+    def factory(b, component, form, backend, cuda_graphs=None, overrides=None):
+        assert overrides is None  # engines take no LoRA at load
         spec = b.components[component]
         engine = engines[component] = FakeEngine(
             b.onnx_path(component, form), spec, cuda, b.generation["max_batch"]
@@ -192,9 +193,15 @@ def emulated_ort(monkeypatch, host_cuda, tmp_path):
 
     monkeypatch.setattr(backends, "make_session", make_session)
 
-    def factory(b, component, form, backend, cuda_graphs=None):
+    def factory(b, component, form, backend, cuda_graphs=None, overrides=None):
         return ort_gpu.OrtDeviceGraph(
-            b, component, form, backend, b.components[component], cuda_graph=component == "fused"
+            b,
+            component,
+            form,
+            backend,
+            b.components[component],
+            cuda_graph=component == "fused",
+            overrides=overrides,
         )
 
     monkeypatch.setattr(pipeline_module, "open_graph", factory)
@@ -515,7 +522,7 @@ def test_ort_cuda_graph_refused_by_onnx_runtime_runs_without_capture(
     monkeypatch.setattr(
         pipeline_module,
         "open_graph",
-        lambda b, component, form, backend, cuda_graphs=None: ort_gpu.OrtDeviceGraph(
+        lambda b, component, form, backend, cuda_graphs=None, overrides=None: ort_gpu.OrtDeviceGraph(
             b, component, form, backend, b.components[component], cuda_graph=True
         ),
     )

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")  # diffusers' LoRA loading
 
 from edgegen.export import export_checkpoint  # noqa: E402
-from edgegen.export.testing import make_tiny_lora  # noqa: E402
+from edgegen.export.testing import make_random_lora  # noqa: E402
 from edgegen.runtime import Pipeline  # noqa: E402
 from edgegen.runtime.bundle import Bundle  # noqa: E402
 from edgegen.runtime.cli import main  # noqa: E402
@@ -30,8 +30,8 @@ FP16_LEVELS = 3  # fp16 runtime against diffusers fp32 (measured: 1)
 def loras(diffusion_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     return {
-        "peft": make_tiny_lora(root / "peft.safetensors", diffusion_checkpoint, seed=1),
-        "kohya": make_tiny_lora(root / "kohya.safetensors", diffusion_checkpoint, seed=2, naming="kohya"),
+        "peft": make_random_lora(root / "peft.safetensors", diffusion_checkpoint, seed=1),
+        "kohya": make_random_lora(root / "kohya.safetensors", diffusion_checkpoint, seed=2, naming="kohya"),
     }
 
 
@@ -265,7 +265,7 @@ def test_older_diffusers_namings_and_bf16_read_like_peft(bundle, loras, tmp_path
     """diffusers' older layouts (``lora.down``/``lora.up``, ``lora_linear_layer``, attention processors'
     ``to_q_lora``) and a bfloat16 file give the PEFT file's weights (bf16: within its rounding)."""
     tensors, _ = read_safetensors(loras["peft"])
-    alpha_rank = 8.0 / 4  # make_tiny_lora's default alpha / rank, in the PEFT file's metadata only
+    alpha_rank = 8.0 / 4  # make_random_lora's default alpha / rank, in the PEFT file's metadata only
 
     def spelled(key, value):
         stem, role = key.rsplit(".lora_", 1)
@@ -373,3 +373,40 @@ def test_cli_export_and_generate_with_loras(diffusion_checkpoint, bundle, loras,
     )
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["kind"] == "BadInputError" and "no such file" in error["message"]
+
+
+def test_device_graphs_take_the_merged_weights(bundle, loras, expected, monkeypatch, tmp_path):
+    """ort-trt's OrtDeviceGraph, over the host emulation of CUDA (tests/gpu_emulation.py: CPU sessions),
+    hands the merged weights to every session it makes, and keys its TensorRT engine cache by the LoRAs:
+    an engine built with one LoRA's weights is never reused for another. Real CUDA is not exercised."""
+    from edgegen.runtime import backends, cudart, ort_gpu
+    from edgegen.runtime import pipeline as pipeline_module
+    from gpu_emulation import HostCuda
+
+    monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ort_gpu, "ORT_DEVICE", "cpu")
+    real = backends.make_session
+    monkeypatch.setattr(
+        backends, "make_session", lambda path, backend, options=None, po=None: real(path, "ort-cpu", options)
+    )
+    made = []
+
+    def factory(b, component, form, backend, cuda_graphs=None, overrides=None):
+        made.append(
+            ort_gpu.OrtDeviceGraph(b, component, form, backend, b.components[component], overrides=overrides)
+        )
+        return made[-1]
+
+    monkeypatch.setattr(pipeline_module, "open_graph", factory)
+    previous = cudart.set_runtime(HostCuda())
+    try:
+        caches = set()
+        for case in ("peft", "kohya"):
+            applied = [(loras[name], scale) for name, scale in CASES[case]]
+            pipe = DiffusionPipeline(Bundle.open(bundle), "ort-trt", "fp32", [], lora=applied)
+            want, latents = expected[case, "fused"]
+            assert levels(run(pipe, latents, "fused"), want) <= LEVELS, case
+            caches.add(made[-1].cache_dir)
+        assert len(caches) == 2 and all(c.name.startswith("lora-") for c in caches)
+    finally:
+        cudart.set_runtime(previous)
