@@ -66,6 +66,7 @@ def export_checkpoint(
     engines: str | None = None,
     compute_capability: str | None = None,
     workspace_mb: int = 2048,
+    refittable: bool = False,
     family_options: dict | None = None,
 ) -> Path:
     """Export ``checkpoint`` to the bundle directory ``output``; returns its path.
@@ -82,6 +83,8 @@ def export_checkpoint(
     precisions = parse_precisions(precisions)
     out, checkpoint = Path(output), Path(checkpoint)
     _check_request(out, overwrite, max_batch, engines, compute_capability, workspace_mb)
+    if refittable and not engines:
+        raise BadInputError("--refittable", "applies to engines", "pass --engines trt or trt-rtx with it")
     forms = [f for p in precisions[1:] for f in FORMS[p]]
     gates = {f: dict(g) for f, g in {**GATES, **(gates or {})}.items() if f in ["fp32", *forms]}
     steps = Steps(
@@ -120,7 +123,7 @@ def export_checkpoint(
             with steps.step("build engines"):
                 from edgegen.runtime.engine_build import add_engines
 
-                add_engines(tmp, engines, compute_capability, workspace_mb, progress)
+                add_engines(tmp, engines, compute_capability, workspace_mb, progress, refittable)
         _move_into_place(tmp, out)
         return out
     except BaseException:

@@ -104,10 +104,15 @@ def _open_engine_graph(
 ) -> Graph:
     from .trt_graph import TrtGraph
 
-    if overrides is not None:  # Pipeline refuses a LoRA on an engine backend before any graph opens
-        raise BadInputError("lora", f"{backend} runs prebuilt engines: no LoRA at load", "use ort-*")
-
-    return TrtGraph(bundle, component, form, backend, bundle.components[component], cuda_graphs=cuda_graphs)
+    return TrtGraph(
+        bundle,
+        component,
+        form,
+        backend,
+        bundle.components[component],
+        cuda_graphs=cuda_graphs,
+        overrides=overrides,
+    )
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def cmd_export(args) -> int:
         engines=args.engines,
         compute_capability=args.compute_capability,
         workspace_mb=args.workspace_mb,
+        refittable=args.refittable,
         family_options={"image_size": args.image_size, "vae": args.vae, "loras": _loras(args)},
     )
     from .bundle import Bundle
@@ -168,6 +169,7 @@ def cmd_engines(args) -> int:
         compute_capability=args.compute_capability,
         workspace_mb=args.workspace_mb,
         progress=not (args.quiet or args.json),
+        refittable=args.refittable,
     )
     build = result["build"]
     forms = sorted({e["form"] for e in result["engines"]})
@@ -505,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)"
     )
     e.add_argument(
+        "--refittable",
+        action="store_true",
+        help="with --engines: build engines whose weights can be replaced after loading, so "
+        "generate --lora works on them",
+    )
+    e.add_argument(
         "--image-size",
         type=int,
         default=None,
@@ -605,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     n.add_argument(
         "--workspace-mb", type=int, default=2048, help="TensorRT builder memory limit (default 2048)"
+    )
+    n.add_argument(
+        "--refittable",
+        action="store_true",
+        help="engines whose weights can be replaced after loading (LoRAs merged at load: "
+        "generate --lora, Pipeline.from_bundle(lora=...))",
     )
     n.add_argument("--quiet", action="store_true", help="no progress output")
     n.add_argument("--json", action="store_true", help="print the result as JSON")

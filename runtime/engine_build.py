@@ -46,6 +46,7 @@ from .engines import (
     user_cache_dir,
 )
 from .errors import BadInputError, ValidationFailedError
+from .lora import target_initializers
 
 ENGINE_FORMS = ("fp16", "int8-qdq", "fp32")  # what engines are built from, when the bundle has it
 DEFAULT_WORKSPACE_MB = 2048
@@ -143,10 +144,13 @@ def add_engines(
     compute_capability: str | None = None,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     progress: bool = True,
+    refittable: bool = False,
 ) -> dict:
     """Build ``flavour`` engines for the bundle at ``bundle_root`` and record them in its manifest (see the
     module docstring for how the bundle is updated). Engines of the same flavour, version and GPU are
-    replaced. Returns {bundle, dir, flavour, version, compute_capability, engines, build, replaced}."""
+    replaced. ``refittable``: engines whose weights can be replaced after loading (LoRAs merged at load),
+    at some cost in speed. Returns {bundle, dir, flavour, version, compute_capability, engines, build,
+    replaced}."""
     check_options(flavour, compute_capability, workspace_mb)
     root = Path(bundle_root)
     bundle = Bundle.open(root)  # schema and every hash: engines are built from the files the manifest lists
@@ -157,6 +161,12 @@ def add_engines(
         _capability_enum(trt, cc)  # a target this TensorRT for RTX knows, before anything is built
     rel_dir = engine_dir(flavour, trt.__version__, cc)
     jobs = engine_jobs(bundle.manifest)
+    if refittable and not bundle.manifest.get("lora", {}).get("targets"):
+        raise BadInputError(
+            "--refittable",
+            f"bundle {root} records no weights a LoRA may target",
+            "refittable engines serve LoRAs merged at load: diffusion bundles exported by this edgegen",
+        )
     if not jobs:
         raise BadInputError(
             f"bundle {root}",
@@ -168,7 +178,7 @@ def add_engines(
         try:
             staging.chmod(0o755)
             entries, build = build_engines(
-                trt, bundle, jobs, flavour, cc, rel_dir, staging, workspace_mb, progress
+                trt, bundle, jobs, flavour, cc, rel_dir, staging, workspace_mb, progress, refittable
             )
             manifest, replaced = _updated_manifest(bundle.manifest, rel_dir, entries, staging)
             with interrupts.held():
@@ -191,7 +201,16 @@ def add_engines(
 
 
 def build_engines(
-    trt, bundle, jobs, flavour: str, cc: str, rel_dir: str, out: Path, workspace_mb: int, progress: bool
+    trt,
+    bundle,
+    jobs,
+    flavour: str,
+    cc: str,
+    rel_dir: str,
+    out: Path,
+    workspace_mb: int,
+    progress: bool,
+    refittable: bool = False,
 ) -> tuple[list[dict], dict]:
     """Build each (component, form) of ``jobs`` into the directory ``out`` (it becomes ``rel_dir``).
     Returns (manifest engine entries, the build record also written to ``out/build.json``)."""
@@ -214,6 +233,7 @@ def build_engines(
         "timing_cache": bundled_cache,
         "timing_cache_source": cache_source,
         "workspace_mb": workspace_mb,
+        "refittable": refittable,
         "timing_cache_bytes_before": len(cache),
         "engines": {},
     }
@@ -241,6 +261,7 @@ def build_engines(
             max_length,
             cache,
             notes=notes,
+            refit_names=target_initializers(bundle, name, form) if refittable else None,
         )
         _write(cache_path, cache)  # after every engine: an interrupted build keeps what it measured
         rel = f"{rel_dir}/{name}.{form}.engine"
@@ -256,6 +277,7 @@ def build_engines(
                 "onnx": onnx_rel,
                 "onnx_sha256": manifest["files"][onnx_rel]["sha256"],
                 "strongly_typed": True,
+                "refittable": refittable,
                 "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch, "sequence": max_length},
             }
         )
@@ -290,10 +312,12 @@ def _build_one(
     max_length: int,
     cache: bytes,
     notes: list | None = None,
+    refit_names: list[str] | None = None,
 ) -> tuple[bytes, bytes]:
     """One strongly typed engine (TensorRT 10.3 builder API; plus the target GPU for TensorRT for RTX).
-    Returns (serialized engine, the timing cache after the build); what it had to work around goes into
-    ``notes``."""
+    ``refit_names``: the ONNX initializers a refit may replace (``mark_refittable``; TensorRT for RTX 1.7
+    needs a GPU to build such an engine: its JIT compiles refittable weights' kernels). Returns
+    (serialized engine, the timing cache after the build); what it had to work around goes into ``notes``."""
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -306,6 +330,8 @@ def _build_one(
         )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if refit_names is not None:
+        mark_refittable(trt, network, config, refit_names, what)
     if BACKEND_SPECS[flavour].engines.builds_ahead:  # a named target; full TensorRT builds for the GPU here
         config.num_compute_capabilities = 1
         config.set_compute_capability(_capability_enum(trt, cc), 0)
@@ -325,6 +351,17 @@ def _build_one(
             "rerun with a larger --workspace-mb, or report it",
         )
     return bytes(serialized), bytes((config.get_timing_cache() or timing).serialize())
+
+
+def mark_refittable(trt, network, config, names: list[str], what: str) -> None:
+    """Let a refit replace these weights (by ONNX initializer name) after loading; the rest stay constants
+    the builder may fold (REFIT_INDIVIDUAL)."""
+    config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    for name in names:
+        if not network.mark_weights_refittable(name):
+            raise ValidationFailedError(
+                f"engine {what}", f"TensorRT has no weight {name!r} to make refittable", "report it"
+            )
 
 
 def _use_timing_cache(config, cache: bytes, what: str, notes: list):

@@ -274,7 +274,6 @@ class LoraMerge:
                 "load the fp32 or fp16 precision, or export with --lora to quantize the fused model",
             )
         self.bundle, self.form = bundle, form
-        self.blob = f"onnx/weights.{form}.bin"
         modules = {part: set(found) for part, found in targets.items()}
         self.files = [read_lora(path, scale, modules) for path, scale in normalize(loras)]
         self.key = hashlib.sha256(
@@ -298,7 +297,7 @@ class LoraMerge:
                 delta = layer.delta(lora.scale).reshape(target["shape"])
                 key = (layer.part, layer.module)
                 deltas[key] = deltas[key] + delta if key in deltas else delta
-        blob = np.memmap(self.bundle.path(self.blob), np.uint8, mode="r")
+        blob = np.memmap(self.bundle.path(f"onnx/weights.{self.form}.bin"), np.uint8, mode="r")
         merged = {}
         for (part, module), delta in deltas.items():
             for place in targets[part][module]["forms"][self.form]:
@@ -310,14 +309,29 @@ class LoraMerge:
 
     def overrides(self, component: str) -> Overrides:
         """The merged tensors that ``component``'s graph in this form reads, by initializer name."""
-        path = self.bundle.onnx_path(component, self.form)
-        try:
-            found = external_initializers(path.read_bytes())
-        except ValueError as e:
-            raise BadBundleError(f"bundle file {path}", f"unreadable ONNX file ({e})", "re-export") from None
-        arrays = {}
-        for name, where in found.items():
-            merged = self.merged.get(where.offset)
-            if merged is not None and where.location == Path(self.blob).name:
-                arrays[name] = merged.reshape(where.dims)
-        return Overrides(self.key, arrays)
+        found = _stored_at(self.bundle, component, self.form, set(self.merged))
+        return Overrides(self.key, {name: self.merged[w.offset].reshape(w.dims) for name, w in found.items()})
+
+
+def _stored_at(bundle, component: str, form: str, offsets: set[int]) -> dict:
+    """The initializers of ``component``'s graph in ``form`` whose data lies at one of ``offsets`` of the
+    form's shared weights file, by name."""
+    path = bundle.onnx_path(component, form)
+    try:
+        found = external_initializers(path.read_bytes())
+    except ValueError as e:
+        raise BadBundleError(f"bundle file {path}", f"unreadable ONNX file ({e})", "re-export") from None
+    blob = f"weights.{form}.bin"
+    return {name: w for name, w in found.items() if w.location == blob and w.offset in offsets}
+
+
+def target_initializers(bundle, component: str, form: str) -> list[str]:
+    """The initializers of a component's graph that a LoRA may replace (what refittable engines mark)."""
+    targets = bundle.manifest.get("lora", {}).get("targets") or {}
+    offsets = {
+        int(place["offset"])
+        for modules in targets.values()
+        for target in modules.values()
+        for place in target["forms"].get(form, [])
+    }
+    return sorted(_stored_at(bundle, component, form, offsets)) if offsets else []

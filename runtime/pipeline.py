@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import native
-from .backends import backend_spec, candidates, engine_forms, open_graph, require_backend, skip_note
+from .backends import candidates, engine_forms, open_graph, require_backend, skip_note
 from .bundle import Bundle
 from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
 from .lora import LORA_FORMS, LoraMerge
@@ -112,18 +112,9 @@ class Pipeline:
         self.text_cache = TextCache(cache_size)  # recent prompts' text states
         self._lock = threading.Lock()
         self._graphs: dict = {}
-        self.lora = self._merge_loras(lora) if lora else None
-
-    def _merge_loras(self, lora) -> LoraMerge:
-        """``lora=[(file, scale), ...]``: merged into this form's weights now, applied as each graph opens."""
-        if backend_spec(self.backend).provider is None:
-            raise BadInputError(
-                "lora",
-                f"{self.backend} runs prebuilt TensorRT engines, built with the bundle's weights",
-                "merge LoRAs at load on an ONNX Runtime backend (ort-cpu, ort-cuda, ort-trt), "
-                "or export with --lora",
-            )
-        return LoraMerge(self.bundle, self.form, lora)
+        # lora=[(file, scale), ...]: merged into this form's weights now, applied as each graph opens
+        # (ONNX Runtime: initializers replaced; TensorRT: refittable engines refitted)
+        self.lora = LoraMerge(bundle, self.form, lora) if lora else None
 
     def graph(self, component: str):
         """The component's runnable graph on this pipeline's backend and form, opened once."""
@@ -158,14 +149,11 @@ class Pipeline:
         notes: list[str] = []  # what `auto` skipped and why
         lora = bool(options.get("lora"))
         for name in candidates(backend, bundle):
-            if lora and backend == "auto" and not backend_spec(name).provider:
-                notes.append(f"{name} skipped: its engines take no LoRA at load")
-                continue
             try:
                 require_backend(name)
                 forms = engine_forms(bundle, name)  # TensorRT: the engines this machine can use
                 if lora and precision == "auto":  # int8 weights cannot take a LoRA at load
-                    forms = LORA_FORMS
+                    forms = LORA_FORMS if forms is None else forms & LORA_FORMS
                 chosen = choose_precision(bundle, precision, name, forms)
                 return family(bundle, name, chosen, notes, **options)  # opens its graphs: really loads
             except (BackendUnavailableError, EngineMismatchError) as e:

@@ -29,7 +29,7 @@ from . import cudart
 from .backends import backend_spec
 from .bundle import NP_DTYPES, Component
 from .engines import bundle_key, load_engine, user_cache_dir
-from .errors import BackendUnavailableError, BadBundleError, BadInputError
+from .errors import BackendUnavailableError, BadBundleError, BadInputError, EngineMismatchError
 
 
 class _BatchSet:
@@ -77,6 +77,7 @@ class TrtGraph:
         cuda_graphs: bool = True,
         loaded=None,
         trt=None,
+        overrides=None,
     ):
         self.spec, self.backend, self.flavour, self.form = spec, backend, backend, form
         self.cuda = cudart.runtime()  # no GPU: BackendUnavailableError before any engine is read
@@ -90,6 +91,8 @@ class TrtGraph:
         self.cuda_graphs = bool(cuda_graphs)
         self.notes: list[str] = []
         self._check_io()
+        if overrides is not None:
+            self._refit(overrides)
         self._scratch = self.cuda.device(_scratch_size(self.engine))
         self._config, self._cache, self._cache_path = None, None, None
         if backend_spec(backend).engines.runtime_config and hasattr(self.engine, "create_runtime_config"):
@@ -125,6 +128,35 @@ class TrtGraph:
                     f"{name} is an {'input' if is_input else 'output'} of the engine",
                     "rebuild the engines from this bundle's ONNX files",
                 )
+
+    def _refit(self, overrides) -> None:
+        """Write LoRA weights merged at load into the engine, before any context exists. Only an engine
+        built refittable (``edgegen engines --refittable``) takes them; the names are the ONNX
+        initializers' it was built from."""
+        subject = f"engine {self.entry['file']}"
+        if not self.entry.get("refittable"):
+            raise EngineMismatchError(
+                subject,
+                "was not built refittable: it cannot take a LoRA at load",
+                f"rebuild with edgegen engines BUNDLE --flavour {self.flavour} --refittable, "
+                "or use an ONNX Runtime backend",
+            )
+        refitter = self.trt.Refitter(self.engine, self.logger)
+        unknown = sorted(set(overrides.arrays) - set(refitter.get_all_weights()))
+        if unknown:
+            raise BadBundleError(
+                subject,
+                f"has no refittable weight {unknown[0]!r} ({len(unknown)} missing)",
+                "rebuild the engines from this bundle's ONNX files with --refittable",
+            )
+        # TensorRT reads the arrays during refit_cuda_engine: they stay referenced until it returns
+        weights = {name: np.ascontiguousarray(a) for name, a in overrides.arrays.items()}
+        for name, array in weights.items():
+            if not refitter.set_named_weights(name, self.trt.Weights(array)):
+                raise BadBundleError(subject, f"TensorRT refused the weights of {name!r}", "report it")
+        if not refitter.refit_cuda_engine():
+            raise BadBundleError(subject, f"refit failed: {self.logger.errors()}", "report it")
+        self.notes.append(f"refitted {len(weights)} weights (LoRA {overrides.key})")
 
     def _rtx_config(self, bundle):
         """TensorRT for RTX: user-managed scratch, kernels specialised before the first call returns (so the

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import collections
 import ctypes
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from edgegen.runtime import cudart
+from edgegen.runtime.onnx_scan import external_initializers
 
 
 class HostCuda:
@@ -107,11 +109,39 @@ class HostCuda:
         return self.cc
 
 
+class FakeRefitter:
+    """TensorRT's Refitter over a FakeEngine: the weights set replace the ONNX initializers of that name
+    when the engine's session is made again (every external initializer counts as refittable)."""
+
+    def __init__(self, engine, logger):
+        self.engine, self.weights = engine, {}
+
+    def get_all_weights(self):
+        return list(external_initializers(Path(self.engine.onnx_path).read_bytes()))
+
+    def set_named_weights(self, name, weights):
+        self.weights[name] = np.array(weights)  # TensorRT copies at refit; this copies now
+        return True
+
+    def refit_cuda_engine(self):
+        options = ort.SessionOptions()
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.weights.values()]
+        options.add_external_initializers(list(self.weights), values)
+        self.engine.session = ort.InferenceSession(
+            str(self.engine.onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.engine.refits += 1
+        self.engine.kept = values
+        return True
+
+
 FAKE_TRT = SimpleNamespace(
     __version__="10.3.0.26",
     nptype=lambda dtype: dtype,
     TensorIOMode=SimpleNamespace(INPUT="input", OUTPUT="output"),
     ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="user-managed"),
+    Refitter=FakeRefitter,
+    Weights=lambda array: array,
 )
 
 
@@ -120,6 +150,7 @@ class FakeEngine:
 
     def __init__(self, onnx_path, spec, cuda: HostCuda, max_batch: int):
         self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.onnx_path, self.refits = onnx_path, 0
         self.spec, self.cuda, self.max_batch = spec, cuda, max_batch
         self.io = [*spec.inputs, *spec.outputs]
         self.device_memory_size_v2 = 4096

@@ -467,3 +467,60 @@ def test_engines_with_tensorrt_older_than_10_are_refused_before_building(bundle_
     ):
         add_engines(bundle_copy, "trt", progress=False)
     assert snapshot(bundle_copy) == before
+
+
+# ---------------------------------------------------------------- refittable engines (LoRAs merged at load)
+
+
+@pytest.mark.tensorrt
+@needs_trt_rtx
+def test_the_lora_targets_are_weights_tensorrt_can_mark_refittable(diffusion_bundle):
+    """TensorRT for RTX's real ONNX parser and network (no GPU): every initializer a LoRA may target, in the
+    UNet graph and a fused graph, is a weight the network can mark refittable by that name; a name it does
+    not have is refused. Building the marked engine needs a GPU (TensorRT for RTX 1.7 compiles refittable
+    weights' kernels at build time), and a real refit is not exercised here."""
+    from edgegen.runtime.engine_build import mark_refittable
+    from edgegen.runtime.engines import collecting_logger
+    from edgegen.runtime.lora import target_initializers
+
+    bundle = Bundle.open(diffusion_bundle)
+    for component in ("unet", "fused"):
+        logger = collecting_logger(trt)
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        assert parser.parse_from_file(str(bundle.onnx_path(component, "fp32")))
+        config = builder.create_builder_config()
+        names = target_initializers(bundle, component, "fp32")
+        assert len(names) > 20
+        mark_refittable(trt, network, config, names, component)
+        assert config.get_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+        assert all(network.are_weights_marked_refittable(n) for n in names)
+        with pytest.raises(ValidationFailedError, match="no weight 'no-such-weight'"):
+            mark_refittable(trt, network, config, ["no-such-weight"], component)
+
+
+def test_refittable_engines_mark_what_a_lora_may_target(diffusion_bundle, bert_bundle, tmp_path, monkeypatch):
+    """--refittable marks, in each graph, exactly the initializers the manifest's LoRA targets point at
+    (the UNet's and text encoder's, in every fused graph too), and records it; a bundle without LoRA
+    targets is refused before anything is built."""
+    from edgegen.runtime.lora import target_initializers
+
+    bundle = Path(shutil.copytree(diffusion_bundle, tmp_path / "b"))
+    asked = {}
+
+    def build_one(trt, logger, onnx_path, what, *args, refit_names=None, **kwargs):
+        asked[what] = refit_names
+        return b"engine " + what.encode(), args[-1] + b"t"
+
+    monkeypatch.setattr(engine_build, "_build_one", build_one)
+    result = add_engines(bundle, "trt-rtx", "8.9", progress=False, refittable=True)
+    opened = Bundle.open(bundle)
+    assert result["build"]["refittable"] and all(e["refittable"] for e in opened.manifest["engines"])
+    for what, names in asked.items():
+        component, form = what.split(".")
+        assert names == target_initializers(opened, component, form)
+        assert bool(names) == (component not in ("vae_decoder", "vae_encoder")), what
+    assert len(asked["fused.fp32"]) == len(asked["unet.fp32"]) + len(asked["text_encoder.fp32"])
+    with pytest.raises(BadInputError, match="records no weights a LoRA may target"):
+        add_engines(Path(shutil.copytree(bert_bundle, tmp_path / "g")), "trt-rtx", "8.9", refittable=True)

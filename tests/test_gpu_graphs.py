@@ -41,11 +41,11 @@ def reference(bundle):
     return pipes
 
 
-def trt_factory(cuda, engines: dict, graphs=True):
-    """An ``open_graph`` that opens every component as an emulated TensorRT engine (kept in ``engines``)."""
+def trt_factory(cuda, engines: dict, graphs=True, refittable=False):
+    """An ``open_graph`` that opens every component as an emulated TensorRT engine (kept in ``engines``),
+    built ``refittable`` or not."""
 
     def factory(b, component, form, backend, cuda_graphs=None, overrides=None):
-        assert overrides is None  # engines take no LoRA at load
         spec = b.components[component]
         engine = engines[component] = FakeEngine(
             b.onnx_path(component, form), spec, cuda, b.generation["max_batch"]
@@ -53,6 +53,7 @@ def trt_factory(cuda, engines: dict, graphs=True):
         entry = {
             "file": f"engines/fake/{component}.{form}.engine",
             "profile": {"max_batch": b.generation["max_batch"]},
+            "refittable": refittable,
         }
         return TrtGraph(
             b,
@@ -63,6 +64,7 @@ def trt_factory(cuda, engines: dict, graphs=True):
             cuda_graphs=graphs,
             loaded=(engine, None, LOGGER, entry),
             trt=FAKE_TRT,
+            overrides=overrides,
         )
 
     return factory

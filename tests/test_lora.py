@@ -219,11 +219,9 @@ def test_bad_lora_arguments_are_refused(bundle, loras, tmp_path):
         )
 
 
-def test_engines_int8_and_bundles_without_targets_refuse_a_lora_at_load(bundle, loras, bert_bundle, tmp_path):
+def test_int8_and_bundles_without_targets_refuse_a_lora_at_load(bundle, loras, bert_bundle, tmp_path):
     lora = [(loras["peft"], 1.0)]
     opened = Bundle.open(bundle)
-    with pytest.raises(BadInputError, match="prebuilt TensorRT engines"):
-        DiffusionPipeline(opened, "trt-rtx", "fp32", [], lora=lora)
     with pytest.raises(BadInputError, match="int8 weights cannot take a LoRA"):
         LoraMerge(opened, "int8", lora)
     with pytest.raises(BadInputError, match="records no LoRA targets"):
@@ -410,3 +408,45 @@ def test_device_graphs_take_the_merged_weights(bundle, loras, expected, monkeypa
         assert len(caches) == 2 and all(c.name.startswith("lora-") for c in caches)
     finally:
         cudart.set_runtime(previous)
+
+
+@pytest.mark.parametrize("refittable", [True, False])
+def test_refittable_engines_are_refitted_with_the_merged_weights(
+    bundle, loras, expected, monkeypatch, refittable
+):
+    """trt / trt-rtx: an engine built --refittable gets the merged weights through TensorRT's Refitter (by
+    the ONNX initializers' names) before any context exists; one built without is refused, which `auto`
+    treats as an engine that does not suit. Over the host emulation of TensorRT (tests/gpu_emulation.py);
+    a real Refitter is not exercised here."""
+    from edgegen.runtime import cudart
+    from edgegen.runtime import pipeline as pipeline_module
+    from edgegen.runtime.errors import EngineMismatchError
+    from gpu_emulation import HostCuda
+    from test_gpu_graphs import trt_factory
+
+    cuda, engines = HostCuda(), {}
+    previous = cudart.set_runtime(cuda)
+    monkeypatch.setattr(pipeline_module, "open_graph", trt_factory(cuda, engines, refittable=refittable))
+    try:
+        applied = [(loras[name], scale) for name, scale in CASES["both"]]
+        if not refittable:
+            with pytest.raises(EngineMismatchError, match="was not built refittable"):
+                DiffusionPipeline(Bundle.open(bundle), "trt-rtx", "fp32", [], lora=applied)
+            return
+        pipe = DiffusionPipeline(Bundle.open(bundle), "trt-rtx", "fp32", [], lora=applied)
+        for call in CALLS:
+            want, latents = expected["both", call]
+            assert levels(run(pipe, latents, call), want) <= LEVELS, call
+        assert engines and all(e.refits == 1 for e in engines.values())
+    finally:
+        cudart.set_runtime(previous)
+
+
+def test_cli_refuses_refittable_without_engines_or_targets(
+    diffusion_checkpoint, bundle_copy, tmp_path, capsys
+):
+    code = main(["export", str(diffusion_checkpoint), "-o", str(tmp_path / "x"), "--refittable", "--json"])
+    assert code == 2 and "pass --engines" in json.loads(capsys.readouterr().out)["error"]["note"]
+    argv = ["engines", str(bundle_copy), "--flavour", "trt-rtx", "--compute-capability", "8.9"]
+    assert main([*argv, "--refittable", "--json"]) == 2
+    assert "no weights a LoRA may target" in json.loads(capsys.readouterr().out)["error"]["message"]
