@@ -4,8 +4,9 @@ weights when its sessions are created, with numpy alone (no torch, no re-export)
 A LoRA layer adds ``scale * alpha / rank * up @ down`` to one Linear or Conv2d weight. Export fuses the same
 deltas into the torch modules before tracing (``edgegen.export.lora``); for merging at load, the manifest's
 ``lora.targets`` says where each targetable weight lies in each form's shared weights file (offset, layout,
-dtype), and the initializers of a component that point there are replaced through
-``SessionOptions.add_initializer``: one bundle serves many LoRAs.
+dtype), and the initializers of a component that point there are replaced when its graph opens (ONNX
+Runtime: ``SessionOptions.add_external_initializers``; TensorRT: a refittable engine's Refitter). The
+bundle's files never change: one bundle serves many LoRAs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from .errors import BadBundleError, BadInputError
 from .onnx_scan import external_initializers
 
-PARTS = {"unet": "the UNet", "text_encoder": "the text encoder"}
+PARTS = ("unet", "text_encoder")  # what a LoRA file may adapt
 # How each naming spells a part: diffusers/PEFT "unet.<module>", kohya "lora_unet_<module with underscores>"
 DOTTED = {"unet.": "unet", "text_encoder.": "text_encoder"}
 KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
@@ -89,11 +90,19 @@ def parse_spec(text: str) -> tuple[str, float]:
 
 def normalize(loras) -> list[tuple[Path, float]]:
     """``[(file, scale), ...]`` (or ``[file, ...]``, scale 1) checked: files that exist, finite scales."""
-    if isinstance(loras, (str, os.PathLike, tuple)):
+    if isinstance(loras, (str, os.PathLike)):
         loras = [loras]
     out = []
     for item in loras:
-        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+        if isinstance(item, (str, os.PathLike)):
+            item = (item, 1.0)
+        if not (
+            isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike))
+        ):
+            raise BadInputError(
+                "lora", f"{item!r} is not a file or a (file, scale) pair", "lora=[(file, 0.8)]"
+            )
+        path, scale = item
         try:
             scale = float(scale)
         except (TypeError, ValueError):

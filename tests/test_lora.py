@@ -209,6 +209,7 @@ def test_bad_lora_arguments_are_refused(bundle, loras, tmp_path):
         ([tmp_path / "missing.safetensors"], "no such file"),
         ([(loras["peft"], "strong")], "not a finite number"),
         ([(loras["peft"], float("nan"))], "not a finite number"),
+        ((loras["peft"], 0.8), "is not a file or a \\(file, scale\\) pair"),
     ):
         with pytest.raises(BadInputError, match=problem):
             Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32", lora=lora)
