@@ -57,7 +57,7 @@ def cmd_export(args) -> int:
         engines=args.engines,
         compute_capability=args.compute_capability,
         workspace_mb=args.workspace_mb,
-        family_options={"image_size": args.image_size, "vae": args.vae},
+        family_options={"image_size": args.image_size, "vae": args.vae, "controlnet": args.controlnet},
     )
     from .bundle import Bundle
 
@@ -122,6 +122,8 @@ DIFFUSION_FLAGS = {
     "--scheduler": "scheduler",
     "--image": "image",
     "--strength": "strength",
+    "--control-image": "control_image",  # a path: the pipeline reads it (and refuses a bad file)
+    "--controlnet-conditioning-scale": "controlnet_conditioning_scale",
 }
 
 
@@ -193,6 +195,7 @@ def cmd_inspect(args) -> int:
         f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}, "
         f"padding {m['tokenizer'].get('padding', 'max_length')}",
         f"generation {json.dumps(m['generation'])}",
+        *_conditioning_lines(m),
         "components:",
     ]
     for name, c in bundle.components.items():
@@ -207,6 +210,21 @@ def cmd_inspect(args) -> int:
         lines.append(f"DEGRADED   {line}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _conditioning_lines(manifest: dict) -> list[str]:
+    """The image-conditioning components a diffusion bundle holds (ControlNet), one line each."""
+    controlnet = (
+        manifest["generation"].get("controlnet") if isinstance(manifest["generation"], dict) else None
+    )
+    if not controlnet:
+        return []
+    config = manifest.get("model", {}).get("controlnet", {})
+    return [
+        f"controlnet {controlnet.get('class')}, {len(controlnet.get('residuals', []))} residuals, "
+        f"conditioning_channels {config.get('conditioning_channels', 3)}, default scale "
+        f"{controlnet.get('conditioning_scale')} (generate --control-image)"
+    ]
 
 
 def cmd_validate(args) -> int:
@@ -509,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoencoderKL, saved with save_pretrained) to use instead of the pipeline's own vae/, "
         "e.g. a TAESD for a faster decoder",
     )
+    e.add_argument(
+        "--controlnet",
+        default=None,
+        help="diffusion: a ControlNetModel directory (saved with save_pretrained) to export with the "
+        "pipeline (in place of its own controlnet/, if any)",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument(
         "--allow-degraded",
@@ -555,6 +579,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="diffusion image-to-image: how much to change (0..1, default 0.5)",
+    )
+    g.add_argument(
+        "--control-image",
+        default=None,
+        help="diffusion with a ControlNet: the condition image (edges, depth...)",
+    )
+    g.add_argument(
+        "--controlnet-conditioning-scale",
+        type=float,
+        default=None,
+        help="diffusion with a ControlNet: how strongly the condition steers (default 1.0; 0: off)",
     )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
