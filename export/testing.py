@@ -425,3 +425,51 @@ def make_taesd_autoencoder(directory, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     diffusers.AutoencoderTiny().eval().save_pretrained(root, safe_serialization=True)
     return root
+
+
+def make_tiny_ip_adapter(directory, checkpoint, seed: int = 0) -> Path:
+    """Write a tiny random-weight IP-Adapter for the UNet of ``checkpoint`` in diffusers' load_ip_adapter
+    layout: ``image_encoder/`` (a small CLIPVisionModelWithProjection) and ``ip-adapter.safetensors``
+    (``image_proj.*``: the image embedding -> 4 tokens; ``ip_adapter.{k}.to_k_ip/to_v_ip``: one pair per
+    cross-attention layer, numbered as diffusers numbers them: 1, 3, 5...); returns its path."""
+    import diffusers
+    import transformers
+
+    root = Path(directory)
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet", local_files_only=True)
+    cross, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    encoder = transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=24,
+        )
+    ).eval()
+    encoder.save_pretrained(root / "image_encoder", safe_serialization=True)
+    tokens = 4
+    weights = {
+        "image_proj.proj.weight": torch.randn(tokens * cross, 24) / 24**0.5,
+        "image_proj.proj.bias": torch.randn(tokens * cross) * 0.1,
+        "image_proj.norm.weight": 1 + 0.1 * torch.randn(cross),
+        "image_proj.norm.bias": 0.1 * torch.randn(cross),
+    }
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")[0]
+        width = (
+            widths[-1]
+            if block == "mid_block"
+            else (widths[::-1] if block == "up_blocks" else widths)[int(name.split(".")[1])]
+        )
+        for part in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{key}.{part}.weight"] = torch.randn(width, cross) / cross**0.5
+        key += 2
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(root / "ip-adapter.safetensors"))
+    return root

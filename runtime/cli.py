@@ -57,7 +57,12 @@ def cmd_export(args) -> int:
         engines=args.engines,
         compute_capability=args.compute_capability,
         workspace_mb=args.workspace_mb,
-        family_options={"image_size": args.image_size, "vae": args.vae, "controlnet": args.controlnet},
+        family_options={
+            "image_size": args.image_size,
+            "vae": args.vae,
+            "controlnet": args.controlnet,
+            "ip_adapter": args.ip_adapter,
+        },
     )
     from .bundle import Bundle
 
@@ -124,6 +129,8 @@ DIFFUSION_FLAGS = {
     "--strength": "strength",
     "--control-image": "control_image",  # a path: the pipeline reads it (and refuses a bad file)
     "--controlnet-conditioning-scale": "controlnet_conditioning_scale",
+    "--ip-adapter-image": "ip_adapter_image",  # a path, as --control-image
+    "--ip-adapter-scale": "ip_adapter_scale",
 }
 
 
@@ -213,18 +220,22 @@ def cmd_inspect(args) -> int:
 
 
 def _conditioning_lines(manifest: dict) -> list[str]:
-    """The image-conditioning components a diffusion bundle holds (ControlNet), one line each."""
-    controlnet = (
-        manifest["generation"].get("controlnet") if isinstance(manifest["generation"], dict) else None
-    )
-    if not controlnet:
-        return []
-    config = manifest.get("model", {}).get("controlnet", {})
-    return [
-        f"controlnet {controlnet.get('class')}, {len(controlnet.get('residuals', []))} residuals, "
-        f"conditioning_channels {config.get('conditioning_channels', 3)}, default scale "
-        f"{controlnet.get('conditioning_scale')} (generate --control-image)"
-    ]
+    """The image-conditioning components a diffusion bundle holds (ControlNet, IP-Adapter), one line each."""
+    gen = manifest["generation"] if isinstance(manifest["generation"], dict) else {}
+    lines = []
+    if gen.get("controlnet"):
+        controlnet, config = gen["controlnet"], manifest.get("model", {}).get("controlnet", {})
+        lines.append(
+            f"controlnet {controlnet.get('class')}, {len(controlnet.get('residuals', []))} residuals, "
+            f"conditioning_channels {config.get('conditioning_channels', 3)}, default scale "
+            f"{controlnet.get('conditioning_scale')} (generate --control-image)"
+        )
+    if gen.get("ip_adapter"):
+        lines.append(
+            f"ip_adapter CLIP image encoder at {gen['ip_adapter'].get('image_size')}px, default scale "
+            f"{gen['ip_adapter'].get('scale')} (generate --ip-adapter-image)"
+        )
+    return lines
 
 
 def cmd_validate(args) -> int:
@@ -533,6 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusion: a ControlNetModel directory (saved with save_pretrained) to export with the "
         "pipeline (in place of its own controlnet/, if any)",
     )
+    e.add_argument(
+        "--ip-adapter",
+        default=None,
+        help="diffusion: an IP-Adapter directory in diffusers' load_ip_adapter layout (image_encoder/ "
+        "and ip-adapter.safetensors) to export with the pipeline",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument(
         "--allow-degraded",
@@ -590,6 +607,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="diffusion with a ControlNet: how strongly the condition steers (default 1.0; 0: off)",
+    )
+    g.add_argument(
+        "--ip-adapter-image", default=None, help="diffusion with an IP-Adapter: the reference image"
+    )
+    g.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=None,
+        help="diffusion with an IP-Adapter: weight of the reference image (default 1.0; 0: off)",
     )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)

@@ -7,13 +7,17 @@ A call runs one of two paths:
   any step count, any of the four schedulers, guidance, image-to-image.
 
 A bundle with a ControlNet (``generation.controlnet``) runs it before every UNet evaluation on both paths;
-its calls need ``control_image=`` (diffusers' StableDiffusionControlNetPipeline ``image``).
+its calls need ``control_image=`` (diffusers' StableDiffusionControlNetPipeline ``image``). A bundle with an
+IP-Adapter (``generation.ip_adapter``) encodes ``ip_adapter_image=`` once per image (cached) and hands the
+embedding to every UNet evaluation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +47,15 @@ class Control:
     scale: float
 
 
+@dataclass(slots=True)
+class ImagePrompt:
+    """A call's IP-Adapter input: each image's embedding (the image encoder's, cached) and the scale of the
+    adapter's attention (diffusers' set_ip_adapter_scale; 0 turns it off)."""
+
+    embeds: np.ndarray  # (batch, 1, D) float32
+    scale: float
+
+
 def fused_name(steps: int) -> str:
     """The fused graph that unrolls ``steps`` steps: ``fused`` for one, ``fused_k2``, ``fused_k4``..."""
     return "fused" if steps == 1 else f"fused_k{steps}"
@@ -58,6 +71,7 @@ class CallPlan:
     cfg: bool  # classifier-free guidance: negative rows run beside the prompts'
     negatives: list[str]  # the negative prompts (empty without cfg)
     control: Control | None = None  # bundles with a ControlNet
+    image_prompt: ImagePrompt | None = None  # bundles with an IP-Adapter
 
 
 class NoiseStreams:
@@ -92,7 +106,10 @@ class DiffusionPipeline(Pipeline):
         "scheduler",
         "control_image",
         "controlnet_conditioning_scale",
+        "ip_adapter_image",
+        "ip_adapter_scale",
     )
+    image_cache_size = 32  # IP-Adapter image embeddings kept, by the preprocessed image's hash
 
     def __init__(
         self,
@@ -120,6 +137,7 @@ class DiffusionPipeline(Pipeline):
             self.time_cond_dim = int(gen["time_cond_dim"]) if gen.get("time_cond_dim") else None
             self.vae = str(gen["vae"])
             self.residuals = [str(r) for r in gen["controlnet"]["residuals"]] if "controlnet" in gen else []
+            self.ip_adapter = _ip_adapter_settings(gen["ip_adapter"]) if "ip_adapter" in gen else None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadBundleError(
                 f"bundle {bundle.root}",
@@ -133,10 +151,17 @@ class DiffusionPipeline(Pipeline):
                 f"this runtime runs {' or '.join(VAE_SAMPLES_LATENTS)}; upgrade edgegen",
             )
         self.tokenizer = PromptTokenizer.of_bundle(bundle)
+        self._image_embeds: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._schedulers = {}
         self.scheduler(self.scheduler_name)  # a config this runtime cannot run fails at load
         # fail at load, not at the first call
         self.graph("unet" if mode == "loop" or not self.fused else self.fused[min(self.fused)])
+
+    def clear_cache(self) -> None:
+        """Forget the cached text states and IP-Adapter image embeddings."""
+        super().clear_cache()
+        with self._lock:
+            self._image_embeds.clear()
 
     def scheduler(self, name: str):
         if name not in NAMES:
@@ -162,9 +187,14 @@ class DiffusionPipeline(Pipeline):
         negative_prompt=None,
         control_image=None,
         controlnet_conditioning_scale=None,
+        ip_adapter_image=None,
+        ip_adapter_scale=None,
     ):
         batch = len(prompts)
-        info = CallInfo(seeds=seeds, engine_stages=("fused", "text_encoder", "vae_encoder", "vae_decoder"))
+        info = CallInfo(
+            seeds=seeds,
+            engine_stages=("fused", "text_encoder", "image_encoder", "vae_encoder", "vae_decoder"),
+        )
         with info.stage("noise"):
             call = self._plan(
                 batch, num_inference_steps, guidance_scale, image, strength, scheduler, negative_prompt
@@ -178,6 +208,7 @@ class DiffusionPipeline(Pipeline):
             cond = None
             if self.time_cond_dim:  # LCM-distilled UNets take guidance as an input
                 cond = guidance_embedding(np.full(batch, call.guidance - 1.0, np.float32), self.time_cond_dim)
+        call.image_prompt = self._image_prompt(ip_adapter_image, ip_adapter_scale, batch, info)
         use_cache = self.mode != "fused" and self.text_cache.holds(prompts + call.negatives)
         fused = (
             self.fused.get(len(call.plan))
@@ -238,6 +269,9 @@ class DiffusionPipeline(Pipeline):
             if call.control is not None:
                 ins["control_image"][...] = call.control.image
                 ins["conditioning_scale"][...] = call.control.scale
+            if call.image_prompt is not None:
+                ins["image_embeds"][...] = call.image_prompt.embeds
+                ins["ip_adapter_scale"][...] = call.image_prompt.scale
         with info.stage("tokenize"):
             tokens = self.tokenizer(prompts)
             ins["input_ids"][...] = tokens.input_ids
@@ -287,6 +321,10 @@ class DiffusionPipeline(Pipeline):
             ins["timestep_cond"][...] = cond
         if call.control is not None:
             self._start_control(call.control, states, rows)
+        if call.image_prompt is not None:  # negative rows get zeros, as diffusers' uncond image embeds
+            embeds = call.image_prompt.embeds
+            ins["image_embeds"][...] = np.concatenate([0 * embeds, embeds]) if call.cfg else embeds
+            ins["ip_adapter_scale"][...] = call.image_prompt.scale
         steps = []
         for i, step_t in enumerate(plan.timesteps):
             with info.stage("scheduler"):
@@ -412,21 +450,48 @@ class DiffusionPipeline(Pipeline):
         scale = 1.0 if scale is None else _number("controlnet_conditioning_scale", scale, 0.0)
         return Control(self._images(control_image, batch, "control_image"), scale)
 
+    def _image_prompt(self, image, scale, batch, info) -> ImagePrompt | None:
+        """The call's IP-Adapter input: refused where the bundle has no IP-Adapter, and missing where it has
+        one (its UNet reads an image embedding, as diffusers' does once an adapter is loaded)."""
+        if self.ip_adapter is None:
+            if image is not None or scale is not None:
+                raise BadInputError(
+                    "ip_adapter_image" if image is not None else "ip_adapter_scale",
+                    "this bundle has no IP-Adapter",
+                    "add one with `edgegen export CKPT --ip-adapter DIR`",
+                )
+            return None
+        if image is None:
+            raise BadInputError(
+                "ip_adapter_image",
+                "missing: this bundle has an IP-Adapter, which needs a reference image",
+                "pass ip_adapter_image= (PIL image, uint8 (H, W, 3) array or path); ip_adapter_scale=0 "
+                "turns the adapter off",
+            )
+        scale = self.ip_adapter["scale"] if scale is None else _number("ip_adapter_scale", scale, 0.0)
+        items = _image_list(image, batch, "ip_adapter_image")
+        with info.stage("image_encoder"):
+            embeds = {id(x): self._image_embedding(x) for x in items}  # one image given serves every row
+            return ImagePrompt(np.stack([embeds[id(x)] for x in items]), scale)
+
+    def _image_embedding(self, image) -> np.ndarray:
+        """(1, D) embedding of one reference image, from the cache or one image-encoder run."""
+        pixels = clip_pixels(_rgb(image, "ip_adapter_image"), self.ip_adapter)
+        key = hashlib.sha256(pixels.tobytes()).digest()
+        embeds = self._image_embeds.get(key)
+        if embeds is None:
+            enc = self.graph("image_encoder")
+            enc.inputs(1)["pixel_values"][...] = pixels
+            embeds = self._image_embeds[key] = enc.run(1)["image_embeds"][0].copy()
+            while len(self._image_embeds) > self.image_cache_size:
+                self._image_embeds.popitem(last=False)
+        self._image_embeds.move_to_end(key)
+        return embeds
+
     def _images(self, image, batch, subject) -> np.ndarray:
         """Input images -> (batch, 3, S, S) float32 RGB in [0, 1], diffusers' VaeImageProcessor preprocessing
         before its normalisation (converted to RGB, resized to the bundle's size with Lanczos)."""
-        items = (
-            list(image)
-            if isinstance(image, (list, tuple))
-            else (list(image) if isinstance(image, np.ndarray) and image.ndim == 4 else [image])
-        )
-        if len(items) == 1:
-            items = items * batch
-        if len(items) != batch:
-            raise BadInputError(
-                subject, f"{len(items)} images for {batch} outputs", "pass one image, or one per output image"
-            )
-        return np.stack([self._image(x, subject) for x in items])
+        return np.stack([self._image(x, subject) for x in _image_list(image, batch, subject)])
 
     def _image(self, image, subject) -> np.ndarray:
         from PIL import Image
@@ -436,6 +501,47 @@ class DiffusionPipeline(Pipeline):
         if image.size != (size, size):
             image = image.resize((size, size), Image.LANCZOS)
         return (np.asarray(image).astype(np.float32) / 255.0).transpose(2, 0, 1)
+
+
+def _image_list(image, batch: int, subject: str) -> list:
+    """One image per output image: one given serves them all."""
+    items = (
+        list(image)
+        if isinstance(image, (list, tuple))
+        else (list(image) if isinstance(image, np.ndarray) and image.ndim == 4 else [image])
+    )
+    if len(items) == 1:
+        items = items * batch
+    if len(items) != batch:
+        raise BadInputError(
+            subject, f"{len(items)} images for {batch} outputs", "pass one image, or one per output image"
+        )
+    return items
+
+
+def clip_pixels(image, settings: dict) -> np.ndarray:
+    """An RGB PIL image as CLIPImageProcessor prepares it for the image encoder: the shortest edge resized
+    to ``image_size`` (bicubic; the long edge truncated, as transformers computes it), a centred square crop,
+    then (x / 255 - mean) / std; (3, N, N) float32."""
+    from PIL import Image
+
+    n, (width, height) = settings["image_size"], image.size
+    short, long = sorted((width, height))
+    resized = (n, int(n * long / short)) if width <= height else (int(n * long / short), n)
+    image = image.resize(resized, Image.BICUBIC)
+    top, left = (resized[1] - n) // 2, (resized[0] - n) // 2
+    arr = np.asarray(image, dtype=np.float32)[top : top + n, left : left + n] * np.float32(1 / 255)
+    arr = (arr - settings["image_mean"]) / settings["image_std"]
+    return arr.transpose(2, 0, 1).astype(np.float32)
+
+
+def _ip_adapter_settings(entry) -> dict:
+    return {
+        "image_size": int(entry["image_size"]),
+        "image_mean": np.asarray(entry["image_mean"], np.float32),
+        "image_std": np.asarray(entry["image_std"], np.float32),
+        "scale": float(entry.get("scale", 1.0)),
+    }
 
 
 def _rgb(image, subject: str):

@@ -104,6 +104,8 @@ def test_diffusion_options_are_refused_for_other_families():
         image="no-such-file.png",
         control_image=None,
         controlnet_conditioning_scale=None,
+        ip_adapter_image=None,
+        ip_adapter_scale=None,
     )
     # refused before --image is read
     with pytest.raises(BadInputError, match="only for diffusion bundles") as refused:
@@ -121,6 +123,8 @@ def test_diffusion_options_are_passed_by_diffusers_names():
         image=None,
         control_image=None,
         controlnet_conditioning_scale=None,
+        ip_adapter_image=None,
+        ip_adapter_scale=None,
     )
     options = _diffusion_options(args, SimpleNamespace(bundle=SimpleNamespace(family="diffusion")))
     assert options == {

@@ -9,7 +9,10 @@ arithmetic traced into them is the runtime's own (``edgegen.runtime.schedulers``
 With a ControlNet (the pipeline's ``controlnet/`` or ``controlnet=DIR``) the bundle also holds
 ``controlnet`` (latents, timestep, text states, control image, scale -> the UNet's residuals), the UNet
 takes those residuals as inputs, and every fused graph runs the ControlNet before each UNet step (inputs
-``control_image`` and ``conditioning_scale``). Without one, every graph is as before.
+``control_image`` and ``conditioning_scale``). With an IP-Adapter (``ip_adapter=DIR``, diffusers'
+load_ip_adapter layout) it holds ``image_encoder`` (CLIP pixels -> image embedding) and the UNet, fused graphs
+included, gains the adapter's cross-attention with inputs ``image_embeds`` and ``ip_adapter_scale``. Without
+them, every graph is as before.
 """
 
 from __future__ import annotations
@@ -52,24 +55,53 @@ class TextEncoder(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """One UNet evaluation: (scaled) latents, timestep, text states [, guidance embedding] [, ControlNet
-    residuals: the down blocks' then the mid block's] -> model output."""
+    """One UNet evaluation: (scaled) latents, timestep, text states [, guidance embedding] [, IP-Adapter image
+    embedding and scale] [, ControlNet residuals: the down blocks' then the mid block's] -> model output."""
 
-    def __init__(self, unet, time_cond: bool = False):
+    def __init__(self, unet, time_cond: bool = False, ip_adapter: bool = False):
         super().__init__()
-        self.unet, self.time_cond = unet, time_cond
+        self.unet, self.time_cond, self.ip_adapter = unet, time_cond, ip_adapter
 
     def forward(self, sample, timestep, text_states, *extra):
-        timestep_cond, residuals = (extra[0], extra[1:]) if self.time_cond else (None, extra)
+        extra = list(extra)
+        timestep_cond = extra.pop(0) if self.time_cond else None
+        added = None
+        if self.ip_adapter:
+            image_embeds, scale = extra.pop(0), extra.pop(0)
+            set_ip_adapter_scale(self.unet, scale)
+            added = {"image_embeds": [image_embeds]}
+        residuals = extra
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=text_states,
             timestep_cond=timestep_cond,
-            down_block_additional_residuals=list(residuals[:-1]) if residuals else None,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=residuals[:-1] if residuals else None,
             mid_block_additional_residual=residuals[-1] if residuals else None,
             return_dict=False,
         )[0]
+
+
+def set_ip_adapter_scale(unet, scale) -> None:
+    """The scale every IP-Adapter attention processor multiplies its image attention by (diffusers'
+    set_ip_adapter_scale). A tensor here, so tracing makes it a graph input: traced at a non-zero value,
+    the processors' ``scale == 0`` shortcut is not taken, and scale 0 still adds nothing."""
+    for processor in unet.attn_processors.values():
+        if isinstance(getattr(processor, "scale", None), list):
+            processor.scale = [scale]
+
+
+class ImageEncoder(nn.Module):
+    """CLIPVisionModelWithProjection: normalised CLIP pixels -> image embedding (what an IP-Adapter's image
+    projection reads, as diffusers' encode_image gives it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).image_embeds[:, None]
 
 
 class Control(nn.Module):
@@ -247,7 +279,9 @@ class Fused(nn.Module):
     def forward(self, input_ids, noise, *extra):
         extra = list(extra)
         control_inputs = [extra.pop(-2), extra.pop()] if self.control is not None else []
+        ip = [extra.pop(-2), extra.pop()] if self.denoiser.ip_adapter else []
         cond = [extra.pop()] if self.time_cond else []
+        cond += ip
         states = self.text_encoder(input_ids)
         x = noise * self.plan.init_sigma
         for i, t in enumerate(self.plan.timesteps):
@@ -350,6 +384,8 @@ def assemble_fused(
                     "timestep": timestep,
                     "text_states": "text_states",
                     "timestep_cond": "timestep_cond",
+                    "image_embeds": "image_embeds",
+                    "ip_adapter_scale": "ip_adapter_scale",
                     "model_output": f"out_{i}",
                     **step_residuals,
                 },
@@ -383,6 +419,7 @@ def assemble_fused(
         TensorSpec("noise", "float32", latent.shape),
         *[TensorSpec(f"noise_{i + 1}", "float32", latent.shape) for i in noisy],
         *([specs["cond"]] if time_cond else []),
+        *specs.get("ip", []),
         *control,
     ]
     save(c.model([info(t) for t in inputs], [info(specs["pixels"]), info(specs["states"])]), out)
@@ -526,9 +563,68 @@ def load_controlnet(root: Path, index: dict, path: str | Path | None, unet, vae_
     return model
 
 
+IP_ADAPTER_WEIGHTS = "ip-adapter.safetensors"
+
+
+def load_ip_adapter(path: str | Path | None, unet):
+    """The CLIPVisionModelWithProjection of the IP-Adapter directory ``path`` (diffusers' load_ip_adapter
+    layout: ``image_encoder/`` and ``ip-adapter.safetensors``), its projection and attention weights loaded
+    into ``unet`` as diffusers loads them; None without ``path``. Only the plain IP-Adapter (an
+    ImageProjection of the image embedding) is supported: Plus/FaceID variants read other encoder outputs."""
+    if path is None:
+        return None
+    import transformers
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    subject = f"--ip-adapter {folder}"
+    encoder = folder / "image_encoder"
+    try:
+        architectures = json.loads((encoder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    if "CLIPVisionModelWithProjection" not in architectures or not (folder / IP_ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(
+            subject,
+            f"no image_encoder/ (CLIPVisionModelWithProjection) with {IP_ADAPTER_WEIGHTS} beside it",
+            "pass a directory in diffusers' load_ip_adapter layout (safetensors)",
+        )
+    _check_weights(encoder, "the image encoder")
+    try:
+        flat = load_file(folder / IP_ADAPTER_WEIGHTS)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(
+            subject, f"{IP_ADAPTER_WEIGHTS} unreadable: {e}", "re-save the adapter"
+        ) from None
+    state = {
+        part: {k[len(part) + 1 :]: v for k, v in flat.items() if k.startswith(part + ".")}
+        for part in ("image_proj", "ip_adapter")
+    }
+    if "proj.weight" not in state["image_proj"] or not state["ip_adapter"]:
+        raise CheckpointError(
+            subject,
+            "not a plain IP-Adapter (no image_proj.proj.weight or no ip_adapter.* weights)",
+            "export supports the IP-Adapter whose image projection reads the image embedding",
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            unet._load_ip_adapter_weights([state])  # diffusers' own conversion: processors and projection
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                subject, f"does not fit this UNet: {e}", "use an adapter for this model"
+            ) from None
+        model = transformers.CLIPVisionModelWithProjection.from_pretrained(
+            encoder, local_files_only=True, use_safetensors=True, attn_implementation="eager"
+        ).eval()
+    unet.eval()
+    return model
+
+
 class DiffusionFamily(Family):
     name = "diffusion"
-    options = ("image_size", "fused_steps", "num_steps", "guidance_scale", "vae", "controlnet")
+    options = ("image_size", "fused_steps", "num_steps", "guidance_scale", "vae", "controlnet", "ip_adapter")
 
     @classmethod
     def matches(cls, checkpoint: Path) -> bool:
@@ -543,6 +639,7 @@ class DiffusionFamily(Family):
         guidance_scale: float | None = None,
         vae: str | Path | None = None,
         controlnet: str | Path | None = None,
+        ip_adapter: str | Path | None = None,
     ):
         try:
             import diffusers
@@ -661,7 +758,9 @@ class DiffusionFamily(Family):
             else 0.0
         )
         self.text_encoder = TextEncoder(te).eval()
-        self.denoiser = Denoiser(self.unet, bool(self.time_cond_dim)).eval()
+        # --ip-adapter DIR: its image encoder, and its attention loaded into the UNet
+        self.image_encoder = load_ip_adapter(ip_adapter, self.unet)
+        self.denoiser = Denoiser(self.unet, bool(self.time_cond_dim), self.image_encoder is not None).eval()
         # --controlnet DIR: a saved ControlNetModel added to (or in place of) the pipeline's own
         self.controlnet = load_controlnet(root, index, controlnet, self.unet, self.vae_factor)
         self.control = Control(self.controlnet).eval() if self.controlnet is not None else None
@@ -708,6 +807,7 @@ class DiffusionFamily(Family):
             "time_cond_dim": self.time_cond_dim,
             "vae": self.vae_class,
             **({"controlnet": self._controlnet_settings()} if self.control is not None else {}),
+            **({"ip_adapter": self._ip_adapter_settings()} if self.image_encoder is not None else {}),
             "noise": "per image: numpy default_rng(seed).standard_normal(float32) draws, in order: "
             "the initial noise (latent_shape), the VAE encoder's sample noise (image-to-image, "
             "AutoencoderKL only), then one per step that adds noise",
@@ -722,11 +822,29 @@ class DiffusionFamily(Family):
             "residuals": [t.name for t in self.residual_specs],
         }
 
+    def _ip_adapter_settings(self) -> dict:
+        """How the runtime prepares the reference image: CLIPImageProcessor at the encoder's size, as
+        diffusers' load_ip_adapter builds it (shortest edge resized bicubic, centre crop, CLIP mean/std)."""
+        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        return {
+            "image_size": int(self.image_encoder.config.image_size),
+            "resample": "bicubic",
+            "image_mean": list(OPENAI_CLIP_MEAN),
+            "image_std": list(OPENAI_CLIP_STD),
+            "scale": 1.0,
+        }
+
     def describe(self) -> dict:
         import diffusers
 
         te = self.text_encoder.model.config
-        controlnet = {} if self.controlnet is None else {"controlnet": _public(self.controlnet.config)}
+        conditioning = {} if self.controlnet is None else {"controlnet": _public(self.controlnet.config)}
+        if self.image_encoder is not None:
+            conditioning["image_encoder"] = {
+                "kind": "clip_vision",
+                **self.image_encoder.config.to_diff_dict(),
+            }
         return {
             "text_encoder": {"kind": "clip", "hidden_size": te.hidden_size, "layers": te.num_hidden_layers},
             "unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
@@ -734,7 +852,7 @@ class DiffusionFamily(Family):
                 "class": self.vae_class,
                 **{k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
             },
-            **controlnet,
+            **conditioning,
             "diffusers": diffusers.__version__,
         }
 
@@ -790,6 +908,20 @@ class DiffusionFamily(Family):
         scale = TensorSpec("conditioning_scale", "float32", (1,))
         control = [TensorSpec("control_image", "float32", ("batch", 3, S, S)), scale] if residuals else []
         comps = [ComponentDef("text_encoder", self.text_encoder, [ids], [states], {"text_states": 1e-3})]
+        ip = []
+        if self.image_encoder is not None:
+            n, width = self.image_encoder.config.image_size, self.image_encoder.config.projection_dim
+            embeds = TensorSpec("image_embeds", "float32", ("batch", 1, width))
+            ip = [embeds, TensorSpec("ip_adapter_scale", "float32", (1,))]
+            comps.append(
+                ComponentDef(
+                    "image_encoder",
+                    ImageEncoder(self.image_encoder).eval(),
+                    [TensorSpec("pixel_values", "float32", ("batch", 3, n, n))],
+                    [embeds],
+                    {"image_embeds": 1e-3},
+                )
+            )
         if residuals:
             cn_inputs = [
                 latent("sample"),
@@ -807,7 +939,7 @@ class DiffusionFamily(Family):
             ComponentDef(
                 "unet",
                 self.denoiser,
-                [latent("sample"), timestep, states, *cond, *residuals],
+                [latent("sample"), timestep, states, *cond, *ip, *residuals],
                 [latent("model_output")],
                 {"model_output": 1e-3},
             ),
@@ -832,6 +964,7 @@ class DiffusionFamily(Family):
                 "cond": cond[0] if cond else None,
                 "control": control,
                 "residuals": [r.name for r in residuals],
+                "ip": ip,
             }
             build = lambda parts, out, plan=plan, specs=specs: assemble_fused(  # noqa: E731
                 parts, out, plan, specs, bool(self.time_cond_dim)
@@ -847,7 +980,7 @@ class DiffusionFamily(Family):
                         bool(self.time_cond_dim),
                         self.control,
                     ).eval(),
-                    [ids, latent("noise"), *noisy, *cond, *control],
+                    [ids, latent("noise"), *noisy, *cond, *ip, *control],
                     [pixels, states],
                     {"pixels": 2.0, "text_states": 1e-3},
                     assemble=build,
@@ -863,6 +996,15 @@ class DiffusionFamily(Family):
         image = np.random.default_rng(index).random((batch, 3, S, S), dtype=np.float32)
         image[:, :, : S // 2] = image[:, :, : S // 2] > 0.5  # half binary, like an edge map
         return {"controlnet_cond": image, "conditioning_scale": np.ones(1, np.float32)}
+
+    def _ip_adapter_case(self, index: int, batch: int) -> dict[str, np.ndarray]:
+        """An IP-Adapter's inputs for a reference case: random CLIP pixels, their embedding, scale 1."""
+        if self.image_encoder is None:
+            return {}
+        n = self.image_encoder.config.image_size
+        pixels = np.random.default_rng(100 + index).standard_normal((batch, 3, n, n), dtype=np.float32)
+        embeds = ImageEncoder(self.image_encoder)(torch.from_numpy(pixels)).numpy()
+        return {"pixel_values": pixels, "image_embeds": embeds, "ip_adapter_scale": np.ones(1, np.float32)}
 
     @torch.no_grad()
     def reference_cases(self, tokenize, groups=VALIDATION_PROMPTS, seeds_per_group=VALIDATION_SEEDS):
@@ -895,11 +1037,13 @@ class DiffusionFamily(Family):
                 if control
                 else ()
             )
+            ip = self._ip_adapter_case(len(cases), len(prompts))
             out = self.denoiser(
                 sample,
                 torch.from_numpy(timestep),
                 states,
                 *([torch.from_numpy(cond["timestep_cond"])] if cond else []),
+                *(torch.from_numpy(ip[k]) for k in ("image_embeds", "ip_adapter_scale") if k in ip),
                 *residuals,
             )
             latents = plan.step(
@@ -921,6 +1065,7 @@ class DiffusionFamily(Family):
                         "image": image.numpy(),
                         "encoder_noise": encoder_noise,
                         **control,
+                        **ip,
                         **({"control_image": control["controlnet_cond"]} if control else {}),
                         **{r.name: v.numpy() for r, v in zip(self.residual_specs, residuals)},
                     },
