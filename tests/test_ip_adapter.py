@@ -207,3 +207,50 @@ def test_cli_generate_and_inspect(bundle, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["ok"] and Image.open(out).size == (32, 32)
     assert main(["inspect", str(bundle)]) == 0
     assert "ip_adapter CLIP image encoder at 32px" in capsys.readouterr().out
+
+
+def test_with_a_controlnet_matches_diffusers(tmp_path):
+    """Both conditionings in one bundle (a fused graph takes ids and noise, then the adapter's inputs, then
+    the ControlNet's) against StableDiffusionControlNetPipeline with load_ip_adapter, fused and loop."""
+    from edgegen.export import export_checkpoint
+    from edgegen.export.testing import make_tiny_diffusion_checkpoint, make_tiny_ip_adapter
+    from test_controlnet import control_image
+
+    checkpoint = make_tiny_diffusion_checkpoint(tmp_path / "ckpt", controlnet=True)
+    adapter = make_tiny_ip_adapter(tmp_path / "adapter", checkpoint)
+    bundle = export_checkpoint(
+        checkpoint, tmp_path / "b", progress=False, family_options={"ip_adapter": adapter, "fused_steps": [2]}
+    )
+    reference = diffusers.StableDiffusionControlNetPipeline.from_pretrained(checkpoint, local_files_only=True)
+    reference.load_ip_adapter(
+        str(adapter), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder="image_encoder"
+    )
+    reference.set_progress_bar_config(disable=True)
+    reference.set_ip_adapter_scale(0.7)
+    pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32")
+    latents = torch.from_numpy(NoiseStreams(SEEDS).draw(pipe.latent_shape))
+    for guidance, path in ((0.0, "fused_k2"), (3.0, "loop")):
+        want = reference(
+            PROMPTS,
+            image=Image.fromarray(control_image()),
+            height=32,
+            width=32,
+            ip_adapter_image=Image.fromarray(reference_image()),
+            num_inference_steps=2,
+            guidance_scale=guidance,
+            controlnet_conditioning_scale=0.8,
+            latents=latents,
+            output_type="np",
+        ).images
+        got = pipe(
+            PROMPTS,
+            seed=SEEDS,
+            num_inference_steps=2,
+            guidance_scale=guidance,
+            control_image=control_image(),
+            controlnet_conditioning_scale=0.8,
+            ip_adapter_image=reference_image(),
+            ip_adapter_scale=0.7,
+            output_type="uint8",
+        )
+        assert levels(got, as_uint8(want)) <= LEVELS and pipe.last_call.path == path
