@@ -442,9 +442,9 @@ MID_RESIDUAL = "mid_block_additional_residual"
 
 
 def _check_components(root: Path, index: dict) -> None:
-    """Refuse a pipeline with a component export would drop (ControlNet, an image encoder, a safety
-    checker...) or could not load (e.g. an AutoencoderKLTemporalDecoder): without it a bundle computes
-    something else."""
+    """Refuse a pipeline with a component export would drop (an image encoder, a safety checker...) or
+    could not load (e.g. an AutoencoderKLTemporalDecoder, a MultiControlNetModel): without it a bundle
+    computes something else. (An IP-Adapter's image encoder comes with ``ip_adapter=DIR`` instead.)"""
     for part, entry in index.items():
         if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             continue  # a pipeline setting (requires_safety_checker) or a component saved as None
