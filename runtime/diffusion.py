@@ -157,6 +157,15 @@ class DiffusionPipeline(Pipeline):
         # fail at load, not at the first call
         self.graph("unet" if mode == "loop" or not self.fused else self.fused[min(self.fused)])
 
+    def stand_in_inputs(self) -> dict:
+        """What this bundle's calls need besides a prompt, as stand-ins for timing (``edgegen bench``): a
+        mid-grey control or reference image (the cost does not depend on its values)."""
+        grey = np.full((self.image_size, self.image_size, 3), 128, np.uint8)
+        return {
+            **({"control_image": grey} if self.residuals else {}),
+            **({"ip_adapter_image": grey} if self.ip_adapter else {}),
+        }
+
     def clear_cache(self) -> None:
         """Forget the cached text states and IP-Adapter image embeddings."""
         super().clear_cache()
