@@ -36,6 +36,9 @@ VAE_SAMPLES_LATENTS = {"AutoencoderKL": True, "AutoencoderTiny": False}
 # Input images past this many pixels are refused before decoding (they are resized to the bundle's size
 # anyway; PIL's own decompression-bomb limit is 179 MP)
 MAX_IMAGE_PIXELS = 64 * 2**20
+# controlnet_conditioning_scale's defaults: StableDiffusionControlNetPipeline's, and with image=
+# (image-to-image) StableDiffusionControlNetImg2ImgPipeline's
+CONTROL_SCALE, IMG2IMG_CONTROL_SCALE = 1.0, 0.8
 
 
 @dataclass(slots=True)
@@ -213,7 +216,9 @@ class DiffusionPipeline(Pipeline):
             if latents is not None:
                 noise = self._check_latents(latents, batch)
             pixels_in = 2.0 * self._images(image, batch, "image") - 1.0 if image is not None else None
-            call.control = self._control(control_image, controlnet_conditioning_scale, batch)
+            call.control = self._control(
+                control_image, controlnet_conditioning_scale, batch, image is not None
+            )
             cond = None
             if self.time_cond_dim:  # LCM-distilled UNets take guidance as an input
                 cond = guidance_embedding(np.full(batch, call.guidance - 1.0, np.float32), self.time_cond_dim)
@@ -436,7 +441,7 @@ class DiffusionPipeline(Pipeline):
             raise BadInputError("latents", "contains NaN or Inf", "pass finite values")
         return latents.astype(np.float32)
 
-    def _control(self, control_image, scale, batch) -> Control | None:
+    def _control(self, control_image, scale, batch, img2img: bool) -> Control | None:
         """The call's ControlNet condition; refused where the bundle has no ControlNet, and missing where it
         has one (its graphs need a condition, as diffusers' ControlNet pipelines do)."""
         if not self.residuals:
@@ -456,7 +461,8 @@ class DiffusionPipeline(Pipeline):
                 "pass control_image= (PIL image, uint8 (H, W, 3) array or path); "
                 "controlnet_conditioning_scale=0 turns the control off",
             )
-        scale = 1.0 if scale is None else _number("controlnet_conditioning_scale", scale, 0.0)
+        default = IMG2IMG_CONTROL_SCALE if img2img else CONTROL_SCALE
+        scale = default if scale is None else _number("controlnet_conditioning_scale", scale, 0.0)
         return Control(self._images(control_image, batch, "control_image"), scale)
 
     def _image_prompt(self, image, scale, batch, info) -> ImagePrompt | None:

@@ -20,7 +20,7 @@ from edgegen.runtime.cli import main  # noqa: E402
 from edgegen.runtime.diffusion import NoiseStreams  # noqa: E402
 from edgegen.runtime.errors import CheckpointError  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, levels  # noqa: E402
+from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, levels, patch_noise  # noqa: E402
 
 RESIDUALS = [f"down_block_additional_residuals_{i}" for i in range(4)] + ["mid_block_additional_residual"]
 
@@ -184,12 +184,32 @@ def test_fp16_passes_its_gate(bundle, runtime):
     assert np.abs(got.astype(np.int16) - want).mean() < 1.0
 
 
-def test_image_to_image_with_a_controlnet(runtime, reference):
-    """``image=`` the init image, ``control_image=`` the condition (StableDiffusionControlNetImg2ImgPipeline's
-    meaning): the loop runs the ControlNet on the steps image-to-image keeps."""
+def test_image_to_image_with_a_controlnet(runtime, reference, monkeypatch):
+    """``image=`` the init image, ``control_image=`` the condition: StableDiffusionControlNetImg2ImgPipeline's
+    meaning (with the runtime's draws: initial noise, then the VAE encoder's); the loop runs the ControlNet
+    on the steps image-to-image keeps."""
     init = np.full((runtime.image_size, runtime.image_size, 3), 90, np.uint8)
+    init[:, :10] = 220
+    streams = NoiseStreams(SEEDS)
+    noise, encoder_noise = streams.draw(runtime.latent_shape), streams.draw(runtime.latent_shape)
+    patch_noise(monkeypatch, "diffusers.models.autoencoders.vae", [encoder_noise])
+    patch_noise(monkeypatch, "diffusers.pipelines.controlnet.pipeline_controlnet_img2img", [noise])
+    img2img = diffusers.StableDiffusionControlNetImg2ImgPipeline(**reference.components)
+    img2img.set_progress_bar_config(disable=True)
+    want = img2img(
+        PROMPTS,
+        image=[Image.fromarray(init)] * len(PROMPTS),  # one per prompt: each encoded with its own noise
+        control_image=Image.fromarray(control_image()),
+        height=runtime.image_size,
+        width=runtime.image_size,
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        output_type="np",
+    ).images
     call = {"seed": SEEDS, "image": init, "strength": 0.5, "num_inference_steps": 4, "output_type": "uint8"}
     a = runtime(PROMPTS, control_image=control_image(), **call)
+    assert levels(a, as_uint8(want)) <= LEVELS
     assert runtime.last_call.path == "loop"
     assert [s for s in runtime.last_call.stages if s.startswith("controlnet")] == [
         "controlnet_1",
