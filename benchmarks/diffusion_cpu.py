@@ -2,7 +2,7 @@
 call (1 step, no guidance), interleaved in one process so drifting machine load hits both alike.
 
     python -m benchmarks.diffusion_cpu [--work /tmp/edgegen-sdturbo] [--size 256] [--rounds 5] [--json OUT]
-                                       [--tiny-only] [--skip-tiny] [--variants] [--taesd]
+                                       [--tiny-only] [--skip-tiny] [--variants] [--taesd] [--controlnet]
 
 Models: the SD-Turbo architecture with random weights (edgegen.export.testing.make_sd_turbo_checkpoint;
 latency does not depend on the weights' values), built and exported once into --work, and the tiny test
@@ -12,7 +12,10 @@ stage, for the per-stage times). Every runtime call is a new-prompt call (text c
 ``--variants`` also times the fused graph alone under other ONNX Runtime session settings. ``--taesd``
 also measures the SD-Turbo architecture with an AutoencoderTiny VAE (TAESD's published architecture,
 random weights; exported with ``vae=``, the same as ``edgegen export --vae``), diffusers eager with that
-same AutoencoderTiny, and the end-to-end time against the AutoencoderKL bundle, per stage.
+same AutoencoderTiny, and the end-to-end time against the AutoencoderKL bundle, per stage. ``--controlnet``
+also measures the SD-Turbo architecture with a ControlNet (ControlNetModel.from_unet's architecture, random
+weights; exported with ``controlnet=``, as ``edgegen export --controlnet``) against diffusers'
+StableDiffusionControlNetPipeline, per stage (the ControlNet's own stage: ``controlnet_1``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import numpy as np
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
-def build(work: Path, size: int, tiny: bool, taesd: Path | None = None) -> tuple[Path, Path]:
+def build(
+    work: Path, size: int, tiny: bool, taesd: Path | None = None, controlnet: Path | None = None
+) -> tuple[Path, Path]:
     """(checkpoint, bundle), made once and reused; ``taesd``: an AutoencoderTiny directory in place of
-    the VAE."""
+    the VAE; ``controlnet``: a ControlNetModel directory to add."""
     from edgegen.export import export_checkpoint
     from edgegen.export.testing import make_sd_turbo_checkpoint, make_tiny_diffusion_checkpoint
 
@@ -41,7 +46,8 @@ def build(work: Path, size: int, tiny: bool, taesd: Path | None = None) -> tuple
         t = time.perf_counter()
         (make_tiny_diffusion_checkpoint if tiny else make_sd_turbo_checkpoint)(ckpt)
         print(f"built {ckpt} in {time.perf_counter() - t:.0f} s", flush=True)
-    bundle = work / ("bundle-tiny" if tiny else f"bundle-{size}{'-taesd' if taesd else ''}")
+    suffix = ("-taesd" if taesd else "") + ("-controlnet" if controlnet else "")
+    bundle = work / ("bundle-tiny" if tiny else f"bundle-{size}{suffix}")
     if not (bundle / "manifest.json").is_file():
         t = time.perf_counter()
         export_checkpoint(
@@ -49,7 +55,9 @@ def build(work: Path, size: int, tiny: bool, taesd: Path | None = None) -> tuple
             bundle,
             precisions="fp32",
             overwrite=True,
-            family_options=None if tiny else {"image_size": size, "fused_steps": [1], "vae": taesd},
+            family_options=None
+            if tiny
+            else {"image_size": size, "fused_steps": [1], "vae": taesd, "controlnet": controlnet},
         )
         print(f"exported {bundle} in {time.perf_counter() - t:.0f} s", flush=True)
     return ckpt, bundle
@@ -64,14 +72,38 @@ def taesd_dir(work: Path) -> Path:
     return path
 
 
-def eager_candidates(ckpt: Path, size: int, latents: np.ndarray, vae: Path | None = None):
+def controlnet_dir(work: Path) -> Path:
+    from edgegen.export.testing import make_sd_turbo_controlnet
+
+    path = work / "controlnet-arch"
+    if not (path / "config.json").is_file():
+        make_sd_turbo_controlnet(path)
+    return path
+
+
+def control_image(size: int) -> np.ndarray:
+    """An edge-map-like condition (the ControlNet's cost does not depend on it)."""
+    image = np.zeros((size, size, 3), np.uint8)
+    image[size // 4 : 3 * size // 4, size // 4 :: 8] = 255
+    return image
+
+
+def eager_candidates(
+    ckpt: Path, size: int, latents: np.ndarray, vae: Path | None = None, controlnet: Path | None = None
+):
     import diffusers
     import torch
+    from PIL import Image
 
-    extra = {}
+    extra, control = {}, {}
     if vae:  # the same AutoencoderTiny the bundle was exported with
         extra["vae"] = diffusers.AutoencoderTiny.from_pretrained(vae, local_files_only=True).eval()
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(ckpt, local_files_only=True, **extra)
+    cls = diffusers.StableDiffusionPipeline
+    if controlnet:  # the same ControlNet the bundle was exported with
+        cls = diffusers.StableDiffusionControlNetPipeline
+        extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(controlnet, local_files_only=True)
+        control["image"] = Image.fromarray(control_image(size))
+    pipe = cls.from_pretrained(ckpt, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     lat = torch.from_numpy(latents)
 
@@ -85,11 +117,12 @@ def eager_candidates(ckpt: Path, size: int, latents: np.ndarray, vae: Path | Non
             width=size,
             latents=lat,
             output_type="np",
+            **control,
         ).images
 
     @torch.no_grad()
     def stages():
-        """The same work, stage by stage (ms): text encoder, UNet, VAE decoder."""
+        """The same work, stage by stage (ms): text encoder, [ControlNet,] UNet, VAE decoder."""
         out = {}
         t = time.perf_counter()
         ids = pipe.tokenizer(
@@ -104,7 +137,15 @@ def eager_candidates(ckpt: Path, size: int, latents: np.ndarray, vae: Path | Non
         pipe.scheduler.set_timesteps(1)
         x = lat * pipe.scheduler.init_noise_sigma
         step = pipe.scheduler.timesteps[0]
-        eps = pipe.unet(pipe.scheduler.scale_model_input(x, step), step, encoder_hidden_states=states).sample
+        sample, residuals = pipe.scheduler.scale_model_input(x, step), {}
+        if controlnet:
+            image = pipe.control_image_processor.preprocess(control["image"], height=size, width=size)
+            down, mid = pipe.controlnet(
+                sample, step, encoder_hidden_states=states, controlnet_cond=image, return_dict=False
+            )
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            out["controlnet_1"], t = (time.perf_counter() - t) * 1e3, time.perf_counter()
+        eps = pipe.unet(sample, step, encoder_hidden_states=states, **residuals).sample
         x = pipe.scheduler.step(eps, step, x).prev_sample
         out["unet_1"], t = (time.perf_counter() - t) * 1e3, time.perf_counter()
         pipe.vae.decode(x / pipe.vae.config.scaling_factor)
@@ -114,13 +155,13 @@ def eager_candidates(ckpt: Path, size: int, latents: np.ndarray, vae: Path | Non
     return call, stages
 
 
-def runtime_candidate(bundle: Path, mode: str, latents: np.ndarray):
+def runtime_candidate(bundle: Path, mode: str, latents: np.ndarray, control: dict):
     from edgegen.runtime import Pipeline
 
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32", mode=mode, cache_size=0)
 
     def call():
-        return pipe(PROMPT, seed=0, latents=latents, output_type="uint8")
+        return pipe(PROMPT, seed=0, latents=latents, output_type="uint8", **control)
 
     def stages():
         return {k: v / 1e6 for k, v in pipe.last_call.stages.items()}
@@ -128,16 +169,19 @@ def runtime_candidate(bundle: Path, mode: str, latents: np.ndarray):
     return call, stages, pipe
 
 
-def measure(bundle: Path, ckpt: Path, rounds: int, size: int, vae: Path | None = None) -> dict:
+def measure(
+    bundle: Path, ckpt: Path, rounds: int, size: int, vae: Path | None = None, controlnet: Path | None = None
+) -> dict:
     import json as _json
 
     manifest = _json.loads((bundle / "manifest.json").read_text())
     shape = tuple(manifest["generation"]["latent_shape"])
     size = manifest["generation"]["image_size"]
     latents = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-    eager, eager_stages = eager_candidates(ckpt, size, latents, vae)
-    fused, _, _ = runtime_candidate(bundle, "fused", latents)
-    loop, loop_stages, _ = runtime_candidate(bundle, "loop", latents)
+    eager, eager_stages = eager_candidates(ckpt, size, latents, vae, controlnet)
+    control = {"control_image": control_image(size)} if controlnet else {}
+    fused, _, _ = runtime_candidate(bundle, "fused", latents, control)
+    loop, loop_stages, _ = runtime_candidate(bundle, "loop", latents, control)
     names = {"eager": eager, "runtime fused": fused, "runtime loop": loop}
     images = {name: call() for name, call in names.items()}  # warm-up (first runs allocate and pick kernels)
     eager_stages()
@@ -356,6 +400,12 @@ def main(argv=None) -> int:
         "AutoencoderTiny (TAESD architecture) VAE, against the AutoencoderKL one",
     )
     p.add_argument(
+        "--controlnet",
+        action="store_true",
+        help="also the SD-Turbo architecture with a ControlNet "
+        "(random weights), against diffusers' StableDiffusionControlNetPipeline, per stage",
+    )
+    p.add_argument(
         "--baseline-bundle",
         help="with --variants: also time this bundle's fused graph (e.g. one "
         "exported before a change), interleaved with this one's",
@@ -395,6 +445,15 @@ def main(argv=None) -> int:
             print(report("SD-Turbo architecture, AutoencoderTiny VAE", results["sd_turbo_taesd"]), flush=True)
             results["taesd_vs_kl"] = versus(results["sd_turbo_taesd"], results["sd_turbo"])
             print(versus_report(results["taesd_vs_kl"]), flush=True)
+        if args.controlnet:
+            controlnet = controlnet_dir(work)
+            ckpt, cn_bundle = build(work, args.size, tiny=False, controlnet=controlnet)
+            results["sd_turbo_controlnet"] = measure(
+                cn_bundle, ckpt, args.rounds, args.size, controlnet=controlnet
+            )
+            print(
+                report("SD-Turbo architecture with a ControlNet", results["sd_turbo_controlnet"]), flush=True
+            )
         if args.variants:
             results["sd_turbo"]["variants"] = variants(
                 bundle, max(2, args.rounds // 2), Path(args.baseline_bundle) if args.baseline_bundle else None

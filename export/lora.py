@@ -48,22 +48,33 @@ def _key(array: np.ndarray) -> str:
 
 class TargetIndex:
     """The content keys of every targetable weight as a graph may store it: float32 or float16 (the fp16
-    form), in torch's layout ("oi") or transposed ("io": exported Linear layers multiply by W^T)."""
+    form), in torch's layout ("oi") or transposed ("io": exported Linear layers multiply by W^T).
 
-    def __init__(self, parts: dict[str, nn.Module]):
+    ``traced``: every module the graphs hold. Their other weights are keyed too, so that a target whose
+    content another weight shares (a ControlNet made from the UNet starts as a copy of its blocks) is seen
+    to be shared and left out: merging into it would change both."""
+
+    def __init__(self, parts: dict[str, nn.Module], traced: list[nn.Module] = ()):
         self.shapes: dict[tuple[str, str], list[int]] = {}
         self.keys: dict[str, list[tuple[str, str, str, str]]] = {}  # key -> [(part, module, layout, dtype)]
+        own = set()
         for part, found in target_modules(parts).items():
             for name, module in found.items():
-                w = module.weight.detach().float().numpy()
-                self.shapes[(part, name)] = list(w.shape)
-                for dtype, cast in (
-                    ("float32", w),
-                    ("float16", np.clip(w, -FP16_MAX, FP16_MAX).astype(np.float16)),
-                ):
-                    for layout, array in (("oi", cast), ("io", cast.T if cast.ndim == 2 else None)):
-                        if array is not None:
-                            self.keys.setdefault(_key(array), []).append((part, name, layout, dtype))
+                self.shapes[(part, name)] = list(module.weight.shape)
+                self._add(module.weight, (part, name))
+                own.add(id(module.weight))
+        for module in traced:
+            for name, weight in module.named_parameters():
+                if id(weight) not in own and weight.ndim >= 2:
+                    own.add(id(weight))
+                    self._add(weight, ("", name))  # an owner that is no target
+
+    def _add(self, weight, owner: tuple[str, str]) -> None:
+        w = weight.detach().float().numpy()
+        for dtype, cast in (("float32", w), ("float16", np.clip(w, -FP16_MAX, FP16_MAX).astype(np.float16))):
+            for layout, array in (("oi", cast), ("io", cast.T if cast.ndim == 2 else None)):
+                if array is not None:
+                    self.keys.setdefault(_key(array), []).append((*owner, layout, dtype))
 
     def targets(self, offsets: dict[str, dict[str, tuple[int, int]]]) -> dict:
         """The manifest's ``lora.targets`` from each form's shared-file offsets (form -> key -> (offset,
@@ -78,6 +89,8 @@ class TargetIndex:
                 if len(owners) != 1:
                     continue
                 part, module, layout, dtype = owners[0]
+                if not part:
+                    continue
                 out[part][module]["forms"].setdefault(form, []).append(
                     {"offset": offset, "layout": layout, "dtype": dtype}
                 )

@@ -183,11 +183,17 @@ SD_TURBO_SCHEDULER = {
 }
 
 
-def _save_diffusion_pipeline(root: Path, text_encoder, tokenizer, unet, vae, scheduler: str) -> Path:
+def _save_diffusion_pipeline(
+    root: Path, text_encoder, tokenizer, unet, vae, scheduler: str, controlnet=None
+) -> Path:
     import diffusers
 
     sched = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(SD_TURBO_SCHEDULER)
-    pipe = diffusers.StableDiffusionPipeline(
+    cls, extra = diffusers.StableDiffusionPipeline, {}
+    if controlnet is not None:
+        cls, extra = diffusers.StableDiffusionControlNetPipeline, {"controlnet": controlnet}
+    pipe = cls(
+        **extra,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -211,12 +217,14 @@ def make_tiny_diffusion_checkpoint(
     scheduler: str = "euler",
     time_cond_proj_dim: int | None = None,
     vae: str = "kl",
+    controlnet: bool = False,
 ) -> Path:
     """Write a tiny random-weight diffusers pipeline directory (CLIP text encoder, UNet2DConditionModel,
     a VAE with a 2x latent scale, SD-Turbo's scheduler config); returns its path. Seconds, offline.
 
     ``time_cond_proj_dim`` gives the UNet an LCM-style guidance-embedding input. ``vae``: ``kl``
-    (AutoencoderKL) or ``tiny`` (AutoencoderTiny, TAESD's architecture with small channels)."""
+    (AutoencoderKL) or ``tiny`` (AutoencoderTiny, TAESD's architecture with small channels).
+    ``controlnet``: a StableDiffusionControlNetPipeline with a tiny ControlNetModel (``tiny_controlnet``)."""
     if vae not in VAES:
         raise ValueError(f"vae must be one of {VAES}, got {vae!r}")
     import diffusers
@@ -257,9 +265,10 @@ def make_tiny_diffusion_checkpoint(
         use_linear_projection=True,
         time_cond_proj_dim=time_cond_proj_dim,
     ).eval()
+    control = tiny_controlnet(unet) if controlnet else None
     if vae == "tiny":
         vae = _tiny_autoencoder_tiny()
-        return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler)
+        return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler, control)
     vae = diffusers.AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -282,7 +291,29 @@ def make_tiny_diffusion_checkpoint(
         vae.quant_conv.bias[4:].fill_(-6.0)
         vae.decoder.conv_out.weight.mul_(2.0)  # images over the pixel range, neither grey nor saturated
         vae.decoder.conv_out.bias.uniform_(-0.3, 0.3)
-    return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler)
+    return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, scheduler, control)
+
+
+def tiny_controlnet(unet, latent_factor: int = 2):
+    """A ControlNetModel for ``unet`` (its weights copied, as ControlNetModel.from_unet starts training) whose
+    zero-initialised convolutions (the residual projections and the condition embedding's last layer) get
+    random weights, so the control image changes the result as a trained ControlNet's does. Its condition
+    embedding downscales the control image ``latent_factor`` times (the VAE's factor)."""
+    import diffusers
+
+    channels = tuple(8 * 2**i for i in range(latent_factor.bit_length()))  # one 2x downscale per extra entry
+    controlnet = diffusers.ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=channels
+    ).eval()
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    embedding = controlnet.controlnet_cond_embedding.conv_out
+    with torch.no_grad():
+        # gains: residuals about half the size of the UNet's own features; a condition embedding as large as
+        # the latents' (its earlier layers' default init leaves it small), as a trained ControlNet's is
+        for conv, gain in [*((c, 0.5) for c in zero_convs), (embedding, 20.0)]:
+            torch.nn.init.normal_(conv.weight, std=gain / conv.weight[0].numel() ** 0.5)
+            torch.nn.init.uniform_(conv.bias, -0.1, 0.1)
+    return controlnet
 
 
 def _tiny_autoencoder_tiny():
@@ -372,6 +403,19 @@ def make_sd_turbo_checkpoint(directory, seed: int = 0) -> Path:
     return _save_diffusion_pipeline(root, text_encoder, tokenizer, unet, vae, "euler")
 
 
+def make_sd_turbo_controlnet(directory, seed: int = 0) -> Path:
+    """Write a ControlNetModel directory for SD-Turbo's UNet (as ControlNetModel.from_unet builds one: the
+    SD 2.1 ControlNets' architecture) with random weights, for ``export --controlnet``; returns its path."""
+    import diffusers
+
+    root = Path(directory)
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**SD_TURBO_UNET)
+    controlnet = diffusers.ControlNetModel.from_unet(unet, load_weights_from_unet=False).eval()
+    controlnet.save_pretrained(root, safe_serialization=True)
+    return root
+
+
 def make_taesd_autoencoder(directory, seed: int = 0) -> Path:
     """Write an AutoencoderTiny directory with TAESD's published architecture (diffusers' AutoencoderTiny
     defaults, as madebyollin/taesd's config) and random weights, for ``export --vae``; returns its path."""
@@ -448,3 +492,51 @@ def make_random_lora(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_numpy(tensors, str(path), metadata=metadata)
     return Path(path)
+
+
+def make_tiny_ip_adapter(directory, checkpoint, seed: int = 0) -> Path:
+    """Write a tiny random-weight IP-Adapter for the UNet of ``checkpoint`` in diffusers' load_ip_adapter
+    layout: ``image_encoder/`` (a small CLIPVisionModelWithProjection) and ``ip-adapter.safetensors``
+    (``image_proj.*``: the image embedding -> 4 tokens; ``ip_adapter.{k}.to_k_ip/to_v_ip``: one pair per
+    cross-attention layer, numbered as diffusers numbers them: 1, 3, 5...); returns its path."""
+    import diffusers
+    import transformers
+
+    root = Path(directory)
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet", local_files_only=True)
+    cross, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    encoder = transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=24,
+        )
+    ).eval()
+    encoder.save_pretrained(root / "image_encoder", safe_serialization=True)
+    tokens = 4
+    weights = {
+        "image_proj.proj.weight": torch.randn(tokens * cross, 24) / 24**0.5,
+        "image_proj.proj.bias": torch.randn(tokens * cross) * 0.1,
+        "image_proj.norm.weight": 1 + 0.1 * torch.randn(cross),
+        "image_proj.norm.bias": 0.1 * torch.randn(cross),
+    }
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")[0]
+        width = (
+            widths[-1]
+            if block == "mid_block"
+            else (widths[::-1] if block == "up_blocks" else widths)[int(name.split(".")[1])]
+        )
+        for part in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{key}.{part}.weight"] = torch.randn(width, cross) / cross**0.5
+        key += 2
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(root / "ip-adapter.safetensors"))
+    return root

@@ -58,7 +58,13 @@ def cmd_export(args) -> int:
         compute_capability=args.compute_capability,
         workspace_mb=args.workspace_mb,
         refittable=args.refittable,
-        family_options={"image_size": args.image_size, "vae": args.vae, "loras": _loras(args)},
+        family_options={
+            "image_size": args.image_size,
+            "vae": args.vae,
+            "controlnet": args.controlnet,
+            "ip_adapter": args.ip_adapter,
+            "loras": _loras(args),
+        },
     )
     from .bundle import Bundle
 
@@ -132,6 +138,10 @@ DIFFUSION_FLAGS = {
     "--scheduler": "scheduler",
     "--image": "image",
     "--strength": "strength",
+    "--control-image": "control_image",  # a path: the pipeline reads it (and refuses a bad file)
+    "--controlnet-conditioning-scale": "controlnet_conditioning_scale",
+    "--ip-adapter-image": "ip_adapter_image",  # a path, as --control-image
+    "--ip-adapter-scale": "ip_adapter_scale",
 }
 
 
@@ -204,6 +214,7 @@ def cmd_inspect(args) -> int:
         f"tokenizer  max_length {m['tokenizer']['max_length']}, pad {m['tokenizer']['pad_token']!r}, "
         f"padding {m['tokenizer'].get('padding', 'max_length')}",
         f"generation {json.dumps(m['generation'])}",
+        *_conditioning_lines(m),
         "components:",
     ]
     for name, c in bundle.components.items():
@@ -218,6 +229,25 @@ def cmd_inspect(args) -> int:
         lines.append(f"DEGRADED   {line}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _conditioning_lines(manifest: dict) -> list[str]:
+    """The image-conditioning components a diffusion bundle holds (ControlNet, IP-Adapter), one line each."""
+    gen = manifest["generation"] if isinstance(manifest["generation"], dict) else {}
+    lines = []
+    if gen.get("controlnet"):
+        controlnet, config = gen["controlnet"], manifest.get("model", {}).get("controlnet", {})
+        lines.append(
+            f"controlnet {controlnet.get('class')}, {len(controlnet.get('residuals', []))} residuals, "
+            f"conditioning_channels {config.get('conditioning_channels', 3)}, default scale "
+            f"{controlnet.get('conditioning_scale')} (generate --control-image)"
+        )
+    if gen.get("ip_adapter"):
+        lines.append(
+            f"ip_adapter CLIP image encoder at {gen['ip_adapter'].get('image_size')}px, default scale "
+            f"{gen['ip_adapter'].get('scale')} (generate --ip-adapter-image)"
+        )
+    return lines
 
 
 def cmd_validate(args) -> int:
@@ -533,6 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusion: fuse a LoRA (.safetensors, diffusers/PEFT or kohya naming) into the UNet and "
         "text encoder before export, at SCALE (default 1); repeat for several",
     )
+    e.add_argument(
+        "--controlnet",
+        default=None,
+        help="diffusion: a ControlNetModel directory (saved with save_pretrained) to export with the "
+        "pipeline (in place of its own controlnet/, if any)",
+    )
+    e.add_argument(
+        "--ip-adapter",
+        default=None,
+        help="diffusion: an IP-Adapter directory in diffusers' load_ip_adapter layout (image_encoder/ "
+        "and ip-adapter.safetensors) to export with the pipeline",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing bundle at -o")
     e.add_argument(
         "--allow-degraded",
@@ -586,6 +628,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:SCALE]",
         help="diffusion: merge a LoRA (.safetensors) into the weights at load, at SCALE (default 1); "
         "repeat for several. ONNX Runtime backends, fp32/fp16",
+    )
+    g.add_argument(
+        "--control-image",
+        default=None,
+        help="diffusion with a ControlNet: the condition image (edges, depth...)",
+    )
+    g.add_argument(
+        "--controlnet-conditioning-scale",
+        type=float,
+        default=None,
+        help="diffusion with a ControlNet: how strongly the condition steers (default 1.0; 0: off)",
+    )
+    g.add_argument(
+        "--ip-adapter-image", default=None, help="diffusion with an IP-Adapter: the reference image"
+    )
+    g.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=None,
+        help="diffusion with an IP-Adapter: weight of the reference image (default 1.0; 0: off)",
     )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)

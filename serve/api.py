@@ -19,6 +19,8 @@ RESPONSE_FORMATS = ("b64_json", "png")
 IGNORED_FIELDS = ("model", "user", "quality", "style")
 # JSON values an option may take over HTTP: arrays (noise, latents, images) are Python-API only.
 OPTION_TYPES = (str, int, float, bool)
+# Image inputs the pipeline also takes as file paths: over HTTP a string there would name a file on the server
+IMAGE_OPTIONS = ("image", "control_image", "ip_adapter_image")
 
 
 class ServiceBusyError(EdgegenError):
@@ -103,6 +105,12 @@ def parse_generation(
                 name,
                 "is not a field of this API nor an option of this model",
                 f"fields: prompt, n, seed, response_format, size; options: {', '.join(options) or 'none'}",
+            )
+        if name in IMAGE_OPTIONS:
+            raise BadInputError(
+                name,
+                "image inputs are not taken over HTTP (a string would name a file on the server)",
+                "use the Python API or edgegen generate for image-to-image, ControlNet and IP-Adapter calls",
             )
         if value is not None and not isinstance(value, OPTION_TYPES):
             raise BadInputError(

@@ -102,6 +102,10 @@ def test_diffusion_options_are_refused_for_other_families():
         scheduler=None,
         strength=None,
         image="no-such-file.png",
+        control_image=None,
+        controlnet_conditioning_scale=None,
+        ip_adapter_image=None,
+        ip_adapter_scale=None,
     )
     # refused before --image is read
     with pytest.raises(BadInputError, match="only for diffusion bundles") as refused:
@@ -111,7 +115,16 @@ def test_diffusion_options_are_refused_for_other_families():
 
 def test_diffusion_options_are_passed_by_diffusers_names():
     args = SimpleNamespace(
-        steps=2, negative_prompt="a dog", guidance_scale=1.5, scheduler="lcm", strength=None, image=None
+        steps=2,
+        negative_prompt="a dog",
+        guidance_scale=1.5,
+        scheduler="lcm",
+        strength=None,
+        image=None,
+        control_image=None,
+        controlnet_conditioning_scale=None,
+        ip_adapter_image=None,
+        ip_adapter_scale=None,
     )
     options = _diffusion_options(args, SimpleNamespace(bundle=SimpleNamespace(family="diffusion")))
     assert options == {
@@ -178,7 +191,15 @@ def test_int8_is_refused_and_leaves_nothing(diffusion_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "entry, refusal",
     [
-        ({"controlnet": ["diffusers", "ControlNetModel"]}, r"has a controlnet component \(ControlNetModel\)"),
+        (
+            {"image_encoder": ["transformers", "CLIPVisionModelWithProjection"]},
+            r"has a image_encoder component \(CLIPVisionModelWithProjection\)",
+        ),
+        ({"controlnet": ["diffusers", "MultiControlNetModel"]}, r"its controlnet is a MultiControlNetModel"),
+        (
+            {"controlnet": ["diffusers", "ControlNetModel"]},
+            r"holds no diffusers ControlNet",
+        ),  # no controlnet/
         (
             {"vae": ["diffusers", "AsymmetricAutoencoderKL"]},
             r"its vae is a AsymmetricAutoencoderKL.*Note: .*AutoencoderKL or AutoencoderTiny",
@@ -186,8 +207,8 @@ def test_int8_is_refused_and_leaves_nothing(diffusion_checkpoint, tmp_path):
     ],
 )
 def test_unsupported_components_are_refused(diffusion_checkpoint, tmp_path, entry, refusal):
-    """Never dropped (a ControlNet) nor an internal error (another VAE class): a CheckpointError before
-    loading."""
+    """Never dropped (an IP-Adapter's image encoder) nor an internal error (another VAE or ControlNet class, a
+    missing ControlNet): a CheckpointError, and no bundle."""
     import shutil
 
     from edgegen.export import export_checkpoint

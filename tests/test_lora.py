@@ -451,3 +451,22 @@ def test_cli_refuses_refittable_without_engines_or_targets(
     argv = ["engines", str(bundle_copy), "--flavour", "trt-rtx", "--compute-capability", "8.9"]
     assert main([*argv, "--refittable", "--json"]) == 2
     assert "no weights a LoRA may target" in json.loads(capsys.readouterr().out)["error"]["message"]
+
+
+def test_weights_a_controlnet_copies_are_not_offered_for_merging(tmp_path):
+    """A ControlNet made from the UNet starts as a copy of its down and mid blocks: the graphs store each
+    such tensor once, for both. Merging a LoRA into it at load would change the ControlNet too, so the
+    manifest offers none of them (the up blocks, which it does not copy, stay offered)."""
+    from edgegen.export.testing import make_tiny_diffusion_checkpoint
+
+    ckpt = make_tiny_diffusion_checkpoint(tmp_path / "ckpt", controlnet=True)
+    out = export_checkpoint(ckpt, tmp_path / "b", progress=False, family_options={"fused_steps": [1]})
+    targets = json.loads((out / "manifest.json").read_text())["lora"]["targets"]["unet"]
+    attention = [m for m in targets if m.endswith("attn1.to_q")]
+    copied = [m for m in attention if m.startswith(("down_blocks", "mid_block"))]
+    assert copied and len(copied) < len(attention)
+    for module in attention:
+        assert bool(targets[module]["forms"]) == (module not in copied), module
+    lora = make_random_lora(tmp_path / "l.safetensors", ckpt)
+    with pytest.raises(BadInputError, match="export with --lora"):
+        Pipeline.from_bundle(out, backend="ort-cpu", precision="fp32", lora=[lora])

@@ -87,6 +87,16 @@ def test_parse_generation_defaults_seed_and_options():
     assert parse_generation(b'{"prompt": "a cat", "seed": 7}', 16).seed == 7
 
 
+def test_image_options_are_refused_over_http():
+    """The pipeline reads a string image input as a path: over HTTP it would be one on the server."""
+    from edgegen.runtime.errors import BadInputError
+    from edgegen.serve.api import parse_generation
+
+    for name in ("image", "control_image", "ip_adapter_image"):
+        with pytest.raises(BadInputError, match="not taken over HTTP"):
+            parse_generation(json.dumps({"prompt": "a cat", name: "/etc/hostname"}).encode(), 16)
+
+
 def test_serve_run_arguments_become_a_config():
     from edgegen.runtime.errors import BadInputError
     from edgegen.serve.config import config_from_args

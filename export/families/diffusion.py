@@ -5,11 +5,20 @@ Components: ``text_encoder``, ``unet`` (one denoising evaluation), ``vae_decoder
 (image-to-image), and fused graphs from token ids + initial noise to uint8 pixels with the scheduler
 unrolled inside: ``fused`` (1 step), ``fused_k2``, ``fused_k4`` (timesteps baked in). The scheduler
 arithmetic traced into them is the runtime's own (``edgegen.runtime.schedulers``).
+
+With a ControlNet (the pipeline's ``controlnet/`` or ``controlnet=DIR``) the bundle also holds
+``controlnet`` (latents, timestep, text states, control image, scale -> the UNet's residuals), the UNet
+takes those residuals as inputs, and every fused graph runs the ControlNet before each UNet step (inputs
+``control_image`` and ``conditioning_scale``). With an IP-Adapter (``ip_adapter=DIR``, diffusers'
+load_ip_adapter layout) it holds ``image_encoder`` (CLIP pixels -> image embedding) and the UNet, fused graphs
+included, gains the adapter's cross-attention with inputs ``image_embeds`` and ``ip_adapter_scale``. Without
+them, every graph is as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -47,20 +56,74 @@ class TextEncoder(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """One UNet evaluation: (scaled) latents, timestep, text states [, guidance embedding] -> model output."""
+    """One UNet evaluation: (scaled) latents, timestep, text states [, guidance embedding] [, IP-Adapter image
+    embedding and scale] [, ControlNet residuals: the down blocks' then the mid block's] -> model output."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, time_cond: bool = False, ip_adapter: bool = False):
         super().__init__()
-        self.unet = unet
+        self.unet, self.time_cond, self.ip_adapter = unet, time_cond, ip_adapter
 
-    def forward(self, sample, timestep, text_states, timestep_cond=None):
+    def forward(self, sample, timestep, text_states, *extra):
+        extra = list(extra)
+        timestep_cond = extra.pop(0) if self.time_cond else None
+        added = None
+        if self.ip_adapter:
+            image_embeds, scale = extra.pop(0), extra.pop(0)
+            set_ip_adapter_scale(self.unet, scale)
+            added = {"image_embeds": [image_embeds]}
+        residuals = extra
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=text_states,
             timestep_cond=timestep_cond,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=residuals[:-1] if residuals else None,
+            mid_block_additional_residual=residuals[-1] if residuals else None,
             return_dict=False,
         )[0]
+
+
+def set_ip_adapter_scale(unet, scale) -> None:
+    """The scale every IP-Adapter attention processor multiplies its image attention by (diffusers'
+    set_ip_adapter_scale). A tensor here, so tracing makes it a graph input: traced at a non-zero value,
+    the processors' ``scale == 0`` shortcut is not taken, and scale 0 still adds nothing."""
+    for processor in unet.attn_processors.values():
+        if isinstance(getattr(processor, "scale", None), list):
+            processor.scale = [scale]
+
+
+class ImageEncoder(nn.Module):
+    """CLIPVisionModelWithProjection: normalised CLIP pixels -> image embedding (what an IP-Adapter's image
+    projection reads, as diffusers' encode_image gives it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).image_embeds[:, None]
+
+
+class Control(nn.Module):
+    """ControlNetModel: (scaled) latents, timestep, text states, control image ([0, 1] RGB NCHW, as diffusers
+    prepares it), conditioning scale -> the down blocks' residuals then the mid block's, scaled. The scale is
+    an input, so 0 turns the control off in the same graph."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, text_states, controlnet_cond, conditioning_scale):
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=text_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale,
+            return_dict=False,
+        )
+        return (*down, mid)
 
 
 class Decoder(nn.Module):
@@ -204,23 +267,29 @@ def to_pixels(image):
 
 
 class Fused(nn.Module):
-    """Token ids + unit noise (+ per-step noise for stochastic schedulers) -> uint8 pixels and text states,
-    with ``plan``'s steps unrolled (timesteps and scheduler constants baked in)."""
+    """Token ids + unit noise (+ per-step noise for stochastic schedulers) [+ guidance embedding] [+ control
+    image and conditioning scale] -> uint8 pixels and text states, with ``plan``'s steps unrolled (timesteps
+    and scheduler constants baked in)."""
 
-    def __init__(self, text_encoder, denoiser, decoder, plan, time_cond: bool):
+    def __init__(self, text_encoder, denoiser, decoder, plan, time_cond: bool, control=None):
         super().__init__()
         self.text_encoder, self.denoiser, self.decoder, self.plan = text_encoder, denoiser, decoder, plan
-        self.time_cond = time_cond
+        self.time_cond, self.control = time_cond, control
         self.noisy = [i for i in range(len(plan)) if plan.needs_noise(i)]
 
     def forward(self, input_ids, noise, *extra):
         extra = list(extra)
-        timestep_cond = extra.pop() if self.time_cond else None
+        control_inputs = [extra.pop(-2), extra.pop()] if self.control is not None else []
+        ip = [extra.pop(-2), extra.pop()] if self.denoiser.ip_adapter else []
+        cond = [extra.pop()] if self.time_cond else []
+        cond += ip
         states = self.text_encoder(input_ids)
         x = noise * self.plan.init_sigma
         for i, t in enumerate(self.plan.timesteps):
             # a (1,) timestep: the UNet broadcasts it over the batch, so the batch axis stays dynamic
-            out = self.denoiser(self.plan.scale_input(i, x), torch.tensor([float(t)]), states, timestep_cond)
+            sample, timestep = self.plan.scale_input(i, x), torch.tensor([float(t)])
+            residuals = self.control(sample, timestep, states, *control_inputs) if control_inputs else ()
+            out = self.denoiser(sample, timestep, states, *cond, *residuals)
             x = self.plan.step(i, x, out, extra[self.noisy.index(i)] if i in self.noisy else None)
         return to_pixels(self.decoder(x)), states
 
@@ -242,7 +311,9 @@ def assemble_fused(
 ) -> None:
     """The unrolled graph of ``plan`` from the exported text encoder, UNet and VAE decoder: each step is a
     copy of the UNet's nodes (one set of weights), with the scheduler arithmetic traced as small glue graphs
-    from the runtime's own plan code. The result is checked against the torch ``Fused`` module at export."""
+    from the runtime's own plan code. The result is checked against the torch ``Fused`` module at export.
+    With a ControlNet (``specs["control"]``: the control image and scale inputs), each step runs a copy of
+    its nodes first, wired to the UNet copy by the residuals' names."""
     import tempfile
 
     from onnx import helper
@@ -268,6 +339,8 @@ def assemble_fused(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".glue-") as scratch, torch.no_grad():
         c.add(load(parts["text_encoder"]), "te/", {"input_ids": "input_ids", "text_states": "text_states"})
         unet, decoder = load(parts["unet"]), load(parts["vae_decoder"])
+        control, residuals = specs.get("control", []), specs.get("residuals", [])
+        controlnet = load(parts["controlnet"]) if control else None
         start = glue(
             scratch,
             "start",
@@ -289,6 +362,21 @@ def assemble_fused(
             timestep = c.node(
                 "Expand", [c.constant(f"fused/t{i}", np.array([t], np.float32)), batch], f"timestep_{i}"
             )
+            step_residuals = {r: f"cn{i}/{r}" for r in residuals}
+            if controlnet is not None:
+                c.add(
+                    controlnet,
+                    f"cn{i}/",
+                    {
+                        "sample": f"sample_{i}",
+                        "timestep": timestep,
+                        "text_states": "text_states",
+                        "controlnet_cond": "control_image",
+                        "conditioning_scale": "conditioning_scale",
+                        **step_residuals,
+                    },
+                    weights="controlnet/",
+                )
             c.add(
                 unet,
                 f"unet{i}/",
@@ -297,7 +385,10 @@ def assemble_fused(
                     "timestep": timestep,
                     "text_states": "text_states",
                     "timestep_cond": "timestep_cond",
+                    "image_embeds": "image_embeds",
+                    "ip_adapter_scale": "ip_adapter_scale",
                     "model_output": f"out_{i}",
+                    **step_residuals,
                 },
                 weights="unet/",
             )
@@ -329,6 +420,8 @@ def assemble_fused(
         TensorSpec("noise", "float32", latent.shape),
         *[TensorSpec(f"noise_{i + 1}", "float32", latent.shape) for i in noisy],
         *([specs["cond"]] if time_cond else []),
+        *specs.get("ip", []),
+        *control,
     ]
     save(c.model([info(t) for t in inputs], [info(specs["pixels"]), info(specs["states"])]), out)
 
@@ -342,13 +435,17 @@ SUPPORTED_COMPONENTS = {
     "unet": ("UNet2DConditionModel",),
     "vae": VAE_CLASSES,
     "scheduler": None,
+    "controlnet": ("ControlNetModel",),
 }
+# The residuals a ControlNet hands the UNet (graph values named as the UNet's keyword arguments)
+DOWN_RESIDUAL = "down_block_additional_residuals_{}"
+MID_RESIDUAL = "mid_block_additional_residual"
 
 
 def _check_components(root: Path, index: dict) -> None:
-    """Refuse a pipeline with a component export would drop (ControlNet, an image encoder, a safety
-    checker...) or could not load (e.g. an AutoencoderKLTemporalDecoder): without it a bundle computes
-    something else."""
+    """Refuse a pipeline with a component export would drop (an image encoder, a safety checker...) or
+    could not load (e.g. an AutoencoderKLTemporalDecoder, a MultiControlNetModel): without it a bundle
+    computes something else. (An IP-Adapter's image encoder comes with ``ip_adapter=DIR`` instead.)"""
     for part, entry in index.items():
         if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             continue  # a pipeline setting (requires_safety_checker) or a component saved as None
@@ -369,6 +466,10 @@ def _check_components(root: Path, index: dict) -> None:
             )
 
 
+def _public(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def _check_weights(path: Path, what: str) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise CheckpointError(
@@ -386,13 +487,18 @@ def _check_weights(path: Path, what: str) -> None:
         )
 
 
+def _saved_class(path: Path) -> str | None:
+    """The diffusers class a save_pretrained directory holds (its config.json ``_class_name``)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def vae_class(path: Path, subject: str) -> str:
     """The diffusers class a saved autoencoder directory holds (its config.json ``_class_name``), refused
     unless export supports it and the weights are safetensors."""
-    try:
-        name = json.loads((path / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        name = None
+    name = _saved_class(path)
     if name not in VAE_CLASSES:
         found = (
             f"a {name}"
@@ -408,9 +514,127 @@ def vae_class(path: Path, subject: str) -> str:
     return name
 
 
+def load_controlnet(root: Path, index: dict, path: str | Path | None, unet, vae_factor: int):
+    """The pipeline's ControlNetModel, or the one saved at ``path`` (``--controlnet``, in place of the
+    pipeline's own); None when there is neither. Refused unless this UNet can take its residuals and the
+    runtime can run it as diffusers' StableDiffusionControlNetPipeline does."""
+    import diffusers
+
+    own = isinstance(index.get("controlnet"), list) and index["controlnet"][-1] is not None
+    if path is None and not own:
+        return None
+    folder = root / "controlnet" if path is None else Path(path)
+    subject = f"diffusion checkpoint {root}" if path is None else f"--controlnet {folder}"
+    name = _saved_class(folder)
+    if name != "ControlNetModel":
+        raise CheckpointError(
+            subject,
+            f"{folder} holds {f'a {name}' if isinstance(name, str) else 'no diffusers ControlNet'}",
+            "pass a directory written by ControlNetModel.save_pretrained(dir) (one ControlNet, SD 1.x/2.x)",
+        )
+    _check_weights(folder, "the ControlNet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = diffusers.ControlNetModel.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True
+        ).eval()
+    cc, uc = model.config, unet.config
+    if cc.global_pool_conditions or cc.conditioning_channels != 3:
+        raise CheckpointError(
+            subject,
+            "a ControlNet with global_pool_conditions or a non-RGB condition is not supported",
+            "use a ControlNet conditioned on RGB images (edges, depth, pose...)",
+        )
+    shared = (
+        "in_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "cross_attention_dim",
+    )
+    differ = [k for k in shared if list(np.atleast_1d(cc[k])) != list(np.atleast_1d(uc[k]))]
+    if 2 ** (len(cc.conditioning_embedding_out_channels) - 1) != vae_factor:
+        differ.append(f"control image downscaling (VAE: {vae_factor}x)")
+    if differ:
+        raise CheckpointError(
+            subject,
+            f"the ControlNet does not fit this UNet and VAE (its {', '.join(differ)} differ)",
+            "use a ControlNet trained for this base model",
+        )
+    return model
+
+
+IP_ADAPTER_WEIGHTS = "ip-adapter.safetensors"
+
+
+def load_ip_adapter(path: str | Path | None, unet):
+    """The CLIPVisionModelWithProjection of the IP-Adapter directory ``path`` (diffusers' load_ip_adapter
+    layout: ``image_encoder/`` and ``ip-adapter.safetensors``), its projection and attention weights loaded
+    into ``unet`` as diffusers loads them; None without ``path``. Only the plain IP-Adapter (an
+    ImageProjection of the image embedding) is supported: Plus/FaceID variants read other encoder outputs."""
+    if path is None:
+        return None
+    import transformers
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    subject = f"--ip-adapter {folder}"
+    encoder = folder / "image_encoder"
+    try:
+        architectures = json.loads((encoder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    if "CLIPVisionModelWithProjection" not in architectures or not (folder / IP_ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(
+            subject,
+            f"no image_encoder/ (CLIPVisionModelWithProjection) with {IP_ADAPTER_WEIGHTS} beside it",
+            "pass a directory in diffusers' load_ip_adapter layout (safetensors)",
+        )
+    _check_weights(encoder, "the image encoder")
+    try:
+        flat = load_file(folder / IP_ADAPTER_WEIGHTS)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(
+            subject, f"{IP_ADAPTER_WEIGHTS} unreadable: {e}", "re-save the adapter"
+        ) from None
+    state = {
+        part: {k[len(part) + 1 :]: v for k, v in flat.items() if k.startswith(part + ".")}
+        for part in ("image_proj", "ip_adapter")
+    }
+    if "proj.weight" not in state["image_proj"] or not state["ip_adapter"]:
+        raise CheckpointError(
+            subject,
+            "not a plain IP-Adapter (no image_proj.proj.weight or no ip_adapter.* weights)",
+            "export supports the IP-Adapter whose image projection reads the image embedding",
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            unet._load_ip_adapter_weights([state])  # diffusers' own conversion: processors and projection
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                subject, f"does not fit this UNet: {e}", "use an adapter for this model"
+            ) from None
+        model = transformers.CLIPVisionModelWithProjection.from_pretrained(
+            encoder, local_files_only=True, use_safetensors=True, attn_implementation="eager"
+        ).eval()
+    unet.eval()
+    return model
+
+
 class DiffusionFamily(Family):
     name = "diffusion"
-    options = ("image_size", "fused_steps", "num_steps", "guidance_scale", "vae", "loras")
+    options = (
+        "image_size",
+        "fused_steps",
+        "num_steps",
+        "guidance_scale",
+        "vae",
+        "controlnet",
+        "ip_adapter",
+        "loras",
+    )
 
     @classmethod
     def matches(cls, checkpoint: Path) -> bool:
@@ -424,6 +648,8 @@ class DiffusionFamily(Family):
         num_steps: int = 1,
         guidance_scale: float | None = None,
         vae: str | Path | None = None,
+        controlnet: str | Path | None = None,
+        ip_adapter: str | Path | None = None,
         loras=(),
     ):
         try:
@@ -545,7 +771,12 @@ class DiffusionFamily(Family):
             else 0.0
         )
         self.text_encoder = TextEncoder(te).eval()
-        self.denoiser = Denoiser(self.unet).eval()
+        # --ip-adapter DIR: its image encoder, and its attention loaded into the UNet
+        self.image_encoder = load_ip_adapter(ip_adapter, self.unet)
+        self.denoiser = Denoiser(self.unet, bool(self.time_cond_dim), self.image_encoder is not None).eval()
+        # --controlnet DIR: a saved ControlNetModel added to (or in place of) the pipeline's own
+        self.controlnet = load_controlnet(root, index, controlnet, self.unet, self.vae_factor)
+        self.control = Control(self.controlnet).eval() if self.controlnet is not None else None
         self.decoder = Decoder(self.vae).eval()
         self.encoder = (TinyEncoder if self.vae_class == "AutoencoderTiny" else Encoder)(self.vae).eval()
         self.encoder_noise = self.vae_class == "AutoencoderKL"  # only its latents are a sampled distribution
@@ -591,15 +822,45 @@ class DiffusionFamily(Family):
             "fused": {str(k): fused_name(k) for k in self.fused_steps},
             "time_cond_dim": self.time_cond_dim,
             "vae": self.vae_class,
+            **({"controlnet": self._controlnet_settings()} if self.control is not None else {}),
+            **({"ip_adapter": self._ip_adapter_settings()} if self.image_encoder is not None else {}),
             "noise": "per image: numpy default_rng(seed).standard_normal(float32) draws, in order: "
             "the initial noise (latent_shape), the VAE encoder's sample noise (image-to-image, "
             "AutoencoderKL only), then one per step that adds noise",
+        }
+
+    def _controlnet_settings(self) -> dict:
+        """What the runtime needs to run the ControlNet component: its inputs as diffusers prepares them."""
+        return {
+            "class": "ControlNetModel",
+            "control_image": "RGB resized to image_size (Lanczos), [0, 1], NCHW: diffusers' prepare_image",
+            "conditioning_scale": 1.0,
+            "residuals": [t.name for t in self.residual_specs],
+        }
+
+    def _ip_adapter_settings(self) -> dict:
+        """How the runtime prepares the reference image: CLIPImageProcessor at the encoder's size, as
+        diffusers' load_ip_adapter builds it (shortest edge resized bicubic, centre crop, CLIP mean/std)."""
+        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        return {
+            "image_size": int(self.image_encoder.config.image_size),
+            "resample": "bicubic",
+            "image_mean": list(OPENAI_CLIP_MEAN),
+            "image_std": list(OPENAI_CLIP_STD),
+            "scale": 1.0,
         }
 
     def describe(self) -> dict:
         import diffusers
 
         te = self.text_encoder.model.config
+        conditioning = {} if self.controlnet is None else {"controlnet": _public(self.controlnet.config)}
+        if self.image_encoder is not None:
+            conditioning["image_encoder"] = {
+                "kind": "clip_vision",
+                **self.image_encoder.config.to_diff_dict(),
+            }
         return {
             "text_encoder": {"kind": "clip", "hidden_size": te.hidden_size, "layers": te.num_hidden_layers},
             "unet": {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")},
@@ -607,6 +868,7 @@ class DiffusionFamily(Family):
                 "class": self.vae_class,
                 **{k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
             },
+            **conditioning,
             "diffusers": diffusers.__version__,
         }
 
@@ -625,6 +887,23 @@ class DiffusionFamily(Family):
     def _plan(self, steps: int):
         return self.scheduler.plan(steps)
 
+    @functools.cached_property
+    @torch.no_grad()
+    def residual_specs(self) -> list[TensorSpec]:
+        """The ControlNet's outputs, the UNet's extra inputs: shapes from one run at the image size."""
+        if self.control is None:
+            return []
+        S, (c, h, w) = self.image_size, self.latent_shape
+        outs = self.control(
+            torch.zeros(1, c, h, w),
+            torch.ones(1),
+            torch.zeros(1, self.max_length, self.unet.config.cross_attention_dim),
+            torch.zeros(1, 3, S, S),
+            torch.ones(1),
+        )
+        names = [DOWN_RESIDUAL.format(i) for i in range(len(outs) - 1)] + [MID_RESIDUAL]
+        return [TensorSpec(n, "float32", ("batch", *o.shape[1:])) for n, o in zip(names, outs)]
+
     def components(self) -> list[ComponentDef]:
         L, D = self.max_length, self.text_encoder.model.config.hidden_size
         c, h, w = self.latent_shape
@@ -639,12 +918,44 @@ class DiffusionFamily(Family):
             if self.time_cond_dim
             else []
         )
-        comps = [
-            ComponentDef("text_encoder", self.text_encoder, [ids], [states], {"text_states": 1e-3}),
+        timestep = TensorSpec("timestep", "float32", ("batch",))
+        residuals = self.residual_specs
+        # the control image and scale: named as ControlNetModel's arguments, as the pipeline's in fused graphs
+        scale = TensorSpec("conditioning_scale", "float32", (1,))
+        control = [TensorSpec("control_image", "float32", ("batch", 3, S, S)), scale] if residuals else []
+        comps = [ComponentDef("text_encoder", self.text_encoder, [ids], [states], {"text_states": 1e-3})]
+        ip = []
+        if self.image_encoder is not None:
+            n, width = self.image_encoder.config.image_size, self.image_encoder.config.projection_dim
+            embeds = TensorSpec("image_embeds", "float32", ("batch", 1, width))
+            ip = [embeds, TensorSpec("ip_adapter_scale", "float32", (1,))]
+            comps.append(
+                ComponentDef(
+                    "image_encoder",
+                    ImageEncoder(self.image_encoder).eval(),
+                    [TensorSpec("pixel_values", "float32", ("batch", 3, n, n))],
+                    [embeds],
+                    {"image_embeds": 1e-3},
+                )
+            )
+        if residuals:
+            cn_inputs = [
+                latent("sample"),
+                timestep,
+                states,
+                TensorSpec("controlnet_cond", "float32", control[0].shape),
+                scale,
+            ]
+            comps.append(
+                ComponentDef(
+                    "controlnet", self.control, cn_inputs, residuals, {r.name: 1e-3 for r in residuals}
+                )
+            )
+        comps += [
             ComponentDef(
                 "unet",
                 self.denoiser,
-                [latent("sample"), TensorSpec("timestep", "float32", ("batch",)), states, *cond],
+                [latent("sample"), timestep, states, *cond, *ip, *residuals],
                 [latent("model_output")],
                 {"model_output": 1e-3},
             ),
@@ -667,6 +978,9 @@ class DiffusionFamily(Family):
                 "pixels": pixels,
                 "states": states,
                 "cond": cond[0] if cond else None,
+                "control": control,
+                "residuals": [r.name for r in residuals],
+                "ip": ip,
             }
             build = lambda parts, out, plan=plan, specs=specs: assemble_fused(  # noqa: E731
                 parts, out, plan, specs, bool(self.time_cond_dim)
@@ -675,15 +989,38 @@ class DiffusionFamily(Family):
                 ComponentDef(
                     fused_name(k),
                     Fused(
-                        self.text_encoder, self.denoiser, self.decoder, plan, bool(self.time_cond_dim)
+                        self.text_encoder,
+                        self.denoiser,
+                        self.decoder,
+                        plan,
+                        bool(self.time_cond_dim),
+                        self.control,
                     ).eval(),
-                    [ids, latent("noise"), *noisy, *cond],
+                    [ids, latent("noise"), *noisy, *cond, *ip, *control],
                     [pixels, states],
                     {"pixels": 2.0, "text_states": 1e-3},
                     assemble=build,
                 )
             )
         return comps
+
+    def _control_case(self, index: int, batch: int) -> dict[str, np.ndarray]:
+        """A ControlNet's inputs for a reference case: a control image with edges and flat areas, scale 1."""
+        if self.control is None:
+            return {}
+        S = self.image_size
+        image = np.random.default_rng(index).random((batch, 3, S, S), dtype=np.float32)
+        image[:, :, : S // 2] = image[:, :, : S // 2] > 0.5  # half binary, like an edge map
+        return {"controlnet_cond": image, "conditioning_scale": np.ones(1, np.float32)}
+
+    def _ip_adapter_case(self, index: int, batch: int) -> dict[str, np.ndarray]:
+        """An IP-Adapter's inputs for a reference case: random CLIP pixels, their embedding, scale 1."""
+        if self.image_encoder is None:
+            return {}
+        n = self.image_encoder.config.image_size
+        pixels = np.random.default_rng(100 + index).standard_normal((batch, 3, n, n), dtype=np.float32)
+        embeds = ImageEncoder(self.image_encoder)(torch.from_numpy(pixels)).numpy()
+        return {"pixel_values": pixels, "image_embeds": embeds, "ip_adapter_scale": np.ones(1, np.float32)}
 
     @torch.no_grad()
     def reference_cases(self, tokenize, groups=VALIDATION_PROMPTS, seeds_per_group=VALIDATION_SEEDS):
@@ -708,11 +1045,22 @@ class DiffusionFamily(Family):
                 cond["timestep_cond"] = guidance_embedding(
                     np.full(len(prompts), self.guidance_scale - 1, np.float32), self.time_cond_dim
                 )
+            control = self._control_case(len(cases), len(prompts))
+            residuals = (
+                self.control(
+                    sample, torch.from_numpy(timestep), states, *map(torch.from_numpy, control.values())
+                )
+                if control
+                else ()
+            )
+            ip = self._ip_adapter_case(len(cases), len(prompts))
             out = self.denoiser(
                 sample,
                 torch.from_numpy(timestep),
                 states,
-                torch.from_numpy(cond["timestep_cond"]) if cond else None,
+                *([torch.from_numpy(cond["timestep_cond"])] if cond else []),
+                *(torch.from_numpy(ip[k]) for k in ("image_embeds", "ip_adapter_scale") if k in ip),
+                *residuals,
             )
             latents = plan.step(
                 0, x, out, torch.from_numpy(step_noise["noise_1"]) if plan.needs_noise(0) else None
@@ -732,6 +1080,10 @@ class DiffusionFamily(Family):
                         "latents": latents.numpy(),
                         "image": image.numpy(),
                         "encoder_noise": encoder_noise,
+                        **control,
+                        **ip,
+                        **({"control_image": control["controlnet_cond"]} if control else {}),
+                        **{r.name: v.numpy() for r, v in zip(self.residual_specs, residuals)},
                     },
                     {"prompts": np.array(prompts), "seeds": np.array(seeds, dtype=np.uint64)},
                 )
