@@ -97,6 +97,12 @@ def model_card(cfg, evals, m) -> str:
             f"{m['emoji_acc_binding']:.3f} / {m['background_acc_binding']:.3f} |\n"
         )
     knows = ", ".join(f"`{e.name}`" for e in EMOJI)
+    binding_text = (
+        f"and {n_binding} binding prompts (subjects whose names carry a colour word, on another colour, both "
+        "orders; a third in held-out binding templates), "
+        if n_binding
+        else ""
+    )
     heldout_syn = sum(len(e.heldout_names) for e in EMOJI)
     t = lambda xs: "\n".join(f"- `{x}`" for x in xs)  # noqa: E731
     # short names and table cells, for source lines that fit
@@ -158,7 +164,8 @@ what the alternatives (convolutional renderers) measured: `training/README.md`.
 
 ## Evaluation
 `eval_prompts.json`: {n_seen} prompts with training templates and names (new combinations; "seen") and
-{n_held} with held-out phrasing ("heldout": half held-out templates, half held-out synonyms), each
+{n_held} with held-out phrasing ("heldout": half held-out templates, half held-out synonyms)
+{binding_text}each
 generated with seeds {EVAL_SEEDS} (runtime noise: `numpy.random.default_rng(seed).standard_normal`).
 Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN trained on real renders) and,
 as a check, by a second judge of the same recipe with another seed (`python -m training.crosscheck`).

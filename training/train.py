@@ -252,6 +252,8 @@ def main(argv=None):
                 f"{r['emoji_acc_seen']:.2f}/{r['background_acc_seen']:.2f} templates "
                 f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} "
                 f"synonyms {r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) "
+                f"binding {r.get('adherence_binding', float('nan')):.3f} "
+                f"(held-out binding templates {r.get('adherence_binding_templates', float('nan')):.3f}) "
                 f"diversity {r['diversity']:.4f} FD {r['frechet_judge_distance']:.2f}"
             )
             if cfg.concepts:  # how well the emoji lookup alone reads the eval prompts (the text side's share)
