@@ -215,7 +215,7 @@ class GanFamily(Family):
             ComponentDef("text_encoder", self.text_encoder, [ids, mask], [states], {"text_states": 1e-3}),
             ComponentDef(
                 "generator",
-                GeneratorWithReading(self.generator),
+                GeneratorWithReading(self.generator) if reads else self.generator,
                 [noise, states, mask],
                 [image, *reads],
                 {"image": 1e-3, **read_tol},
