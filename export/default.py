@@ -15,8 +15,9 @@ MODEL_DIR = Path(__file__).parent / "emoji64"
 DEFAULT_PRECISIONS = "fp32,fp16,int8"
 # Part of the cached bundle's key: bump it when the export writes different files from the same weights
 # (2: dynamic sequence axis; 3: one set of glyph placement ops; 4: reference_outputs in the manifest and the
-# checkpoint hash through links), so an older cache is not reused.
-EXPORT_REVISION = 4
+# checkpoint hash through links; 5: the generator and fused graphs also output what the concept memories
+# read), so an older cache is not reused.
+EXPORT_REVISION = 5
 
 
 def cache_dir() -> Path:

@@ -38,6 +38,12 @@ class GeneratorConfig:
     # Logits are multiplied by this before the softmax at inference: the renderer learned from exact
     # concepts (teacher forcing), so a near-one-hot lookup serves it best; finite, so the lookup stays smooth.
     concept_sharpness: float = 8.0
+    # 0: each memory reads the mean of the token states (a bag of words: "green apple, red background"
+    # and "red apple, green background" read the same). n > 0: each memory also pools the token states
+    # with n learned attention heads of its own (MiniLM's states are contextual, so "green" in "green
+    # apple" and in "green background" differ), and its keys read the mean and the heads together.
+    concept_heads: int = 0
+    concept_attention_dim: int = 64  # hidden width of the heads' token scorer
     pooled_cond: bool = True  # also condition on an MLP of the pooled text
     # "conv": upsampling conv decoder. "glyph": the three concept memories (subject, background, size)
     # drive a drawing layer directly: a learned RGBA glyph per subject, placed at a learned box size and
@@ -87,22 +93,54 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-class ConceptMemory(nn.Module):
-    """softmax(keys . normalise(pooled text)) @ values: a soft lookup of a learned concept vector."""
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
-    def __init__(self, text_dim: int, concepts: int, dim: int, sharpness: float = 1.0):
+
+class ConceptMemory(nn.Module):
+    """softmax(keys . what it reads from the text) @ values: a soft lookup of a learned concept vector.
+
+    What it reads: the normalised mean of the token states and, with ``heads`` > 0, the normalised pools
+    of the token states under each of its own attention heads (a small MLP scores each token; padded
+    tokens are masked), concatenated. The heads let the background memory read the colour that goes
+    with "background" and the emoji memory the words of the subject."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        concepts: int,
+        dim: int,
+        sharpness: float = 1.0,
+        heads: int = 0,
+        attention_dim: int = 64,
+    ):
         super().__init__()
         self.sharpness = sharpness
-        self.keys = nn.Linear(text_dim, concepts, bias=False)
+        self.scorer = (
+            nn.Sequential(nn.Linear(text_dim, attention_dim), nn.Tanh(), nn.Linear(attention_dim, heads))
+            if heads
+            else None
+        )
+        self.keys = nn.Linear(text_dim * (1 + heads), concepts, bias=False)
         self.values = nn.Parameter(torch.randn(concepts, dim) * 0.5)
 
-    def logits(self, pooled):
-        return self.keys(pooled * torch.rsqrt((pooled * pooled).sum(-1, keepdim=True) + 1e-6))
+    def read(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) token states, (B, L) mask -> (B, D * (1 + heads)): the normalised reads."""
+        reads = [normalise(masked_mean(states, mask))]
+        if self.scorer is not None:
+            scores = self.scorer(states) + (1.0 - mask.to(states.dtype)).unsqueeze(-1) * MASK_VALUE
+            pooled = torch.matmul(scores.softmax(1).transpose(1, 2), states)  # (B, heads, D)
+            reads.append(normalise(pooled).flatten(1))
+        return torch.cat(reads, -1) if len(reads) > 1 else reads[0]
 
-    def forward(self, pooled, label=None):
-        if label is not None:  # training: the renderer learns from the labelled concept (teacher forcing)
-            return self.values[label]
-        return torch.matmul((self.logits(pooled) * self.sharpness).softmax(-1), self.values)
+    def logits(self, read: torch.Tensor) -> torch.Tensor:
+        return self.keys(read)
+
+    def probabilities(self, read: torch.Tensor, sharpness: float | None = None) -> torch.Tensor:
+        """softmax(logits x sharpness): with the memory's own sharpness (the default), the weights that mix
+        its values, i.e. how much of each concept is drawn; with 1, what its keys believe (the sharpened
+        mix is near one-hot even for a word it never saw, so that is what the runtime reports)."""
+        return (self.logits(read) * (self.sharpness if sharpness is None else sharpness)).softmax(-1)
 
 
 class GlyphRenderer(nn.Module):
@@ -207,7 +245,7 @@ class ConditionalGenerator(nn.Module):
         if c.renderer == "glyph":
             self.glyphs = GlyphRenderer(c)
             self.memories = nn.ModuleList(
-                ConceptMemory(c.text_dim, n, d, c.concept_sharpness)
+                ConceptMemory(c.text_dim, n, d, c.concept_sharpness, c.concept_heads, c.concept_attention_dim)
                 for n, d in zip(c.concepts, GlyphRenderer.value_dims(c))
             )
             for m in self.memories:
@@ -215,7 +253,10 @@ class ConditionalGenerator(nn.Module):
             return
         self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU()) if c.pooled_cond else None
         self.memories = nn.ModuleList(
-            ConceptMemory(c.text_dim, n, c.concept_dim, c.concept_sharpness) for n in c.concepts
+            ConceptMemory(
+                c.text_dim, n, c.concept_dim, c.concept_sharpness, c.concept_heads, c.concept_attention_dim
+            )
+            for n in c.concepts
         )
         width = c.noise_dim + (c.cond_dim if c.pooled_cond else 0) + c.concept_dim * len(c.concepts)
         self.cond = nn.Sequential(nn.Linear(width, c.cond_dim), nn.SiLU())
@@ -239,20 +280,42 @@ class ConditionalGenerator(nn.Module):
         """noise (B, Z) float, text_states (B, L, D) float, attention_mask (B, L) int
         -> image (B, 3, H, W) in [-1, 1].
         ``concept_labels`` (training only): one label tensor per memory, looked up instead of the text."""
-        pooled = masked_mean(text_states, attention_mask)
+        return self.draw(noise, text_states, attention_mask, concept_labels)[0]
+
+    def draw(self, noise, text_states, attention_mask, concept_labels=None):
+        """-> (image, per memory its unsharpened probabilities over its concepts: None where labelled)."""
         labels = concept_labels or [None] * len(self.memories)
+        logits = [
+            None if y is not None else m.logits(m.read(text_states, attention_mask))
+            for m, y in zip(self.memories, labels)
+        ]
+        reads = [
+            m.values[y] if y is not None else torch.matmul((lg * m.sharpness).softmax(-1), m.values)
+            for m, y, lg in zip(self.memories, labels, logits)
+        ]
+        probs = [None if lg is None else lg.softmax(-1) for lg in logits]
         if self.config.renderer == "glyph":
-            return self.glyphs(noise, *(m(pooled, y) for m, y in zip(self.memories, labels)))
-        parts = (
-            [noise]
-            + ([self.pool(pooled)] if self.pool is not None else [])
-            + [m(pooled, y) for m, y in zip(self.memories, labels)]
-        )
-        zc = torch.cat(parts, dim=1)
+            return self.glyphs(noise, *reads), probs
+        pooled = [self.pool(masked_mean(text_states, attention_mask))] if self.pool is not None else []
+        zc = torch.cat([noise] + pooled + reads, dim=1)
         cond = self.cond(zc)
         x = self.stem(zc).reshape(-1, self.config.channels[0], 4, 4)
         for block, attn in zip(self.blocks, self.attns):
             x = block(x, cond)
             if not isinstance(attn, nn.Identity):
                 x = attn(x, text_states, attention_mask)
-        return torch.tanh(self.to_rgb(x))
+        return torch.tanh(self.to_rgb(x)), probs
+
+
+class GeneratorWithReading(nn.Module):
+    """The generator, also returning what each concept memory read from the prompt: its (unsharpened)
+    probabilities over its concepts (emoji, background, size for emoji64). An exported graph with these
+    outputs lets the runtime say what it drew."""
+
+    def __init__(self, generator: ConditionalGenerator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, noise, text_states, attention_mask):
+        image, probs = self.generator.draw(noise, text_states, attention_mask)
+        return (image, *probs)

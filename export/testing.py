@@ -98,11 +98,16 @@ def _text_model(kind: str, vocab_size: int, width: int):
 
 
 def make_tiny_checkpoint(
-    directory, text_encoder: str = "bert", seed: int = 0, image_size: int = 16, renderer: str = "conv"
+    directory,
+    text_encoder: str = "bert",
+    seed: int = 0,
+    image_size: int = 16,
+    renderer: str = "conv",
+    concept_heads: int = 0,
 ) -> Path:
     """Write a gan checkpoint (text_encoder/ + generator/) with random weights; returns its path.
     ``renderer="glyph"``: the concept-memory glyph renderer (5 subjects, 3 colours, 3 sizes) instead of
-    convs."""
+    convs, its memories reading the token states with ``concept_heads`` attention heads each."""
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}")
     import transformers
@@ -124,6 +129,7 @@ def make_tiny_checkpoint(
             max_length=16,
             concepts=[5, 3, 3],
             renderer="glyph",
+            concept_heads=concept_heads,
             glyph_side=image_size // 2,
             glyph_boxes=[image_size // 2, image_size - 4],
             jitter=1,

@@ -19,7 +19,7 @@ from .errors import (
     EngineMismatchError,
     ValidationFailedError,
 )
-from .pipeline import Pipeline, TruncationWarning
+from .pipeline import Pipeline, TruncationWarning, UnknownSubjectWarning
 
 __version__ = "0.1.0"
 
@@ -35,5 +35,6 @@ __all__ = [
     "ValidationFailedError",
     "CheckpointError",
     "TruncationWarning",
+    "UnknownSubjectWarning",
     "__version__",
 ]

@@ -88,7 +88,7 @@ def _bundle_path(args) -> Path:
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import Pipeline, TruncationWarning
+    from .pipeline import Pipeline, TruncationWarning, UnknownSubjectWarning
 
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
@@ -99,6 +99,7 @@ def cmd_generate(args) -> int:
     options = _diffusion_options(args, pipe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
+        warnings.simplefilter("always", UnknownSubjectWarning)
         images = pipe(args.prompt, seed=args.seed, num_images_per_prompt=args.n, output_type="pil", **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = (
@@ -118,16 +119,28 @@ def cmd_generate(args) -> int:
         "backend": pipe.backend,
         "precision": pipe.precision,
         "warnings": notes,
+        "read": pipe.last_call.read,  # what the model read from the prompt, per image ([]: not reported)
     }
+    reads = pipe.last_call.read or [{} for _ in paths]
     _emit(
         args,
         data,
         "\n".join(
-            f"wrote {p} (seed {s}, {pipe.backend} {pipe.precision})"
-            for p, s in zip(paths, pipe.last_call.seeds)
+            f"wrote {p} (seed {s}, {pipe.backend} {pipe.precision}){_describe_read(r)}"
+            for p, s, r in zip(paths, pipe.last_call.seeds, reads)
         ),
     )
     return 0
+
+
+def _describe_read(read: dict) -> str:
+    """'; drew rocket (p=0.98) on blue (p=1.00), size large (p=0.99)', or '' where nothing was read."""
+    if not read:
+        return ""
+    parts = [f"{v['name']} (p={v['p']:.2f})" for v in read.values()]
+    if set(read) == {"subject", "background", "size"}:
+        return f"; drew {parts[0]} on {parts[1]}, size {parts[2]}"
+    return "; read " + ", ".join(f"{k} {p}" for k, p in zip(read, parts))
 
 
 # generate's diffusion-only flags and the pipeline keyword each is passed as (diffusers' names)

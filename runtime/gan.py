@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import native
+from . import native, reading
 from .errors import BadBundleError, BadInputError
 from .pipeline import CallInfo, Pipeline
 from .tokenize import PromptTokenizer
@@ -52,6 +52,22 @@ class GanPipeline(Pipeline):
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
         self.tokenizer.pad_to_longest = main.dynamic_sequence
+        self.reading = self._reading(bundle)
+        self.model_name = str(bundle.manifest.get("provenance", {}).get("checkpoint", "the model")).split(
+            "-checkpoint"
+        )[0]
+
+    @staticmethod
+    def _reading(bundle) -> dict:
+        """The manifest's ``reading`` where both graphs that make images output it; {} for bundles exported
+        before it existed (they load and generate as before, without saying what they read)."""
+        spec = bundle.manifest.get("reading") or {}
+        wanted = {v["output"] for v in spec.values() if isinstance(v, dict)}
+        for name in ("fused", "generator"):
+            comp = bundle.components.get(name)
+            if comp is None or not wanted <= {o.name for o in comp.outputs}:
+                return {}
+        return spec
 
     def _generate(self, prompts, seeds, noise=None):
         info = CallInfo(seeds=seeds, engine_stages=ENGINE_STAGES)
@@ -81,6 +97,7 @@ class GanPipeline(Pipeline):
             if self.mode == "auto":
                 self.text_cache.remember(prompts, outs["text_states"], encoded.lengths, encoded.truncated)
             pixels = native.copy(outs["pixels"])
+            self._report_reading(prompts, outs, info)
         return pixels, info
 
     def _run_cached(self, prompts, seeds, noise, info):
@@ -94,7 +111,7 @@ class GanPipeline(Pipeline):
             ins = gen.inputs(batch, length)
             native.states_into([e.states for e in entries], ins["text_states"], ins["attention_mask"])
             self._report_truncation(prompts, [e.truncated for e in entries], info)
-        return self._run_generator(gen, ins, batch, length, seeds, noise, info)
+        return self._run_generator(gen, ins, prompts, length, seeds, noise, info)
 
     def _run_split(self, prompts, seeds, noise, info):
         """The text encoder, then the generator: each its own run (stage timing)."""
@@ -112,18 +129,31 @@ class GanPipeline(Pipeline):
             )  # on a GPU backend the text states stay on the device
             gen.take(batch, "text_states", enc, "text_states", sequence=length)
             ins["attention_mask"][...] = enc_ins["attention_mask"]
-        return self._run_generator(gen, ins, batch, length, seeds, noise, info)
+        return self._run_generator(gen, ins, prompts, length, seeds, noise, info)
 
-    def _run_generator(self, gen, ins, batch, length, seeds, noise, info):
+    def _run_generator(self, gen, ins, prompts, length, seeds, noise, info):
         """Noise into the generator's inputs ``ins`` (taken once per call: on a GPU graph, taking them again
         would upload every host array, over the text states fed on the device), then its run."""
         with info.stage("noise"):
             self._fill_noise(ins["noise"], seeds, noise)
         with info.stage("generator"):
-            image = gen.run(batch, sequence=length)["image"]
+            outs = gen.run(len(prompts), sequence=length)
         with info.stage("output"):
-            pixels = native.to_pixels(image)
+            pixels = native.to_pixels(outs["image"])
+            self._report_reading(prompts, outs, info)
         return pixels, info
+
+    def _report_reading(self, prompts, outs, info):
+        """What the model read for each image, and a warning per prompt whose subject it does not know."""
+        if not self.reading:
+            return
+        info.read = reading.read_outputs(self.reading, outs, len(prompts))
+        vocabulary = self.reading.get("vocabulary", [])
+        notes = dict.fromkeys(  # one note per distinct prompt, in order
+            reading.unknown_subject_note(self.model_name, p, r, vocabulary)
+            for p, r in zip(prompts, info.read)
+        )
+        info.unknown = [n for n in notes if n]
 
     def _encode(self, prompts, info):
         encoded = self.tokenizer.encode(prompts)

@@ -34,6 +34,10 @@ class TruncationWarning(UserWarning):
     """A prompt was longer than the bundle's token limit and lost its tail."""
 
 
+class UnknownSubjectWarning(UserWarning):
+    """The model read no subject it knows in a prompt with confidence: it drew its nearest guess."""
+
+
 @dataclass(slots=True)
 class CallInfo:
     """What the last call did: seeds used, which prompts were truncated, which path served it, and how
@@ -44,6 +48,10 @@ class CallInfo:
     path: str = ""
     sequence: int = 0  # token positions the text graphs ran at (0: the family has no such axis)
     warnings: list[str] = field(default_factory=list)
+    # per image, what the model read from its prompt, where the bundle says (gan: {concept: {"name", "p",
+    # "top": [[name, p], ...]}}); and the warnings for subjects it does not know
+    read: list[dict] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
     stages: dict[str, int] = field(default_factory=dict)
     engine_stages: tuple[str, ...] = ()  # the stages that are engine (session) runs
     total_ns: int = 0  # the whole call: the argument checks ("checks", with any wait for the pipeline's
@@ -188,6 +196,8 @@ class Pipeline:
             self.last_call = info
         for message in info.warnings:
             warnings.warn(message, TruncationWarning, stacklevel=2)
+        for message in info.unknown:
+            warnings.warn(message, UnknownSubjectWarning, stacklevel=2)
         return _to_output(pixels, output_type)
 
     def _check(

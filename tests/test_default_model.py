@@ -88,3 +88,28 @@ def test_validate_one_precision_gates_adherence_against_the_exported_fp32(defaul
         want = min(quality["adherence"][k] - exported[k] for k in ("seen", "heldout"))
         assert abs(quality["adherence_vs_fp32"] - want) < 1e-12
         assert report["precisions"][form]["gate"]["checks"]["adherence_vs_fp32"]["ok"]
+
+
+def test_generate_json_says_what_it_drew_and_warns_on_an_unknown_subject(default, tmp_path, capsys):
+    from edgegen.runtime.cli import main
+
+    assert main(["generate", "a rocket on a blue background", "-o", str(tmp_path / "r.png"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    read = data["read"][0]
+    assert (read["subject"]["name"], read["background"]["name"]) == ("rocket", "blue")
+    assert read["subject"]["p"] > 0.5 and data["warnings"] == []
+    assert main(["generate", "an astronaut riding a horse", "-o", str(tmp_path / "a.png"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    [note] = data["warnings"]
+    assert (
+        note.startswith("emoji64 knows no 'astronaut riding") and data["read"][0]["subject"]["name"] in note
+    )
+    assert main(["generate", "an astronaut riding a horse", "-o", str(tmp_path / "a.png")]) == 0
+    assert "emoji64 knows no 'astronaut riding" in capsys.readouterr().err
+
+
+def test_model_card_lists_what_it_knows():
+    card = (MODEL_DIR / "MODEL_CARD.md").read_text()
+    labels = json.loads((MODEL_DIR / "labels.json").read_text())
+    assert all(f"`{e['name']}`" in card for e in labels["emoji"])
+    assert all(b["name"] in card for b in labels["backgrounds"])

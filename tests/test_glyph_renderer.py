@@ -83,7 +83,7 @@ def glyph_bundle(tmp_path_factory):
     from edgegen.export.testing import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("glyph")
-    ckpt = make_tiny_checkpoint(root / "ckpt", text_encoder="bert", renderer="glyph")
+    ckpt = make_tiny_checkpoint(root / "ckpt", text_encoder="bert", renderer="glyph", concept_heads=2)
     return ckpt, export_checkpoint(ckpt, root / "bundle", precisions="fp32,fp16,int8", progress=False)
 
 
@@ -120,6 +120,37 @@ def test_glyph_generator_exports_in_every_precision_and_matches_pytorch(glyph_bu
         # int8: the tiny random glyph memories' static activation ranges cost it 28.3 dB here (gate 25 dB), a
         # mean of 7.2 levels (onnxruntime 1.31.1, 2026-12-02; the same test kept under 3 levels on 11-24)
         assert np.abs(out.astype(int) - got.astype(int)).mean() < (3.0 if p == "fp16" else 8.0), p
+
+
+def test_last_call_reports_what_the_concept_memories_read(glyph_bundle):
+    """The generator and fused graphs output each memory's probabilities; the pipeline reports them per
+    image, on the fused path and on the cached path alike, as PyTorch computes them."""
+    from edgegen.export.families.gan import load_generator
+    from edgegen.export.generator import GeneratorWithReading
+    from transformers import AutoModel, AutoTokenizer
+
+    ckpt, path = glyph_bundle
+    assert set(Bundle.open(path).manifest["reading"]) == {"subject", "background", "size"}
+    prompts = ["a red apple", "a small cat on a blue background"]
+    tok = AutoTokenizer.from_pretrained(ckpt / "text_encoder")
+    enc = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    text = AutoModel.from_pretrained(ckpt / "text_encoder").eval()
+    with torch.no_grad():
+        states = text(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        _, *probs = GeneratorWithReading(load_generator(ckpt / "generator"))(
+            torch.zeros(2, 16), states, enc["attention_mask"]
+        )
+    pipe = Pipeline.from_bundle(path, backend="ort-cpu", precision="fp32")
+    for expected_path in ("fused", "cached"):
+        pipe(prompts, seed=[0, 1], output_type="uint8")
+        assert pipe.last_call.path == expected_path
+        read = pipe.last_call.read
+        assert len(read) == 2
+        for image, rows in zip(read, zip(*probs)):
+            for (concept, got), want in zip(image.items(), rows):
+                assert got["name"] == str(int(want.argmax())), concept
+                assert abs(got["p"] - float(want.max())) < 1e-3
+                assert [p for _, p in got["top"]] == sorted((p for _, p in got["top"]), reverse=True)
 
 
 @pytest.mark.tensorrt

@@ -94,3 +94,46 @@ def test_heldout_phrasing_never_trains():
         assert not any(p.match(c.text) for p in patterns), c.text
         assert any(re.search(rf"\b{re.escape(n)}\b", c.text) for n in EMOJI[c.emoji].train_names), c.text
     assert heldout_names and {c.split for c in eval_captions()} == {"seen", "heldout"}
+
+
+def test_binding_set_puts_coloured_subjects_on_other_colours_in_both_orders():
+    from training.dataset import COLOURED_SUBJECTS, binding_captions
+
+    binding = binding_captions()
+    assert len(binding) >= 200 and {c.split for c in binding} == {"binding"}
+    assert len({c.text for c in binding}) == len(binding)
+    subject_first = 0
+    for c in binding:
+        e = EMOJI[c.emoji]
+        phrase = next(p for p in COLOURED_SUBJECTS[e.name] if p in c.text)
+        colour = BG_NAMES[c.background]
+        assert colour not in words(phrase), c.text  # the subject's colour word is never the background's
+        rest = c.text.replace(phrase, " ")
+        assert colour in words(rest), c.text
+        subject_first += c.text.index(phrase) < c.text.index(colour)
+    assert 0.2 < subject_first / len(binding) < 0.8  # both orders, in good measure
+    assert {c.novelty for c in binding} == {"", "template"}
+
+
+def test_binding_prompts_and_heldout_binding_templates_never_train():
+    from training.dataset import BINDING_HELDOUT_TEMPLATES, binding_captions, binding_training_captions
+
+    train = {c.text for c in training_captions(6, seed=0) + binding_training_captions(2, seed=0)}
+    assert not train & {c.text for c in binding_captions()}
+    patterns = [
+        re.compile(re.sub(r"\\{[a-z_]+\\}", ".+", re.escape(t)) + "$") for t in BINDING_HELDOUT_TEMPLATES
+    ]
+    assert not [t for t in train if any(p.match(t) for p in patterns)]
+
+
+def test_binding_training_captions_name_their_background_outside_the_subject():
+    from training.dataset import binding_training_captions
+
+    captions = binding_training_captions(1, seed=3)
+    assert len(captions) > 0.9 * len(EMOJI) * len(BACKGROUNDS)
+    for c in captions[::7]:
+        colour = BG_NAMES[c.background]
+        names = [n for n in EMOJI[c.emoji].train_names if re.search(rf"\b{re.escape(n)}\b", c.text)]
+        assert names, c.text
+        # the background's colour word follows "background"/"backdrop"/"on"/"front of"/"is"
+        assert re.search(rf"({colour} (background|backdrop)|(on|of|is) {colour}\b)", c.text), c.text

@@ -5,7 +5,8 @@
 A generator trained with a judge's cross-entropy can earn that judge's adherence with features it likes
 rather than with the emoji (the conv runs in training/README.md did). The same judge recipe with another
 seed (seed 1, ~9 min at one thread, trained once and cached) is an independent second opinion; this prints
-adherence under both. `training.train` records the second judge's figures in metrics.json too.
+adherence under both (the 320 eval prompts and the 240 binding prompts x seeds 0-3). `training.train`
+records the second judge's figures in metrics.json too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from edgegen.export.families.gan import load_generator
 from edgegen.export.judge import load_judge
 
-from .dataset import eval_captions
+from .dataset import binding_captions, eval_captions
 from .evaluate import evaluate
 from .judge import train_judge
 from .text_states import cached_states
@@ -54,7 +55,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     root = second_judge(a.judge_dir)
     gen = load_generator(a.model / "generator")
-    evals = eval_captions()
+    evals = eval_captions() + binding_captions()
     states, mask = cached_states([c.text for c in evals], gen.config.max_length, CACHE, print)
     for name, judge_root in (("shipped judge", a.model), (f"second judge (seed {SECOND_JUDGE_SEED})", root)):
         print(name, json.dumps(score(gen, judge_root, states, mask, evals)), flush=True)

@@ -211,3 +211,132 @@ def eval_captions(n_seen: int = 160, n_heldout: int = 160, seed: int = 1234) -> 
                 )
             )
     return out
+
+
+# --- binding: which colour word goes with what ----------------------------------------------------
+# A prompt read as a bag of words cannot tell "a green apple on a red background" from "a red apple on
+# a green background". These subjects' everyday names carry a colour word (the colour they are drawn
+# in); a binding prompt puts one against a background of another colour, in either order, sometimes
+# with a size word and a colour word that names neither (a distractor: "..., not blue").
+COLOURED_SUBJECTS = {
+    "tomato": ["red tomato", "ripe red tomato"],
+    "green apple": ["green apple", "crisp green apple"],
+    "sunflower": ["yellow flower", "yellow sunflower"],
+    "swan": ["white swan"],
+    "broccoli": ["green broccoli", "green vegetable"],
+    "cherries": ["red cherries"],
+    "strawberry": ["red strawberry"],
+    "banana": ["yellow banana"],
+    "blueberries": ["blueberries"],
+    "leafy green": ["leafy green"],
+    "green salad": ["green salad"],
+    "red gift envelope": ["red gift envelope"],
+    "hot pepper": ["red hot pepper", "red chili"],
+    "avocado": ["green avocado"],
+    "kiwifruit": ["green kiwifruit"],
+    "fire engine": ["red fire engine"],
+    "taxi": ["yellow taxi"],
+    "snowman": ["white snowman"],
+    "frog face": ["green frog"],
+    "evergreen tree": ["green pine tree"],
+    "lady beetle": ["red ladybug"],
+    "ghost": ["white ghost"],
+    "panda face": ["black and white panda"],
+    "zebra face": ["black and white zebra"],
+    "penguin": ["black and white penguin"],
+    "cheese wedge": ["yellow cheese"],
+    "fox face": ["orange fox"],
+    "tiger": ["orange tiger"],
+    "jack-o-lantern": ["orange pumpkin"],
+    "crab": ["red crab"],
+    "lobster": ["red lobster"],
+    "grapes": ["purple grapes"],
+    "olive": ["green olive"],
+    "honeybee": ["yellow bee"],
+    "fire": ["orange fire"],
+}
+# {subject} / {a_subject}: the subject phrase; {size} a size word; {distractor} a colour named by neither.
+BINDING_TRAIN_TEMPLATES = [
+    "{a_subject} on a {color} background",
+    "{color} background, {size} {subject}",
+    "{subject} in front of {color}",
+    "a {color} backdrop behind {a_size_subject}",
+    "{subject} that is {size}, background that is {color}",
+    "{a_color} background with {a_subject}, not {distractor}",
+    "{size} {subject}; the background is {color}, not {distractor}",
+    "on {color}: {a_size_subject}",
+]
+BINDING_HELDOUT_TEMPLATES = [
+    "{color} background behind {a_size_subject}",
+    "{a_subject} against {a_color} backdrop, no {distractor}",
+    "a {size} {subject} in front of a {color} background",
+]
+# Colour adjectives training puts on any subject's name (the model cannot recolour an emoji, so it must
+# learn to read them as part of the subject, never as the background).
+SUBJECT_COLOURS = BG_NAMES + ["brown", "golden", "dark", "bright"]
+
+
+def binding_caption(template: str, subject: str, color: str, size_word: str, distractor: str) -> str:
+    return template.format(
+        subject=subject,
+        a_subject=article(subject),
+        a_size_subject=article(f"{size_word} {subject}"),
+        color=color,
+        a_color=article(color),
+        size=size_word,
+        distractor=distractor,
+    )
+
+
+def _binding_sample(rng, template, subject, e, b, split, novelty="") -> Caption:
+    """A binding caption of ``template`` with a random size word and a distractor colour that names
+    neither the background nor a colour in the subject's phrase."""
+    size = int(rng.integers(len(SIZES))) if template_has_size(template) else None
+    word = SIZE_WORDS[SIZE_NAMES[size]][rng.integers(2)] if size is not None else ""
+    free = [c for c in BG_NAMES if c != BG_NAMES[b] and c not in subject.split()]
+    text = binding_caption(template, subject, BG_NAMES[b], word, free[rng.integers(len(free))])
+    return Caption(text, e, b, size, split, novelty)
+
+
+def binding_captions(n: int = 240, seed: int = 4321) -> list[Caption]:
+    """The binding evaluation set: ``n`` prompts (split "binding"), each a COLOURED_SUBJECTS phrase on a
+    background of another colour. Two thirds use training's binding templates (novelty ""), one third
+    templates training never sees (novelty "template"). None of their texts is a training caption
+    (``binding_training_captions`` drops them)."""
+    rng = np.random.default_rng(seed)
+    by_name = {e.name: e for e in EMOJI}
+    items = [(by_name[name], phrase) for name, phrases in COLOURED_SUBJECTS.items() for phrase in phrases]
+    out, seen = [], set()
+    while len(out) < n:
+        e, subject = items[len(out) % len(items)]
+        others = [i for i, c in enumerate(BG_NAMES) if c not in subject.split()]
+        b = others[rng.integers(len(others))]
+        heldout = len(out) % 3 == 2
+        templates = BINDING_HELDOUT_TEMPLATES if heldout else BINDING_TRAIN_TEMPLATES
+        c = _binding_sample(
+            rng, templates[rng.integers(len(templates))], subject, e.id, b, "binding", "template" * heldout
+        )
+        if c.text not in seen:
+            seen.add(c.text)
+            out.append(c)
+    return out
+
+
+def binding_training_captions(per_pair: int = 2, seed: int = 0) -> list[Caption]:
+    """``per_pair`` binding captions for every (emoji, background) pair: a training name, often with a
+    colour adjective (sometimes the background's own colour), in BINDING_TRAIN_TEMPLATES. The binding
+    evaluation prompts are never among them."""
+    rng = np.random.default_rng(seed + 1)
+    held = {c.text for c in binding_captions()}
+    out = []
+    for e in EMOJI:
+        for b in range(len(BACKGROUNDS)):
+            for _ in range(per_pair):
+                name = e.train_names[rng.integers(len(e.train_names))]
+                if rng.random() < 0.7:
+                    name = f"{SUBJECT_COLOURS[rng.integers(len(SUBJECT_COLOURS))]} {name}"
+                template = BINDING_TRAIN_TEMPLATES[rng.integers(len(BINDING_TRAIN_TEMPLATES))]
+                c = _binding_sample(rng, template, name, e.id, b, "train")
+                if c.text not in held:
+                    out.append(c)
+    return out

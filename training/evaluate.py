@@ -1,5 +1,5 @@
-"""Evaluate a generator with the judge: adherence (seen / held-out phrasings), seed diversity, Fréchet judge
-distance.
+"""Evaluate a generator with the judge: adherence (seen / held-out phrasings / binding), seed diversity,
+Fréchet judge distance.
 
     python -m training.evaluate [--model export/emoji64] [--seeds 0 1 2 3]
 
@@ -18,7 +18,7 @@ import torch
 from edgegen.runtime.pipeline import noise_for_seeds
 from scipy import linalg
 
-from .dataset import eval_captions, random_labels, render_batch, to_tensor
+from .dataset import binding_captions, eval_captions, random_labels, render_batch, to_tensor
 
 EVAL_SEEDS = [0, 1, 2, 3]
 
@@ -72,18 +72,18 @@ def evaluate(generator, judge, states, mask, captions, real_mu, real_sigma, seed
     novelty = np.repeat([c.novelty for c in captions], s)
     ok_e, ok_b = pred_e == want_e, pred_b == want_b
     result = {"seeds": list(seeds), "n_prompts": len(captions)}
-    for name in ("seen", "heldout"):
+    for name in ("seen", "heldout", "binding"):
         m = split == name
         if m.any():
             result[f"adherence_{name}"] = float((ok_e & ok_b)[m].mean())
             result[f"emoji_acc_{name}"] = float(ok_e[m].mean())
             result[f"background_acc_{name}"] = float(ok_b[m].mean())
-    for name in ("template", "synonym"):  # the two halves of "heldout"
-        m = novelty == name
-        if m.any():
-            result[f"adherence_heldout_{name}s"] = float((ok_e & ok_b)[m].mean())
-            result[f"emoji_acc_heldout_{name}s"] = float(ok_e[m].mean())
-            result[f"background_acc_heldout_{name}s"] = float(ok_b[m].mean())
+    # the parts of a split by what is new in them: heldout_templates, heldout_synonyms, binding_templates
+    for name, new in sorted({(a, b) for a, b in zip(split, novelty) if b}):
+        m = (split == name) & (novelty == new)
+        result[f"adherence_{name}_{new}s"] = float((ok_e & ok_b)[m].mean())
+        result[f"emoji_acc_{name}_{new}s"] = float(ok_e[m].mean())
+        result[f"background_acc_{name}_{new}s"] = float(ok_b[m].mean())
     a = images.astype(np.float32) / 255.0
     pairs = [np.abs(a[:, i] - a[:, j]).mean() for i in range(s) for j in range(i + 1, s)]
     result["diversity"] = float(np.mean(pairs)) if pairs else 0.0
@@ -116,7 +116,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     generator, judge = load_generator(a.model / "generator"), load_judge(a.model / "judge")
-    captions = eval_captions()
+    captions = eval_captions() + binding_captions()
     encoder, tokenizer = load_minilm()
     states, mask = encode(encoder, tokenizer, [c.text for c in captions], generator.config.max_length)
     real = np.load(a.model / "real_features.npz")

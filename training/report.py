@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from .dataset import BACKGROUNDS, HELDOUT_TEMPLATES, SIZE_NAMES, SIZE_WORDS, SIZES, TRAIN_TEMPLATES, Caption
+from .dataset import (
+    BACKGROUNDS,
+    BINDING_HELDOUT_TEMPLATES,
+    BINDING_TRAIN_TEMPLATES,
+    HELDOUT_TEMPLATES,
+    SIZE_NAMES,
+    SIZE_WORDS,
+    SIZES,
+    SUBJECT_COLOURS,
+    TRAIN_TEMPLATES,
+    Caption,
+)
 from .emoji_set import EMOJI
 from .evaluate import EVAL_SEEDS
 
@@ -21,7 +33,16 @@ def labels() -> dict:
             {"id": i, "name": n, "glyph_px": SIZES[n], "words": SIZE_WORDS[n]}
             for i, n in enumerate(SIZE_NAMES)
         ],
+        "caption_words": caption_words(),
     }
+
+
+def caption_words() -> list[str]:
+    """Every word of the caption templates and of the colour words put on subjects: with the names, what
+    the model has read (the runtime names a prompt's other words when it knows no subject)."""
+    templates = TRAIN_TEMPLATES + HELDOUT_TEMPLATES + BINDING_TRAIN_TEMPLATES + BINDING_HELDOUT_TEMPLATES
+    words = {w for t in templates for w in re.findall(r"[a-z]+", re.sub(r"\{[a-z_]+\}", " ", t))}
+    return sorted(words | {"a", "an"} | set(SUBJECT_COLOURS))
 
 
 def eval_prompts(captions: list[Caption]) -> list[dict]:
@@ -61,7 +82,27 @@ def write_model_files(out: Path, cfg, evals: list[Caption], metrics: dict) -> No
 
 def model_card(cfg, evals, m) -> str:
     n_seen = sum(c.split == "seen" for c in evals)
-    n_held = len(evals) - n_seen
+    n_held = sum(c.split == "heldout" for c in evals)
+    n_binding = sum(c.split == "binding" for c in evals)
+    binding_rows = ""
+    if "adherence_binding" in m:  # models trained before the binding set have no such figures
+        j2 = m["second_judge"]
+        both = lambda k: f"{m[k]:.3f} / {j2.get(k, float('nan')):.3f}"  # noqa: E731
+        binding_rows = (
+            f"| binding prompts ({n_binding}): adherence, judge / second judge | "
+            f"{both('adherence_binding')} |\n"
+            f"| binding, held-out binding templates: judge / second judge | "
+            f"{both('adherence_binding_templates')} |\n"
+            f"| binding: emoji / background accuracy (judge) | "
+            f"{m['emoji_acc_binding']:.3f} / {m['background_acc_binding']:.3f} |\n"
+        )
+    knows = ", ".join(f"`{e.name}`" for e in EMOJI)
+    binding_text = (
+        f"and {n_binding} binding prompts (subjects whose names carry a colour word, on another colour, both "
+        "orders; a third in held-out binding templates), "
+        if n_binding
+        else ""
+    )
     heldout_syn = sum(len(e.heldout_names) for e in EMOJI)
     t = lambda xs: "\n".join(f"- `{x}`" for x in xs)  # noqa: E731
     # short names and table cells, for source lines that fit
@@ -123,7 +164,8 @@ what the alternatives (convolutional renderers) measured: `training/README.md`.
 
 ## Evaluation
 `eval_prompts.json`: {n_seen} prompts with training templates and names (new combinations; "seen") and
-{n_held} with held-out phrasing ("heldout": half held-out templates, half held-out synonyms), each
+{n_held} with held-out phrasing ("heldout": half held-out templates, half held-out synonyms)
+{binding_text}each
 generated with seeds {EVAL_SEEDS} (runtime noise: `numpy.random.default_rng(seed).standard_normal`).
 Images are quantised to uint8 and scored by the judge (`judge/`, a small CNN trained on real renders) and,
 as a check, by a second judge of the same recipe with another seed (`python -m training.crosscheck`).
@@ -142,6 +184,13 @@ as a check, by a second judge of the same recipe with another seed (`python -m t
 | same, fresh real renders (floor at this sample size) | {m["frechet_judge_distance_real_reference"]:.2f} |
 | second judge (seed {judge2["seed"]}): adherence seen / held-out | {judge2_phrasing} |
 | second judge: held-out templates / held-out synonyms | {judge2_split} |
+{binding_rows}
+## What it knows
+Everything else is read as the nearest of these (`edgegen generate` warns when the subject is unclear or
+the prompt has words it never read, and `--json` / `pipe.last_call.read` say what it drew, with the
+lookups' probabilities).
+- Backgrounds: {", ".join(f"`{n}`" for n, _ in BACKGROUNDS)}. Sizes: `small`, `large` (or not said).
+- Emoji ({len(EMOJI)}; synonyms in `labels.json`): {knows}.
 
 ## Training
 - Judge: {m["judge_training_minutes"]} min. Generator: {m["generator_steps"]} steps of batch {m["batch"]}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgegen.export.generator import ConditionalGenerator, GeneratorConfig, masked_mean
+from edgegen.export.generator import ConditionalGenerator, GeneratorConfig
 from edgegen.export.judge import load_judge
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -37,6 +37,8 @@ from .dataset import (
     JITTER,
     SIZE_NAMES,
     SIZES,
+    binding_captions,
+    binding_training_captions,
     eval_captions,
     render,
     to_tensor,
@@ -126,6 +128,19 @@ def main(argv=None):
     p.add_argument("--attention-dim", type=int, default=64)
     p.add_argument("--captions-per-pair", type=int, default=6)
     p.add_argument(
+        "--binding-per-pair",
+        type=int,
+        default=2,
+        help="binding captions per (emoji, background) pair (colour words on the subject and the "
+        "background, both orders, distractors; 0: none, the recipe before issue 21)",
+    )
+    p.add_argument(
+        "--concept-heads",
+        type=int,
+        default=2,
+        help="attention heads each concept memory pools the token states with (0: the mean only)",
+    )
+    p.add_argument(
         "--no-concepts",
         action="store_true",
         help="no concept memories (emoji, background, size); condition on --pooled / --attention only",
@@ -160,13 +175,15 @@ def main(argv=None):
         attention_dim=a.attention_dim,
         pooled_cond=a.pooled,
         concepts=[] if a.no_concepts else [len(EMOJI), len(BACKGROUNDS), len(SIZE_NAMES) + 1],
+        concept_heads=a.concept_heads,
         renderer=a.renderer,
         glyph_side=a.glyph_side,
         glyph_boxes=[SIZES[n] for n in SIZE_NAMES],
         jitter=JITTER,
     )
     captions = training_captions(a.captions_per_pair, seed=a.seed)
-    evals = eval_captions()
+    captions += binding_training_captions(a.binding_per_pair, seed=a.seed) if a.binding_per_pair else []
+    evals = eval_captions() + binding_captions()
     states, mask = cached_states([c.text for c in captions], cfg.max_length, a.cache, log)
     ev_states, ev_mask = cached_states([c.text for c in evals], cfg.max_length, a.cache, log)
     lab_e = np.array([c.emoji for c in captions])
@@ -207,9 +224,8 @@ def main(argv=None):
                 lb, torch.from_numpy(lab_b[idx])
             )
             loss = loss + a.judge_weight * ce
-        pooled = masked_mean(text, m)
         for memory, y in zip(gen.memories, labels):
-            loss = loss + a.concept_weight * F.cross_entropy(memory.logits(pooled), y)
+            loss = loss + a.concept_weight * F.cross_entropy(memory.logits(memory.read(text, m)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -236,22 +252,23 @@ def main(argv=None):
                 f"{r['emoji_acc_seen']:.2f}/{r['background_acc_seen']:.2f} templates "
                 f"{r['emoji_acc_heldout_templates']:.2f}/{r['background_acc_heldout_templates']:.2f} "
                 f"synonyms {r['emoji_acc_heldout_synonyms']:.2f}/{r['background_acc_heldout_synonyms']:.2f}) "
+                f"binding {r.get('adherence_binding', float('nan')):.3f} "
+                f"(held-out binding templates {r.get('adherence_binding_templates', float('nan')):.3f}) "
                 f"diversity {r['diversity']:.4f} FD {r['frechet_judge_distance']:.2f}"
             )
             if cfg.concepts:  # how well the emoji lookup alone reads the eval prompts (the text side's share)
                 with torch.no_grad():
-                    read = (
-                        ema.memories[0]
-                        .logits(masked_mean(torch.from_numpy(ev_states).float(), torch.from_numpy(ev_mask)))
-                        .argmax(1)
-                        .numpy()
-                    )
+                    memory = ema.memories[0]
+                    text = memory.read(torch.from_numpy(ev_states).float(), torch.from_numpy(ev_mask))
+                    read = memory.logits(text).argmax(1).numpy()
                 right = read == np.array([c.emoji for c in evals])
-                kinds = np.array([c.novelty or c.split for c in evals])
+                kinds = np.array(["binding" if c.split == "binding" else c.novelty or c.split for c in evals])
                 log(
                     "  emoji lookup accuracy: "
                     + ", ".join(
-                        f"{k} {right[kinds == k].mean():.3f}" for k in ("seen", "template", "synonym")
+                        f"{k} {right[kinds == k].mean():.3f}"
+                        for k in ("seen", "template", "synonym", "binding")
+                        if (kinds == k).any()
                     )
                 )
     train_minutes = (time.time() - t0) / 60

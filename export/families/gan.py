@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from edgegen.runtime.pipeline import noise_for_seeds
 from safetensors.torch import load_file
 from torch import nn
 
-from ..generator import ConditionalGenerator, GeneratorConfig
+from ..generator import ConditionalGenerator, GeneratorConfig, GeneratorWithReading
 from ..text_encoders import load_text_encoder, tokenizer_settings
 from . import ComponentDef, Family
 
@@ -43,8 +45,16 @@ QUALITY_FILES = {
 }
 
 
+def reading_names(generator: ConditionalGenerator) -> list[str]:
+    """What each concept memory reads, by name: emoji64's three are the subject (emoji), the background
+    and the size; another count is numbered."""
+    n = len(generator.memories)
+    return ["subject", "background", "size"] if n == 3 else [f"concept{i}" for i in range(n)]
+
+
 class FusedGan(nn.Module):
-    """Token ids + mask + noise -> uint8 HWC pixels (and the text states, so the runtime can cache them)."""
+    """Token ids + mask + noise -> uint8 HWC pixels (and the text states, so the runtime can cache them,
+    then the probabilities each concept memory read, so it can say what it drew)."""
 
     def __init__(self, text_encoder: nn.Module, generator: nn.Module):
         super().__init__()
@@ -52,10 +62,10 @@ class FusedGan(nn.Module):
 
     def forward(self, input_ids, attention_mask, noise):
         states = self.text_encoder(input_ids, attention_mask)
-        image = self.generator(noise, states, attention_mask)
+        image, probs = self.generator.draw(noise, states, attention_mask)
         # Cast last: TensorRT takes uint8 only as a network input/output, never as an intermediate tensor.
         pixels = ((image + 1.0) * 127.5).clamp(0.0, 255.0).round().permute(0, 2, 3, 1).to(torch.uint8)
-        return pixels, states
+        return (pixels, states, *probs)
 
 
 def load_generator(path: Path) -> ConditionalGenerator:
@@ -146,9 +156,34 @@ class GanFamily(Family):
         return {f"quality/{name}": self.quality_dir / name for name in QUALITY_FILES.values()}
 
     def manifest_extras(self) -> dict:
-        if self.quality_dir is None:
-            return {}
-        return {"quality": {key: f"quality/{name}" for key, name in QUALITY_FILES.items()}}
+        extras = {"reading": self.reading()} if self.generator.memories else {}
+        if self.quality_dir is not None:
+            extras["quality"] = {key: f"quality/{name}" for key, name in QUALITY_FILES.items()}
+        return extras
+
+    def reading(self) -> dict:
+        """The manifest's ``reading``: for each concept memory, the graph output holding its probabilities
+        and the names of its concepts (from the shipped labels.json; indices where none ships)."""
+        labels, vocabulary = {}, []
+        if self.quality_dir is not None and (self.quality_dir / QUALITY_FILES["labels"]).is_file():
+            data = json.loads((self.quality_dir / QUALITY_FILES["labels"]).read_text())
+            labels = {
+                "subject": [e["name"] for e in data["emoji"]],
+                "background": [b["name"] for b in data["backgrounds"]],
+                "size": ["not said"] + [s["name"] for s in data["sizes"]],
+            }
+            names = [n for e in data["emoji"] for n in [e["name"], *e["synonyms"]]]
+            names += labels["background"] + [w for s in data["sizes"] for w in s["words"]]
+            words = {w for n in names for w in re.findall(r"[a-z][a-z'-]*", n)}
+            vocabulary = sorted(words | set(data.get("caption_words", [])))
+        spec = {
+            name: {
+                "output": f"{name}_probs",
+                "labels": labels.get(name) or [str(i) for i in range(len(m.values))],
+            }
+            for name, m in zip(reading_names(self.generator), self.generator.memories)
+        }
+        return {**spec, "vocabulary": vocabulary} if vocabulary else spec
 
     def describe(self) -> dict:
         return {"text_encoder": self.text_encoder.kind, "generator": self.config.__dict__}
@@ -170,15 +205,27 @@ class GanFamily(Family):
         states = TensorSpec("text_states", "float32", ("batch", L, c.text_dim))
         image = TensorSpec("image", "float32", ("batch", 3, c.image_size, c.image_size))
         pixels = TensorSpec("pixels", "uint8", ("batch", c.image_size, c.image_size, 3))
+        # what each concept memory read (its probabilities over its concepts): the runtime reports it
+        reads = [
+            TensorSpec(f"{name}_probs", "float32", ("batch", len(m.values)))
+            for name, m in zip(reading_names(self.generator), self.generator.memories)
+        ]
+        read_tol = {r.name: 1e-3 for r in reads}
         comps = [
             ComponentDef("text_encoder", self.text_encoder, [ids, mask], [states], {"text_states": 1e-3}),
-            ComponentDef("generator", self.generator, [noise, states, mask], [image], {"image": 1e-3}),
+            ComponentDef(
+                "generator",
+                GeneratorWithReading(self.generator) if reads else self.generator,
+                [noise, states, mask],
+                [image, *reads],
+                {"image": 1e-3, **read_tol},
+            ),
             ComponentDef(
                 "fused",
                 self.fused,
                 [ids, mask, noise],
-                [pixels, states],
-                {"pixels": 1.0, "text_states": 1e-3},
+                [pixels, states, *reads],
+                {"pixels": 1.0, "text_states": 1e-3, **read_tol},
             ),
         ]
         if self.judge is not None:
