@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Seen phrasings, held-out templates and held-out synonyms ("kitten", "cheeseburger", "spacecraft" never
-# trained).
+# Seen phrasings, held-out templates, held-out synonyms ("kitten", "cheeseburger", "spacecraft" never
+# trained) and binding: a colour word in the subject's name against another background (issue 21's cases).
 PROMPTS = [
     ("a rocket on a blue background", "seen"),
     ("a large robot face on a yellow background", "seen"),
@@ -24,6 +24,9 @@ PROMPTS = [
     ("an emoji of a kitten on pink", "held-out synonym"),
     ("a cheeseburger on a white background", "held-out synonym"),
     ("spacecraft on purple", "held-out synonym"),
+    ("small red apple, green background", "binding"),
+    ("green broccoli on a red background", "binding"),
+    ("red cherries on a black background", "binding"),
 ]
 SEEDS = [0, 1, 2, 3]
 
