@@ -8,9 +8,10 @@ import re
 import numpy as np
 
 # Below this probability (the lookup's unsharpened softmax) for its most likely subject, the model is
-# guessing. Measured on the shipped model (training/README.md): no seen, held-out-template or binding prompt
-# reads below it; a third of the held-out synonyms it gets wrong do. The softmax is over known subjects
-# only, so a word it never saw can still read high ("an astronaut" -> rocket, 0.97): unknown words warn too.
+# guessing. Measured on the mean-only model before the token-level one (training/README.md): no seen,
+# held-out-template or binding prompt reads below it; a third of the held-out synonyms it gets wrong do. The
+# softmax is over known subjects only, so a word it never saw can still read high (the shipped model: "an
+# astronaut" -> rocket, 1.00): unknown words warn too.
 SUBJECT_THRESHOLD = 0.5
 TOP = 3  # alternatives listed per concept
 
