@@ -251,7 +251,8 @@ def _store_weights(work: _Work, precisions: list[str]) -> dict | None:
     returns the manifest's ``lora`` entry: the LoRAs fused, and where each weight a LoRA may target lies
     in the fp32 and fp16 files (int8 weights cannot take one at load)."""
     parts = work.family.lora_parts()
-    index = TargetIndex(parts, [c.module for c in work.components]) if parts else None
+    traced = [c.module for c in work.components]
+    index = TargetIndex(parts, traced, fp16="fp16" in precisions) if parts else None
     offsets = {}
     for precision in precisions:
         rels = sorted({work.files[c.name][f] for c in work.components for f in FORMS[precision]})

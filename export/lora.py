@@ -54,7 +54,8 @@ class TargetIndex:
     content another weight shares (a ControlNet made from the UNet starts as a copy of its blocks) is seen
     to be shared and left out: merging into it would change both."""
 
-    def __init__(self, parts: dict[str, nn.Module], traced: list[nn.Module] = ()):
+    def __init__(self, parts: dict[str, nn.Module], traced: list[nn.Module] = (), fp16: bool = True):
+        self.fp16 = fp16  # key the float16 casts too (only when an fp16 form is exported: hashing costs)
         self.shapes: dict[tuple[str, str], list[int]] = {}
         self.keys: dict[str, list[tuple[str, str, str, str]]] = {}  # key -> [(part, module, layout, dtype)]
         own = set()
@@ -71,7 +72,10 @@ class TargetIndex:
 
     def _add(self, weight, owner: tuple[str, str]) -> None:
         w = weight.detach().float().numpy()
-        for dtype, cast in (("float32", w), ("float16", np.clip(w, -FP16_MAX, FP16_MAX).astype(np.float16))):
+        casts = [("float32", w)]
+        if self.fp16:
+            casts.append(("float16", np.clip(w, -FP16_MAX, FP16_MAX).astype(np.float16)))
+        for dtype, cast in casts:
             for layout, array in (("oi", cast), ("io", cast.T if cast.ndim == 2 else None)):
                 if array is not None:
                     self.keys.setdefault(_key(array), []).append((*owner, layout, dtype))

@@ -53,6 +53,7 @@ class GanPipeline(Pipeline):
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
         self.tokenizer.pad_to_longest = main.dynamic_sequence
         self.reading = self._reading(bundle)
+        self.vocabulary = frozenset(self.reading.get("vocabulary", []))  # set once: checked every call
         self.model_name = str(bundle.manifest.get("provenance", {}).get("checkpoint", "the model")).split(
             "-checkpoint"
         )[0]
@@ -148,9 +149,8 @@ class GanPipeline(Pipeline):
         if not self.reading:
             return
         info.read = reading.read_outputs(self.reading, outs, len(prompts))
-        vocabulary = self.reading.get("vocabulary", [])
         notes = dict.fromkeys(  # one note per distinct prompt, in order
-            reading.unknown_subject_note(self.model_name, p, r, vocabulary)
+            reading.unknown_subject_note(self.model_name, p, r, self.vocabulary)
             for p, r in zip(prompts, info.read)
         )
         info.unknown = [n for n in notes if n]

@@ -31,13 +31,12 @@ def read_outputs(reading: dict, outs: dict, batch: int) -> list[dict]:
     return per_image
 
 
-def unknown_words(prompt: str, vocabulary: list[str]) -> list[str]:
+def unknown_words(prompt: str, vocabulary: frozenset[str]) -> list[str]:
     """The prompt's words the model never saw in training (names, colours, sizes, caption words)."""
-    known = set(vocabulary)
-    return [w for w in re.findall(r"[a-z][a-z'-]*", prompt.lower()) if w not in known]
+    return [w for w in re.findall(r"[a-z][a-z'-]*", prompt.lower()) if w not in vocabulary]
 
 
-def unknown_subject_note(model: str, prompt: str, read: dict, vocabulary: list[str]) -> str | None:
+def unknown_subject_note(model: str, prompt: str, read: dict, vocabulary: frozenset[str]) -> str | None:
     """A warning when the subject's probability is below SUBJECT_THRESHOLD or the prompt has words the
     model never read, naming them and the nearest subjects it knows; None when neither."""
     subject = read.get("subject")

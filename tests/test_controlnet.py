@@ -20,7 +20,7 @@ from edgegen.runtime.cli import main  # noqa: E402
 from edgegen.runtime.diffusion import NoiseStreams  # noqa: E402
 from edgegen.runtime.errors import CheckpointError  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, levels, patch_noise  # noqa: E402
+from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, latent_shape, levels, patch_noise  # noqa: E402
 
 RESIDUALS = [f"down_block_additional_residuals_{i}" for i in range(4)] + ["mid_block_additional_residual"]
 
@@ -62,9 +62,7 @@ def control_image(size=40, flip=False) -> np.ndarray:
 
 
 def diffusers_controlnet(reference, steps, guidance, scale, image, size):
-    latents = NoiseStreams(SEEDS).draw(
-        tuple(reference.unet.config[k] for k in ("in_channels", "sample_size", "sample_size"))
-    )
+    latents = NoiseStreams(SEEDS).draw(latent_shape(reference))
     return as_uint8(
         reference(
             PROMPTS,

@@ -79,9 +79,14 @@ def levels(a, b) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
+def latent_shape(reference) -> tuple[int, int, int]:
+    """A diffusers pipeline's latent shape (channels, size, size) at its UNet's sample size."""
+    return tuple(reference.unet.config[k] for k in ("in_channels", "sample_size", "sample_size"))
+
+
 def diffusers_txt2img(reference, monkeypatch, name, steps, guidance, seeds=SEEDS, prompts=PROMPTS):
     reference.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(reference.scheduler.config)
-    shape = tuple(reference.unet.config[k] for k in ("in_channels", "sample_size", "sample_size"))
+    shape = latent_shape(reference)
     streams = NoiseStreams(seeds)
     latents = streams.draw(shape)
     noise = step_noise(name, streams, shape, steps)

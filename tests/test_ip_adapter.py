@@ -17,7 +17,7 @@ from edgegen.runtime.cli import main  # noqa: E402
 from edgegen.runtime.diffusion import NoiseStreams  # noqa: E402
 from edgegen.runtime.errors import CheckpointError  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, levels  # noqa: E402
+from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, latent_shape, levels  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,7 @@ def reference_image(seed=1) -> np.ndarray:
 
 def diffusers_ip_adapter(reference, steps, guidance, scale, image, prompts=PROMPTS):
     reference.set_ip_adapter_scale(scale)
-    latents = NoiseStreams(SEEDS[: len(prompts)]).draw(
-        tuple(reference.unet.config[k] for k in ("in_channels", "sample_size", "sample_size"))
-    )
+    latents = NoiseStreams(SEEDS[: len(prompts)]).draw(latent_shape(reference))
     return as_uint8(
         reference(
             prompts,

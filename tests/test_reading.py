@@ -9,6 +9,7 @@ READING = {
     "background": {"output": "background_probs", "labels": ["red", "blue"]},
     "vocabulary": ["a", "on", "blue", "background", "rocket", "satellite", "cat", "dog", "red"],
 }
+VOCABULARY = frozenset(READING["vocabulary"])  # as GanPipeline holds it
 
 
 def outputs(subject_rows, background_rows):
@@ -28,23 +29,23 @@ def test_read_outputs_names_the_most_likely_concepts_in_order():
 def test_unknown_subject_warns_with_the_unknown_words_and_the_nearest_known():
     read = read_outputs(READING, outputs([[0.31, 0.3, 0.2, 0.19]], [[0, 1]]), 1)[0]
     prompt = "an astronaut on a blue background"
-    assert unknown_words(prompt, READING["vocabulary"]) == ["an", "astronaut"]
-    note = unknown_subject_note("emoji64", prompt, read, READING["vocabulary"] + ["an"])
+    assert unknown_words(prompt, VOCABULARY) == ["an", "astronaut"]
+    note = unknown_subject_note("emoji64", prompt, read, VOCABULARY | {"an"})
     assert note.startswith("emoji64 knows no 'astronaut'; drew 'rocket' (p=0.31)")
     assert "'satellite' (p=0.30)" in note
 
 
 def test_a_clear_subject_gives_no_warning_and_a_blurred_one_does():
     clear = read_outputs(READING, outputs([[0.9, 0.05, 0.03, 0.02]], [[0, 1]]), 1)[0]
-    assert unknown_subject_note("m", "a rocket", clear, READING["vocabulary"]) is None
+    assert unknown_subject_note("m", "a rocket", clear, VOCABULARY) is None
     p = SUBJECT_THRESHOLD - 0.01
     vague = read_outputs(READING, outputs([[p, 0.2, 0.2, 0.6 - p]], [[0, 1]]), 1)[0]
     assert "is unsure what 'a rocket' asks for" in unknown_subject_note(
-        "m", "a rocket", vague, []
+        "m", "a rocket", vague, frozenset()
     )  # no vocabulary: the prompt
 
 
 def test_a_word_it_never_read_warns_even_when_the_subject_reads_high():
     sure = read_outputs(READING, outputs([[0.97, 0.01, 0.01, 0.01]], [[0, 1]]), 1)[0]
-    note = unknown_subject_note("emoji64", "an astronaut", sure, READING["vocabulary"] + ["an"])
+    note = unknown_subject_note("emoji64", "an astronaut", sure, VOCABULARY | {"an"})
     assert note.startswith("emoji64 knows no 'astronaut'; drew 'rocket' (p=0.97)")
