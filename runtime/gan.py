@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import native, reading
@@ -145,15 +147,23 @@ class GanPipeline(Pipeline):
         return pixels, info
 
     def _report_reading(self, prompts, outs, info):
-        """What the model read for each image, and a warning per prompt whose subject it does not know."""
+        """What the model read for each image (``info.read``, built when asked for), and a warning per prompt
+        whose subject it does not know."""
         if not self.reading:
             return
-        info.read = reading.read_outputs(self.reading, outs, len(prompts))
-        notes = dict.fromkeys(  # one note per distinct prompt, in order
-            reading.unknown_subject_note(self.model_name, p, r, self.vocabulary)
-            for p, r in zip(prompts, info.read)
-        )
-        info.unknown = [n for n in notes if n]
+        batch = len(prompts)
+        probs = reading.copy_probabilities(self.reading, outs, batch)
+        info.reader = functools.partial(reading.read_outputs, self.reading, probs, batch)
+        subject = self.reading.get("subject")
+        if subject is None:
+            return
+        notes = {}  # one note per distinct prompt, in order
+        for prompt, row in zip(prompts, probs[subject["output"]]):
+            if prompt not in notes:
+                notes[prompt] = reading.unknown_subject_note(
+                    self.model_name, prompt, row, subject["labels"], self.vocabulary
+                )
+        info.unknown = [n for n in notes.values() if n]
 
     def _encode(self, prompts, info):
         encoded = self.tokenizer.encode(prompts)

@@ -124,7 +124,8 @@ def test_glyph_generator_exports_in_every_precision_and_matches_pytorch(glyph_bu
 
 def test_last_call_reports_what_the_concept_memories_read(glyph_bundle):
     """The generator and fused graphs output each memory's probabilities; the pipeline reports them per
-    image, on the fused path and on the cached path alike, as PyTorch computes them."""
+    image, on the fused path and on the cached path alike, as PyTorch computes them, however many calls
+    later it is asked for."""
     from edgegen.export.families.gan import load_generator
     from edgegen.export.generator import GeneratorWithReading
     from transformers import AutoModel, AutoTokenizer
@@ -141,10 +142,14 @@ def test_last_call_reports_what_the_concept_memories_read(glyph_bundle):
             torch.zeros(2, 16), states, enc["attention_mask"]
         )
     pipe = Pipeline.from_bundle(path, backend="ort-cpu", precision="fp32")
-    for expected_path in ("fused", "cached"):
+    calls = []
+    for _ in range(2):
         pipe(prompts, seed=[0, 1], output_type="uint8")
-        assert pipe.last_call.path == expected_path
-        read = pipe.last_call.read
+        calls.append(pipe.last_call)
+    pipe(["a tiny blue rocket", "a large dog"], seed=[2, 3], output_type="uint8")  # reuses the output buffers
+    for info, expected_path in zip(calls, ("fused", "cached")):
+        assert info.path == expected_path
+        read = info.read  # built on first use, after the next call: from its own call's probabilities
         assert len(read) == 2
         for image, rows in zip(read, zip(*probs)):
             for (concept, got), want in zip(image.items(), rows):

@@ -26,26 +26,31 @@ def test_read_outputs_names_the_most_likely_concepts_in_order():
     assert abs(read[1]["subject"]["p"] - 0.31) < 1e-6
 
 
+LABELS = READING["subject"]["labels"]
+
+
+def row(*p):
+    return np.array(p, np.float32)
+
+
 def test_unknown_subject_warns_with_the_unknown_words_and_the_nearest_known():
-    read = read_outputs(READING, outputs([[0.31, 0.3, 0.2, 0.19]], [[0, 1]]), 1)[0]
     prompt = "an astronaut on a blue background"
     assert unknown_words(prompt, VOCABULARY) == ["an", "astronaut"]
-    note = unknown_subject_note("emoji64", prompt, read, VOCABULARY | {"an"})
+    note = unknown_subject_note("emoji64", prompt, row(0.31, 0.3, 0.2, 0.19), LABELS, VOCABULARY | {"an"})
     assert note.startswith("emoji64 knows no 'astronaut'; drew 'rocket' (p=0.31)")
     assert "'satellite' (p=0.30)" in note
 
 
 def test_a_clear_subject_gives_no_warning_and_a_blurred_one_does():
-    clear = read_outputs(READING, outputs([[0.9, 0.05, 0.03, 0.02]], [[0, 1]]), 1)[0]
-    assert unknown_subject_note("m", "a rocket", clear, VOCABULARY) is None
+    assert unknown_subject_note("m", "a rocket", row(0.9, 0.05, 0.03, 0.02), LABELS, VOCABULARY) is None
     p = SUBJECT_THRESHOLD - 0.01
-    vague = read_outputs(READING, outputs([[p, 0.2, 0.2, 0.6 - p]], [[0, 1]]), 1)[0]
-    assert "is unsure what 'a rocket' asks for" in unknown_subject_note(
-        "m", "a rocket", vague, frozenset()
-    )  # no vocabulary: the prompt
+    note = unknown_subject_note("m", "a rocket", row(0.2, 0.2, 0.6 - p, p), LABELS, frozenset())
+    assert "is unsure what 'a rocket' asks for" in note  # no vocabulary: the prompt
+    assert "drew 'dog' (p=0.49)" in note  # the most likely subject, not the first
 
 
 def test_a_word_it_never_read_warns_even_when_the_subject_reads_high():
-    sure = read_outputs(READING, outputs([[0.97, 0.01, 0.01, 0.01]], [[0, 1]]), 1)[0]
-    note = unknown_subject_note("emoji64", "an astronaut", sure, VOCABULARY | {"an"})
+    note = unknown_subject_note(
+        "emoji64", "an astronaut", row(0.97, 0.01, 0.01, 0.01), LABELS, VOCABULARY | {"an"}
+    )
     assert note.startswith("emoji64 knows no 'astronaut'; drew 'rocket' (p=0.97)")
