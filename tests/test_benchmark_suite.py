@@ -209,3 +209,14 @@ def test_roofline_counts_a_token_axis_at_the_positions_given(tmp_path):
     assert count(path, batch=2, sequence=5)["bytes"] == 2 * (2 * 5 * 4)  # y written and read once
     with pytest.raises(ValueError, match="dynamic token axis"):
         count(path, batch=2)
+
+
+def test_compare_bundles_times_whole_calls_of_two_bundles_in_turn(bert_bundle, capsys):
+    from benchmarks.compare_bundles import main
+
+    bundle = str(bert_bundle)
+    result = main([bundle, bundle, "--precision", "fp32", "--rounds", "2", "--block", "3"])
+    (run,) = result["runs"]
+    assert run["calls_each"] == 6 and run["before_p50_us"] > 0 and run["after_p50_us"] > 0
+    assert abs(run["ratio"] - run["after_p50_us"] / run["before_p50_us"]) < 1e-9
+    assert "fp32: before" in capsys.readouterr().out
