@@ -44,6 +44,10 @@ class GeneratorConfig:
     # apple" and in "green background" differ), and its keys read the mean and the heads together.
     concept_heads: int = 0
     concept_attention_dim: int = 64  # hidden width of the heads' token scorer
+    # The first memory (the subject) also says how likely the prompt names any subject it knows: a logistic
+    # head on its read, top logit and entropy, trained after the generator on captions of subjects it does
+    # not know (training/known.py). It scales the reported probabilities only, never what is drawn.
+    known_subject: bool = False
     pooled_cond: bool = True  # also condition on an MLP of the pooled text
     # "conv": upsampling conv decoder. "glyph": the three concept memories (subject, background, size)
     # drive a drawing layer directly: a learned RGBA glyph per subject, placed at a learned box size and
@@ -113,9 +117,11 @@ class ConceptMemory(nn.Module):
         sharpness: float = 1.0,
         heads: int = 0,
         attention_dim: int = 64,
+        known: bool = False,
     ):
         super().__init__()
         self.sharpness = sharpness
+        self.known = nn.Linear(text_dim * (1 + heads) + 2, 1) if known else None
         self.scorer = (
             nn.Sequential(nn.Linear(text_dim, attention_dim), nn.Tanh(), nn.Linear(attention_dim, heads))
             if heads
@@ -141,6 +147,23 @@ class ConceptMemory(nn.Module):
         its values, i.e. how much of each concept is drawn; with 1, what its keys believe (the sharpened
         mix is near one-hot even for a word it never saw, so that is what the runtime reports)."""
         return (self.logits(read) * (self.sharpness if sharpness is None else sharpness)).softmax(-1)
+
+    def reported(self, read: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """What the runtime reports: what the keys believe (the unsharpened softmax), times, with a ``known``
+        head, the probability that the text names one of these concepts at all."""
+        probs = logits.softmax(-1)
+        if self.known is None:
+            return probs
+        return probs * torch.sigmoid(self.known(self.known_features(read, logits)))
+
+    @staticmethod
+    def known_features(read: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The read, the top logit (/10) and minus the entropy of the softmax (as p.logits - logsumexp,
+        which has no log(0) in fp16)."""
+        top = logits.amax(-1, keepdim=True) / 10
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        neg_entropy = (logits.softmax(-1) * logits).sum(-1, keepdim=True) - lse
+        return torch.cat([read, top, neg_entropy], -1)
 
 
 class GlyphRenderer(nn.Module):
@@ -245,8 +268,16 @@ class ConditionalGenerator(nn.Module):
         if c.renderer == "glyph":
             self.glyphs = GlyphRenderer(c)
             self.memories = nn.ModuleList(
-                ConceptMemory(c.text_dim, n, d, c.concept_sharpness, c.concept_heads, c.concept_attention_dim)
-                for n, d in zip(c.concepts, GlyphRenderer.value_dims(c))
+                ConceptMemory(
+                    c.text_dim,
+                    n,
+                    d,
+                    c.concept_sharpness,
+                    c.concept_heads,
+                    c.concept_attention_dim,
+                    known=c.known_subject and i == 0,
+                )
+                for i, (n, d) in enumerate(zip(c.concepts, GlyphRenderer.value_dims(c)))
             )
             for m in self.memories:
                 nn.init.zeros_(m.values)  # transparent glyphs on black; training fills them in
@@ -254,9 +285,15 @@ class ConditionalGenerator(nn.Module):
         self.pool = nn.Sequential(nn.Linear(c.text_dim, c.cond_dim), nn.SiLU()) if c.pooled_cond else None
         self.memories = nn.ModuleList(
             ConceptMemory(
-                c.text_dim, n, c.concept_dim, c.concept_sharpness, c.concept_heads, c.concept_attention_dim
+                c.text_dim,
+                n,
+                c.concept_dim,
+                c.concept_sharpness,
+                c.concept_heads,
+                c.concept_attention_dim,
+                known=c.known_subject and i == 0,
             )
-            for n in c.concepts
+            for i, n in enumerate(c.concepts)
         )
         width = c.noise_dim + (c.cond_dim if c.pooled_cond else 0) + c.concept_dim * len(c.concepts)
         self.cond = nn.Sequential(nn.Linear(width, c.cond_dim), nn.SiLU())
@@ -285,15 +322,16 @@ class ConditionalGenerator(nn.Module):
     def draw(self, noise, text_states, attention_mask, concept_labels=None):
         """-> (image, per memory its unsharpened probabilities over its concepts: None where labelled)."""
         labels = concept_labels or [None] * len(self.memories)
-        logits = [
-            None if y is not None else m.logits(m.read(text_states, attention_mask))
+        text = [
+            None if y is not None else m.read(text_states, attention_mask)
             for m, y in zip(self.memories, labels)
         ]
+        logits = [None if r is None else m.logits(r) for m, r in zip(self.memories, text)]
         reads = [
             m.values[y] if y is not None else torch.matmul((lg * m.sharpness).softmax(-1), m.values)
             for m, y, lg in zip(self.memories, labels, logits)
         ]
-        probs = [None if lg is None else lg.softmax(-1) for lg in logits]
+        probs = [None if lg is None else m.reported(r, lg) for m, r, lg in zip(self.memories, text, logits)]
         if self.config.renderer == "glyph":
             return self.glyphs(noise, *reads), probs
         pooled = [self.pool(masked_mean(text_states, attention_mask))] if self.pool is not None else []

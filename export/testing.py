@@ -104,10 +104,12 @@ def make_tiny_checkpoint(
     image_size: int = 16,
     renderer: str = "conv",
     concept_heads: int = 0,
+    known_subject: bool = False,
 ) -> Path:
     """Write a gan checkpoint (text_encoder/ + generator/) with random weights; returns its path.
     ``renderer="glyph"``: the concept-memory glyph renderer (5 subjects, 3 colours, 3 sizes) instead of
-    convs, its memories reading the token states with ``concept_heads`` attention heads each."""
+    convs, its memories reading the token states with ``concept_heads`` attention heads each, the subject
+    memory with a known-subject head if ``known_subject``."""
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}")
     import transformers
@@ -130,6 +132,7 @@ def make_tiny_checkpoint(
             concepts=[5, 3, 3],
             renderer="glyph",
             concept_heads=concept_heads,
+            known_subject=known_subject,
             glyph_side=image_size // 2,
             glyph_boxes=[image_size // 2, image_size - 4],
             jitter=1,

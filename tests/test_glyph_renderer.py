@@ -83,7 +83,9 @@ def glyph_bundle(tmp_path_factory):
     from edgegen.export.testing import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("glyph")
-    ckpt = make_tiny_checkpoint(root / "ckpt", text_encoder="bert", renderer="glyph", concept_heads=2)
+    ckpt = make_tiny_checkpoint(
+        root / "ckpt", text_encoder="bert", renderer="glyph", concept_heads=2, known_subject=True
+    )
     return ckpt, export_checkpoint(ckpt, root / "bundle", precisions="fp32,fp16,int8", progress=False)
 
 
@@ -124,8 +126,8 @@ def test_glyph_generator_exports_in_every_precision_and_matches_pytorch(glyph_bu
 
 def test_last_call_reports_what_the_concept_memories_read(glyph_bundle):
     """The generator and fused graphs output each memory's probabilities; the pipeline reports them per
-    image, on the fused path and on the cached path alike, as PyTorch computes them, however many calls
-    later it is asked for."""
+    image (the subject's scaled by the known-subject head), on the fused path and on the cached path alike,
+    as PyTorch computes them, however many calls later it is asked for."""
     from edgegen.export.families.gan import load_generator
     from edgegen.export.generator import GeneratorWithReading
     from transformers import AutoModel, AutoTokenizer
@@ -141,6 +143,7 @@ def test_last_call_reports_what_the_concept_memories_read(glyph_bundle):
         _, *probs = GeneratorWithReading(load_generator(ckpt / "generator"))(
             torch.zeros(2, 16), states, enc["attention_mask"]
         )
+    assert float(probs[0].sum(-1).max()) < 0.99  # the known-subject head scales the subject's
     pipe = Pipeline.from_bundle(path, backend="ort-cpu", precision="fp32")
     calls = []
     for _ in range(2):

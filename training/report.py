@@ -112,6 +112,16 @@ def model_card(cfg, evals, m) -> str:
     judge2 = m["second_judge"]
     judge2_phrasing = f"{judge2['adherence_seen']:.3f} / {judge2['adherence_heldout']:.3f}"
     judge2_split = f"{judge2['adherence_heldout_templates']:.3f} / {judge2['adherence_heldout_synonyms']:.3f}"
+    known_text = ""
+    if "known_subject" in m:  # the known-subject head (training/known.py)
+        k = m["known_subject"]["warned"]
+        known_text = (
+            f" The subject's probability includes how likely the prompt names a subject it knows at all: "
+            f"held-out unknown subjects read below {m['known_subject']['threshold']} (and warn) in "
+            f"{k['unknown_heldout']:.2f} of prompts, seen, held-out-template and binding prompts in "
+            f"{max(k['seen'], k['template'], k['binding']):.2f}; held-out synonyms it reads right in "
+            f"{k['synonym_read_right']:.2f}, those it reads wrong in {k['synonym_read_wrong']:.2f}."
+        )
     return f"""# emoji64
 
 edgegen's small default text-to-image model: a {cfg.image_size}x{cfg.image_size} conditional generator
@@ -188,7 +198,7 @@ as a check, by a second judge of the same recipe with another seed (`python -m t
 ## What it knows
 Everything else is read as the nearest of these (`edgegen generate` warns when the subject is unclear or
 the prompt has words it never read, and `--json` / `pipe.last_call.read` say what it drew, with the
-lookups' probabilities).
+lookups' probabilities).{known_text}
 - Backgrounds: {", ".join(f"`{n}`" for n, _ in BACKGROUNDS)}. Sizes: `small`, `large` (or not said).
 - Emoji ({len(EMOJI)}; synonyms in `labels.json`): {knows}.
 

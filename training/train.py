@@ -47,6 +47,7 @@ from .dataset import (
 from .emoji_set import EMOJI
 from .evaluate import evaluate
 from .judge import train_judge
+from .known import fit as fit_known_head
 from .report import write_model_files
 from .text_states import cached_states
 
@@ -276,6 +277,10 @@ def main(argv=None):
     log(f"generator: {step} steps ({step * a.batch} images) in {train_minutes:.1f} min")
 
     recalibrate_batchnorm(ema, states, mask, seed=a.seed)
+    known = None
+    if cfg.concepts:  # how sure the subject lookup is that a prompt names a subject it knows (known.py)
+        known = fit_known_head(ema, a.cache, a.seed, log)
+        cfg.known_subject = ema.config.known_subject = True
     gdir = a.out / "generator"
     gdir.mkdir(exist_ok=True)
     cfg.save(gdir / "config.json")
@@ -295,6 +300,7 @@ def main(argv=None):
         },
         **metrics,
         "second_judge": {"seed": SECOND_JUDGE_SEED, **second},
+        **({"known_subject": known} if known else {}),
         "generator_steps": step,
         "batch": a.batch,
         "generator_training_minutes": round(train_minutes, 1),
