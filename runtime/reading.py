@@ -7,11 +7,11 @@ import re
 
 import numpy as np
 
-# Below this probability (the lookup's unsharpened softmax) for its most likely subject, the model is
-# guessing. Measured on the mean-only model before the token-level one (training/README.md): no seen,
-# held-out-template or binding prompt reads below it; a third of the held-out synonyms it gets wrong do. The
-# softmax is over known subjects only, so a word it never saw can still read high (the shipped model: "an
-# astronaut" -> rocket, 1.00): unknown words warn too.
+# Below this probability for its most likely subject, the model is guessing. The shipped emoji64's subject
+# p is the lookup's softmax times its known-subject head (training/known.py): no seen, held-out-template or
+# binding prompt reads below it, 0.95 of prompts naming subjects it never saw do, and about half of the
+# held-out synonyms it reads wrong. A prompt can still read high around a word it never saw (the head
+# judges the whole prompt: "an astronaut riding a horse" -> rocket, 0.93), so unknown words warn too.
 SUBJECT_THRESHOLD = 0.5
 TOP = 3  # alternatives listed per concept
 WORD = re.compile(r"[a-z][a-z'-]*")
