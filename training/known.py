@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from edgegen.export.families.gan import load_generator
+from edgegen.runtime.errors import CheckpointError
 from edgegen.runtime.reading import SUBJECT_THRESHOLD
 from safetensors.torch import save_file
 
@@ -161,7 +162,14 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     gdir = a.model / "generator"
-    generator = load_generator(gdir).eval()
+    try:
+        generator = load_generator(gdir).eval()
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not generator.config.concepts:
+        raise SystemExit(
+            f"{gdir}: this generator has no concept memories, so no subject lookup to fit a head on"
+        )
     generator.memories[0].known = None  # refit from scratch, whether or not it had one
     figures = fit(generator, a.cache, a.seed)
     generator.config.known_subject = True
