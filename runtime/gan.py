@@ -54,23 +54,24 @@ class GanPipeline(Pipeline):
         main = self.graph("generator" if mode == "split" else "fused")  # fail at load, not at first call
         # ONNX Runtime on the CPU: each call runs at its longest prompt's length, not at max_length
         self.tokenizer.pad_to_longest = main.dynamic_sequence
+        # what the model reads ({concept: {"output", "labels"}}) and the words it knows: used every call
         self.reading = self._reading(bundle)
-        self.vocabulary = frozenset(self.reading.get("vocabulary", []))  # set once: checked every call
+        self.vocabulary = frozenset((bundle.manifest.get("reading") or {}).get("vocabulary", []))
         self.model_name = str(bundle.manifest.get("provenance", {}).get("checkpoint", "the model")).split(
             "-checkpoint"
         )[0]
 
     @staticmethod
     def _reading(bundle) -> dict:
-        """The manifest's ``reading`` where both graphs that make images output it; {} for bundles exported
-        before it existed (they load and generate as before, without saying what they read)."""
-        spec = bundle.manifest.get("reading") or {}
-        wanted = {v["output"] for v in spec.values() if isinstance(v, dict)}
+        """The manifest's ``reading`` concepts where both graphs that make images output them; {} for bundles
+        exported before it existed (they load and generate as before, without saying what they read)."""
+        concepts = reading.concepts(bundle.manifest.get("reading") or {})
+        wanted = {spec["output"] for spec in concepts.values()}
         for name in ("fused", "generator"):
             comp = bundle.components.get(name)
             if comp is None or not wanted <= {o.name for o in comp.outputs}:
                 return {}
-        return spec
+        return concepts
 
     def _generate(self, prompts, seeds, noise=None):
         info = CallInfo(seeds=seeds, engine_stages=ENGINE_STAGES)

@@ -17,14 +17,14 @@ TOP = 3  # alternatives listed per concept
 WORD = re.compile(r"[a-z][a-z'-]*")
 
 
-def copy_probabilities(reading: dict, outs: dict, batch: int) -> dict[str, np.ndarray]:
-    """The probability rows of a call's images, copied: the graph's output buffers are the next call's."""
-    return {spec["output"]: outs[spec["output"]][:batch].copy() for spec in concepts(reading).values()}
-
-
 def concepts(reading: dict) -> dict[str, dict]:
-    """The manifest reading's concept entries (not e.g. its vocabulary list)."""
+    """The manifest reading's concept entries ({name: {"output", "labels"}}; not its vocabulary list)."""
     return {name: spec for name, spec in reading.items() if isinstance(spec, dict) and "output" in spec}
+
+
+def copy_probabilities(concepts: dict, outs: dict, batch: int) -> dict[str, np.ndarray]:
+    """The probability rows of a call's images, copied: the graph's output buffers are the next call's."""
+    return {spec["output"]: outs[spec["output"]][:batch].copy() for spec in concepts.values()}
 
 
 def top(row: np.ndarray, labels: list[str]) -> list[list]:
@@ -33,10 +33,10 @@ def top(row: np.ndarray, labels: list[str]) -> list[list]:
     return [[labels[i], round(float(row[i]), 4)] for i in order]
 
 
-def read_outputs(reading: dict, probs: dict, batch: int) -> list[dict]:
+def read_outputs(concepts: dict, probs: dict, batch: int) -> list[dict]:
     """Per image, {concept: {"name", "p", "top": [[name, p], ...]}} from the graph's probability outputs."""
     per_image = [{} for _ in range(batch)]
-    for concept, spec in concepts(reading).items():
+    for concept, spec in concepts.items():
         for image, row in zip(per_image, np.asarray(probs[spec["output"]][:batch], dtype=np.float64)):
             best = top(row, spec["labels"])
             image[concept] = {"name": best[0][0], "p": best[0][1], "top": best}

@@ -2,14 +2,21 @@
 subject it does not know."""
 
 import numpy as np
-from edgegen.runtime.reading import SUBJECT_THRESHOLD, read_outputs, unknown_subject_note, unknown_words
+from edgegen.runtime.reading import (
+    SUBJECT_THRESHOLD,
+    concepts,
+    read_outputs,
+    unknown_subject_note,
+    unknown_words,
+)
 
-READING = {
+MANIFEST_READING = {
     "subject": {"output": "subject_probs", "labels": ["rocket", "satellite", "cat", "dog"]},
     "background": {"output": "background_probs", "labels": ["red", "blue"]},
     "vocabulary": ["a", "on", "blue", "background", "rocket", "satellite", "cat", "dog", "red"],
 }
-VOCABULARY = frozenset(READING["vocabulary"])  # as GanPipeline holds it
+READING = concepts(MANIFEST_READING)  # as GanPipeline holds them
+VOCABULARY = frozenset(MANIFEST_READING["vocabulary"])
 
 
 def outputs(subject_rows, background_rows):
@@ -17,6 +24,10 @@ def outputs(subject_rows, background_rows):
         "subject_probs": np.array(subject_rows, np.float32),
         "background_probs": np.array(background_rows, np.float32),
     }
+
+
+def test_the_manifest_reading_s_concepts_leave_out_its_vocabulary():
+    assert list(READING) == ["subject", "background"]
 
 
 def test_read_outputs_names_the_most_likely_concepts_in_order():

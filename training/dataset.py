@@ -162,6 +162,11 @@ class Caption:
     novelty: str = ""  # for "heldout": "template" (a held-out template) or "synonym" (a held-out name)
 
 
+def kind(c: Caption) -> str:
+    """What an evaluation caption tests: "seen", "template" or "synonym" (held out), or "binding"."""
+    return "binding" if c.split == "binding" else c.novelty or c.split
+
+
 def training_captions(per_pair: int = 6, seed: int = 0) -> list[Caption]:
     """``per_pair`` captions for every (emoji, background) pair, from training templates and names only."""
     rng = np.random.default_rng(seed)

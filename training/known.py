@@ -40,6 +40,7 @@ from .dataset import (
     binding_training_captions,
     caption,
     eval_captions,
+    kind,
     template_has_size,
     training_captions,
 )
@@ -95,14 +96,17 @@ def reads(memory, texts: list[str], cache: Path, max_length: int) -> tuple[torch
     return read, memory.logits(read)
 
 
-def fit(generator, cache: Path, seed: int = 0, log=print) -> dict:
-    """Give the generator's subject memory a fitted ``known`` head; returns the figures (warning rates at
-    the runtime's threshold, before and after, per split)."""
+def fit(generator, cache: Path, seed: int = 0, log=print, known_texts: list[str] | None = None) -> dict:
+    """Give the generator's subject memory a fitted ``known`` head (replacing any it had) and set its config's
+    ``known_subject``; returns the figures (warning rates at the runtime's threshold, before and after, per
+    split). ``known_texts``: the captions the generator trained on (default: the shipped recipe's)."""
     torch.manual_seed(seed)
     memory = generator.memories[0]
+    memory.known = None  # "before": the softmax alone
     max_length = generator.config.max_length
     train_names, held_names = unknown_names()
-    known_texts = [c.text for c in training_captions(6, seed=0) + binding_training_captions(2, seed=0)]
+    if known_texts is None:
+        known_texts = [c.text for c in training_captions(6, seed=0) + binding_training_captions(2, seed=0)]
     pos = reads(memory, known_texts, cache, max_length)
     neg = reads(memory, unknown_captions(train_names, TRAIN_TEMPLATES, 6, seed), cache, max_length)
     features = [memory.known_features(*pos), memory.known_features(*neg)]
@@ -131,6 +135,7 @@ def fit(generator, cache: Path, seed: int = 0, log=print) -> dict:
 
     before = warned()
     memory.known = head
+    generator.config.known_subject = True
     after = warned()
     figures = {
         "threshold": SUBJECT_THRESHOLD,
@@ -146,11 +151,11 @@ def _groups(memory, evals, cache, max_length) -> dict:
     """Per evaluation split, the subject memory's (read, logits) and which prompts it covers (synonyms
     apart as read right / wrong)."""
     read, logits = reads(memory, [c.text for c in evals], cache, max_length)
-    kind = np.array(["binding" if c.split == "binding" else c.novelty or c.split for c in evals])
+    kinds = np.array([kind(c) for c in evals])
     right = logits.argmax(-1).numpy() == np.array([c.emoji for c in evals])
-    out = {k: (kind == k) for k in ("seen", "template", "binding")}
-    out["synonym_read_right"] = (kind == "synonym") & right
-    out["synonym_read_wrong"] = (kind == "synonym") & ~right
+    out = {k: (kinds == k) for k in ("seen", "template", "binding")}
+    out["synonym_read_right"] = (kinds == "synonym") & right
+    out["synonym_read_wrong"] = (kinds == "synonym") & ~right
     return {k: ((read, logits), sel) for k, sel in out.items()}
 
 
@@ -170,9 +175,7 @@ def main(argv=None) -> dict:
         raise SystemExit(
             f"{gdir}: this generator has no concept memories, so no subject lookup to fit a head on"
         )
-    generator.memories[0].known = None  # refit from scratch, whether or not it had one
     figures = fit(generator, a.cache, a.seed)
-    generator.config.known_subject = True
     generator.config.save(gdir / "config.json")
     state = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
     save_file(state, gdir / "model.safetensors")

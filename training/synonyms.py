@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgegen.export.generator import ConceptMemory
+from edgegen.export.generator import ConceptMemory, masked_mean, normalise
 
-from .dataset import binding_captions, binding_training_captions, eval_captions, training_captions
+from .dataset import binding_captions, binding_training_captions, eval_captions, kind, training_captions
 from .emoji_set import EMOJI
 from .text_states import cached_states, encode, load_minilm
 
@@ -42,8 +42,7 @@ def zero_shot() -> float:
 
     def embed(texts):
         states, mask = encode(encoder, tokenizer, texts, 32)
-        mean = (states.astype(np.float32) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-        return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+        return normalise(masked_mean(torch.from_numpy(states).float(), torch.from_numpy(mask))).numpy()
 
     names = [(n, e.id) for e in EMOJI for n in e.train_names]
     queries = [(n, e.id) for e in EMOJI for n in e.heldout_names]
@@ -98,7 +97,7 @@ def main(argv=None) -> dict:
     evals = eval_captions() + binding_captions()
     states, mask = cached_states([c.text for c in captions], 32, a.cache, log=lambda _: None)
     ev_states, ev_mask = cached_states([c.text for c in evals], 32, a.cache, log=lambda _: None)
-    kinds = np.array(["binding" if c.split == "binding" else c.novelty or c.split for c in evals])
+    kinds = np.array([kind(c) for c in evals])
     data = (
         states,
         mask,

@@ -40,6 +40,7 @@ from .dataset import (
     binding_captions,
     binding_training_captions,
     eval_captions,
+    kind,
     render,
     to_tensor,
     training_captions,
@@ -263,7 +264,7 @@ def main(argv=None):
                     text = memory.read(torch.from_numpy(ev_states).float(), torch.from_numpy(ev_mask))
                     read = memory.logits(text).argmax(1).numpy()
                 right = read == np.array([c.emoji for c in evals])
-                kinds = np.array(["binding" if c.split == "binding" else c.novelty or c.split for c in evals])
+                kinds = np.array([kind(c) for c in evals])
                 log(
                     "  emoji lookup accuracy: "
                     + ", ".join(
@@ -279,8 +280,8 @@ def main(argv=None):
     recalibrate_batchnorm(ema, states, mask, seed=a.seed)
     known = None
     if cfg.concepts:  # how sure the subject lookup is that a prompt names a subject it knows (known.py)
-        known = fit_known_head(ema, a.cache, a.seed, log)
-        cfg.known_subject = ema.config.known_subject = True
+        known = fit_known_head(ema, a.cache, a.seed, log, [c.text for c in captions])
+        cfg.known_subject = True  # what is saved below (ema holds a copy)
     gdir = a.out / "generator"
     gdir.mkdir(exist_ok=True)
     cfg.save(gdir / "config.json")

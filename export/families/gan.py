@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from edgegen.runtime.bundle import SEQUENCE_AXIS, OutputRef, TensorSpec
 from edgegen.runtime.errors import CheckpointError
 from edgegen.runtime.pipeline import noise_for_seeds
+from edgegen.runtime.reading import WORD
 from safetensors.torch import load_file
 from torch import nn
 
@@ -174,7 +174,7 @@ class GanFamily(Family):
             }
             names = [n for e in data["emoji"] for n in [e["name"], *e["synonyms"]]]
             names += labels["background"] + [w for s in data["sizes"] for w in s["words"]]
-            words = {w for n in names for w in re.findall(r"[a-z][a-z'-]*", n)}
+            words = {w for n in names for w in WORD.findall(n)}  # split as the runtime splits prompts
             vocabulary = sorted(words | set(data.get("caption_words", [])))
         spec = {
             name: {
