@@ -142,15 +142,10 @@ class ConceptMemory(nn.Module):
     def logits(self, read: torch.Tensor) -> torch.Tensor:
         return self.keys(read)
 
-    def probabilities(self, read: torch.Tensor, sharpness: float | None = None) -> torch.Tensor:
-        """softmax(logits x sharpness): with the memory's own sharpness (the default), the weights that mix
-        its values, i.e. how much of each concept is drawn; with 1, what its keys believe (the sharpened
-        mix is near one-hot even for a word it never saw, so that is what the runtime reports)."""
-        return (self.logits(read) * (self.sharpness if sharpness is None else sharpness)).softmax(-1)
-
     def reported(self, read: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """What the runtime reports: what the keys believe (the unsharpened softmax), times, with a ``known``
-        head, the probability that the text names one of these concepts at all."""
+        """What the runtime reports: what the keys believe (the unsharpened softmax: the sharpened mix that
+        is drawn is near one-hot even for a word it never saw), times, with a ``known`` head, the
+        probability that the text names one of these concepts at all."""
         probs = logits.softmax(-1)
         if self.known is None:
             return probs
