@@ -249,17 +249,15 @@ def _write_form(work: _Work, form: str, convert) -> None:
 def _store_weights(work: _Work, precisions: list[str]) -> dict | None:
     """One weights file per precision, each distinct tensor stored once. For a family that takes LoRAs,
     returns the manifest's ``lora`` entry: the LoRAs fused, and where each weight a LoRA may target lies
-    in the fp32 and fp16 files (int8 weights cannot take one at load)."""
+    in each precision's file."""
     parts = work.family.lora_parts()
     traced = [c.module for c in work.components]
     index = TargetIndex(parts, traced, fp16="fp16" in precisions) if parts else None
     offsets = {}
     for precision in precisions:
         rels = sorted({work.files[c.name][f] for c in work.components for f in FORMS[precision]})
-        always = frozenset(index.keys) if index and precision != "int8" else frozenset()
-        placed = share_weights(work.tmp, rels, f"onnx/weights.{precision}.bin", always)
-        if precision != "int8":
-            offsets[precision] = placed
+        always = frozenset(index.keys) if index else frozenset()
+        offsets[precision] = share_weights(work.tmp, rels, f"onnx/weights.{precision}.bin", always)
     for stale in (work.tmp / "onnx").glob(f"*{EXTERNAL_SUFFIX}"):  # a >2 GB graph's own weights, now shared
         stale.unlink()
     return {"fused": work.family.loras_fused, "targets": index.targets(offsets)} if index else None

@@ -43,7 +43,7 @@ SUFFIXES = (
     (".alpha", "alpha"),
 )
 MAX_LISTED = 3  # unmatched keys named in an error
-LORA_FORMS = {"fp32", "fp16"}  # int8 weights are quantized with the base weights: no LoRA at load
+LORA_FORMS = ("fp32", "fp16")  # the forms whose weights a LoRA is merged into
 
 
 @dataclass
@@ -278,9 +278,7 @@ class LoraMerge:
             )
         if form not in LORA_FORMS:
             raise BadInputError(
-                "lora",
-                "int8 weights cannot take a LoRA at load: they are quantized with the base weights",
-                "load the fp32 or fp16 precision, or export with --lora to quantize the fused model",
+                "lora", f"the {form} form cannot take a LoRA at load", "load the fp32 or fp16 precision"
             )
         self.bundle, self.form = bundle, form
         modules = {part: set(found) for part, found in targets.items()}

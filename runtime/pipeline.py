@@ -20,7 +20,7 @@ from . import native
 from .backends import candidates, engine_forms, open_graph, require_backend, skip_note
 from .bundle import Bundle
 from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
-from .lora import LORA_FORMS, LoraMerge
+from .lora import LoraMerge
 from .precision import choose_precision, form_for
 from .text_cache import TextCache
 
@@ -165,13 +165,10 @@ class Pipeline:
         bundle = Bundle.open(path)  # verified before any session exists
         family = Pipeline.for_family(bundle)
         notes: list[str] = []  # what `auto` skipped and why
-        lora = bool(options.get("lora"))
         for name in candidates(backend, bundle):
             try:
                 require_backend(name)
                 forms = engine_forms(bundle, name)  # TensorRT: the engines this machine can use
-                if lora and precision == "auto":  # int8 weights cannot take a LoRA at load
-                    forms = LORA_FORMS if forms is None else forms & LORA_FORMS
                 chosen = choose_precision(bundle, precision, name, forms)
                 return family(bundle, name, chosen, notes, **options)  # opens its graphs: really loads
             except (BackendUnavailableError, EngineMismatchError) as e:

@@ -225,8 +225,9 @@ def test_bad_lora_arguments_are_refused(bundle, loras, tmp_path):
 def test_int8_and_bundles_without_targets_refuse_a_lora_at_load(bundle, loras, bert_bundle, tmp_path):
     lora = [(loras["peft"], 1.0)]
     opened = Bundle.open(bundle)
-    with pytest.raises(BadInputError, match="int8 weights cannot take a LoRA"):
-        LoraMerge(opened, "int8", lora)
+    for form in ("int8", "int8-qdq"):
+        with pytest.raises(BadInputError, match=f"the {form} form cannot take a LoRA at load"):
+            LoraMerge(opened, form, lora)
     with pytest.raises(BadInputError, match="records no LoRA targets"):
         Pipeline.from_bundle(bert_bundle, backend="ort-cpu", precision="fp32", lora=lora)
     old = shutil.copytree(bundle, tmp_path / "old")
@@ -235,11 +236,6 @@ def test_int8_and_bundles_without_targets_refuse_a_lora_at_load(bundle, loras, b
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BadInputError, match="re-export it"):
         Pipeline.from_bundle(old, backend="ort-cpu", precision="fp32", lora=lora)
-
-
-def test_auto_takes_a_precision_that_can_take_a_lora(bundle, loras):
-    pipe = Pipeline.from_bundle(bundle, lora=[(loras["peft"], 1.0)])
-    assert pipe.backend.startswith("ort-") and pipe.precision in ("fp32", "fp16")
 
 
 def test_weights_export_rewrites_are_not_offered_for_merging(bundle, loras, tmp_path):
