@@ -52,11 +52,14 @@ class Control:
 
 @dataclass(slots=True)
 class ImagePrompt:
-    """A call's IP-Adapter input: each image's embedding (the image encoder's, cached) and the scale of the
-    adapter's attention (diffusers' set_ip_adapter_scale; 0 turns it off)."""
+    """A call's IP-Adapter input: each distinct reference image as the image encoder takes it, which of them
+    each output image uses, the scale of the adapter's attention (diffusers' set_ip_adapter_scale; 0 turns it
+    off) and, once encoded (``_encode_images``), each output image's embedding."""
 
-    embeds: np.ndarray  # (batch, 1, D) float32
+    pixels: list[np.ndarray]  # (3, N, N) float32 CLIP pixels, one per distinct image
+    rows: list[int]  # per output image, the index of its image in ``pixels``
     scale: float
+    embeds: np.ndarray | None = None  # (batch, 1, D) float32
 
 
 def fused_name(steps: int) -> str:
@@ -220,10 +223,12 @@ class DiffusionPipeline(Pipeline):
             call.control = self._control(
                 control_image, controlnet_conditioning_scale, batch, image is not None
             )
+            call.image_prompt = self._image_prompt(ip_adapter_image, ip_adapter_scale, batch)
             cond = None
             if self.time_cond_dim:  # LCM-distilled UNets take guidance as an input
                 cond = guidance_embedding(np.full(batch, call.guidance - 1.0, np.float32), self.time_cond_dim)
-        call.image_prompt = self._image_prompt(ip_adapter_image, ip_adapter_scale, batch, info)
+        if call.image_prompt is not None:
+            self._encode_images(call.image_prompt, info)
         use_cache = self.mode != "fused" and self.text_cache.holds(prompts + call.negatives)
         fused = (
             self.fused.get(len(call.plan))
@@ -466,9 +471,10 @@ class DiffusionPipeline(Pipeline):
         scale = default if scale is None else _number("controlnet_conditioning_scale", scale, 0.0)
         return Control(self._images(control_image, batch, "control_image"), scale)
 
-    def _image_prompt(self, image, scale, batch, info) -> ImagePrompt | None:
-        """The call's IP-Adapter input: refused where the bundle has no IP-Adapter, and missing where it has
-        one (its UNet reads an image embedding, as diffusers' does once an adapter is loaded)."""
+    def _image_prompt(self, image, scale, batch) -> ImagePrompt | None:
+        """The call's IP-Adapter input, each distinct image read and prepared once: refused where the bundle
+        has no IP-Adapter, and missing where it has one (its UNet reads an image embedding, as diffusers' does
+        once an adapter is loaded)."""
         if self.ip_adapter is None:
             if image is not None or scale is not None:
                 raise BadInputError(
@@ -485,29 +491,31 @@ class DiffusionPipeline(Pipeline):
                 "turns the adapter off",
             )
         scale = self.ip_adapter["scale"] if scale is None else _number("ip_adapter_scale", scale, 0.0)
-        items = _image_list(image, batch, "ip_adapter_image")
-        with info.stage("image_encoder"):
-            embeds = {id(x): self._image_embedding(x) for x in items}  # one image given serves every row
-            return ImagePrompt(np.stack([embeds[id(x)] for x in items]), scale)
+        distinct, rows = _image_list(image, batch, "ip_adapter_image")
+        pixels = [clip_pixels(_rgb(x, "ip_adapter_image"), self.ip_adapter) for x in distinct]
+        return ImagePrompt(pixels, rows, scale)
 
-    def _image_embedding(self, image) -> np.ndarray:
-        """(1, D) embedding of one reference image, from the cache or one image-encoder run."""
-        pixels = clip_pixels(_rgb(image, "ip_adapter_image"), self.ip_adapter)
-        key = hashlib.sha256(pixels.tobytes()).digest()
-        embeds = self._image_embeds.get(key)
-        if embeds is None:
-            enc = self.graph("image_encoder")
-            enc.inputs(1)["pixel_values"][...] = pixels
-            embeds = self._image_embeds[key] = enc.run(1)["image_embeds"][0].copy()
-            while len(self._image_embeds) > self.image_cache_size:
-                self._image_embeds.popitem(last=False)
-        self._image_embeds.move_to_end(key)
-        return embeds
+    def _encode_images(self, prompt: ImagePrompt, info) -> None:
+        """Each output image's embedding into ``prompt.embeds``: a distinct image's from the cache (by its
+        pixels' hash) or from one image-encoder run, the only part timed as the engine stage."""
+        keys = [hashlib.sha256(p.tobytes()).digest() for p in prompt.pixels]
+        enc = self.graph("image_encoder")
+        for key, pixels in zip(keys, prompt.pixels):
+            if key not in self._image_embeds:
+                enc.inputs(1)["pixel_values"][...] = pixels
+                with info.stage("image_encoder"):
+                    self._image_embeds[key] = enc.run(1)["image_embeds"][0].copy()
+            self._image_embeds.move_to_end(key)
+        prompt.embeds = np.stack([self._image_embeds[key] for key in keys])[prompt.rows]
+        while len(self._image_embeds) > self.image_cache_size:
+            self._image_embeds.popitem(last=False)
 
     def _images(self, image, batch, subject) -> np.ndarray:
         """Input images -> (batch, 3, S, S) float32 RGB in [0, 1], diffusers' VaeImageProcessor preprocessing
-        before its normalisation (converted to RGB, resized to the bundle's size with Lanczos)."""
-        return np.stack([self._image(x, subject) for x in _image_list(image, batch, subject)])
+        before its normalisation (converted to RGB, resized to the bundle's size with Lanczos), each distinct
+        image once."""
+        distinct, rows = _image_list(image, batch, subject)
+        return np.stack([self._image(x, subject) for x in distinct])[rows]
 
     def _image(self, image, subject) -> np.ndarray:
         from PIL import Image
@@ -519,8 +527,9 @@ class DiffusionPipeline(Pipeline):
         return (np.asarray(image).astype(np.float32) / 255.0).transpose(2, 0, 1)
 
 
-def _image_list(image, batch: int, subject: str) -> list:
-    """One image per output image: one given serves them all."""
+def _image_list(image, batch: int, subject: str) -> tuple[list, list[int]]:
+    """The distinct images given (one object given for several output images counts once) and, per output
+    image, the index of its image among them: one image given serves them all."""
     items = (
         list(image)
         if isinstance(image, (list, tuple))
@@ -532,7 +541,10 @@ def _image_list(image, batch: int, subject: str) -> list:
         raise BadInputError(
             subject, f"{len(items)} images for {batch} outputs", "pass one image, or one per output image"
         )
-    return items
+    index: dict[int, int] = {}  # id of an item -> its index among the distinct ones (items keeps them alive)
+    rows = [index.setdefault(id(x), len(index)) for x in items]
+    distinct = list({id(x): x for x in items}.values())
+    return distinct, rows
 
 
 def clip_pixels(image, settings: dict) -> np.ndarray:

@@ -244,6 +244,19 @@ def test_other_image_modes_are_converted_to_rgb(runtime):
     )
 
 
+def test_a_shared_image_is_read_once(runtime, monkeypatch):
+    """One control image and one init image for four output images: each is decoded and resized once."""
+    from edgegen.runtime import diffusion
+
+    read, original = [], diffusion._rgb
+    monkeypatch.setattr(
+        diffusion, "_rgb", lambda image, subject: read.append(subject) or original(image, subject)
+    )
+    call = {"seed": [1, 2, 3, 4], "num_inference_steps": 2, "strength": 0.5, "output_type": "uint8"}
+    out = runtime(["a cat"] * 4, control_image=control_image(), image=control_image(size=32), **call)
+    assert sorted(read) == ["control_image", "image"] and len(out) == 4
+
+
 def test_bad_control_input_is_refused(runtime, diffusion_bundle, tmp_path):
     text, cut = tmp_path / "notes.png", tmp_path / "cut.png"
     text.write_text("not an image")

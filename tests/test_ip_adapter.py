@@ -146,6 +146,23 @@ def test_the_image_embedding_is_cached(runtime):
     assert len(runs) == 2 and levels(first, again) == 0  # one run per distinct image, as a PIL or an array
 
 
+def test_each_distinct_image_is_prepared_once_outside_the_engine_stage(runtime, monkeypatch):
+    """Four output images, two reference images: each is read and prepared once (not once per output image)
+    and reaches its own rows; the image_encoder stage times encoder runs alone (a cached image runs none)."""
+    from edgegen.runtime import diffusion
+
+    prepared, original = [], diffusion.clip_pixels
+    monkeypatch.setattr(diffusion, "clip_pixels", lambda *a: prepared.append(1) or original(*a))
+    runtime.clear_cache()
+    a, b = reference_image(seed=9), reference_image(seed=10)
+    call = {"seed": [1] * 4, "num_inference_steps": 1, "output_type": "uint8"}
+    out = runtime(["a cat"] * 4, ip_adapter_image=[a, b, a, a], **call)
+    assert len(prepared) == 2 and "image_encoder" in runtime.last_call.stages
+    assert levels(out[[2, 3]], out[[0, 0]]) == 0 and levels(out[1], out[0]) > 0
+    runtime(["a dog"] * 4, ip_adapter_image=a, **call)
+    assert len(prepared) == 3 and "image_encoder" not in runtime.last_call.stages  # cached: no engine time
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_fused_and_loop_agree(bundle, steps):
     fused = Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32", mode="fused")
