@@ -327,7 +327,7 @@ def add_overrides(options: ort.SessionOptions, overrides) -> list:
     OrtValues, which the caller keeps as long as the session: ONNX Runtime uses their memory, it does not
     copy it. (``add_initializer`` is silently ignored for such weights at ORT_ENABLE_ALL, ONNX Runtime 1.31;
     ``add_external_initializers`` is the call made for external data.)"""
-    if overrides is None or not overrides.arrays:
+    if overrides is None:
         return []
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in overrides.arrays.values()]
     options.add_external_initializers(list(overrides.arrays), values)

@@ -149,8 +149,8 @@ def add_engines(
     """Build ``flavour`` engines for the bundle at ``bundle_root`` and record them in its manifest (see the
     module docstring for how the bundle is updated). Engines of the same flavour, version and GPU are
     replaced. ``refittable``: engines whose weights can be replaced after loading (LoRAs merged at load),
-    at some cost in speed. Returns {bundle, dir, flavour, version, compute_capability, engines, build,
-    replaced}."""
+    at some cost in speed; only those of graphs with weights a LoRA may target (not the VAE's). Returns
+    {bundle, dir, flavour, version, compute_capability, engines, build, replaced}."""
     check_options(flavour, compute_capability, workspace_mb)
     root = Path(bundle_root)
     bundle = Bundle.open(root)  # schema and every hash: engines are built from the files the manifest lists
@@ -248,6 +248,8 @@ def build_engines(
     for i, (name, form) in enumerate(jobs, 1):
         start = time.perf_counter()
         onnx_rel = manifest["components"][name]["files"][form]
+        # refittable: only the engines of graphs with weights a LoRA may target (not the VAE's)
+        refit_names = (target_initializers(bundle, name, form) or None) if refittable else None
         blob, cache = _build_one(
             trt,
             logger,
@@ -261,7 +263,7 @@ def build_engines(
             max_length,
             cache,
             notes=notes,
-            refit_names=target_initializers(bundle, name, form) if refittable else None,
+            refit_names=refit_names,
         )
         _write(cache_path, cache)  # after every engine: an interrupted build keeps what it measured
         rel = f"{rel_dir}/{name}.{form}.engine"
@@ -277,7 +279,7 @@ def build_engines(
                 "onnx": onnx_rel,
                 "onnx_sha256": manifest["files"][onnx_rel]["sha256"],
                 "strongly_typed": True,
-                "refittable": refittable,
+                "refittable": refit_names is not None,
                 "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch, "sequence": max_length},
             }
         )

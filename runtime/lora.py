@@ -314,9 +314,12 @@ class LoraMerge:
                 merged[offset] = (base.astype(np.float32).reshape(change.shape) + change).astype(dtype)
         return merged
 
-    def overrides(self, component: str) -> Overrides:
-        """The merged tensors that ``component``'s graph in this form reads, by initializer name."""
+    def overrides(self, component: str) -> Overrides | None:
+        """The merged tensors that ``component``'s graph in this form reads, by initializer name; None where
+        it reads none (the VAE): its graph opens as without a LoRA (no refit, no LoRA-keyed engine cache)."""
         found = _stored_at(self.bundle, component, self.form, set(self.merged))
+        if not found:
+            return None
         return Overrides(self.key, {name: self.merged[w.offset].reshape(w.dims) for name, w in found.items()})
 
 

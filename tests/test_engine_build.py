@@ -502,8 +502,9 @@ def test_the_lora_targets_are_weights_tensorrt_can_mark_refittable(diffusion_bun
 
 def test_refittable_engines_mark_what_a_lora_may_target(diffusion_bundle, bert_bundle, tmp_path, monkeypatch):
     """--refittable marks, in each graph, exactly the initializers the manifest's LoRA targets point at
-    (the UNet's and text encoder's, in every fused graph too), and records it; a bundle without LoRA
-    targets is refused before anything is built."""
+    (the UNet's and text encoder's, in every fused graph too), and records it; the VAE's engines, which no
+    LoRA reaches, are built plain (not refittable). A bundle without LoRA targets is refused before
+    anything is built."""
     from edgegen.runtime.lora import target_initializers
 
     bundle = Path(shutil.copytree(diffusion_bundle, tmp_path / "b"))
@@ -516,11 +517,17 @@ def test_refittable_engines_mark_what_a_lora_may_target(diffusion_bundle, bert_b
     monkeypatch.setattr(engine_build, "_build_one", build_one)
     result = add_engines(bundle, "trt-rtx", "8.9", progress=False, refittable=True)
     opened = Bundle.open(bundle)
-    assert result["build"]["refittable"] and all(e["refittable"] for e in opened.manifest["engines"])
+    vae = ("vae_decoder", "vae_encoder")
+    assert result["build"]["refittable"]
+    assert any(e["component"] in vae for e in opened.manifest["engines"])
+    for e in opened.manifest["engines"]:
+        assert e["refittable"] == (e["component"] not in vae), e["file"]
     for what, names in asked.items():
         component, form = what.split(".")
-        assert names == target_initializers(opened, component, form)
-        assert bool(names) == (component not in ("vae_decoder", "vae_encoder")), what
+        if component in vae:
+            assert names is None and not target_initializers(opened, component, form), what
+        else:
+            assert names and names == target_initializers(opened, component, form), what
     assert len(asked["fused.fp32"]) == len(asked["unet.fp32"]) + len(asked["text_encoder.fp32"])
     with pytest.raises(BadInputError, match="records no weights a LoRA may target"):
         add_engines(Path(shutil.copytree(bert_bundle, tmp_path / "g")), "trt-rtx", "8.9", refittable=True)

@@ -13,6 +13,7 @@ import pytest
 from edgegen.runtime import BackendUnavailableError, Bundle, Pipeline, backends, cudart, ort_gpu
 from edgegen.runtime import pipeline as pipeline_module
 from edgegen.runtime.gan import GanPipeline
+from edgegen.runtime.lora import target_initializers
 from edgegen.runtime.trt_graph import TrtGraph
 from gpu_emulation import FAKE_TRT, FakeEngine, HostCuda
 
@@ -43,7 +44,8 @@ def reference(bundle):
 
 def trt_factory(cuda, engines: dict, graphs=True, refittable=False):
     """An ``open_graph`` that opens every component as an emulated TensorRT engine (kept in ``engines``),
-    built ``refittable`` or not."""
+    built ``refittable`` or not (as ``edgegen engines --refittable`` builds them: only the components with
+    weights a LoRA may target)."""
 
     def factory(b, component, form, backend, cuda_graphs=None, overrides=None):
         spec = b.components[component]
@@ -53,7 +55,7 @@ def trt_factory(cuda, engines: dict, graphs=True, refittable=False):
         entry = {
             "file": f"engines/fake/{component}.{form}.engine",
             "profile": {"max_batch": b.generation["max_batch"]},
-            "refittable": refittable,
+            "refittable": refittable and bool(target_initializers(b, component, form)),
         }
         return TrtGraph(
             b,

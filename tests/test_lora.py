@@ -375,7 +375,8 @@ def test_cli_export_and_generate_with_loras(diffusion_checkpoint, bundle, loras,
 def test_device_graphs_take_the_merged_weights(bundle, loras, expected, monkeypatch, tmp_path):
     """ort-trt's OrtDeviceGraph, over the host emulation of CUDA (tests/gpu_emulation.py: CPU sessions),
     hands the merged weights to every session it makes, and keys its TensorRT engine cache by the LoRAs:
-    an engine built with one LoRA's weights is never reused for another. Real CUDA is not exercised."""
+    an engine built with one LoRA's weights is never reused for another. A graph no LoRA reaches (the VAE
+    decoder) gets no overrides and keeps the plain cache. Real CUDA is not exercised."""
     from edgegen.runtime import backends, cudart, ort_gpu
     from edgegen.runtime import pipeline as pipeline_module
     from gpu_emulation import HostCuda
@@ -400,11 +401,16 @@ def test_device_graphs_take_the_merged_weights(bundle, loras, expected, monkeypa
         caches = set()
         for case in ("peft", "kohya"):
             applied = [(loras[name], scale) for name, scale in CASES[case]]
-            pipe = DiffusionPipeline(Bundle.open(bundle), "ort-trt", "fp32", [], lora=applied)
+            opened = Bundle.open(bundle)
+            pipe = DiffusionPipeline(opened, "ort-trt", "fp32", [], lora=applied)
             want, latents = expected[case, "fused"]
             assert levels(run(pipe, latents, "fused"), want) <= LEVELS, case
-            caches.add(made[-1].cache_dir)
-        assert len(caches) == 2 and all(c.name.startswith("lora-") for c in caches)
+            fused = made[-1]
+            assert fused.overrides is not None and fused.cache_dir.name == f"lora-{pipe.lora.key}"
+            caches.add(fused.cache_dir)
+            vae = pipe.graph("vae_decoder")
+            assert vae.overrides is None and vae.cache_dir == ort_gpu.ort_trt_cache_dir(opened), case
+        assert len(caches) == 2
     finally:
         cudart.set_runtime(previous)
 
@@ -415,11 +421,13 @@ def test_refittable_engines_are_refitted_with_the_merged_weights(
 ):
     """trt / trt-rtx: an engine built --refittable gets the merged weights through TensorRT's Refitter (by
     the ONNX initializers' names) before any context exists; one built without is refused, which `auto`
-    treats as an engine that does not suit. Over the host emulation of TensorRT (tests/gpu_emulation.py);
-    a real Refitter is not exercised here."""
+    treats as an engine that does not suit. An engine no LoRA reaches (the VAE decoder, never built
+    refittable) is neither refitted nor refused. Over the host emulation of TensorRT
+    (tests/gpu_emulation.py); a real Refitter is not exercised here."""
     from edgegen.runtime import cudart
     from edgegen.runtime import pipeline as pipeline_module
     from edgegen.runtime.errors import EngineMismatchError
+    from edgegen.runtime.lora import target_initializers
     from gpu_emulation import HostCuda
     from test_gpu_graphs import trt_factory
 
@@ -432,11 +440,15 @@ def test_refittable_engines_are_refitted_with_the_merged_weights(
             with pytest.raises(EngineMismatchError, match="was not built refittable"):
                 DiffusionPipeline(Bundle.open(bundle), "trt-rtx", "fp32", [], lora=applied)
             return
-        pipe = DiffusionPipeline(Bundle.open(bundle), "trt-rtx", "fp32", [], lora=applied)
+        opened = Bundle.open(bundle)
+        pipe = DiffusionPipeline(opened, "trt-rtx", "fp32", [], lora=applied)
         for call in CALLS:
             want, latents = expected["both", call]
             assert levels(run(pipe, latents, call), want) <= LEVELS, call
-        assert engines and all(e.refits == 1 for e in engines.values())
+        assert "vae_decoder" in engines and "unet" in engines and "text_encoder" in engines
+        for component, engine in engines.items():
+            targeted = bool(target_initializers(opened, component, "fp32"))
+            assert engine.refits == (1 if targeted else 0), component
     finally:
         cudart.set_runtime(previous)
 
