@@ -120,16 +120,32 @@ def normalize(loras) -> list[tuple[Path, float]]:
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file; BadInputError if it is not one."""
-    bad = lambda why: BadInputError(  # noqa: E731
+def _not_safetensors(path: Path, why) -> BadInputError:
+    return BadInputError(
         f"LoRA {path}", f"not a readable safetensors file ({why})", "LoRAs are read from .safetensors files"
     )
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise _not_safetensors(path, e) from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; BadInputError if it is not one."""
+    return _parse_safetensors(_read_bytes(path), path)
+
+
+def _parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of the contents of the .safetensors file ``path``; the tensors are views of
+    ``data`` (bf16 ones excepted: widened copies)."""
+    bad = lambda why: _not_safetensors(path, why)  # noqa: E731
+    try:
         (size,) = struct.unpack_from("<Q", data, 0)
         header = json.loads(data[8 : 8 + size])
-    except (OSError, struct.error, ValueError) as e:
+    except (struct.error, ValueError) as e:
         raise bad(e) from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
@@ -202,7 +218,8 @@ def _alphas(metadata: dict[str, str], path: Path) -> dict[str, tuple[float | Non
 def read_lora(path: Path, scale: float, modules: dict[str, set[str]]) -> LoraFile:
     """The layers of one LoRA file, each matched to a module of ``modules`` (part -> module names). Refuses a
     file with keys that match nothing, naming the first of them."""
-    tensors, metadata = read_safetensors(path)
+    data = _read_bytes(path)
+    tensors, metadata = _parse_safetensors(data, path)
     layers: dict[tuple[str, str], LoraLayer] = {}
     unmatched = []
     for key in sorted(tensors):
@@ -241,8 +258,7 @@ def read_lora(path: Path, scale: float, modules: dict[str, set[str]]) -> LoraFil
             )
         if layer.alpha is None and layer.part in alphas:
             layer.alpha, layer.rslora = alphas[layer.part]
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return LoraFile(Path(path), float(scale), digest, list(layers.values()))
+    return LoraFile(Path(path), float(scale), hashlib.sha256(data).hexdigest(), list(layers.values()))
 
 
 def check_shape(lora: LoraFile, layer: LoraLayer, shape) -> None:
