@@ -170,8 +170,11 @@ def _parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, np.ndarray], 
     return tensors, metadata
 
 
-def _split_key(key: str, modules: dict[str, set[str]]) -> tuple[str, str, str] | None:
-    """A LoRA key -> (part, module, role), or None if it names nothing in ``modules``."""
+def _split_key(
+    key: str, modules: dict[str, set[str]], kohya_names: dict[str, dict[str, str]]
+) -> tuple[str, str, str] | None:
+    """A LoRA key -> (part, module, role), or None if it names nothing in ``modules``. ``kohya_names``: per
+    part, each module by its kohya spelling (dots as underscores)."""
     suffix, role = next(((s, r) for s, r in SUFFIXES if key.endswith(s)), (None, None))
     if suffix is None:
         return None
@@ -185,8 +188,7 @@ def _split_key(key: str, modules: dict[str, set[str]]) -> tuple[str, str, str] |
             return (part, module, role) if module in modules.get(part, ()) else None
     for prefix, part in KOHYA.items():
         if stem.startswith(prefix):
-            by_underscores = {m.replace(".", "_"): m for m in modules.get(part, ())}
-            module = by_underscores.get(stem[len(prefix) :])
+            module = kohya_names.get(part, {}).get(stem[len(prefix) :])
             return (part, module, role) if module else None
     return None
 
@@ -222,8 +224,9 @@ def read_lora(path: Path, scale: float, modules: dict[str, set[str]]) -> LoraFil
     tensors, metadata = _parse_safetensors(data, path)
     layers: dict[tuple[str, str], LoraLayer] = {}
     unmatched = []
+    kohya_names = {part: {m.replace(".", "_"): m for m in names} for part, names in modules.items()}
     for key in sorted(tensors):
-        found = _split_key(key, modules)
+        found = _split_key(key, modules, kohya_names)
         if found is None:
             unmatched.append(key)
             continue
