@@ -227,8 +227,6 @@ class DiffusionPipeline(Pipeline):
             cond = None
             if self.time_cond_dim:  # LCM-distilled UNets take guidance as an input
                 cond = guidance_embedding(np.full(batch, call.guidance - 1.0, np.float32), self.time_cond_dim)
-        if call.image_prompt is not None:
-            self._encode_images(call.image_prompt, info)
         use_cache = self.mode != "fused" and self.text_cache.holds(prompts + call.negatives)
         fused = (
             self.fused.get(len(call.plan))
@@ -248,6 +246,8 @@ class DiffusionPipeline(Pipeline):
                 f"fused graphs run {sorted(self.fused)} steps with {self.scheduler_name}, no guidance, "
                 "text-to-image; use mode='loop' or 'auto'",
             )
+        if call.image_prompt is not None:
+            self._encode_images(call.image_prompt, info)
         if fused is not None and self.mode != "loop" and not use_cache:
             return self._run_fused(fused, prompts, noise, call, streams, cond, info)
         return self._run_loop(prompts, noise, pixels_in, call, streams, cond, use_cache, info)

@@ -174,6 +174,16 @@ def test_fused_and_loop_agree(bundle, steps):
     assert levels(a, b) <= 1
 
 
+def test_fused_mode_refuses_before_encoding(bundle, monkeypatch):
+    fused = Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32", mode="fused")
+    encoder, runs = fused.graph("image_encoder"), []
+    original = encoder.run
+    monkeypatch.setattr(encoder, "run", lambda *a, **k: runs.append(1) or original(*a, **k))
+    with pytest.raises(BadInputError, match="no fused graph"):
+        fused(PROMPTS, seed=SEEDS, guidance_scale=4.0, ip_adapter_image=reference_image())
+    assert runs == []
+
+
 def test_fp16_passes_its_gate(bundle, runtime):
     report = json.loads((bundle / "report.json").read_text())
     assert report["ok"] and report["precisions"]["fp16"]["gate"]["ok"]
