@@ -274,6 +274,28 @@ def check_shape(lora: LoraFile, layer: LoraLayer, shape) -> None:
         )
 
 
+def _targets(bundle) -> dict:
+    """The manifest's ``lora.targets`` (part -> module -> target); BadInputError if it records none."""
+    targets = bundle.manifest.get("lora", {}).get("targets")
+    if not targets:
+        raise BadInputError(
+            "lora",
+            f"bundle {bundle.root} records no LoRA targets",
+            "re-export it with this edgegen (diffusion bundles record them)",
+        )
+    return targets
+
+
+def read_loras(bundle, loras) -> list[LoraFile]:
+    """``loras`` (``[(file, scale), ...]``, as ``normalize`` takes them) read and matched to the weights the
+    bundle records as LoRA targets. Files already read (a list of LoraFile) are returned as they are:
+    ``Pipeline.from_bundle`` reads them once for every backend ``auto`` tries."""
+    if isinstance(loras, (list, tuple)) and loras and all(isinstance(f, LoraFile) for f in loras):
+        return list(loras)
+    modules = {part: set(found) for part, found in _targets(bundle).items()}
+    return [read_lora(path, scale, modules) for path, scale in normalize(loras)]
+
+
 @dataclass(frozen=True)
 class Overrides:
     """Initializers that replace a graph's own when its session is created; ``key`` names the LoRAs and
@@ -288,20 +310,14 @@ class LoraMerge:
     touch (by offset), and, per component, the initializers that point there."""
 
     def __init__(self, bundle, form: str, loras):
-        targets = bundle.manifest.get("lora", {}).get("targets")
-        if not targets:
-            raise BadInputError(
-                "lora",
-                f"bundle {bundle.root} records no LoRA targets",
-                "re-export it with this edgegen (diffusion bundles record them)",
-            )
+        """``loras``: ``[(file, scale), ...]``, or those files already read (``read_loras``)."""
+        targets = _targets(bundle)
         if form not in LORA_FORMS:
             raise BadInputError(
                 "lora", f"the {form} form cannot take a LoRA at load", "load the fp32 or fp16 precision"
             )
         self.bundle, self.form = bundle, form
-        modules = {part: set(found) for part, found in targets.items()}
-        self.files = [read_lora(path, scale, modules) for path, scale in normalize(loras)]
+        self.files = read_loras(bundle, loras)
         self.key = hashlib.sha256(
             json.dumps([f.record() for f in self.files], sort_keys=True).encode()
         ).hexdigest()[:16]

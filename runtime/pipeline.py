@@ -20,7 +20,7 @@ from . import native
 from .backends import candidates, engine_forms, open_graph, require_backend, skip_note
 from .bundle import Bundle
 from .errors import BackendUnavailableError, BadInputError, EngineMismatchError
-from .lora import LoraMerge
+from .lora import LoraMerge, read_loras
 from .precision import choose_precision, form_for
 from .text_cache import TextCache
 
@@ -130,8 +130,9 @@ class Pipeline:
         self.text_cache = TextCache(cache_size)  # recent prompts' text states
         self._lock = threading.Lock()
         self._graphs: dict = {}
-        # lora=[(file, scale), ...]: merged into this form's weights now, applied as each graph opens
-        # (ONNX Runtime: initializers replaced; TensorRT: refittable engines refitted)
+        # lora=[(file, scale), ...] (or those files already read): merged into this form's weights now,
+        # applied as each graph opens (ONNX Runtime: initializers replaced; TensorRT: refittable engines
+        # refitted)
         self.lora = LoraMerge(bundle, self.form, lora) if lora else None
 
     def graph(self, component: str):
@@ -165,6 +166,8 @@ class Pipeline:
         bundle = Bundle.open(path)  # verified before any session exists
         family = Pipeline.for_family(bundle)
         notes: list[str] = []  # what `auto` skipped and why
+        if options.get("lora"):  # read once, however many backends `auto` tries
+            options["lora"] = read_loras(bundle, options["lora"])
         for name in candidates(backend, bundle):
             try:
                 require_backend(name)

@@ -453,6 +453,34 @@ def test_refittable_engines_are_refitted_with_the_merged_weights(
         cudart.set_runtime(previous)
 
 
+def test_auto_reads_the_lora_files_once_for_every_backend_it_tries(bundle, loras, expected, monkeypatch):
+    """`auto` reads and matches the LoRA files once, before its first candidate: a backend that refuses the
+    LoRA (here an emulated TensorRT engine built without --refittable) costs no second read."""
+    from edgegen.runtime import lora as lora_module
+    from edgegen.runtime import pipeline as pipeline_module
+    from edgegen.runtime.errors import EngineMismatchError
+
+    real_open, real_read = pipeline_module.open_graph, lora_module.read_lora
+    reads = []
+
+    def open_graph(b, component, form, backend, cuda_graphs=None, overrides=None):
+        if backend == "trt-rtx":
+            raise EngineMismatchError(f"engine {component}", "was not built refittable", "emulated")
+        return real_open(b, component, form, backend, overrides=overrides)
+
+    monkeypatch.setattr(pipeline_module, "candidates", lambda backend, bundle: ["trt-rtx", "ort-cpu"])
+    monkeypatch.setattr(pipeline_module, "require_backend", lambda name: None)
+    monkeypatch.setattr(pipeline_module, "engine_forms", lambda bundle, name: None)
+    monkeypatch.setattr(pipeline_module, "open_graph", open_graph)
+    monkeypatch.setattr(lora_module, "read_lora", lambda *a: reads.append(a[0]) or real_read(*a))
+    applied = [(loras[name], scale) for name, scale in CASES["both"]]
+    pipe = Pipeline.from_bundle(bundle, precision="fp32", lora=applied)
+    assert pipe.backend == "ort-cpu" and any("trt-rtx skipped" in n for n in pipe.notes)
+    assert reads == [path for path, _ in applied]
+    want, latents = expected["both", "fused"]
+    assert levels(run(pipe, latents, "fused"), want) <= LEVELS
+
+
 def test_cli_refuses_refittable_without_engines_or_targets(
     diffusion_checkpoint, bundle_copy, tmp_path, capsys
 ):
