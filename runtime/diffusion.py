@@ -36,6 +36,9 @@ VAE_SAMPLES_LATENTS = {"AutoencoderKL": True, "AutoencoderTiny": False}
 # Input images past this many pixels are refused before decoding (they are resized to the bundle's size
 # anyway; PIL's own decompression-bomb limit is 179 MP)
 MAX_IMAGE_PIXELS = 64 * 2**20
+# The call options that take images (PIL images, uint8 arrays or file paths): edgegen serve refuses them, as
+# over HTTP a string there would name a file on the server
+IMAGE_OPTIONS = ("image", "control_image", "ip_adapter_image")
 # controlnet_conditioning_scale's defaults: StableDiffusionControlNetPipeline's, and with image=
 # (image-to-image) StableDiffusionControlNetImg2ImgPipeline's
 CONTROL_SCALE, IMG2IMG_CONTROL_SCALE = 1.0, 0.8

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from edgegen.runtime.diffusion import IMAGE_OPTIONS
 from edgegen.runtime.errors import BadInputError, EdgegenError
 from edgegen.runtime.pipeline import check_seed, expand_seeds
 
@@ -19,8 +20,6 @@ RESPONSE_FORMATS = ("b64_json", "png")
 IGNORED_FIELDS = ("model", "user", "quality", "style")
 # JSON values an option may take over HTTP: arrays (noise, latents, images) are Python-API only.
 OPTION_TYPES = (str, int, float, bool)
-# Image inputs the pipeline also takes as file paths: over HTTP a string there would name a file on the server
-IMAGE_OPTIONS = ("image", "control_image", "ip_adapter_image")
 
 
 class ServiceBusyError(EdgegenError):

@@ -95,6 +95,9 @@ def test_image_options_are_refused_over_http():
     for name in ("image", "control_image", "ip_adapter_image"):
         with pytest.raises(BadInputError, match="not taken over HTTP"):
             parse_generation(json.dumps({"prompt": "a cat", name: "/etc/hostname"}).encode(), 16)
+    from edgegen.runtime.diffusion import IMAGE_OPTIONS, DiffusionPipeline
+
+    assert set(IMAGE_OPTIONS) <= set(DiffusionPipeline.options)  # the declaration names the pipeline's own
 
 
 def test_serve_run_arguments_become_a_config():
