@@ -46,6 +46,12 @@ FP32_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
+def weight_to_fp16(array: np.ndarray) -> np.ndarray:
+    """An fp32 weight as the fp16 form stores it: clamped into fp16's range, then cast (export.lora keys the
+    LoRA targets' fp16 copies with it, so they match the converted graphs' bytes)."""
+    return np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16)
+
+
 def convert_to_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset()) -> onnx.ModelProto:
     """``keep_fp32``: extra node names to keep in fp32 (e.g. layers a sensitivity scan singled out)."""
     model = onnx.shape_inference.infer_shapes(model)
@@ -74,7 +80,7 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: set[str] = frozenset()) -
             and uses
             and all(runs_fp16(n) and k not in FP32_INPUTS.get(n.op_type, ()) for n, k in uses)
         ):
-            arr = np.clip(numpy_helper.to_array(init), -FP16_MAX, FP16_MAX).astype(np.float16)
+            arr = weight_to_fp16(numpy_helper.to_array(init))
             init.CopyFrom(numpy_helper.from_array(arr, name))
             precision[name] = "fp16"
 

@@ -10,7 +10,7 @@ from edgegen.runtime.lora import check_shape, normalize, read_lora
 from onnx import TensorProto
 from torch import nn
 
-from .fp16 import FP16_MAX
+from .fp16 import weight_to_fp16
 from .weights import content_key
 
 TARGETS = (nn.Linear, nn.Conv2d)  # what LoRAs adapt (diffusers' LoRA-compatible layers subclass these)
@@ -74,7 +74,7 @@ class TargetIndex:
         w = weight.detach().float().numpy()
         casts = [("float32", w)]
         if self.fp16:
-            casts.append(("float16", np.clip(w, -FP16_MAX, FP16_MAX).astype(np.float16)))
+            casts.append(("float16", weight_to_fp16(w)))
         for dtype, cast in casts:
             for layout, array in (("oi", cast), ("io", cast.T if cast.ndim == 2 else None)):
                 if array is not None:
