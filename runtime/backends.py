@@ -385,7 +385,8 @@ def open_graph(
 
     ``cuda_graphs`` (default: on unless EDGEGEN_CUDA_GRAPHS=0): trt / trt-rtx capture every component
     per batch size; ort-cuda / ort-trt capture the static-shape fused graph. ``overrides``: initializers
-    replacing the graph's own (ONNX Runtime backends only)."""
+    replacing the graph's own (LoRAs merged at load), or None: ONNX Runtime backends hand them to the
+    session; TensorRT backends refit an engine built refittable with them (not verified on a GPU)."""
     spec = bundle.components.get(component)
     if spec is None:  # a manifest that lists fewer components than its family runs
         raise BadBundleError(

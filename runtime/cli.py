@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--refittable",
         action="store_true",
         help="with --engines: build engines whose weights can be replaced after loading, so "
-        "generate --lora works on them",
+        "generate --lora works on them (not verified on a GPU)",
     )
     e.add_argument(
         "--image-size",
@@ -640,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="FILE[:SCALE]",
         help="diffusion: merge a LoRA (.safetensors) into the weights at load, at SCALE (default 1); "
-        "repeat for several. ONNX Runtime backends, fp32/fp16",
+        "repeat for several. fp32/fp16, on the ONNX Runtime backends and on TensorRT engines built "
+        "--refittable (the latter not verified on a GPU)",
     )
     g.add_argument(
         "--control-image",
@@ -693,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--refittable",
         action="store_true",
         help="engines whose weights can be replaced after loading (LoRAs merged at load: "
-        "generate --lora, Pipeline.from_bundle(lora=...))",
+        "generate --lora, Pipeline.from_bundle(lora=...); not verified on a GPU)",
     )
     n.add_argument("--quiet", action="store_true", help="no progress output")
     n.add_argument("--json", action="store_true", help="print the result as JSON")
