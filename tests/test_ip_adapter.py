@@ -86,6 +86,8 @@ def test_bundle_holds_the_image_encoder(bundle, diffusion_checkpoint):
     assert inputs["unet"] == ["sample", "timestep", "text_states", "image_embeds", "ip_adapter_scale"]
     assert inputs["fused_k4"] == ["input_ids", "noise", "image_embeds", "ip_adapter_scale"]
     assert manifest["generation"]["ip_adapter"]["image_size"] == 32
+    # every setting written is one the runtime reads (runtime.diffusion._ip_adapter_settings)
+    assert set(manifest["generation"]["ip_adapter"]) == {"image_size", "image_mean", "image_std", "scale"}
     plain = {c.name: [t.name for t in c.inputs] for c in load_family(diffusion_checkpoint).components()}
     assert "image_encoder" not in plain and plain["unet"] == ["sample", "timestep", "text_states"]
 

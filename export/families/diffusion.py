@@ -840,12 +840,12 @@ class DiffusionFamily(Family):
 
     def _ip_adapter_settings(self) -> dict:
         """How the runtime prepares the reference image: CLIPImageProcessor at the encoder's size, as
-        diffusers' load_ip_adapter builds it (shortest edge resized bicubic, centre crop, CLIP mean/std)."""
+        diffusers' load_ip_adapter builds it (shortest edge resized bicubic, centre crop, CLIP mean/std).
+        The resampling is not recorded: the runtime's clip_pixels always resizes bicubic."""
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         return {
             "image_size": int(self.image_encoder.config.image_size),
-            "resample": "bicubic",
             "image_mean": list(OPENAI_CLIP_MEAN),
             "image_std": list(OPENAI_CLIP_STD),
             "scale": 1.0,
