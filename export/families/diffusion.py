@@ -487,10 +487,11 @@ def _check_weights(path: Path, what: str) -> None:
         )
 
 
-def _saved_class(path: Path) -> str | None:
-    """The diffusers class a save_pretrained directory holds (its config.json ``_class_name``)."""
+def _saved_class(path: Path, key: str = "_class_name"):
+    """The class a save_pretrained directory holds: its config.json's ``key`` (diffusers: ``_class_name``;
+    transformers: ``architectures``, a list); None where there is no readable config.json with it."""
     try:
-        return json.loads((path / "config.json").read_text()).get("_class_name")
+        return json.loads((path / "config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -581,10 +582,7 @@ def load_ip_adapter(path: str | Path | None, unet):
     folder = Path(path)
     subject = f"--ip-adapter {folder}"
     encoder = folder / "image_encoder"
-    try:
-        architectures = json.loads((encoder / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        architectures = []
+    architectures = _saved_class(encoder, "architectures") or []
     if "CLIPVisionModelWithProjection" not in architectures or not (folder / IP_ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(
             subject,
