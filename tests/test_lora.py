@@ -139,7 +139,7 @@ def test_fused_at_export_matches_diffusers(diffusion_checkpoint, loras, expected
         assert levels(run(pipe, latents, call), want) <= LEVELS, call
 
 
-def test_without_lora_nothing_changes(bundle, expected):
+def test_without_lora_nothing_changes(bundle, loras, expected):
     """No LoRA: no overrides reach a session, the images are the base model's, and a load with a LoRA
     leaves the bundle's files as they were (its hashes still verify)."""
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32")
@@ -148,6 +148,21 @@ def test_without_lora_nothing_changes(bundle, expected):
     assert levels(run(pipe, latents, "fused"), want) <= LEVELS
     assert all(g._overrides == [] for g in pipe._graphs.values())
     assert Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32", lora=[]).lora is None
+
+    def contents():
+        return {
+            p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bundle.rglob("*")) if p.is_file()
+        }
+
+    before = contents()
+    for precision in ("fp32", "fp16"):  # both weights files merged from; the fused and loop graphs opened
+        styled = Pipeline.from_bundle(
+            bundle, backend="ort-cpu", precision=precision, lora=[(loras["peft"], 0.7)]
+        )
+        assert styled.lora.merged
+        for call in CALLS:
+            run(styled, expected["peft", call][1], call)
+    assert contents() == before
     Bundle.open(bundle, verify_hashes=True)
 
 
