@@ -79,7 +79,7 @@ class Family:
 
     def lora_parts(self) -> dict:
         """The modules LoRAs adapt, by the part name LoRA files use ("unet", "text_encoder"): export records
-        where their weights lie, so the runtime can merge LoRAs at load. None: the family takes no LoRA."""
+        where their weights lie, so the runtime can merge LoRAs at load. {}: the family takes no LoRA."""
         return {}
 
     loras_fused: list[dict] = []  # LoRAs fused into the weights at export (file, sha256, scale)
