@@ -41,11 +41,9 @@ def main(argv=None) -> int:
 
     import torch
     import transformers
-    from edgegen.export.families import ComponentDef
-    from edgegen.export.families.diffusion import ImageEncoder
+    from edgegen.export.families.diffusion import ImageEncoder, image_encoder_component
     from edgegen.export.onnx_export import export_component
     from edgegen.runtime.backends import make_session
-    from edgegen.runtime.bundle import TensorSpec
 
     torch.manual_seed(0)
     model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**VIT_H)).eval()
@@ -56,14 +54,10 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     path = work / "image_encoder.fp32.onnx"
     if not path.is_file():
-        comp = ComponentDef(
-            "image_encoder",
-            module,
-            [TensorSpec("pixel_values", "float32", ("batch", 3, n, n))],
-            [TensorSpec("image_embeds", "float32", ("batch", 1, VIT_H["projection_dim"]))],
-        )
         t = time.perf_counter()
-        export_component(comp, {"pixel_values": np.concatenate([pixels, pixels])}, path)
+        export_component(
+            image_encoder_component(module), {"pixel_values": np.concatenate([pixels, pixels])}, path
+        )
         print(f"exported {path} in {time.perf_counter() - t:.0f} s", flush=True)
     session = make_session(path, "ort-cpu")
 

@@ -105,6 +105,20 @@ class ImageEncoder(nn.Module):
         return self.model(pixel_values=pixel_values).image_embeds[:, None]
 
 
+def image_encoder_component(encoder: ImageEncoder) -> ComponentDef:
+    """The ``image_encoder`` component as a bundle holds it: CLIP pixels at the encoder's size -> the image
+    embedding."""
+    config = encoder.model.config
+    n = config.image_size
+    return ComponentDef(
+        "image_encoder",
+        encoder,
+        [TensorSpec("pixel_values", "float32", ("batch", 3, n, n))],
+        [TensorSpec("image_embeds", "float32", ("batch", 1, config.projection_dim))],
+        {"image_embeds": 1e-3},
+    )
+
+
 class Control(nn.Module):
     """ControlNetModel: (scaled) latents, timestep, text states, control image ([0, 1] RGB NCHW, as diffusers
     prepares it), conditioning scale -> the down blocks' residuals then the mid block's, scaled. The scale is
@@ -770,7 +784,8 @@ class DiffusionFamily(Family):
         )
         self.text_encoder = TextEncoder(te).eval()
         # --ip-adapter DIR: its image encoder, and its attention loaded into the UNet
-        self.image_encoder = load_ip_adapter(ip_adapter, self.unet)
+        clip_vision = load_ip_adapter(ip_adapter, self.unet)
+        self.image_encoder = ImageEncoder(clip_vision).eval() if clip_vision is not None else None
         self.denoiser = Denoiser(self.unet, bool(self.time_cond_dim), self.image_encoder is not None).eval()
         # --controlnet DIR: a saved ControlNetModel added to (or in place of) the pipeline's own
         self.controlnet = load_controlnet(root, index, controlnet, self.unet, self.vae_factor)
@@ -843,7 +858,7 @@ class DiffusionFamily(Family):
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         return {
-            "image_size": int(self.image_encoder.config.image_size),
+            "image_size": int(self.image_encoder.model.config.image_size),
             "image_mean": list(OPENAI_CLIP_MEAN),
             "image_std": list(OPENAI_CLIP_STD),
             "scale": 1.0,
@@ -857,7 +872,7 @@ class DiffusionFamily(Family):
         if self.image_encoder is not None:
             conditioning["image_encoder"] = {
                 "kind": "clip_vision",
-                **self.image_encoder.config.to_diff_dict(),
+                **self.image_encoder.model.config.to_diff_dict(),
             }
         return {
             "text_encoder": {"kind": "clip", "hidden_size": te.hidden_size, "layers": te.num_hidden_layers},
@@ -924,18 +939,8 @@ class DiffusionFamily(Family):
         comps = [ComponentDef("text_encoder", self.text_encoder, [ids], [states], {"text_states": 1e-3})]
         ip = []
         if self.image_encoder is not None:
-            n, width = self.image_encoder.config.image_size, self.image_encoder.config.projection_dim
-            embeds = TensorSpec("image_embeds", "float32", ("batch", 1, width))
-            ip = [embeds, TensorSpec("ip_adapter_scale", "float32", (1,))]
-            comps.append(
-                ComponentDef(
-                    "image_encoder",
-                    ImageEncoder(self.image_encoder).eval(),
-                    [TensorSpec("pixel_values", "float32", ("batch", 3, n, n))],
-                    [embeds],
-                    {"image_embeds": 1e-3},
-                )
-            )
+            comps.append(image_encoder_component(self.image_encoder))
+            ip = [*comps[-1].outputs, TensorSpec("ip_adapter_scale", "float32", (1,))]  # the UNet's inputs
         if residuals:
             cn_inputs = [
                 latent("sample"),
@@ -1015,9 +1020,9 @@ class DiffusionFamily(Family):
         """An IP-Adapter's inputs for a reference case: random CLIP pixels, their embedding, scale 1."""
         if self.image_encoder is None:
             return {}
-        n = self.image_encoder.config.image_size
+        n = self.image_encoder.model.config.image_size
         pixels = np.random.default_rng(100 + index).standard_normal((batch, 3, n, n), dtype=np.float32)
-        embeds = ImageEncoder(self.image_encoder)(torch.from_numpy(pixels)).numpy()
+        embeds = self.image_encoder(torch.from_numpy(pixels)).numpy()
         return {"pixel_values": pixels, "image_embeds": embeds, "ip_adapter_scale": np.ones(1, np.float32)}
 
     @torch.no_grad()
