@@ -47,13 +47,21 @@ def _varint(buf, pos):
             raise ValueError("varint too long")
 
 
+def _external_data_entry(entry) -> tuple[str, str]:
+    """One TensorProto.external_data entry (StringStringEntryProto): (key(1), value(2))."""
+    strings = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(entry) if w == 2}
+    return strings.get(1, ""), strings.get(2, "")
+
+
 def _tensor_locations(tensor) -> set[str]:
+    """Every ``location`` entry of a tensor's external data (all of them: a file listing two is checked
+    for both)."""
     found = set()
     for field, wire, value in _fields(tensor):
         if field == 13 and wire == 2:
-            entry = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(value) if w == 2}
-            if entry.get(1) == "location":
-                found.add(entry.get(2, ""))
+            key, location = _external_data_entry(value)
+            if key == "location":
+                found.add(location)
     return found
 
 
@@ -113,8 +121,8 @@ def _external_tensor(tensor) -> tuple[str, ExternalTensor] | None:
         elif field == 8 and wire == 2:
             name = bytes(value).decode("utf-8", "replace")
         elif field == 13 and wire == 2:
-            entry = {f: bytes(v).decode("utf-8", "replace") for f, w, v in _fields(value) if w == 2}
-            entries[entry.get(1, "")] = entry.get(2, "")
+            key, text = _external_data_entry(value)
+            entries[key] = text
     if "location" not in entries:
         return None
     return name, ExternalTensor(
