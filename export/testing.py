@@ -514,7 +514,7 @@ def make_tiny_ip_adapter(directory, checkpoint, seed: int = 0) -> Path:
     root = Path(directory)
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet", local_files_only=True)
-    cross, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    cross = unet.config.cross_attention_dim
     encoder = transformers.CLIPVisionModelWithProjection(
         transformers.CLIPVisionConfig(
             image_size=32,
@@ -538,12 +538,7 @@ def make_tiny_ip_adapter(directory, checkpoint, seed: int = 0) -> Path:
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
             continue
-        block = name.split(".")[0]
-        width = (
-            widths[-1]
-            if block == "mid_block"
-            else (widths[::-1] if block == "up_blocks" else widths)[int(name.split(".")[1])]
-        )
+        width = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features  # the layer's width
         for part in ("to_k_ip", "to_v_ip"):
             weights[f"ip_adapter.{key}.{part}.weight"] = torch.randn(width, cross) / cross**0.5
         key += 2
