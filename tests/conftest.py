@@ -61,6 +61,15 @@ def diffusion_bundle(diffusion_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def controlnet_checkpoint(tmp_path_factory) -> Path:
+    """The tiny pipeline with a ControlNet (StableDiffusionControlNetPipeline layout), its zero-initialised
+    convolutions given random weights so the control image matters."""
+    from edgegen.export.testing import make_tiny_diffusion_checkpoint
+
+    return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("controlnet") / "ckpt", controlnet=True)
+
+
+@pytest.fixture(scope="session")
 def lcm_checkpoint(tmp_path_factory) -> Path:
     """An LCM-distilled-style UNet (guidance embedding input) with the LCM scheduler."""
     from edgegen.export.testing import make_tiny_diffusion_checkpoint

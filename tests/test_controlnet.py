@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from edgegen.export.families import load_family  # noqa: E402
 from edgegen.runtime import BadInputError, Pipeline  # noqa: E402
 from edgegen.runtime.cli import main  # noqa: E402
-from edgegen.runtime.diffusion import NoiseStreams  # noqa: E402
+from edgegen.runtime.diffusion import NoiseStreams, fused_name  # noqa: E402
 from edgegen.runtime.errors import CheckpointError  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, latent_shape, levels, patch_noise  # noqa: E402
@@ -26,10 +26,8 @@ RESIDUALS = [f"down_block_additional_residuals_{i}" for i in range(4)] + ["mid_b
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from edgegen.export.testing import make_tiny_diffusion_checkpoint
-
-    return make_tiny_diffusion_checkpoint(tmp_path_factory.mktemp("controlnet") / "ckpt", controlnet=True)
+def checkpoint(controlnet_checkpoint):
+    return controlnet_checkpoint  # conftest's: test_ip_adapter exports it too
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +119,7 @@ def test_matches_diffusers(runtime, reference, steps, scale, guidance):
         output_type="uint8",
     )
     assert levels(got, want) <= LEVELS
-    fused = "fused" if steps == 1 else f"fused_k{steps}"
-    assert runtime.last_call.path == (fused if guidance == 0 else "loop")
+    assert runtime.last_call.path == (fused_name(steps) if guidance == 0 else "loop")
     if guidance:  # the ControlNet ran before each UNet step, on the negative and positive rows together
         assert [s for s in runtime.last_call.stages if s.startswith("controlnet")] == [
             f"controlnet_{i + 1}" for i in range(steps)

@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 from edgegen.runtime import BadInputError, Pipeline  # noqa: E402
-from edgegen.runtime.diffusion import NoiseStreams  # noqa: E402
+from edgegen.runtime.diffusion import NoiseStreams, fused_name  # noqa: E402
 from edgegen.runtime.schedulers import make_scheduler  # noqa: E402
 
 SCHEDULERS = {
@@ -161,9 +161,7 @@ def test_txt2img_matches_diffusers(runtime, reference, monkeypatch, name, steps)
         PROMPTS, seed=SEEDS, num_inference_steps=steps, scheduler=name, latents=latents, output_type="uint8"
     )
     assert levels(got, want) <= LEVELS
-    assert runtime.last_call.path == (
-        ("fused" if steps == 1 else f"fused_k{steps}") if name == "euler" else "loop"
-    )
+    assert runtime.last_call.path == (fused_name(steps) if name == "euler" else "loop")
     # seeds alone give the same latents as latents= (the first draw of each image's stream)
     runtime.clear_cache()
     assert (
@@ -306,10 +304,7 @@ def test_fused_and_loop_agree(diffusion_bundle, steps):
     loop = Pipeline.from_bundle(diffusion_bundle, backend="ort-cpu", precision="fp32", mode="loop")
     a = fused(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
     b = loop(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
-    assert (
-        fused.last_call.path == ("fused" if steps == 1 else f"fused_k{steps}")
-        and loop.last_call.path == "loop"
-    )
+    assert fused.last_call.path == fused_name(steps) and loop.last_call.path == "loop"
     assert levels(a, b) <= 1
     assert set(fused.last_call.stages) >= {"fused"} and "unet_1" in loop.last_call.stages
 

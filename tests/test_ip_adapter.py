@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from edgegen.export.families import load_family  # noqa: E402
 from edgegen.runtime import BadInputError, Pipeline  # noqa: E402
 from edgegen.runtime.cli import main  # noqa: E402
-from edgegen.runtime.diffusion import NoiseStreams  # noqa: E402
+from edgegen.runtime.diffusion import NoiseStreams, fused_name  # noqa: E402
 from edgegen.runtime.errors import CheckpointError  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_diffusion import LEVELS, PROMPTS, SEEDS, as_uint8, latent_shape, levels  # noqa: E402
@@ -42,14 +42,21 @@ def bundle(diffusion_checkpoint, adapter, tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="module")
-def reference(diffusion_checkpoint, adapter):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(diffusion_checkpoint, local_files_only=True)
+def with_ip_adapter(pipe, adapter):
+    """A diffusers pipeline with the adapter at ``adapter`` loaded (make_tiny_ip_adapter's layout)."""
     pipe.load_ip_adapter(
         str(adapter), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder="image_encoder"
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def reference(diffusion_checkpoint, adapter):
+    return with_ip_adapter(
+        diffusers.StableDiffusionPipeline.from_pretrained(diffusion_checkpoint, local_files_only=True),
+        adapter,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +115,7 @@ def test_matches_diffusers(runtime, reference, steps, scale, guidance):
         output_type="uint8",
     )
     assert levels(got, want) <= LEVELS
-    fused = "fused" if steps == 1 else f"fused_k{steps}"
-    assert runtime.last_call.path == (fused if guidance == 0 else "loop")
+    assert runtime.last_call.path == (fused_name(steps) if guidance == 0 else "loop")
 
 
 def test_the_reference_image_changes_the_result(runtime, reference, diffusion_checkpoint):
@@ -236,23 +242,22 @@ def test_cli_generate_and_inspect(bundle, tmp_path, capsys):
     assert "ip_adapter CLIP image encoder at 32px" in capsys.readouterr().out
 
 
-def test_with_a_controlnet_matches_diffusers(tmp_path):
+def test_with_a_controlnet_matches_diffusers(controlnet_checkpoint, tmp_path):
     """Both conditionings in one bundle (a fused graph takes ids and noise, then the adapter's inputs, then
     the ControlNet's) against StableDiffusionControlNetPipeline with load_ip_adapter, fused and loop."""
     from edgegen.export import export_checkpoint
-    from edgegen.export.testing import make_tiny_diffusion_checkpoint, make_tiny_ip_adapter
+    from edgegen.export.testing import make_tiny_ip_adapter
     from test_controlnet import control_image
 
-    checkpoint = make_tiny_diffusion_checkpoint(tmp_path / "ckpt", controlnet=True)
+    checkpoint = controlnet_checkpoint
     adapter = make_tiny_ip_adapter(tmp_path / "adapter", checkpoint)
     bundle = export_checkpoint(
         checkpoint, tmp_path / "b", progress=False, family_options={"ip_adapter": adapter, "fused_steps": [2]}
     )
-    reference = diffusers.StableDiffusionControlNetPipeline.from_pretrained(checkpoint, local_files_only=True)
-    reference.load_ip_adapter(
-        str(adapter), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder="image_encoder"
+    reference = with_ip_adapter(
+        diffusers.StableDiffusionControlNetPipeline.from_pretrained(checkpoint, local_files_only=True),
+        adapter,
     )
-    reference.set_progress_bar_config(disable=True)
     reference.set_ip_adapter_scale(0.7)
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", precision="fp32")
     latents = torch.from_numpy(NoiseStreams(SEEDS).draw(pipe.latent_shape))
