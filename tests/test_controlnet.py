@@ -298,8 +298,10 @@ def test_cli_generate_and_inspect(bundle, tmp_path, capsys):
     assert err["error"]["subject"] == "control_image" and "Traceback" not in json.dumps(err)
     assert main(["inspect", str(bundle)]) == 0
     assert "controlnet ControlNetModel, 5 residuals" in capsys.readouterr().out
-    # bench times calls with a stand-in control image; the ControlNet's runs are engine stages
+    # bench times calls with a stand-in control image; in the loop the ControlNet's runs are engine stages
     bench = ["bench", str(bundle), "--precision", "fp32", "--backend", "ort-cpu", "--iterations", "2"]
     assert main([*bench, "--warmup", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["path"] == "fused"
+    assert main([*bench, "--warmup", "1", "--mode", "loop", "--json"]) == 0
     run = json.loads(capsys.readouterr().out)["runs"][0]
-    assert run["path"] == "fused" and run["stages_ms"]["fused"]["engine"]
+    assert run["path"] == "loop" and run["stages_ms"]["controlnet_1"]["engine"]
