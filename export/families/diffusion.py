@@ -721,8 +721,9 @@ class DiffusionFamily(Family):
                 .from_pretrained(vae_dir, local_files_only=True, use_safetensors=True)
                 .eval()
             )
+        self.text_encoder = TextEncoder(te).eval()
         # LoRAs fused before anything is traced: parity and gates measure the fused model
-        self.loras_fused = fuse_loras(loras, {"unet": self.unet, "text_encoder": te}) if loras else []
+        self.loras_fused = fuse_loras(loras, self.lora_parts()) if loras else []
         if not getattr(self.hf_tokenizer, "is_fast", True) or not hasattr(
             self.hf_tokenizer, "backend_tokenizer"
         ):
@@ -782,7 +783,6 @@ class DiffusionFamily(Family):
             if self.time_cond_dim
             else 0.0
         )
-        self.text_encoder = TextEncoder(te).eval()
         # --ip-adapter DIR: its image encoder, and its attention loaded into the UNet
         clip_vision = load_ip_adapter(ip_adapter, self.unet)
         self.image_encoder = ImageEncoder(clip_vision).eval() if clip_vision is not None else None
