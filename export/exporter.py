@@ -253,10 +253,10 @@ def _store_weights(work: _Work, precisions: list[str]) -> dict | None:
     parts = work.family.lora_parts()
     traced = [c.module for c in work.components]
     index = TargetIndex(parts, traced, fp16="fp16" in precisions) if parts else None
+    always = index.target_keys if index else frozenset()  # stored in the shared file however small
     offsets = {}
     for precision in precisions:
         rels = sorted({work.files[c.name][f] for c in work.components for f in FORMS[precision]})
-        always = frozenset(index.keys) if index else frozenset()
         offsets[precision] = share_weights(work.tmp, rels, f"onnx/weights.{precision}.bin", always)
     for stale in (work.tmp / "onnx").glob(f"*{EXTERNAL_SUFFIX}"):  # a >2 GB graph's own weights, now shared
         stale.unlink()

@@ -80,6 +80,12 @@ class TargetIndex:
                 if array is not None:
                     self.keys.setdefault(_key(array), []).append((*owner, layout, dtype))
 
+    @property
+    def target_keys(self) -> frozenset[str]:
+        """The content keys a target's weight may be stored under: what the shared weights files must hold
+        however small (a non-target weight's key is kept only to see a target sharing its content)."""
+        return frozenset(key for key, owners in self.keys.items() if any(part for part, *_ in owners))
+
     def targets(self, offsets: dict[str, dict[str, tuple[int, int]]]) -> dict:
         """The manifest's ``lora.targets`` from each form's shared-file offsets (form -> key -> (offset,
         length)): part -> module -> {shape, forms: {form: [{offset, layout, dtype}, ...]}}. A tensor whose
