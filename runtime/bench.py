@@ -98,8 +98,7 @@ def speedups(runs: dict, base: str) -> dict:
 def _call(pipe, prompts, seeds) -> None:
     """One call as the bench times it: the raw pixels (no float conversion timed), with stand-ins for the
     inputs the bundle requires besides the prompt (e.g. a ControlNet's control image)."""
-    stand_ins = getattr(pipe, "stand_in_inputs", dict)()
-    pipe(prompts, seed=seeds, output_type="uint8", **stand_ins)
+    pipe(prompts, seed=seeds, output_type="uint8", **pipe.stand_in_inputs())
 
 
 def new_prompt_calls(pipe, prompts, seeds, count: int) -> list:

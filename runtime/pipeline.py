@@ -159,6 +159,11 @@ class Pipeline:
         with self._lock:
             self.text_cache.clear()
 
+    def stand_in_inputs(self) -> dict:
+        """What this bundle's calls need besides a prompt, as stand-ins for timing (``edgegen bench``): none
+        unless a family says otherwise."""
+        return {}
+
     @classmethod
     def from_bundle(
         cls, path: str | os.PathLike, backend: str = "auto", precision: str = "auto", **options

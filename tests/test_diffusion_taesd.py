@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 from edgegen.export.families import load_family  # noqa: E402
 from edgegen.runtime import Pipeline  # noqa: E402
 from edgegen.runtime.cli import main  # noqa: E402
+from edgegen.runtime.diffusion import fused_name  # noqa: E402
 from edgegen.runtime.errors import BadBundleError, CheckpointError  # noqa: E402
 from test_diffusion import (  # noqa: E402
     IMG2IMG_CASES,
@@ -76,7 +77,7 @@ def test_txt2img_matches_diffusers(runtime, reference, monkeypatch, name, steps)
         PROMPTS, seed=SEEDS, num_inference_steps=steps, scheduler=name, latents=latents, output_type="uint8"
     )
     assert levels(got, want) <= LEVELS
-    fused = "fused" if steps == 1 else f"fused_k{steps}"
+    fused = fused_name(steps)
     assert runtime.last_call.path == (fused if name == "euler" else "loop")
 
 
@@ -119,7 +120,7 @@ def test_fused_and_loop_agree(taesd_bundle, steps):
     loop = Pipeline.from_bundle(taesd_bundle, backend="ort-cpu", precision="fp32", mode="loop")
     a = fused(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
     b = loop(PROMPTS, seed=SEEDS, num_inference_steps=steps, output_type="uint8")
-    assert fused.last_call.path == ("fused" if steps == 1 else f"fused_k{steps}")
+    assert fused.last_call.path == fused_name(steps)
     assert loop.last_call.path == "loop"
     assert levels(a, b) <= 1
 
